@@ -1,0 +1,1116 @@
+//! The directory backend: the embedded default store (DESIGN.md §4).
+//!
+//! # Layout
+//!
+//! Every object is a directory laid out exactly like a secret volume written by the kubelet's
+//! `AtomicWriter`, so real istiod can mount `<root>/istio-system/cacerts` as `/etc/cacerts` and
+//! read plain files:
+//!
+//! ```text
+//! <root>/                                    0700
+//!   <namespace>/                             0700
+//!     .<name>.lock                           0600  flock(2) for compare-and-swap; holds the version high-water mark
+//!     <name>/                                0700
+//!       ..v0000000042_<random>/              0700  one complete, immutable version of the data
+//!         ca-cert.pem                        0600
+//!         ...
+//!         ..meta.json                        0600  labels and annotations
+//!       ..data -> ..v0000000042_<random>           the current version: swapped with one rename(2)
+//!       ca-cert.pem -> ..data/ca-cert.pem          one link per data key, so readers see plain files
+//!       ...
+//! ```
+//!
+//! The resource version is the number in the data directory's name. Readers resolve `..data` once
+//! and read everything from that directory, so the version and the data they return always
+//! belong together, and a concurrent update (which only ever creates a *new* data directory and
+//! removes the old one *after* swapping the link) can never give them a mix.
+//!
+//! # Crash safety
+//!
+//! A writer makes every new file durable before anything points at it, and every switch is a
+//! single `rename(2)`: the `..data` link for an update, the whole object directory for a create,
+//! the whole object directory (moved aside) for a delete. Whatever a crash leaves behind (a
+//! half-written data directory, a `..data_tmp` link, a `.<name>_tmp` or `.<name>_del` directory)
+//! is reachable by no reader, and the next writer of that object removes it while holding the lock.
+//!
+//! # Concurrency
+//!
+//! Writers of one object (in this process or another) serialize on an exclusive `flock(2)` of
+//! `<namespace>/.<name>.lock` for the whole read-check-write, which is what makes the version
+//! check a compare-and-swap. Readers take no lock. Lock files are never removed: removing one
+//! while another process waits on it would let two writers in at once.
+//!
+//! Versions only grow, also across a delete and re-create (the lock file keeps the last version of
+//! a deleted object), so a stale compare-and-swap can never match a re-created object by accident.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::{
+    ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned, WatchStream, is_dns_label,
+    is_dns_subdomain, is_valid_data_key,
+};
+
+/// How often a watch re-reads the `..data` link to notice writes made by *other* processes (or
+/// other [`DirStore`] instances). Writes through the same instance are delivered at once; this
+/// only bounds how late an out-of-process write is seen. A `readlink(2)` per watcher per tick is
+/// cheap enough that 200 ms costs nothing measurable.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The link naming the current data directory (the kubelet's name).
+const DATA_LINK: &str = "..data";
+/// The link built next to `..data` and renamed over it (the kubelet's name).
+const DATA_TMP_LINK: &str = "..data_tmp";
+/// Data directories are `..v<version, 10 digits>_<random>`; the `..` keeps them out of the key space.
+const DATA_DIR_PREFIX: &str = "..v";
+/// Labels and annotations, inside each data directory. Not a valid data key, so never listed as one.
+const META_FILE: &str = "..meta.json";
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+/// Lock-free read attempts before a reader falls back to the shared lock (only needed when
+/// writers swap versions faster than a read completes).
+const OPTIMISTIC_READS: usize = 3;
+/// In-process change notifications buffered per watcher; a watcher that falls further behind
+/// just re-reads the object, so the size only trades memory against needless re-reads.
+const CHANGE_CHANNEL_CAPACITY: usize = 256;
+/// The high-water mark is written in place at offset 0 with a fixed width, so it is never
+/// truncated (a lock file must never be replaced: a writer waiting on the old inode would then
+/// hold a lock nobody else sees).
+const HIGH_WATER_WIDTH: usize = 20;
+
+/// A [`Store`] in a local directory tree; see the [module documentation](self) for the layout and
+/// its guarantees.
+///
+/// Cloning is cheap and clones share in-process watch notifications. Separate instances on the
+/// same root (e.g. in different processes) are safe; they see each other's writes by polling.
+#[derive(Clone)]
+pub struct DirStore {
+    inner: Arc<Inner>,
+    poll_interval: Duration,
+}
+
+struct Inner {
+    root: PathBuf,
+    /// Every successful write through this instance (and its clones) announces its key here so
+    /// that in-process watchers need not wait for the next poll.
+    changes: broadcast::Sender<ObjectKey>,
+}
+
+impl fmt::Debug for DirStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirStore").field("root", &self.inner.root).field("poll_interval", &self.poll_interval).finish()
+    }
+}
+
+impl DirStore {
+    /// Opens the store rooted at `root`, creating it (mode 0700) if missing. An existing root keeps
+    /// its mode: it may be shared on purpose (e.g. mounted into istiod's pod).
+    ///
+    /// This does blocking I/O; call it at start-up, not from inside a busy async task.
+    pub fn open(root: impl Into<PathBuf>) -> Result<DirStore, StoreError> {
+        let root = root.into();
+        let who = root.display().to_string();
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StoreError::Io {
+                    path: who,
+                    source: io::Error::new(io::ErrorKind::NotADirectory, "the store root is not a directory"),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                DirBuilder::new().recursive(true).mode(DIR_MODE).create(&root).map_err(io_err(&who, &root))?;
+            }
+            Err(e) => return Err(io_err(&who, &root)(e)),
+        }
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        Ok(DirStore { inner: Arc::new(Inner { root, changes }), poll_interval: DEFAULT_POLL_INTERVAL })
+    }
+
+    /// Sets how often watches poll for out-of-process writes (default [`DEFAULT_POLL_INTERVAL`]).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The directory holding `key`'s data keys as plain files: what istiod mounts (for `cacerts`,
+    /// as `/etc/cacerts`). It may not exist yet.
+    pub fn object_path(&self, key: &ObjectKey) -> PathBuf {
+        self.inner.object_dir(key)
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        run_blocking(move || f(&inner)).await
+    }
+}
+
+/// Runs filesystem work off the async worker threads. A blocking write keeps running to the end
+/// even if the calling future is dropped, so a cancelled `put` still finishes (or never starts)
+/// its atomic update and releases its lock.
+async fn run_blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend(format!("directory store task failed: {e}")))?
+}
+
+#[async_trait::async_trait]
+impl Store for DirStore {
+    async fn get(&self, key: &ObjectKey) -> Result<Option<Versioned<Secret>>, StoreError> {
+        let key = key.clone();
+        let found = self.blocking(move |inner| inner.read(&key)).await?;
+        Ok(found.map(versioned))
+    }
+
+    async fn put(
+        &self,
+        key: &ObjectKey,
+        secret: &Secret,
+        precondition: Precondition,
+    ) -> Result<ResourceVersion, StoreError> {
+        let (key, secret) = (key.clone(), secret.clone());
+        let version = self.blocking(move |inner| inner.put(&key, &secret, &precondition)).await?;
+        Ok(ResourceVersion(version.to_string()))
+    }
+
+    async fn delete(&self, key: &ObjectKey, precondition: Precondition) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.blocking(move |inner| inner.delete(&key, &precondition)).await
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<String>, StoreError> {
+        if !is_dns_label(namespace) {
+            return Err(StoreError::InvalidKey(format!("namespace {namespace:?} is not a DNS-1123 label")));
+        }
+        let namespace = namespace.to_string();
+        self.blocking(move |inner| inner.list(&namespace)).await
+    }
+
+    fn watch(&self, key: &ObjectKey) -> WatchStream {
+        // Subscribe now, not on first poll: a write made between `watch()` and the first poll is
+        // then still announced (and in any case caught by the initial read).
+        let state = WatchState {
+            inner: Arc::clone(&self.inner),
+            key: key.clone(),
+            changes: Some(self.inner.changes.subscribe()),
+            ticker: None,
+            poll_interval: self.poll_interval,
+            last: None,
+            failing: false,
+        };
+        // No background task: all the work happens while the consumer polls, so dropping the
+        // stream drops everything (at most one short blocking read may still finish).
+        futures::stream::unfold(state, WatchState::next_item).boxed()
+    }
+}
+
+fn versioned((version, value): (u64, Secret)) -> Versioned<Secret> {
+    Versioned { value, version: ResourceVersion(version.to_string()) }
+}
+
+/// What `..data` says about an object.
+#[derive(Debug, PartialEq, Eq)]
+enum LinkState {
+    /// No object directory.
+    Absent,
+    /// A complete object at this version.
+    Present { target: String, version: u64 },
+    /// An object directory that is not one of ours (only outside tampering gets here).
+    Broken(String),
+}
+
+#[derive(Serialize)]
+struct MetaOut<'a> {
+    labels: &'a BTreeMap<String, String>,
+    annotations: &'a BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct MetaIn {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// One lock-free read of an object.
+enum Attempt {
+    Done(Option<(u64, Secret)>),
+    /// `..data` moved while reading: what was read may be a mix or incomplete, read again.
+    Retry,
+}
+
+impl Inner {
+    fn namespace_dir(&self, namespace: &str) -> PathBuf {
+        self.root.join(namespace)
+    }
+
+    fn object_dir(&self, key: &ObjectKey) -> PathBuf {
+        self.namespace_dir(key.namespace()).join(key.name())
+    }
+
+    fn lock_path(&self, key: &ObjectKey) -> PathBuf {
+        self.namespace_dir(key.namespace()).join(format!(".{}.lock", key.name()))
+    }
+
+    /// Where a create builds the object before renaming it into place. `_` never occurs in a name,
+    /// so this cannot collide with another object's entries. One fixed name per object suffices:
+    /// only the lock holder uses it.
+    fn create_temp_dir(&self, key: &ObjectKey) -> PathBuf {
+        self.namespace_dir(key.namespace()).join(format!(".{}_tmp", key.name()))
+    }
+
+    /// Where a delete moves the object before removing it, so it vanishes in one step.
+    fn delete_temp_dir(&self, key: &ObjectKey) -> PathBuf {
+        self.namespace_dir(key.namespace()).join(format!(".{}_del", key.name()))
+    }
+
+    fn announce(&self, key: &ObjectKey) {
+        // An error only means nobody is watching.
+        let _ = self.changes.send(key.clone());
+    }
+
+    // ---- reading ----
+
+    /// Reads an object: the version and the secret, consistent with each other.
+    fn read(&self, key: &ObjectKey) -> Result<Option<(u64, Secret)>, StoreError> {
+        let obj = self.object_dir(key);
+        for _ in 0..OPTIMISTIC_READS {
+            if let Attempt::Done(found) = read_attempt(key, &obj)? {
+                return Ok(found);
+            }
+        }
+        // Writers keep swapping versions faster than we read: wait them out. Under the shared lock
+        // no writer runs, so this attempt cannot be disturbed.
+        let _lock = self.lock(key, LockKind::Shared)?;
+        match read_attempt(key, &obj)? {
+            Attempt::Done(found) => Ok(found),
+            Attempt::Retry => Err(StoreError::Backend(format!(
+                "{key} changed while its lock was held: something other than meshca writes {}",
+                obj.display()
+            ))),
+        }
+    }
+
+    fn list(&self, namespace: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.namespace_dir(namespace);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(namespace, &dir)(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(namespace, &dir))?;
+            // Temp directories and lock files start with `.`, which no name does.
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+            if !is_dns_subdomain(&name) {
+                continue;
+            }
+            let key = ObjectKey::new(namespace, &name)?;
+            if let LinkState::Present { .. } = link_state(&key, &entry.path())? {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    // ---- writing ----
+
+    fn put(&self, key: &ObjectKey, secret: &Secret, precondition: &Precondition) -> Result<u64, StoreError> {
+        if let Some(bad) = secret.data.keys().find(|k| !is_valid_data_key(k)) {
+            return Err(StoreError::InvalidKey(format!(
+                "data key {bad:?} of {key}: data keys are [-._a-zA-Z0-9]+, at most 253 characters, not `.` and not starting with `..`"
+            )));
+        }
+        let meta = serde_json::to_vec_pretty(&MetaOut { labels: &secret.labels, annotations: &secret.annotations })
+            .map_err(|e| StoreError::Backend(format!("encoding the labels and annotations of {key}: {e}")))?;
+
+        self.ensure_namespace_dir(key)?;
+        let lock = self.lock(key, LockKind::Exclusive)?;
+        // Every writer cleans up after crashed writers of this object before doing anything else.
+        self.remove_leftovers_in_namespace(key)?;
+        let obj = self.object_dir(key);
+        let current = match link_state(key, &obj)? {
+            LinkState::Present { target, version } => Some((target, version)),
+            LinkState::Absent => None,
+            LinkState::Broken(reason) => {
+                if *precondition != Precondition::Any {
+                    return Err(StoreError::Corrupt { key: key.clone(), reason });
+                }
+                // An unconditional write may replace an object nobody can read.
+                self.remove_object(key, &lock, highest_data_dir_version(&obj))?;
+                None
+            }
+        };
+        check_precondition(key, precondition, current.as_ref().map(|(_, v)| *v))?;
+
+        let version = match current {
+            Some((old_target, old_version)) => {
+                let version = old_version + 1;
+                update_object(key, &obj, &old_target, version, secret, &meta)?;
+                version
+            }
+            None => {
+                let version = read_high_water(&lock) + 1;
+                self.create_object(key, &obj, version, secret, &meta)?;
+                version
+            }
+        };
+        drop(lock);
+        self.announce(key);
+        Ok(version)
+    }
+
+    fn delete(&self, key: &ObjectKey, precondition: &Precondition) -> Result<(), StoreError> {
+        let ns = self.namespace_dir(key.namespace());
+        if !ns.is_dir() {
+            // Nothing was ever written here; don't create directories just to find that out.
+            return check_delete_precondition(key, precondition, None);
+        }
+        let lock = self.lock(key, LockKind::Exclusive)?;
+        let obj = self.object_dir(key);
+        match link_state(key, &obj)? {
+            LinkState::Absent => {
+                // Leftovers of a crashed create or delete are still ours to clean.
+                self.remove_leftovers_in_namespace(key)?;
+                check_delete_precondition(key, precondition, None)
+            }
+            LinkState::Broken(reason) => {
+                if *precondition != Precondition::Any {
+                    return Err(StoreError::Corrupt { key: key.clone(), reason });
+                }
+                self.remove_object(key, &lock, highest_data_dir_version(&obj))?;
+                drop(lock);
+                self.announce(key);
+                Ok(())
+            }
+            LinkState::Present { version, .. } => {
+                check_delete_precondition(key, precondition, Some(version))?;
+                self.remove_object(key, &lock, Some(version))?;
+                drop(lock);
+                self.announce(key);
+                Ok(())
+            }
+        }
+    }
+
+    fn ensure_namespace_dir(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let dir = self.namespace_dir(key.namespace());
+        match DirBuilder::new().mode(DIR_MODE).create(&dir) {
+            Ok(()) => sync_dir(key, &self.root),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io_err(key.namespace(), &dir)(e)),
+        }
+    }
+
+    fn lock(&self, key: &ObjectKey, kind: LockKind) -> Result<File, StoreError> {
+        let path = self.lock_path(key);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(io_err(&key.to_string(), &path))?;
+        match kind {
+            LockKind::Exclusive => file.lock(),
+            LockKind::Shared => file.lock_shared(),
+        }
+        .map_err(io_err(&key.to_string(), &path))?;
+        // Released when the file is closed, also when the process dies.
+        Ok(file)
+    }
+
+    /// Builds the whole object under a temp name and renames it into place, so the object appears
+    /// complete (data, `..data`, key links) or not at all.
+    fn create_object(
+        &self,
+        key: &ObjectKey,
+        obj: &Path,
+        version: u64,
+        secret: &Secret,
+        meta: &[u8],
+    ) -> Result<(), StoreError> {
+        let tmp = self.create_temp_dir(key);
+        let who = key.to_string();
+        DirBuilder::new().mode(DIR_MODE).create(&tmp).map_err(io_err(&who, &tmp))?;
+        let target = data_dir_name(version);
+        write_data_dir(key, &tmp.join(&target), secret, meta)?;
+        let link = tmp.join(DATA_LINK);
+        symlink(&target, &link).map_err(io_err(&who, &link))?;
+        for data_key in secret.data.keys() {
+            let link = tmp.join(data_key);
+            symlink(key_link_target(data_key), &link).map_err(io_err(&who, &link))?;
+        }
+        sync_dir(key, &tmp)?;
+        fs::rename(&tmp, obj).map_err(io_err(&who, obj))?;
+        sync_dir(key, &self.namespace_dir(key.namespace()))
+    }
+
+    /// Records the object's last version as the high-water mark, moves the object directory aside
+    /// (the one step that makes it disappear) and removes it.
+    fn remove_object(&self, key: &ObjectKey, lock: &File, last_version: Option<u64>) -> Result<(), StoreError> {
+        let who = key.to_string();
+        if let Some(last) = last_version
+            && last > read_high_water(lock)
+        {
+            write_high_water(lock, last).map_err(io_err(&who, &self.lock_path(key)))?;
+        }
+        self.remove_leftovers_in_namespace(key)?;
+        let obj = self.object_dir(key);
+        let aside = self.delete_temp_dir(key);
+        fs::rename(&obj, &aside).map_err(io_err(&who, &obj))?;
+        sync_dir(key, &self.namespace_dir(key.namespace()))?;
+        remove_any(&who, &aside).map(drop)
+    }
+
+    /// Removes what a crashed create or delete of this object left in the namespace directory.
+    fn remove_leftovers_in_namespace(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let who = key.to_string();
+        remove_leftover(&who, &self.create_temp_dir(key))?;
+        remove_leftover(&who, &self.delete_temp_dir(key))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum LockKind {
+    Exclusive,
+    Shared,
+}
+
+fn check_precondition(key: &ObjectKey, precondition: &Precondition, current: Option<u64>) -> Result<(), StoreError> {
+    match (precondition, current) {
+        (Precondition::Any, _) | (Precondition::Absent, None) => Ok(()),
+        (Precondition::Absent, Some(_)) => Err(StoreError::AlreadyExists(key.clone())),
+        (Precondition::Version(_), None) => Err(StoreError::NotFound(key.clone())),
+        (Precondition::Version(expected), Some(found)) if expected.0 == found.to_string() => Ok(()),
+        (Precondition::Version(expected), Some(found)) => {
+            Err(StoreError::Conflict { key: key.clone(), expected: expected.0.clone(), found: found.to_string() })
+        }
+    }
+}
+
+/// Like [`check_precondition`], except that an unconditional delete of nothing is `NotFound` (as
+/// in Kubernetes), while "delete only if absent" of nothing is a successful no-op.
+fn check_delete_precondition(
+    key: &ObjectKey,
+    precondition: &Precondition,
+    current: Option<u64>,
+) -> Result<(), StoreError> {
+    match (precondition, current) {
+        (Precondition::Any, None) => Err(StoreError::NotFound(key.clone())),
+        _ => check_precondition(key, precondition, current),
+    }
+}
+
+/// Updates an existing object the kubelet's way: write a complete new data directory, swap
+/// `..data` to it with one rename, then fix the key links and remove the old data directory.
+/// Readers see the old version until the rename and the new one after it.
+fn update_object(
+    key: &ObjectKey,
+    obj: &Path,
+    old_target: &str,
+    version: u64,
+    secret: &Secret,
+    meta: &[u8],
+) -> Result<(), StoreError> {
+    let who = key.to_string();
+    remove_leftovers_in_object(key, obj, old_target)?;
+    let target = data_dir_name(version);
+    write_data_dir(key, &obj.join(&target), secret, meta)?;
+
+    let tmp_link = obj.join(DATA_TMP_LINK);
+    symlink(&target, &tmp_link).map_err(io_err(&who, &tmp_link))?;
+    let link = obj.join(DATA_LINK);
+    fs::rename(&tmp_link, &link).map_err(io_err(&who, &link))?;
+    sync_dir(key, obj)?;
+    // The new version is now visible and durable; the rest is tidying that any later writer
+    // would also do if we crash here.
+
+    sync_key_links(key, obj, secret)?;
+    remove_any(&who, &obj.join(old_target))?;
+    sync_dir(key, obj)
+}
+
+/// Gives every data key a `<key> -> ..data/<key>` link and removes links of keys that are gone.
+fn sync_key_links(key: &ObjectKey, obj: &Path, secret: &Secret) -> Result<(), StoreError> {
+    let who = key.to_string();
+    for data_key in secret.data.keys() {
+        let link = obj.join(data_key);
+        let want = key_link_target(data_key);
+        match fs::read_link(&link) {
+            Ok(have) if have == Path::new(&want) => continue,
+            Ok(_) => _ = remove_any(&who, &link)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Not a link (a foreign file): replace it.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => _ = remove_any(&who, &link)?,
+            Err(e) => return Err(io_err(&who, &link)(e)),
+        }
+        symlink(&want, &link).map_err(io_err(&who, &link))?;
+    }
+    for entry in fs::read_dir(obj).map_err(io_err(&who, obj))? {
+        let entry = entry.map_err(io_err(&who, obj))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("..") || secret.data.contains_key(name) {
+            continue;
+        }
+        // Only remove what we made: a key link of a key that is no longer there.
+        if entry.file_type().map_err(io_err(&who, &entry.path()))?.is_symlink() {
+            remove_any(&who, &entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a crashed update left inside the object directory: `..data_tmp` and data
+/// directories other than the current one.
+fn remove_leftovers_in_object(key: &ObjectKey, obj: &Path, current_target: &str) -> Result<(), StoreError> {
+    let who = key.to_string();
+    for entry in fs::read_dir(obj).map_err(io_err(&who, obj))? {
+        let entry = entry.map_err(io_err(&who, obj))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name == DATA_TMP_LINK || (parse_data_dir_name(name).is_some() && name != current_target) {
+            remove_leftover(&who, &entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a complete data directory and makes it durable before anything links to it.
+fn write_data_dir(key: &ObjectKey, dir: &Path, secret: &Secret, meta: &[u8]) -> Result<(), StoreError> {
+    let who = key.to_string();
+    DirBuilder::new().mode(DIR_MODE).create(dir).map_err(io_err(&who, dir))?;
+    for (data_key, value) in &secret.data {
+        write_file(&who, &dir.join(data_key), value)?;
+    }
+    write_file(&who, &dir.join(META_FILE), meta)?;
+    sync_dir(key, dir)
+}
+
+fn write_file(who: &str, path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    let mut file =
+        OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path).map_err(io_err(who, path))?;
+    // The umask can only narrow the mode; set it anyway in case the umask is unusual (e.g. strips
+    // the owner's bits), so the file is exactly 0600.
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE)).map_err(io_err(who, path))?;
+    file.write_all(contents).map_err(io_err(who, path))?;
+    file.sync_all().map_err(io_err(who, path))
+}
+
+/// Makes a directory's entries (new files, links, renames) durable.
+fn sync_dir(key: &impl fmt::Display, dir: &Path) -> Result<(), StoreError> {
+    let who = key.to_string();
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(&who, dir))
+}
+
+/// Removes a file, link or directory tree if it exists; says whether there was one.
+fn remove_any(who: &str, path: &Path) -> Result<bool, StoreError> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(who, path)(e)),
+    }
+}
+
+/// Removes what a crashed writer left; worth a log line, since it means a writer died mid-write.
+fn remove_leftover(who: &str, path: &Path) -> Result<(), StoreError> {
+    if remove_any(who, path)? {
+        tracing::info!(object = who, path = %path.display(), "removed the leftover of an interrupted write");
+    }
+    Ok(())
+}
+
+fn key_link_target(data_key: &str) -> String {
+    format!("{DATA_LINK}/{data_key}")
+}
+
+fn data_dir_name(version: u64) -> String {
+    format!("{DATA_DIR_PREFIX}{version:010}_{}", random_suffix())
+}
+
+/// The version in a data directory name, or `None` if `name` is not one.
+fn parse_data_dir_name(name: &str) -> Option<u64> {
+    let (digits, suffix) = name.strip_prefix(DATA_DIR_PREFIX)?.split_once('_')?;
+    let well_formed = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !suffix.is_empty()
+        && suffix.bytes().all(|b| b.is_ascii_alphanumeric());
+    if well_formed { digits.parse().ok() } else { None }
+}
+
+/// The highest version among the data directories in `obj` (linked or not), to keep versions
+/// growing when an unreadable object is replaced.
+fn highest_data_dir_version(obj: &Path) -> Option<u64> {
+    fs::read_dir(obj)
+        .ok()?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(parse_data_dir_name)))
+        .max()
+}
+
+/// Uniqueness, not secrecy: data directory names must never repeat, so that a reader's "did
+/// `..data` move?" check cannot be fooled by a reused name.
+fn random_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    format!("{:016x}", h.finish())
+}
+
+/// The last version of a deleted object; 0 if none (or unreadable, which can only happen after
+/// outside tampering).
+fn read_high_water(lock: &File) -> u64 {
+    let mut buf = [0u8; HIGH_WATER_WIDTH + 1];
+    let n = lock.read_at(&mut buf, 0).unwrap_or(0);
+    std::str::from_utf8(&buf[..n]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+fn write_high_water(lock: &File, version: u64) -> io::Result<()> {
+    lock.write_all_at(format!("{version:0width$}\n", width = HIGH_WATER_WIDTH).as_bytes(), 0)?;
+    lock.sync_data()
+}
+
+/// Reads `..data`.
+fn link_state(key: &ObjectKey, obj: &Path) -> Result<LinkState, StoreError> {
+    let link = obj.join(DATA_LINK);
+    match fs::read_link(&link) {
+        Ok(target) => {
+            let Some(target) = target.to_str() else {
+                return Ok(LinkState::Broken(format!("{DATA_LINK} points at a non-UTF-8 name")));
+            };
+            match parse_data_dir_name(target) {
+                Some(version) => Ok(LinkState::Present { target: target.to_string(), version }),
+                None => Ok(LinkState::Broken(format!("{DATA_LINK} points at {target:?}, not a data directory"))),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::symlink_metadata(obj) {
+            Ok(_) => Ok(LinkState::Broken(format!("{} has no {DATA_LINK} link", obj.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LinkState::Absent),
+            Err(e) => Err(io_err(&key.to_string(), obj)(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            Ok(LinkState::Broken(format!("{} is not a symlink", link.display())))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+            Ok(LinkState::Broken(format!("{} is not a directory", obj.display())))
+        }
+        Err(e) => Err(io_err(&key.to_string(), &link)(e)),
+    }
+}
+
+/// One lock-free read. Sound because a linked data directory is never modified, and is removed
+/// only after `..data` has moved away from it: if `..data` names the same directory after the
+/// read as before, everything read belongs to that one version.
+fn read_attempt(key: &ObjectKey, obj: &Path) -> Result<Attempt, StoreError> {
+    let target = match link_state(key, obj)? {
+        LinkState::Absent => return Ok(Attempt::Done(None)),
+        LinkState::Present { target, .. } => target,
+        // A delete and a re-create racing our two looks can mimic a broken object; look again.
+        LinkState::Broken(reason) => {
+            return match link_state(key, obj)? {
+                LinkState::Broken(_) => Err(StoreError::Corrupt { key: key.clone(), reason }),
+                _ => Ok(Attempt::Retry),
+            };
+        }
+    };
+    let read = read_data_dir(key, &obj.join(&target));
+    match link_state(key, obj)? {
+        LinkState::Present { target: now, version } if now == target => match read? {
+            Some(secret) => Ok(Attempt::Done(Some((version, secret)))),
+            None => Err(StoreError::Corrupt {
+                key: key.clone(),
+                reason: format!("{DATA_LINK} points at {target}, which does not exist"),
+            }),
+        },
+        _ => Ok(Attempt::Retry),
+    }
+}
+
+/// Reads a data directory: every data key plus the meta file. `Ok(None)` if (part of) it is gone.
+fn read_data_dir(key: &ObjectKey, dir: &Path) -> Result<Option<Secret>, StoreError> {
+    let who = key.to_string();
+    let corrupt = |reason: String| StoreError::Corrupt { key: key.clone(), reason };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&who, dir)(e)),
+    };
+    let mut secret = Secret::default();
+    let mut seen_meta = false;
+    let mut names = BTreeSet::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&who, dir)(e)),
+        };
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            return Err(corrupt(format!("{} has a non-UTF-8 file name", dir.display())));
+        };
+        if name != META_FILE && !is_valid_data_key(&name) {
+            return Err(corrupt(format!("{} is not a valid data key", path.display())));
+        }
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(corrupt(format!("{} is not a regular file", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&who, &path)(e)),
+        }
+        let contents = match fs::read(&path) {
+            Ok(contents) => contents,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&who, &path)(e)),
+        };
+        if name == META_FILE {
+            let meta: MetaIn =
+                serde_json::from_slice(&contents).map_err(|e| corrupt(format!("{}: {e}", path.display())))?;
+            secret.labels = meta.labels;
+            secret.annotations = meta.annotations;
+            seen_meta = true;
+        } else {
+            names.insert(name.clone());
+            secret.data.insert(name, contents);
+        }
+    }
+    if !seen_meta {
+        // Also what a half-removed directory looks like; the caller only trusts this if `..data`
+        // did not move.
+        return Err(corrupt(format!("{} has no {META_FILE}", dir.display())));
+    }
+    Ok(Some(secret))
+}
+
+/// Maps an I/O error to a [`StoreError`] naming the path; permission problems become
+/// [`StoreError::Forbidden`] because the fix (ownership, modes) differs from other I/O failures.
+fn io_err<'a>(who: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            StoreError::Forbidden { key: who.to_string(), reason: format!("{}: {e}", path.display()) }
+        } else {
+            StoreError::Io { path: path.display().to_string(), source: e }
+        }
+    }
+}
+
+// ---- watch ----
+
+type WatchItem = Result<Option<Versioned<Secret>>, StoreError>;
+
+struct WatchState {
+    inner: Arc<Inner>,
+    key: ObjectKey,
+    /// `None` once the channel closed (cannot happen while we hold `inner`, but a closed
+    /// receiver returns at once, so keeping it would spin).
+    changes: Option<broadcast::Receiver<ObjectKey>>,
+    /// Created on the first wait: an interval needs a runtime, and `watch` may be called outside one.
+    ticker: Option<tokio::time::Interval>,
+    poll_interval: Duration,
+    /// The version last yielded (`Some(None)`: absent); `None` before the first item and after an error.
+    last: Option<Option<u64>>,
+    /// The last item was an error: don't repeat it every tick.
+    failing: bool,
+}
+
+impl WatchState {
+    async fn next_item(mut self) -> Option<(WatchItem, WatchState)> {
+        loop {
+            if self.last.is_some() || self.failing {
+                self.wait().await;
+                if let Some(last) = self.last {
+                    // The cheap check: one readlink, no file reads, unless the version moved.
+                    let (inner, key) = (Arc::clone(&self.inner), self.key.clone());
+                    let state = run_blocking(move || link_state(&key, &inner.object_dir(&key))).await;
+                    let unchanged = match (state, last) {
+                        (Ok(LinkState::Absent), None) => true,
+                        (Ok(LinkState::Present { version, .. }), Some(last)) => version == last,
+                        _ => false,
+                    };
+                    if unchanged {
+                        continue;
+                    }
+                }
+            }
+            let (inner, key) = (Arc::clone(&self.inner), self.key.clone());
+            match run_blocking(move || inner.read(&key)).await {
+                Ok(found) => {
+                    let version = found.as_ref().map(|(v, _)| *v);
+                    self.failing = false;
+                    if self.last == Some(version) {
+                        continue;
+                    }
+                    self.last = Some(version);
+                    return Some((Ok(found.map(versioned)), self));
+                }
+                Err(e) => {
+                    self.last = None;
+                    if self.failing {
+                        continue;
+                    }
+                    self.failing = true;
+                    return Some((Err(e), self));
+                }
+            }
+        }
+    }
+
+    /// Until the next poll tick or an in-process write of this key, whichever comes first.
+    async fn wait(&mut self) {
+        let period = self.poll_interval;
+        let ticker = self.ticker.get_or_insert_with(|| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = next_change(&mut self.changes, &self.key) => {}
+        }
+    }
+}
+
+async fn next_change(changes: &mut Option<broadcast::Receiver<ObjectKey>>, key: &ObjectKey) {
+    loop {
+        let Some(rx) = changes.as_mut() else { return std::future::pending().await };
+        match rx.recv().await {
+            Ok(changed) if changed == *key => return,
+            Ok(_) => {}
+            // We may have missed our key among the dropped ones: check.
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => *changes = None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new("ns", name).unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, DirStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::open(dir.path().join("root")).unwrap();
+        (dir, store)
+    }
+
+    fn entries(dir: &Path) -> BTreeSet<String> {
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn data_dir_names_round_trip_and_never_repeat() {
+        let a = data_dir_name(42);
+        let b = data_dir_name(42);
+        assert!(a.starts_with("..v0000000042_"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(parse_data_dir_name(&a), Some(42));
+        assert_eq!(parse_data_dir_name(&data_dir_name(12_345_678_901)), Some(12_345_678_901));
+        for bad in ["..data", "..v_abc", "..v12_", "..v12", "..vx1_ab", "..v1_a/b", "v1_ab", "..v1_../x"] {
+            assert_eq!(parse_data_dir_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn high_water_mark_survives_and_never_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.path().join("l")).unwrap();
+        assert_eq!(read_high_water(&f), 0);
+        write_high_water(&f, 12_345).unwrap();
+        assert_eq!(read_high_water(&f), 12_345);
+        write_high_water(&f, 7).unwrap();
+        assert_eq!(read_high_water(&f), 7);
+        assert_eq!(fs::metadata(dir.path().join("l")).unwrap().len(), HIGH_WATER_WIDTH as u64 + 1);
+    }
+
+    #[test]
+    fn permission_errors_are_forbidden_others_io_with_the_path() {
+        let p = Path::new("/x/y");
+        let e = io_err("ns/a", p)(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(matches!(&e, StoreError::Forbidden { key, reason } if key == "ns/a" && reason.contains("/x/y")), "{e}");
+        let e = io_err("ns/a", p)(io::Error::from(io::ErrorKind::StorageFull));
+        assert!(matches!(&e, StoreError::Io { path, .. } if path == "/x/y"), "{e}");
+    }
+
+    #[test]
+    fn check_precondition_semantics() {
+        let k = key("a");
+        let v = |s: &str| Precondition::Version(ResourceVersion(s.to_string()));
+        assert!(check_precondition(&k, &Precondition::Any, None).is_ok());
+        assert!(check_precondition(&k, &Precondition::Any, Some(3)).is_ok());
+        assert!(check_precondition(&k, &Precondition::Absent, None).is_ok());
+        assert!(matches!(check_precondition(&k, &Precondition::Absent, Some(3)), Err(StoreError::AlreadyExists(_))));
+        assert!(matches!(check_precondition(&k, &v("3"), None), Err(StoreError::NotFound(_))));
+        assert!(check_precondition(&k, &v("3"), Some(3)).is_ok());
+        match check_precondition(&k, &v("2"), Some(3)) {
+            Err(StoreError::Conflict { key, expected, found }) => {
+                assert_eq!((key, expected.as_str(), found.as_str()), (k, "2", "3"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn crash_leftovers_are_invisible_and_cleaned_by_the_next_writer() {
+        let (_dir, store) = store();
+        let k = key("a");
+        let v1 = store.put(&k, &Secret::with_data([("x", "1")]), Precondition::Absent).await.unwrap();
+        let obj = store.object_path(&k);
+        let ns = obj.parent().unwrap().to_path_buf();
+
+        // What crashes at each step of an update, a create and a delete leave behind.
+        let orphan = obj.join(data_dir_name(99));
+        fs::create_dir(&orphan).unwrap();
+        fs::write(orphan.join("x"), "half").unwrap();
+        symlink(orphan.file_name().unwrap(), obj.join(DATA_TMP_LINK)).unwrap();
+        fs::create_dir(ns.join(".a_tmp")).unwrap();
+        fs::create_dir(ns.join(".a_del")).unwrap();
+        fs::create_dir(ns.join(".b_tmp")).unwrap();
+
+        let got = store.get(&k).await.unwrap().unwrap();
+        assert_eq!((got.value.get("x"), &got.version), (Some(&b"1"[..]), &v1));
+        assert_eq!(store.list("ns").await.unwrap(), vec!["a"]);
+        assert_eq!(fs::read(obj.join("x")).unwrap(), b"1");
+
+        store.put(&k, &Secret::with_data([("y", "2")]), Precondition::Version(v1)).await.unwrap();
+        let left = entries(&obj);
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert!(left.contains(DATA_LINK) && left.contains("y"));
+        assert_eq!(fs::read(obj.join("y")).unwrap(), b"2");
+        assert!(!obj.join("x").exists(), "the link of a removed key is gone");
+        // Only `a`'s leftovers go: `.b_tmp` belongs to a create of `b` (it may be in progress).
+        let ns_left = entries(&ns);
+        assert_eq!(ns_left, BTreeSet::from([".a.lock", ".b_tmp", "a"].map(String::from)), "{ns_left:?}");
+    }
+
+    #[tokio::test]
+    async fn versions_keep_growing_across_delete_and_recreate() {
+        let (_dir, store) = store();
+        let k = key("a");
+        let s = Secret::with_data([("x", "1")]);
+        store.put(&k, &s, Precondition::Absent).await.unwrap();
+        let v2 = store.put(&k, &s, Precondition::Any).await.unwrap();
+        store.delete(&k, Precondition::Any).await.unwrap();
+        let v3 = store.put(&k, &s, Precondition::Absent).await.unwrap();
+        assert_eq!((v2.0.as_str(), v3.0.as_str()), ("2", "3"));
+        // A writer holding the old version 2 must not win against the re-created object.
+        let err = store.put(&k, &s, Precondition::Version(v2)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn corrupt_objects_are_reported_not_panicked_on() {
+        let (_dir, store) = store();
+        let s = Secret::with_data([("x", "1")]).label("l", "v");
+
+        // Unreadable meta file.
+        let k = key("meta");
+        store.put(&k, &s, Precondition::Absent).await.unwrap();
+        let target = fs::read_link(store.object_path(&k).join(DATA_LINK)).unwrap();
+        let meta = store.object_path(&k).join(target).join(META_FILE);
+        fs::remove_file(&meta).unwrap();
+        fs::write(&meta, "not json").unwrap();
+        let err = store.get(&k).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains(META_FILE)), "{err}");
+
+        // Dangling `..data`.
+        let k = key("dangling");
+        store.put(&k, &s, Precondition::Absent).await.unwrap();
+        let obj = store.object_path(&k);
+        fs::remove_dir_all(obj.join(fs::read_link(obj.join(DATA_LINK)).unwrap())).unwrap();
+        let err = store.get(&k).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("does not exist")), "{err}");
+
+        // `..data` pointing outside the object.
+        let k = key("escape");
+        store.put(&k, &s, Precondition::Absent).await.unwrap();
+        let obj = store.object_path(&k);
+        fs::remove_file(obj.join(DATA_LINK)).unwrap();
+        symlink("/etc", obj.join(DATA_LINK)).unwrap();
+        let err = store.get(&k).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(!store.list("ns").await.unwrap().contains(&"escape".to_string()));
+
+        // A foreign file and a foreign directory in place of an object.
+        fs::write(store.object_path(&key("file")), "x").unwrap();
+        fs::create_dir(store.object_path(&key("empty"))).unwrap();
+        for name in ["file", "empty"] {
+            let err = store.get(&key(name)).await.unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{name}: {err}");
+        }
+
+        // A compare-and-swap cannot be checked against an unreadable object ...
+        let err = store.put(&key("escape"), &s, Precondition::Absent).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        // ... but an unconditional write or delete replaces it, and versions keep growing.
+        let v = store.put(&key("dangling"), &s, Precondition::Any).await.unwrap();
+        assert_eq!(v.0, "2");
+        assert_eq!(store.get(&key("dangling")).await.unwrap().unwrap().value, s);
+        store.put(&key("file"), &s, Precondition::Any).await.unwrap();
+        store.delete(&key("empty"), Precondition::Any).await.unwrap();
+        assert!(store.get(&key("empty")).await.unwrap().is_none());
+        assert_eq!(store.list("ns").await.unwrap(), vec!["dangling", "file", "meta"]);
+    }
+
+    #[tokio::test]
+    async fn foreign_files_in_a_data_directory_are_corrupt() {
+        let (_dir, store) = store();
+        let k = key("a");
+        store.put(&k, &Secret::with_data([("x", "1")]), Precondition::Absent).await.unwrap();
+        let obj = store.object_path(&k);
+        let data = obj.join(fs::read_link(obj.join(DATA_LINK)).unwrap());
+        symlink("/etc/passwd", data.join("y")).unwrap();
+        let err = store.get(&k).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("not a regular file")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_watch_stream_leaves_no_task_behind() {
+        let (_dir, store) = store();
+        let mut w = store.watch(&key("a"));
+        assert!(w.next().await.unwrap().unwrap().is_none());
+        drop(w);
+        assert_eq!(tokio::runtime::Handle::current().metrics().num_alive_tasks(), 0);
+    }
+}

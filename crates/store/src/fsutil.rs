@@ -1,0 +1,49 @@
+//! Writing a single file safely: to a temporary file in the same directory, fsync, rename over
+//! the target, fsync the directory. Readers see the old file or the new one, never a partial
+//! one, and a key file is never readable by anyone else, not even for an instant.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Atomically replaces `path` with `data`, created with `mode` (0600 for keys).
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replaces_atomically_with_the_requested_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("sub/key.pem");
+        create_private_dir(p.parent().expect("parent")).expect("mkdir");
+        write_atomic(&p, b"one", 0o600).expect("write");
+        write_atomic(&p, b"two", 0o600).expect("rewrite");
+        assert_eq!(std::fs::read(&p).expect("read"), b"two");
+        assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(p.parent().expect("p")).expect("meta").permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::read_dir(p.parent().expect("p")).expect("ls").count(), 1, "no temp file left");
+    }
+}

@@ -1,0 +1,344 @@
+//! The directory store through the [`Store`] trait, plus what istiod sees on disk.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use meshca_store::dir::DirStore;
+use meshca_store::{ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned};
+
+fn key(namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(namespace, name).unwrap()
+}
+
+fn open() -> (tempfile::TempDir, DirStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path().join("root")).unwrap();
+    (dir, store)
+}
+
+fn cacerts(generation: &str) -> Secret {
+    Secret::with_data([
+        ("ca-cert.pem", format!("cert {generation}")),
+        ("ca-key.pem", format!("key {generation}")),
+        ("cert-chain.pem", format!("chain {generation}")),
+        ("root-cert.pem", format!("root {generation}")),
+    ])
+    .label("app.kubernetes.io/managed-by", "meshca")
+    .annotation("meshca.io/generation", generation)
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn put_get_round_trip_with_growing_versions() {
+    let (_dir, store) = open();
+    let k = key("istio-system", "cacerts");
+    assert!(store.get(&k).await.unwrap().is_none());
+
+    let s1 = cacerts("1").annotation("empty", "").label("l2", "v2");
+    let v1 = store.put(&k, &s1, Precondition::Absent).await.unwrap();
+    let got = store.get(&k).await.unwrap().unwrap();
+    assert_eq!(got, Versioned { value: s1.clone(), version: v1.clone() });
+
+    // Binary data, an empty value, and fewer keys than before.
+    let s2 = Secret::with_data([("bin", vec![0u8, 255, 10, 0]), ("empty", vec![])]);
+    let v2 = store.put(&k, &s2, Precondition::Version(v1.clone())).await.unwrap();
+    let v3 = store.put(&k, &cacerts("3"), Precondition::Any).await.unwrap();
+    let n = |v: &ResourceVersion| v.0.parse::<u64>().unwrap();
+    assert!(n(&v1) < n(&v2) && n(&v2) < n(&v3), "{v1} {v2} {v3}");
+    let got = store.get(&k).await.unwrap().unwrap();
+    assert_eq!((got.value, got.version), (cacerts("3"), v3));
+}
+
+#[tokio::test]
+async fn preconditions() {
+    let (_dir, store) = open();
+    let k = key("ns", "a");
+    let missing = key("ns", "missing");
+
+    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let err = store.put(&k, &cacerts("x"), Precondition::Absent).await.unwrap_err();
+    assert!(matches!(&err, StoreError::AlreadyExists(got) if *got == k), "{err}");
+
+    let v2 = store.put(&k, &cacerts("2"), Precondition::Version(v1.clone())).await.unwrap();
+    // A stale writer loses, and is told both versions.
+    match store.put(&k, &cacerts("stale"), Precondition::Version(v1.clone())).await {
+        Err(StoreError::Conflict { key: got, expected, found }) => {
+            assert_eq!((got, expected, found), (k.clone(), v1.0.clone(), v2.0.clone()));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.get(&k).await.unwrap().unwrap().value, cacerts("2"), "the losing write left no trace");
+
+    let err = store.put(&missing, &cacerts("1"), Precondition::Version(v1.clone())).await.unwrap_err();
+    assert!(matches!(&err, StoreError::NotFound(got) if *got == missing), "{err}");
+    assert!(store.get(&missing).await.unwrap().is_none());
+
+    store.put(&missing, &cacerts("1"), Precondition::Any).await.unwrap();
+    store.put(&missing, &cacerts("2"), Precondition::Any).await.unwrap();
+
+    // Deletes follow the same rules.
+    let err = store.delete(&k, Precondition::Version(v1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let err = store.delete(&k, Precondition::Absent).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
+    store.delete(&k, Precondition::Version(v2.clone())).await.unwrap();
+    assert!(store.get(&k).await.unwrap().is_none());
+    let err = store.delete(&k, Precondition::Version(v2)).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    let err = store.delete(&k, Precondition::Any).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    store.delete(&k, Precondition::Absent).await.unwrap();
+    let err = store.delete(&key("never", "written"), Precondition::Any).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    assert!(!store.root().join("never").exists(), "a delete does not create directories");
+}
+
+#[tokio::test]
+async fn list_is_sorted_per_namespace_and_skips_deleted_objects() {
+    let (_dir, store) = open();
+    assert!(store.list("ns").await.unwrap().is_empty());
+    for name in ["b", "a.example", "c-1", "a"] {
+        store.put(&key("ns", name), &cacerts("1"), Precondition::Absent).await.unwrap();
+    }
+    store.put(&key("other", "z"), &cacerts("1"), Precondition::Absent).await.unwrap();
+    store.delete(&key("ns", "b"), Precondition::Any).await.unwrap();
+    assert_eq!(store.list("ns").await.unwrap(), vec!["a", "a.example", "c-1"]);
+    assert_eq!(store.list("other").await.unwrap(), vec!["z"]);
+    for bad in ["", "A", "a/b", "..", "a.b"] {
+        let err = store.list(bad).await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidKey(_)), "{bad:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn invalid_names_and_data_keys_are_rejected() {
+    for (namespace, name) in
+        [("ns", "../x"), ("ns", "A"), ("ns", "a/b"), ("ns", ""), ("", "a"), ("a/b", "a"), ("ns", ".a")]
+    {
+        let err = ObjectKey::new(namespace, name).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidKey(_)), "{namespace:?}/{name:?}: {err}");
+    }
+    let (_dir, store) = open();
+    let k = key("ns", "a");
+    for bad in ["..data", "..meta.json", "a/b", "", ".", "..", "../x", "sp ace"] {
+        let err = store.put(&k, &Secret::with_data([(bad, "x")]), Precondition::Any).await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidKey(_)), "{bad:?}: {err}");
+    }
+    assert!(store.get(&k).await.unwrap().is_none(), "rejected writes write nothing");
+    // Unusual but valid keys work, including a leading single dot.
+    let odd = Secret::with_data([(".hidden", "1"), ("a_b-c.d", "2"), ("X", "3")]);
+    store.put(&k, &odd, Precondition::Absent).await.unwrap();
+    assert_eq!(store.get(&k).await.unwrap().unwrap().value, odd);
+}
+
+#[tokio::test]
+async fn directories_are_0700_and_files_0600() {
+    let (_dir, store) = open();
+    let k = key("istio-system", "cacerts");
+    store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    store.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    let obj = store.object_path(&k);
+    let data = obj.join(std::fs::read_link(obj.join("..data")).unwrap());
+    for dir in [store.root(), obj.parent().unwrap(), &obj, &data] {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    }
+    let mut files = 0;
+    for entry in std::fs::read_dir(&data).unwrap() {
+        assert_eq!(mode(&entry.unwrap().path()), 0o600);
+        files += 1;
+    }
+    assert_eq!(files, 5, "four keys and the meta file");
+    assert_eq!(mode(&obj.parent().unwrap().join(".cacerts.lock")), 0o600);
+}
+
+/// What istiod does with `/etc/cacerts`: plain reads of plain names, through the links.
+#[tokio::test]
+async fn istiod_reads_plain_files_through_the_links() {
+    let (_dir, store) = open();
+    let k = key("istio-system", "cacerts");
+    let mount = store.root().join("istio-system").join("cacerts");
+    assert_eq!(store.object_path(&k), mount);
+
+    store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    for (name, value) in &cacerts("1").data {
+        assert_eq!(&std::fs::read(mount.join(name)).unwrap(), value);
+    }
+    let old_key = Secret::with_data([("old.pem", "x")]);
+    store.put(&k, &old_key, Precondition::Any).await.unwrap();
+    store.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    for (name, value) in &cacerts("2").data {
+        assert_eq!(&std::fs::read(mount.join(name)).unwrap(), value);
+    }
+    assert!(!mount.join("old.pem").exists(), "removed keys disappear");
+
+    // Exactly the kubelet's entries: `..data`, one data directory, one link per key.
+    let names: BTreeSet<String> =
+        std::fs::read_dir(&mount).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let data_dirs: Vec<&String> = names.iter().filter(|n| n.starts_with("..v")).collect();
+    assert_eq!(data_dirs.len(), 1, "{names:?}");
+    let mut expected: BTreeSet<String> = cacerts("2").data.keys().cloned().collect();
+    expected.insert("..data".to_string());
+    expected.insert(data_dirs[0].clone());
+    assert_eq!(names, expected);
+    for name in cacerts("2").data.keys() {
+        assert_eq!(std::fs::read_link(mount.join(name)).unwrap(), Path::new("..data").join(name));
+    }
+}
+
+/// Two instances on one root behave like two processes: only the file lock orders them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_compare_and_swap_loses_no_update() {
+    const TASKS_PER_STORE: u64 = 4;
+    const INCREMENTS_PER_TASK: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let stores = [DirStore::open(dir.path()).unwrap(), DirStore::open(dir.path()).unwrap()];
+    let k = key("ns", "counter");
+    stores[0].put(&k, &Secret::with_data([("n", "0")]), Precondition::Absent).await.unwrap();
+    let conflicts = Arc::new(AtomicU64::new(0));
+
+    let mut tasks = Vec::new();
+    for store in &stores {
+        for _ in 0..TASKS_PER_STORE {
+            let (store, k, conflicts) = (store.clone(), k.clone(), Arc::clone(&conflicts));
+            tasks.push(tokio::spawn(async move {
+                let mut written = Vec::new();
+                for _ in 0..INCREMENTS_PER_TASK {
+                    loop {
+                        let current = store.get(&k).await.unwrap().unwrap();
+                        let n: u64 = std::str::from_utf8(current.value.get("n").unwrap()).unwrap().parse().unwrap();
+                        let next = Secret::with_data([("n", (n + 1).to_string())]);
+                        match store.put(&k, &next, Precondition::Version(current.version)).await {
+                            Ok(_) => {
+                                written.push(n + 1);
+                                break;
+                            }
+                            Err(StoreError::Conflict { .. }) => {
+                                conflicts.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                written
+            }));
+        }
+    }
+    let mut written = Vec::new();
+    for task in tasks {
+        written.extend(task.await.unwrap());
+    }
+    let total = 2 * TASKS_PER_STORE * INCREMENTS_PER_TASK;
+    // Each success wrote the value it read plus one; had two writers succeeded from the same
+    // read, a value would repeat and the counter would fall short.
+    written.sort_unstable();
+    assert_eq!(written, (1..=total).collect::<Vec<_>>());
+    let last = stores[1].get(&k).await.unwrap().unwrap();
+    assert_eq!(last.value.get("n").unwrap(), total.to_string().as_bytes());
+    assert_eq!(last.version.0, (total + 1).to_string(), "one version per successful write");
+    assert!(conflicts.load(Ordering::Relaxed) > 0, "the test should actually race");
+}
+
+type Item = Result<Option<Versioned<Secret>>, StoreError>;
+
+async fn next_within(
+    stream: &mut (impl futures::Stream<Item = Item> + Unpin),
+    limit: Duration,
+) -> Option<Versioned<Secret>> {
+    tokio::time::timeout(limit, stream.next()).await.expect("no watch event in time").unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn watch_sees_writes_through_the_same_store_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Polling so rare it cannot explain anything this test sees: only the in-process notification can.
+    let store = DirStore::open(dir.path()).unwrap().with_poll_interval(Duration::from_secs(3600));
+    let k = key("ns", "a");
+    let mut watch = store.watch(&k);
+    assert!(next_within(&mut watch, Duration::from_secs(5)).await.is_none(), "the current state comes first");
+
+    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let got = next_within(&mut watch, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((got.value, got.version), (cacerts("1"), v1));
+
+    // Writes to other objects wake nobody up needlessly, and are not reported.
+    store.put(&key("ns", "b"), &cacerts("1"), Precondition::Absent).await.unwrap();
+    let v2 = store.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(next_within(&mut watch, Duration::from_secs(5)).await.unwrap().version, v2);
+
+    // A clone shares the notifications.
+    let v3 = store.clone().put(&k, &cacerts("3"), Precondition::Any).await.unwrap();
+    assert_eq!(next_within(&mut watch, Duration::from_secs(5)).await.unwrap().version, v3);
+
+    store.delete(&k, Precondition::Any).await.unwrap();
+    assert!(next_within(&mut watch, Duration::from_secs(5)).await.is_none());
+}
+
+#[tokio::test]
+async fn watch_sees_writes_of_another_instance_by_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let watcher = DirStore::open(dir.path()).unwrap();
+    let writer = DirStore::open(dir.path()).unwrap();
+    let k = key("ns", "a");
+    let v1 = writer.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+
+    let mut watch = watcher.watch(&k);
+    assert_eq!(next_within(&mut watch, Duration::from_secs(1)).await.unwrap().version, v1);
+    let v2 = writer.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    let got = next_within(&mut watch, Duration::from_secs(1)).await.unwrap();
+    assert_eq!((got.value, got.version), (cacerts("2"), v2));
+    writer.delete(&k, Precondition::Any).await.unwrap();
+    assert!(next_within(&mut watch, Duration::from_secs(1)).await.is_none());
+    let v3 = writer.put(&k, &cacerts("3"), Precondition::Absent).await.unwrap();
+    assert_eq!(next_within(&mut watch, Duration::from_secs(1)).await.unwrap().version, v3);
+
+    // Nothing changes: nothing is reported.
+    assert!(tokio::time::timeout(Duration::from_millis(700), watch.next()).await.is_err());
+}
+
+#[tokio::test]
+async fn watch_reports_a_corrupt_object_once_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DirStore::open(dir.path()).unwrap().with_poll_interval(Duration::from_millis(20));
+    let k = key("ns", "a");
+    store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let mut watch = store.watch(&k);
+    next_within(&mut watch, Duration::from_secs(1)).await.unwrap();
+
+    let obj = store.object_path(&k);
+    std::fs::remove_file(obj.join("..data")).unwrap();
+    std::os::unix::fs::symlink("/nowhere", obj.join("..data")).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(1), watch.next()).await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    // Repeated polls of the same breakage stay quiet ...
+    assert!(tokio::time::timeout(Duration::from_millis(200), watch.next()).await.is_err());
+    // ... and a repair is reported.
+    let v = store.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(next_within(&mut watch, Duration::from_secs(1)).await.unwrap().version, v);
+}
+
+#[tokio::test]
+async fn permission_problems_are_forbidden() {
+    // Root ignores file modes (and CI runs as root), so only an unprivileged run can check this.
+    if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(true) {
+        eprintln!("skipped: running as root");
+        return;
+    }
+    let (_dir, store) = open();
+    let k = key("ns", "a");
+    store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let ns = store.root().join("ns");
+    std::fs::set_permissions(&ns, std::fs::Permissions::from_mode(0o500)).unwrap();
+    let result = store.put(&key("ns", "b"), &cacerts("1"), Precondition::Absent).await;
+    std::fs::set_permissions(&ns, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = result.unwrap_err();
+    assert!(matches!(err, StoreError::Forbidden { .. }), "{err}");
+}
