@@ -1,0 +1,37 @@
+//! TLS plumbing shared by meshca's servers and clients.
+//!
+//! - [`provider`]: the one crypto provider (aws-lc-rs) for every rustls config in the process.
+//! - [`identity`]: a certificate chain and key as rustls wants them.
+//! - [`reload`]: a certificate that can be swapped while connections are accepted, so rotation
+//!   never needs a restart.
+//! - [`spiffe`]: peer verification for URI-only (SPIFFE) certificates, in both directions, with a
+//!   root set that can change during a root rotation.
+//! - [`grpc`]: tonic over these rustls configs, with the peer certificate available to handlers.
+#![forbid(unsafe_code)]
+
+pub mod grpc;
+pub mod identity;
+pub mod provider;
+pub mod reload;
+pub mod spiffe;
+
+pub use identity::Identity;
+pub use reload::SwappableCert;
+pub use spiffe::{PeerPolicy, SpiffeVerifier};
+
+/// TLS setup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the configuration (bad key, no usable certificate, …).
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// A certificate or key could not be converted.
+    #[error("TLS identity: {0}")]
+    Identity(String),
+    /// The trust roots are unusable.
+    #[error("TLS trust roots: {0}")]
+    Roots(String),
+    /// The endpoint address is not a valid URI.
+    #[error("invalid endpoint {0:?}")]
+    Endpoint(String),
+}

@@ -1,0 +1,196 @@
+//! Peer verification for SPIFFE certificates, as a rustls server- and client-certificate
+//! verifier.
+//!
+//! rustls' stock server verifier matches DNS names and IP addresses only; workload leaves carry a
+//! single URI SAN, so a workload dialling another needs its own verifier: the chain is checked
+//! with rustls-webpki against the current root set, then the peer's SPIFFE ID against a
+//! [`PeerPolicy`]. The roots can be replaced at run time (root rotation: A → A+B → B).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use meshca_pki::{Cert, RootSet, SpiffeId, TrustDomain};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use crate::{TlsError, provider};
+
+/// Which peer identities are accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerPolicy {
+    /// Any SPIFFE ID in this trust domain.
+    TrustDomain(TrustDomain),
+    /// Exactly one of these IDs.
+    AnyOf(Vec<SpiffeId>),
+    /// Any URI SAN starting with this prefix (e.g. `spiffe://meshca.internal/`).
+    UriPrefix(String),
+}
+
+impl PeerPolicy {
+    fn allows(&self, uris: &[String]) -> bool {
+        match self {
+            PeerPolicy::TrustDomain(td) => {
+                uris.iter().filter_map(|u| u.parse::<SpiffeId>().ok()).any(|id| id.trust_domain() == td)
+            }
+            PeerPolicy::AnyOf(ids) => uris.iter().any(|u| ids.iter().any(|id| id.to_string() == *u)),
+            PeerPolicy::UriPrefix(p) => uris.iter().any(|u| u.starts_with(p.as_str())),
+        }
+    }
+}
+
+/// The SPIFFE ID in a peer certificate (its first URI SAN that parses as one).
+pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
+    let c = Cert::from_der(cert.to_vec()).ok()?;
+    c.uri_sans().iter().find_map(|u| u.parse().ok())
+}
+
+fn anchors(roots: &RootSet) -> Result<Vec<TrustAnchor<'static>>, TlsError> {
+    roots
+        .iter()
+        .map(|r| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(r.der()))
+                .map(|a| a.to_owned())
+                .map_err(|e| TlsError::Roots(format!("{}: {e:?}", r.subject())))
+        })
+        .collect()
+}
+
+/// Verifies SPIFFE peers against a swappable root set.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    roots: ArcSwap<Vec<TrustAnchor<'static>>>,
+    policy: PeerPolicy,
+    algorithms: WebPkiSupportedAlgorithms,
+    client_auth_mandatory: bool,
+}
+
+impl SpiffeVerifier {
+    /// A verifier trusting `roots` and accepting peers allowed by `policy`. As a client-certificate
+    /// verifier, `client_auth_mandatory` says whether a client without a certificate may connect
+    /// (the management plane allows it for registration only, and checks per call).
+    pub fn new(roots: &RootSet, policy: PeerPolicy, client_auth_mandatory: bool) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(SpiffeVerifier {
+            roots: ArcSwap::from_pointee(anchors(roots)?),
+            policy,
+            algorithms: provider::get().signature_verification_algorithms,
+            client_auth_mandatory,
+        }))
+    }
+
+    /// Replaces the trusted roots for later handshakes.
+    pub fn set_roots(&self, roots: &RootSet) -> Result<(), TlsError> {
+        self.roots.store(Arc::new(anchors(roots)?));
+        Ok(())
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), Error> {
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_err)?;
+        let roots = self.roots.load();
+        ee.verify_for_usage(self.algorithms.all, &roots, intermediates, now, usage, None, None).map_err(pki_err)?;
+        let cert = Cert::from_der(end_entity.to_vec())
+            .map_err(|e| Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
+        if self.policy.allows(cert.uri_sans()) {
+            Ok(())
+        } else {
+            Err(Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+}
+
+fn pki_err(e: webpki::Error) -> Error {
+    use rustls::CertificateError as C;
+    Error::InvalidCertificate(match e {
+        webpki::Error::CertExpired { .. } => C::Expired,
+        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        webpki::Error::UnknownIssuer => C::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
+        other => C::Other(rustls::OtherError(Arc::new(other))),
+    })
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        self.verify(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.verify(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.client_auth_mandatory
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
