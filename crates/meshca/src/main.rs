@@ -10,13 +10,30 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "meshca", version, about, long_about = None)]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = cmd::LogFormat::Text)]
+    log_format: cmd::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a whole trust chain on this machine (root, one intermediate per cluster, leaves),
+    /// Run the management plane: the root of trust and the certificate issuer service.
+    Server(cmd::server::Args),
+    /// Run a workload cluster's agent: obtains the cluster intermediate and keeps `cacerts` fresh.
+    Agent(cmd::agent::Args),
+    /// Manage clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Show every cluster's intermediate, trust and health, and the alerts that need a person.
+    Status(cmd::operator::StatusArgs),
+    /// Ask clusters to re-issue their intermediate now.
+    Rotate(cmd::operator::RotateArgs),
+    /// Manage the RootTrustPolicy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Build a whole trust chain in one process (root, one intermediate per cluster, leaves),
     /// write each cluster's `cacerts`, and verify everything.
     Demo(cmd::demo::Args),
     /// Print what a PEM file holds: certificates (subject, serial, validity, SANs) or a key's type.
@@ -25,10 +42,33 @@ enum Command {
     Verify(cmd::verify::Args),
 }
 
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create a single-use bootstrap token that registers a cluster.
+    Add(cmd::operator::ClusterAddArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate a RootTrustPolicy and put it in force.
+    Apply(cmd::operator::PolicyApplyArgs),
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Demo(a) => cmd::demo::run(a),
-        Command::Inspect(a) => cmd::inspect::run(a),
-        Command::Verify(a) => cmd::verify::run(a),
-    }
+    let cli = Cli::parse();
+    cmd::init_logging(cli.log_format);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => cmd::server::run(a).await,
+            Command::Agent(a) => cmd::agent::run(a).await,
+            Command::Cluster(ClusterCmd::Add(a)) => cmd::operator::cluster_add(a).await,
+            Command::Status(a) => cmd::operator::status(a).await,
+            Command::Rotate(a) => cmd::operator::rotate(a).await,
+            Command::Policy(PolicyCmd::Apply(a)) => cmd::operator::policy_apply(a).await,
+            Command::Demo(a) => cmd::demo::run(a),
+            Command::Inspect(a) => cmd::inspect::run(a),
+            Command::Verify(a) => cmd::verify::run(a),
+        }
+    })
 }

@@ -161,6 +161,8 @@ impl CsrPolicy {
 pub struct VerifiedCsr {
     spki_der: Vec<u8>,
     kind: PublicKeyKind,
+    subject: String,
+    subject_locality: Option<String>,
 }
 
 impl VerifiedCsr {
@@ -172,6 +174,18 @@ impl VerifiedCsr {
     /// The kind of key.
     pub fn key_kind(&self) -> PublicKeyKind {
         self.kind
+    }
+
+    /// The subject the requester wrote (RFC 4514). Never copied into a certificate; only for
+    /// consistency checks and logs.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The `L=` of the subject, where meshca's agents name their cluster. Only for the check that
+    /// a caller does not ask in another cluster's name.
+    pub fn subject_locality(&self) -> Option<&str> {
+        self.subject_locality.as_deref()
     }
 }
 
@@ -210,7 +224,8 @@ pub fn verify_csr(input: &[u8], policy: &CsrPolicy) -> Result<VerifiedCsr, CsrEr
     let kind = der_util::public_key_kind(&spki)?;
     policy.check(kind)?;
     der_util::verify_signature(&spki, kind, &signed.algorithm, signed.tbs, signed.signature)?;
-    Ok(VerifiedCsr { spki_der, kind })
+    let subject_locality = info.subject.locality().ok().flatten().map(|l| l.value().into_owned());
+    Ok(VerifiedCsr { spki_der, kind, subject: info.subject.to_string(), subject_locality })
 }
 
 /// Builds a PEM CSR signed by `key`. `subject` may be empty: meshca's issuer ignores it anyway,
@@ -244,7 +259,12 @@ mod tests {
             let v = verify_csr(pem.as_bytes(), &CsrPolicy::default()).expect("verifies");
             assert_eq!(v.public_key_spki(), key.public_key_spki());
             assert_eq!(v.key_kind(), alg.kind());
+            assert_eq!(v.subject(), "CN=x");
         }
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        let pem = build_csr(&key, &[(NameAttr::CommonName, "i"), (NameAttr::Locality, "cluster-7")]).expect("csr");
+        let v = verify_csr(pem.as_bytes(), &CsrPolicy::default()).expect("verifies");
+        assert_eq!(v.subject_locality(), Some("cluster-7"));
     }
 
     #[test]

@@ -1,7 +1,13 @@
 //! One module per subcommand.
+pub mod agent;
 pub mod demo;
 pub mod inspect;
+pub mod operator;
+pub mod server;
 pub mod verify;
+
+use std::str::FromStr;
+use std::time::Duration;
 
 use std::path::Path;
 
@@ -26,4 +32,47 @@ pub fn read_bundle_dir(dir: &Path) -> anyhow::Result<BundleFiles> {
         None => Ok(files),
     }
     .with_context(|| format!("reading cacerts from {}", dir.display()))
+}
+
+/// A duration flag: `90s`, `720h`, `1h30m`.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationArg(pub Duration);
+
+impl FromStr for DurationArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        meshca_policy::duration::parse(s)
+            .filter(|d| !d.is_zero())
+            .map(DurationArg)
+            .ok_or_else(|| format!("{s:?} is not a positive duration (examples: 90s, 30m, 720h, 1h30m)"))
+    }
+}
+
+/// Log output format.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn ctrl_c() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
 }

@@ -1,0 +1,328 @@
+//! The operator's commands: `cluster add`, `status`, `rotate`, `policy apply`. They call the
+//! management plane's operator API over mutual TLS with the credentials `meshca server` wrote.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use meshca_mgmt::server::creds;
+use meshca_mgmt::status::human;
+use meshca_pki::{Cert, PrivateKey, RootSet};
+use meshca_proto::mgmt::operator_client::OperatorClient;
+use meshca_proto::mgmt::{
+    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus, RotateRequest,
+};
+use meshca_store::fsutil;
+use meshca_tls::Identity;
+use tonic::transport::Channel;
+
+use super::DurationArg;
+
+/// Where the operator credentials are.
+#[derive(clap::Args, Clone)]
+pub struct Creds {
+    /// Operator credentials directory (written by `meshca server` as `<data-dir>/operator`).
+    #[arg(long, env = "MESHCA_CREDENTIALS", default_value = "meshca-data/operator")]
+    credentials: PathBuf,
+    /// Management plane `host:port` (default: the address recorded in the credentials).
+    #[arg(long)]
+    server: Option<String>,
+}
+
+fn read(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(dir.join(name))
+        .with_context(|| format!("reading {} (is --credentials right?)", dir.join(name).display()))
+}
+
+/// Connects to the operator API.
+pub async fn connect(c: &Creds) -> anyhow::Result<OperatorClient<Channel>> {
+    meshca_tls::provider::install();
+    let dir = &c.credentials;
+    let cert = Cert::from_pem(&read(dir, creds::CERT)?).context("operator certificate")?;
+    let key = PrivateKey::from_pem(&read(dir, creds::KEY)?).context("operator key")?;
+    let relay = RootSet::from_pem(&read(dir, creds::RELAY_CA)?).context("relay CA")?;
+    let server = match &c.server {
+        Some(s) => s.clone(),
+        None => String::from_utf8(read(dir, creds::SERVER)?)?.trim().to_string(),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for r in relay.iter() {
+        roots.add(rustls_pki_types::CertificateDer::from(r.der().to_vec()))?;
+    }
+    let id = Identity::new(&cert, &[], &key);
+    let config = rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(id.chain.clone(), id.key())?;
+    Ok(OperatorClient::new(meshca_tls::grpc::channel(&server, config, "localhost")?))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Arguments of `meshca cluster add`.
+#[derive(clap::Args)]
+pub struct ClusterAddArgs {
+    /// The cluster's name (a DNS-1123 label).
+    name: String,
+    /// How long the token stays valid.
+    #[arg(long, default_value = "1h")]
+    ttl: DurationArg,
+    /// Also write the relay CA the agent needs to this file.
+    #[arg(long)]
+    relay_ca_out: Option<PathBuf>,
+    /// Write the token to this file (0600) instead of printing it.
+    #[arg(long)]
+    token_out: Option<PathBuf>,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca cluster add NAME`.
+pub async fn cluster_add(a: ClusterAddArgs) -> anyhow::Result<()> {
+    let mut client = connect(&a.creds).await?;
+    let t = client
+        .create_bootstrap_token(CreateBootstrapTokenRequest {
+            cluster: a.name.clone(),
+            ttl_seconds: a.ttl.0.as_secs() as i64,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if let Some(p) = &a.relay_ca_out {
+        fsutil::write_atomic(p, t.relay_ca.as_bytes(), 0o644).with_context(|| format!("writing {}", p.display()))?;
+    }
+    match &a.token_out {
+        Some(p) => {
+            fsutil::write_atomic(p, t.token.as_bytes(), 0o600).with_context(|| format!("writing {}", p.display()))?;
+            eprintln!(
+                "bootstrap token for {} written to {} (single use, expires in {})",
+                t.cluster,
+                p.display(),
+                human(t.expires_at - now())
+            );
+        }
+        None => {
+            println!("{}", t.token);
+            eprintln!("bootstrap token for {} (single use, expires in {})", t.cluster, human(t.expires_at - now()));
+        }
+    }
+    Ok(())
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Output format.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A table for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Arguments of `meshca status`.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Exit with status 2 when there are alerts.
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+fn short(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+}
+
+fn time(t: i64) -> String {
+    if t <= 0 {
+        return "-".into();
+    }
+    meshca_pki::chain::rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(t as u64))
+}
+
+/// Renders the status table.
+pub fn render(st: &MeshStatus) -> String {
+    let mut out = String::new();
+    let n = st.now;
+    out.push_str(&format!(
+        "mesh        trust domain {} · CA mode {} · generation {}\n",
+        st.trust_domain,
+        st.ca_mode,
+        if st.policy_generation.is_empty() { "-" } else { &st.policy_generation }
+    ));
+    if !st.root_set_fingerprint.is_empty() {
+        out.push_str(&format!(
+            "root set    {} · expires {} ({} left)\n",
+            short(&st.root_set_fingerprint, 23),
+            time(st.root_not_after),
+            human(st.root_not_after - n)
+        ));
+    }
+    if !st.upstream_intermediate_subject.is_empty() {
+        out.push_str(&format!(
+            "upstream    {} · expires {} ({} left)\n",
+            st.upstream_intermediate_subject,
+            time(st.upstream_intermediate_not_after),
+            human(st.upstream_intermediate_not_after - n)
+        ));
+    }
+    out.push('\n');
+    let header = [
+        "CLUSTER",
+        "CONNECTED",
+        "PHASE",
+        "SERIAL",
+        "NOT AFTER",
+        "LEFT",
+        "ROOT SET",
+        "KEY",
+        "LAST RENEWAL",
+        "LAST ERROR",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for c in &st.clusters {
+        let s = c.status.clone().unwrap_or_default();
+        let phase = if !c.registered {
+            "NotRegistered".to_string()
+        } else if !c.enrolled {
+            "NotEnrolled".into()
+        } else if s.phase.is_empty() {
+            "-".into()
+        } else {
+            s.phase.clone()
+        };
+        rows.push(vec![
+            c.name.clone(),
+            if c.connected {
+                "yes".into()
+            } else if c.last_seen > 0 {
+                format!("no ({} ago)", human(n - c.last_seen))
+            } else {
+                "no".into()
+            },
+            phase,
+            if s.intermediate_serial.is_empty() { "-".into() } else { short(&s.intermediate_serial, 12) },
+            time(s.intermediate_not_after),
+            if s.intermediate_not_after > 0 { human(s.intermediate_not_after - n) } else { "-".into() },
+            if s.root_set_fingerprint.is_empty() { "-".into() } else { short(&s.root_set_fingerprint, 15) },
+            if s.key_location.is_empty() {
+                "-".into()
+            } else if s.key_location == "memory" {
+                "in memory".into()
+            } else {
+                s.key_location.clone()
+            },
+            if s.last_renewal > 0 { format!("{} ago", human(n - s.last_renewal)) } else { "-".into() },
+            if s.last_error.is_empty() { "-".into() } else { short(&s.last_error, 60) },
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..header.len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if !st.policy_error.is_empty() {
+        out.push_str(&format!("\npolicy: {}\n", st.policy_error));
+    }
+    if st.alerts.is_empty() {
+        out.push_str("\nno alerts\n");
+    } else {
+        out.push_str("\nALERTS (need a person)\n");
+        for a in &st.alerts {
+            out.push_str(&format!("  {:<38} {}\n", a.kind, a.message));
+        }
+    }
+    out
+}
+
+/// `meshca status`.
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let mut client = connect(&a.creds).await?;
+    let st = client.get_status(GetStatusRequest {}).await.map_err(status_err)?.into_inner();
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&to_json(&st))?),
+        Output::Table => print!("{}", render(&st)),
+    }
+    if a.check && !st.alerts.is_empty() {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// The JSON form of the status (stable field names for scripts).
+pub fn to_json(st: &MeshStatus) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "trustDomain": st.trust_domain,
+        "caMode": st.ca_mode,
+        "rootSetFingerprint": st.root_set_fingerprint,
+        "rootNotAfter": st.root_not_after,
+        "policyGeneration": st.policy_generation,
+        "policyError": st.policy_error,
+        "now": st.now,
+        "upstreamIntermediate": { "subject": st.upstream_intermediate_subject, "notAfter": st.upstream_intermediate_not_after },
+        "clusters": st.clusters.iter().map(|c| {
+            let s = c.status.clone().unwrap_or_default();
+            json!({
+                "name": c.name, "registered": c.registered, "enrolled": c.enrolled, "connected": c.connected,
+                "lastSeen": c.last_seen, "phase": s.phase, "intermediateSerial": s.intermediate_serial,
+                "intermediateNotAfter": s.intermediate_not_after, "intermediateNotBefore": s.intermediate_not_before,
+                "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
+                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
+                "keyLocation": s.key_location,
+                "issued": c.issued.iter().map(|r| json!({"serial": r.serial, "notAfter": r.not_after, "issuedAt": r.issued_at, "reason": r.reason})).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+        "alerts": st.alerts.iter().map(|a| json!({"kind": a.kind, "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
+    })
+}
+
+/// Arguments of `meshca rotate`.
+#[derive(clap::Args)]
+pub struct RotateArgs {
+    /// The cluster to rotate now; every cluster when omitted.
+    cluster: Option<String>,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca rotate`.
+pub async fn rotate(a: RotateArgs) -> anyhow::Result<()> {
+    let mut client = connect(&a.creds).await?;
+    let r =
+        client.rotate(RotateRequest { cluster: a.cluster.unwrap_or_default() }).await.map_err(status_err)?.into_inner();
+    if r.clusters.is_empty() {
+        bail!("no registered clusters");
+    }
+    println!("rotation requested for {}", r.clusters.join(", "));
+    Ok(())
+}
+
+/// Arguments of `meshca policy apply`.
+#[derive(clap::Args)]
+pub struct PolicyApplyArgs {
+    /// The RootTrustPolicy (YAML).
+    file: PathBuf,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca policy apply FILE`.
+pub async fn policy_apply(a: PolicyApplyArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    meshca_policy::Policy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
+    let mut client = connect(&a.creds).await?;
+    let r = client.apply_policy(ApplyPolicyRequest { policy: text }).await.map_err(status_err)?.into_inner();
+    println!("policy applied; generation {}", r.policy_generation);
+    Ok(())
+}

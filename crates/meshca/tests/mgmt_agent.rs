@@ -1,0 +1,190 @@
+//! End to end: `meshca server` and `meshca agent` as real processes on 127.0.0.1, directory
+//! stores, the OpenSSL CLI checking what lands in `cacerts`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn two_agents_get_valid_cacerts_under_one_root_with_their_own_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let m = Mgmt::start(d, &[]);
+    let (t1, relay) = m.add_cluster(d, "cluster-1");
+    let (t2, _) = m.add_cluster(d, "cluster-2");
+    let _a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
+    let _a2 = agent(d, &m, "cluster-2", Some(&t2), Some(&relay), &[]);
+    let b1 = wait_for(Duration::from_secs(30), "cluster-1 cacerts", || valid_bundle(&cacerts_dir(d, "cluster-1")).ok());
+    let b2 = wait_for(Duration::from_secs(30), "cluster-2 cacerts", || valid_bundle(&cacerts_dir(d, "cluster-2")).ok());
+
+    for c in ["cluster-1", "cluster-2"] {
+        let dir = cacerts_dir(d, c);
+        openssl_verify_cacerts(&dir);
+        let mode = std::fs::metadata(dir.join("ca-key.pem")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{c} ca-key.pem mode");
+        let (_, text) = openssl(&dir, &["x509", "-in", "ca-cert.pem", "-noout", "-subject"]);
+        assert!(text.contains(&format!("L = {c}")), "{text}");
+    }
+    assert_eq!(b1.roots().fingerprint(), b2.roots().fingerprint(), "same root");
+    assert_ne!(b1.ca_cert().serial_hex(), b2.ca_cert().serial_hex());
+    assert_ne!(b1.ca_cert().spki_der(), b2.ca_cert().spki_der(), "each cluster has its own key");
+
+    // Status shows both, connected and ready, with what they serve.
+    let st = wait_for(Duration::from_secs(20), "both clusters to report", || {
+        let st = m.status_json();
+        let ready = st["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["phase"] == "Ready" && c["connected"] == true)
+            .count();
+        (ready == 2).then_some(st)
+    });
+    let serials: BTreeSet<String> = st["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["intermediateSerial"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(serials, BTreeSet::from([b1.ca_cert().serial_hex(), b2.ca_cert().serial_hex()]));
+    assert_eq!(st["alerts"].as_array().unwrap().len(), 0, "{st}");
+    // The issuer's record matches what the cluster serves.
+    let c1 = st["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "cluster-1").unwrap();
+    assert_eq!(c1["issued"][0]["serial"], b1.ca_cert().serial_hex());
+}
+
+#[test]
+fn intermediates_rotate_before_expiry_with_new_keys_and_no_invalid_moment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // 60 s intermediates renewed when less than half remains: a renewal about every 30 s.
+    let policy = short_policy(d, "60s", 0.5);
+    let m = Mgmt::start(d, &["--policy", policy.to_str().unwrap()]);
+    let (t1, relay) = m.add_cluster(d, "cluster-1");
+    let (t2, _) = m.add_cluster(d, "cluster-2");
+    let _a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
+    let _a2 = agent(d, &m, "cluster-2", Some(&t2), Some(&relay), &[]);
+    for c in ["cluster-1", "cluster-2"] {
+        wait_for(Duration::from_secs(30), "first cacerts", || valid_bundle(&cacerts_dir(d, c)).ok());
+    }
+    // Watch both clusters' cacerts continuously: every read must be a bundle istiod accepts,
+    // and each cluster must go through at least three intermediates (two renewals).
+    let mut seen: Vec<Vec<(String, Vec<u8>, std::time::SystemTime)>> = vec![Vec::new(), Vec::new()];
+    let deadline = Instant::now() + Duration::from_secs(110);
+    while Instant::now() < deadline && seen.iter().any(|s| s.len() < 3) {
+        for (i, c) in ["cluster-1", "cluster-2"].iter().enumerate() {
+            let b =
+                valid_bundle(&cacerts_dir(d, c)).unwrap_or_else(|e| panic!("{c} cacerts invalid during rotation: {e}"));
+            let serial = b.ca_cert().serial_hex();
+            if seen[i].last().map(|s| &s.0) != Some(&serial) {
+                seen[i].push((serial, b.ca_cert().spki_der().to_vec(), b.ca_cert().not_after()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    for (i, s) in seen.iter().enumerate() {
+        assert!(s.len() >= 3, "cluster-{} saw only {} intermediates", i + 1, s.len());
+        let keys: BTreeSet<&Vec<u8>> = s.iter().map(|x| &x.1).collect();
+        assert_eq!(keys.len(), s.len(), "every renewal uses a new key");
+        // Each renewal happened before the previous intermediate expired.
+        for w in s.windows(2) {
+            assert!(w[1].2 > w[0].2, "NotAfter moves forward");
+        }
+    }
+    openssl_verify_cacerts(&cacerts_dir(d, "cluster-1"));
+}
+
+#[test]
+fn agents_ride_out_a_management_plane_outage_and_a_restart_without_a_new_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let policy = short_policy(d, "60s", 0.5);
+    let port = free_port();
+    let mut m = Mgmt::start_on(d, port, &["--policy", policy.to_str().unwrap()]);
+    let (t1, relay) = m.add_cluster(d, "cluster-1");
+    let mut a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
+    let first = wait_for(Duration::from_secs(30), "cacerts", || valid_bundle(&cacerts_dir(d, "cluster-1")).ok());
+
+    // Stop the management plane for longer than a renewal interval (~30 s).
+    m.proc.kill();
+    let outage_end = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < outage_end {
+        // The agent keeps serving the current cacerts; it never deletes or breaks it.
+        let b = valid_bundle(&cacerts_dir(d, "cluster-1"));
+        match b {
+            Ok(b) => assert_eq!(b.ca_cert().serial_hex(), first.ca_cert().serial_hex()),
+            Err(e) => panic!("cacerts invalid during the outage: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = a1.log_text();
+    assert!(log.contains("unreachable"), "the agent reports the outage:\n{log}");
+    assert!(log.contains("keeping the current cacerts"), "{log}");
+
+    // The management plane comes back on the same address: the agent renews.
+    let m2 = Mgmt::start_on(d, port, &[]);
+    let renewed = wait_for(Duration::from_secs(60), "renewal after the outage", || {
+        valid_bundle(&cacerts_dir(d, "cluster-1"))
+            .ok()
+            .filter(|b| b.ca_cert().serial_hex() != first.ca_cert().serial_hex())
+    });
+    assert_eq!(renewed.roots().fingerprint(), first.roots().fingerprint(), "the root survived the restart");
+
+    // Kill the agent and start it again with no token: it resumes with its stored identity.
+    a1.kill();
+    std::fs::remove_file(&t1).unwrap();
+    let _a1b = agent(d, &m2, "cluster-1", None, None, &[]);
+    wait_for(Duration::from_secs(30), "the restarted agent to report", || {
+        let st = m2.status_json();
+        let c = st["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "cluster-1").cloned()?;
+        (c["connected"] == true && c["phase"] == "Ready").then_some(())
+    });
+    let log = std::fs::read_to_string(d.join("agent-cluster-1.log")).unwrap();
+    assert_eq!(log.matches("registered with the management plane").count(), 1, "registered once only:\n{log}");
+}
+
+#[test]
+fn a_foreign_cacerts_is_left_alone_unless_adoption_is_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let m = Mgmt::start(d, &[]);
+    let (t1, relay) = m.add_cluster(d, "cluster-1");
+    // Somebody else's cacerts (written by `meshca demo`, i.e. another root), in the cluster's
+    // store, written through the store so it looks like any other Secret.
+    let (ok, _, err) = run(&["demo", "--dir", d.join("foreign").to_str().unwrap(), "--clusters", "1"]);
+    assert!(ok, "{err}");
+    let src = d.join("foreign/cluster-1/cacerts");
+    let store_dir = d.join("cluster-1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use meshca_store::{ObjectKey, Precondition, Secret, Store};
+        let store = meshca_store::dir::DirStore::open(&store_dir).unwrap();
+        let files = read_bundle(&src);
+        let secret = Secret::with_data(files.entries().map(|(k, v)| (k.to_string(), v.to_vec())));
+        store.put(&ObjectKey::new("istio-system", "cacerts").unwrap(), &secret, Precondition::Absent).await.unwrap();
+    });
+    let before = read_bundle(&cacerts_dir(d, "cluster-1")).ca_cert;
+
+    let mut a = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
+    wait_for(Duration::from_secs(20), "the refusal", || a.log_text().contains("--adopt-existing").then_some(()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(read_bundle(&cacerts_dir(d, "cluster-1")).ca_cert, before, "untouched");
+    let st = m.status_json();
+    let c = st["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "cluster-1").unwrap().clone();
+    assert!(c["lastError"].as_str().unwrap().contains("not written by meshca"), "{c}");
+    a.kill();
+
+    // The foreign root is unrelated to meshca's, so adopting it is a root-set change Istio
+    // refuses (A -> B): the agent must refuse it too, rather than break istiod.
+    let mut a = agent(d, &m, "cluster-1", None, None, &["--adopt-existing"]);
+    wait_for(Duration::from_secs(20), "the root-set refusal", || {
+        a.log_text().contains("root set change refused").then_some(())
+    });
+    assert_eq!(read_bundle(&cacerts_dir(d, "cluster-1")).ca_cert, before, "still untouched");
+    a.kill();
+}

@@ -1,0 +1,95 @@
+//! CAs kept in the store: the generated root (option 1), the user's root or intermediate
+//! (options 2 and 3), and the relay CA.
+
+use std::time::SystemTime;
+
+use meshca_pki::{CaSigner, Cert, KeyAlgorithm, PrivateKey, RootParams};
+use meshca_store::{ObjectKey, Precondition, Secret, Store, StoreError};
+
+use crate::error::MgmtError;
+
+/// Data keys of a CA secret written by meshca.
+const CERT_KEY: &str = "ca-cert.pem";
+const KEY_KEY: &str = "ca-key.pem";
+
+/// Loads the CA stored under `key`, creating it (self-signed, `params`) on first use. When two
+/// replicas race, the first create wins and the other reads the winner's CA back, so there is
+/// only ever one root.
+pub async fn load_or_create_root(
+    store: &dyn Store,
+    key: &ObjectKey,
+    alg: KeyAlgorithm,
+    params: &RootParams,
+    now: SystemTime,
+) -> Result<CaSigner, MgmtError> {
+    if let Some(v) = store.get(key).await? {
+        return signer_from_secret(&v.value, "store", &key.to_string());
+    }
+    let signer = CaSigner::new_root(PrivateKey::generate(alg).map_err(|e| MgmtError::pki("root key", e))?, params, now)
+        .map_err(|e| MgmtError::pki("root", e))?;
+    let secret = Secret::with_data([
+        (CERT_KEY, signer.cert().to_pem().into_bytes()),
+        (KEY_KEY, signer.key().to_pkcs8_pem().as_bytes().to_vec()),
+    ])
+    .label("app.kubernetes.io/managed-by", "meshca");
+    match store.put(key, &secret, Precondition::Absent).await {
+        Ok(_) => {
+            tracing::info!(ca = %key, subject = %signer.cert().subject(), "created CA");
+            Ok(signer)
+        }
+        Err(StoreError::AlreadyExists(_)) => {
+            let v =
+                store.get(key).await?.ok_or_else(|| MgmtError::Pki(format!("{key} vanished after a create race")))?;
+            signer_from_secret(&v.value, "store", &key.to_string())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The key pairs a CA secret may use: meshca's / Istio's (`ca-cert.pem`, `ca-key.pem`) or
+/// Kubernetes TLS (`tls.crt`, `tls.key`). An optional chain above the certificate comes from
+/// `cert-chain.pem` (Istio layout: the certificate first) or `ca.crt` (TLS layout: the issuer's
+/// chain).
+pub fn signer_from_secret(secret: &Secret, field: &'static str, name: &str) -> Result<CaSigner, MgmtError> {
+    let bad = |reason: String| MgmtError::Secret { field, secret: name.to_string(), reason };
+    let (cert_pem, key_pem, layout) = match (secret.get("tls.crt"), secret.get("tls.key")) {
+        (Some(c), Some(k)) => (c, k, "tls"),
+        _ => match (secret.get(CERT_KEY), secret.get(KEY_KEY)) {
+            (Some(c), Some(k)) => (c, k, "istio"),
+            _ => {
+                let keys: Vec<&str> = secret.data.keys().map(String::as_str).collect();
+                return Err(bad(format!(
+                    "needs tls.crt and tls.key, or ca-cert.pem and ca-key.pem; it has [{}]",
+                    keys.join(", ")
+                )));
+            }
+        },
+    };
+    let mut certs = Cert::parse_pem_bundle(cert_pem).map_err(|e| bad(format!("certificate: {e}")))?;
+    let key = PrivateKey::from_pem(key_pem).map_err(|e| bad(format!("key: {e}")))?;
+    let above = match layout {
+        "istio" => match secret.get("cert-chain.pem") {
+            Some(chain) => {
+                let mut c = Cert::parse_pem_bundle(chain).map_err(|e| bad(format!("cert-chain.pem: {e}")))?;
+                if c.first() == certs.first() {
+                    c.remove(0);
+                }
+                c
+            }
+            None => Vec::new(),
+        },
+        _ => match secret.get("ca.crt") {
+            Some(chain) => Cert::parse_pem_bundle(chain).map_err(|e| bad(format!("ca.crt: {e}")))?,
+            None => Vec::new(),
+        },
+    };
+    // A certificate file holding the whole chain (leaf first) is accepted too.
+    let mut chain = vec![certs.remove(0)];
+    chain.extend(certs);
+    for c in above {
+        if !chain.contains(&c) {
+            chain.push(c);
+        }
+    }
+    CaSigner::new(key, chain).map_err(|e| bad(e.to_string()))
+}

@@ -1,0 +1,152 @@
+//! What the management plane persists, and where. Everything lives in the store (namespace
+//! [`NAMESPACE`]), so a replica holds no state of its own.
+
+use meshca_store::{ObjectKey, StoreError};
+use serde::{Deserialize, Serialize};
+
+/// The management plane's namespace in its store.
+pub const NAMESPACE: &str = "meshca";
+
+fn fixed(name: &'static str) -> ObjectKey {
+    // The constant names below are valid DNS-1123 names (checked by a unit test).
+    ObjectKey::new(NAMESPACE, name).unwrap_or_else(|_| unreachable!("constant object name {name:?}"))
+}
+
+fn key(name: &str) -> Result<ObjectKey, StoreError> {
+    ObjectKey::new(NAMESPACE, name)
+}
+
+/// The generated root (option 1): `ca-cert.pem`, `ca-key.pem`.
+pub fn root_ca() -> ObjectKey {
+    fixed("root-ca")
+}
+
+/// The relay CA that issues control-plane identities.
+pub fn relay_ca() -> ObjectKey {
+    fixed("relay-ca")
+}
+
+/// The RootTrustPolicy in force (`policy.yaml`).
+pub fn policy() -> ObjectKey {
+    fixed("root-trust-policy")
+}
+
+/// A cluster's registration record.
+pub fn cluster(name: &str) -> Result<ObjectKey, StoreError> {
+    key(&format!("cluster-{name}"))
+}
+
+/// A bootstrap token.
+pub fn token(id: &str) -> Result<ObjectKey, StoreError> {
+    key(&format!("bootstrap-token-{id}"))
+}
+
+/// A cluster's issued-certificate log.
+pub fn issued(cluster: &str) -> Result<ObjectKey, StoreError> {
+    key(&format!("issued-{cluster}"))
+}
+
+/// A cluster's last reported status.
+pub fn status(cluster: &str) -> Result<ObjectKey, StoreError> {
+    key(&format!("status-{cluster}"))
+}
+
+/// Prefix of cluster records, for listing.
+pub const CLUSTER_PREFIX: &str = "cluster-";
+
+/// The data key of the policy document.
+pub const POLICY_KEY: &str = "policy.yaml";
+
+/// A registered cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Cluster name.
+    pub name: String,
+    /// Unix seconds.
+    pub registered_at: i64,
+    /// Serial of the agent identity last issued.
+    pub identity_serial: String,
+    /// Operator-requested rotations (`meshca rotate`); the agent re-issues when this grows.
+    #[serde(default)]
+    pub rotate_requests: u64,
+}
+
+/// A bootstrap token: only a hash of its secret is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Cluster the token registers.
+    pub cluster: String,
+    /// SHA-256 of the secret part, hex.
+    pub secret_sha256: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds when it was used; tokens are single-use.
+    pub used_at: Option<i64>,
+}
+
+/// One certificate the issuer signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    /// Uppercase hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Why the agent asked.
+    pub reason: String,
+    /// Policy generation it was issued under.
+    pub policy_generation: String,
+}
+
+/// How many issued records are kept per cluster.
+pub const ISSUED_KEEP: usize = 64;
+
+/// A cluster's issued log, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedLog {
+    /// Newest first.
+    pub records: Vec<IssuedRecord>,
+}
+
+/// A cluster's last status report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    /// Unix seconds when it was received.
+    pub reported_at: i64,
+    /// "Ready", "Renewing", "Degraded", "Waiting".
+    pub phase: String,
+    /// Serial of the intermediate in service.
+    pub intermediate_serial: String,
+    /// Unix seconds.
+    pub intermediate_not_after: i64,
+    /// Unix seconds.
+    pub intermediate_not_before: i64,
+    /// Root set the cluster trusts.
+    pub root_set_fingerprint: String,
+    /// Generation its cacerts was issued under.
+    pub policy_generation: String,
+    /// Unix seconds of the last successful renewal.
+    pub last_renewal: i64,
+    /// Last error, empty when healthy.
+    pub last_error: String,
+    /// "store" or "memory".
+    pub key_location: String,
+    /// Unix seconds of the next planned renewal.
+    pub next_renewal: i64,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_names_are_valid_and_input_names_are_checked() {
+        let _ = (root_ca(), relay_ca(), policy());
+        assert!(cluster("cluster-1").is_ok());
+        assert!(cluster("../etc").is_err());
+        assert!(status("UPPER").is_err());
+    }
+}

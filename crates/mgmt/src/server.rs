@@ -1,0 +1,173 @@
+//! `meshca server`: wires the store, the authority loader, the relay CA and the gRPC services
+//! behind one TLS listener.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshca_pki::{CsrPolicy, KeyAlgorithm, PrivateKey, build_csr, verify_csr};
+use meshca_policy::Policy;
+use meshca_proto::identity::Caller;
+use meshca_proto::mgmt::{
+    certificate_issuer_server::CertificateIssuerServer, operator_server::OperatorServer,
+    registration_server::RegistrationServer,
+};
+use meshca_store::{Precondition, Secret, Store, fsutil};
+use meshca_tls::{Identity, PeerPolicy, SpiffeVerifier, SwappableCert, grpc};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::authority::{self, Authority};
+use crate::error::MgmtError;
+use crate::ratelimit::RateLimiter;
+use crate::records;
+use crate::relay::RelayCa;
+use crate::service::{IssuerService, OperatorService, RegistrationService, Settings, Shared};
+
+/// Largest gRPC message accepted (a CSR or a policy is a few KB).
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// How `meshca server` runs.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// DNS names on the serving certificate (agents use one of them as the server name).
+    pub hostnames: Vec<String>,
+    /// A policy to put in force at start (written to the store), instead of the stored one.
+    pub policy_yaml: Option<String>,
+    /// The policy used when none is stored.
+    pub default_policy: Policy,
+    /// Where to write the operator's credentials (client certificate, key, relay CA, address).
+    pub operator_dir: Option<PathBuf>,
+    /// Service tunables.
+    pub settings: Settings,
+    /// Issuance burst per cluster.
+    pub issue_burst: u32,
+    /// Issuance refill per cluster per minute.
+    pub issue_per_minute: f64,
+}
+
+/// Files in the operator credentials directory.
+pub mod creds {
+    /// The operator's client certificate.
+    pub const CERT: &str = "operator.pem";
+    /// Its key (0600).
+    pub const KEY: &str = "operator-key.pem";
+    /// The relay CA, to verify the server.
+    pub const RELAY_CA: &str = "relay-ca.pem";
+    /// The server's `host:port`.
+    pub const SERVER: &str = "server";
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> MgmtError {
+    move |source| MgmtError::Io { context, source }
+}
+
+/// Issues an operator identity and writes it with the relay CA and the server address.
+fn write_operator_credentials(
+    dir: &std::path::Path,
+    relay: &RelayCa,
+    addr: SocketAddr,
+    now: SystemTime,
+) -> Result<(), MgmtError> {
+    fsutil::create_private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| MgmtError::pki("operator key", e))?;
+    let csr = build_csr(&key, &[]).map_err(|e| MgmtError::pki("operator CSR", e))?;
+    let csr = verify_csr(csr.as_bytes(), &CsrPolicy::default()).map_err(|e| MgmtError::pki("operator CSR", e))?;
+    let cert = relay.issue_identity(
+        csr.public_key_spki(),
+        &Caller::Operator { name: "admin".into() },
+        Duration::from_secs(365 * 86400),
+        now,
+    )?;
+    let w = |name: &str, data: &[u8], mode| {
+        fsutil::write_atomic(&dir.join(name), data, mode).map_err(io(format!("writing {}", dir.join(name).display())))
+    };
+    w(creds::KEY, key.to_pkcs8_pem().as_bytes(), 0o600)?;
+    w(creds::CERT, cert.to_pem().as_bytes(), 0o644)?;
+    w(creds::RELAY_CA, relay.roots().to_pem().as_bytes(), 0o644)?;
+    w(creds::SERVER, addr.to_string().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Runs the management plane until `shutdown` resolves. `on_bound` receives the bound address
+/// (useful with port 0).
+pub async fn serve(
+    store: Arc<dyn Store>,
+    opts: ServerOptions,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), MgmtError> {
+    meshca_tls::provider::install();
+    let now = SystemTime::now();
+    if let Some(text) = &opts.policy_yaml {
+        Policy::from_yaml(text)?;
+        let secret = Secret::with_data([(records::POLICY_KEY, text.as_bytes().to_vec())]);
+        store.put(&records::policy(), &secret, Precondition::Any).await?;
+    }
+    let relay = Arc::new(RelayCa::load_or_create(store.as_ref(), now).await?);
+    let authority: watch::Receiver<Arc<Authority>> =
+        authority::spawn_loader(store.clone(), opts.default_policy.clone(), Duration::from_secs(30)).await;
+
+    // Serving certificate from the relay CA, renewed at half life without a restart.
+    let serving_ttl = Duration::from_secs(7 * 86400);
+    let (cert, key) = relay.issue_serving(&opts.hostnames, serving_ttl, now)?;
+    let swappable = SwappableCert::new(Identity::new(&cert, &[], &key).certified_key()?);
+    {
+        let relay = relay.clone();
+        let swappable = swappable.clone();
+        let names = opts.hostnames.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(serving_ttl / 2).await;
+                match relay
+                    .issue_serving(&names, serving_ttl, SystemTime::now())
+                    .and_then(|(c, k)| Ok(Identity::new(&c, &[], &k).certified_key()?))
+                {
+                    Ok(ck) => swappable.swap(ck),
+                    Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
+                }
+            }
+        });
+    }
+    let verifier = SpiffeVerifier::new(
+        relay.roots(),
+        PeerPolicy::UriPrefix(format!("spiffe://{}/", meshca_proto::identity::RELAY_TRUST_DOMAIN)),
+        false,
+    )?;
+    let tls = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(meshca_tls::TlsError::from)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(swappable);
+    let tls = grpc::server_config_for_grpc(tls);
+
+    let listener = TcpListener::bind(opts.listen).await.map_err(io(format!("binding {}", opts.listen)))?;
+    let addr = listener.local_addr().map_err(io("local address".into()))?;
+    if let Some(dir) = &opts.operator_dir {
+        write_operator_credentials(dir, &relay, addr, now)?;
+    }
+    tracing::info!(%addr, "management plane listening");
+    on_bound(addr);
+
+    let (nudge, _) = watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        store,
+        relay,
+        authority,
+        limiter: RateLimiter::new(opts.issue_burst, opts.issue_per_minute),
+        settings: opts.settings,
+        nudge,
+    });
+    tonic::transport::Server::builder()
+        .add_service(
+            RegistrationServer::new(RegistrationService(shared.clone())).max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(CertificateIssuerServer::new(IssuerService(shared.clone())).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(OperatorServer::new(OperatorService(shared)).max_decoding_message_size(MAX_MESSAGE))
+        .serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), shutdown)
+        .await
+        .map_err(|e| MgmtError::Io { context: "gRPC server".into(), source: std::io::Error::other(e) })
+}

@@ -1,0 +1,170 @@
+//! Single-use, expiring bootstrap tokens for cluster registration.
+//!
+//! A token is `<id>.<secret>`: 6 + 24 characters of `[a-z0-9]` (the secret carries ~124 bits).
+//! Only a SHA-256 of the secret is stored. Consuming a token is a compare-and-swap on its record,
+//! so two agents racing with one token cannot both register.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshca_store::typed;
+use meshca_store::{Precondition, Store, StoreError};
+
+use crate::error::MgmtError;
+use crate::records::{self, TokenRecord};
+
+const ID_LEN: usize = 6;
+const SECRET_LEN: usize = 24;
+const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Why a token was refused. Deliberately coarse where detail would help an attacker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not of the `<id>.<secret>` form.
+    #[error("malformed bootstrap token (expected <6 chars>.<24 chars> of [a-z0-9])")]
+    Malformed,
+    /// No such token, or the secret does not match.
+    #[error("unknown bootstrap token {0}")]
+    Unknown(String),
+    /// Already used by a registration.
+    #[error("bootstrap token {0} was already used; create a new one with `meshca cluster add`")]
+    AlreadyUsed(String),
+    /// Past its expiry.
+    #[error("bootstrap token {id} expired at unix time {expired_at}; create a new one with `meshca cluster add`")]
+    Expired {
+        /// Token id.
+        id: String,
+        /// When it expired.
+        expired_at: i64,
+    },
+}
+
+/// A freshly created token.
+#[derive(Debug)]
+pub struct NewToken {
+    /// The whole token, shown once to the operator.
+    pub token: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+fn random_string(n: usize) -> Result<String, MgmtError> {
+    let mut bytes = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| MgmtError::Pki("random source failed".into()))?;
+    // 256 % 36 != 0, so reject the top values to keep every character equally likely.
+    let mut out = String::with_capacity(n);
+    let mut i = 0;
+    while out.len() < n {
+        if i == bytes.len() {
+            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| MgmtError::Pki("random source failed".into()))?;
+            i = 0;
+        }
+        let b = bytes[i];
+        i += 1;
+        if usize::from(b) < 252 {
+            out.push(char::from(ALPHABET[usize::from(b) % 36]));
+        }
+    }
+    Ok(out)
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes()))
+}
+
+/// Unix seconds.
+pub fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Creates a token registering `cluster`, valid for `ttl`.
+pub async fn create(store: &dyn Store, cluster: &str, ttl: Duration, now: SystemTime) -> Result<NewToken, MgmtError> {
+    let id = random_string(ID_LEN)?;
+    let secret = random_string(SECRET_LEN)?;
+    let expires_at = unix(now + ttl);
+    let record =
+        TokenRecord { cluster: cluster.to_string(), secret_sha256: sha256_hex(&secret), expires_at, used_at: None };
+    typed::put(store, &records::token(&id)?, &record, Precondition::Absent).await?;
+    Ok(NewToken { token: format!("{id}.{secret}"), expires_at })
+}
+
+fn parse(token: &str) -> Result<(&str, &str), TokenError> {
+    let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
+    let ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| ALPHABET.contains(&b));
+    if ok(id, ID_LEN) && ok(secret, SECRET_LEN) { Ok((id, secret)) } else { Err(TokenError::Malformed) }
+}
+
+/// Consumes a token: checks it and marks it used, atomically. Returns the cluster it registers.
+pub async fn consume(store: &dyn Store, token: &str, now: SystemTime) -> Result<Result<String, TokenError>, MgmtError> {
+    let (id, secret) = match parse(token) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let key = records::token(id)?;
+    let Some(current) = typed::get::<TokenRecord>(store, &key).await? else {
+        return Ok(Err(TokenError::Unknown(id.to_string())));
+    };
+    let rec = &current.value;
+    if aws_lc_rs::constant_time::verify_slices_are_equal(rec.secret_sha256.as_bytes(), sha256_hex(secret).as_bytes())
+        .is_err()
+    {
+        return Ok(Err(TokenError::Unknown(id.to_string())));
+    }
+    if rec.used_at.is_some() {
+        return Ok(Err(TokenError::AlreadyUsed(id.to_string())));
+    }
+    if rec.expires_at <= unix(now) {
+        return Ok(Err(TokenError::Expired { id: id.to_string(), expired_at: rec.expires_at }));
+    }
+    let used = TokenRecord { used_at: Some(unix(now)), ..rec.clone() };
+    match typed::put(store, &key, &used, Precondition::Version(current.version)).await {
+        Ok(()) => Ok(Ok(rec.cluster.clone())),
+        Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => Ok(Err(TokenError::AlreadyUsed(id.to_string()))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshca_store::dir::DirStore;
+
+    #[tokio::test]
+    async fn tokens_are_single_use_expire_and_do_not_leak_whether_a_secret_was_close() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DirStore::open(dir.path()).expect("store");
+        let now = SystemTime::now();
+        let t = create(&store, "cluster-1", Duration::from_secs(60), now).await.expect("create");
+        assert_eq!(t.token.len(), 31);
+        let (id, _) = parse(&t.token).expect("well formed");
+
+        let wrong = format!("{id}.{}", "a".repeat(24));
+        assert_eq!(consume(&store, &wrong, now).await.expect("ok"), Err(TokenError::Unknown(id.into())));
+        assert_eq!(consume(&store, "nope", now).await.expect("ok"), Err(TokenError::Malformed));
+        assert_eq!(consume(&store, &t.token, now).await.expect("ok"), Ok("cluster-1".into()));
+        assert_eq!(consume(&store, &t.token, now).await.expect("ok"), Err(TokenError::AlreadyUsed(id.into())));
+
+        let t2 = create(&store, "cluster-2", Duration::from_secs(60), now).await.expect("create");
+        let later = now + Duration::from_secs(61);
+        assert!(matches!(consume(&store, &t2.token, later).await.expect("ok"), Err(TokenError::Expired { .. })));
+
+        // Nothing in the store holds the secret itself.
+        let (_, secret) = parse(&t2.token).expect("well formed");
+        for entry in walk(dir.path()) {
+            let text = std::fs::read(&entry).unwrap_or_default();
+            assert!(!String::from_utf8_lossy(&text).contains(secret), "{}", entry.display());
+        }
+    }
+
+    fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() && !path.is_symlink() {
+                out.extend(walk(&path));
+            } else if path.is_file() {
+                out.push(path);
+            }
+        }
+        out
+    }
+}
