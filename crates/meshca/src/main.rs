@@ -23,6 +23,13 @@ enum Command {
     Server(cmd::server::Args),
     /// Run a workload cluster's agent: obtains the cluster intermediate and keeps `cacerts` fresh.
     Agent(cmd::agent::Args),
+    /// Run a cluster's workload CA (istiod's CA role): Istio's CreateCertificate API.
+    WorkloadCa(cmd::workload_ca::Args),
+    /// Run the whole mesh trust topology on this machine: management plane, N clusters (agent +
+    /// workload CA each) and sample workloads making mTLS calls across clusters.
+    Up(cmd::up::Args),
+    /// Print a fresh service-account token from the demo identity provider of `meshca up`.
+    Token(cmd::up::TokenArgs),
     /// Manage clusters.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -56,12 +63,18 @@ enum PolicyCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    cmd::init_logging(cli.log_format);
+    // `up` owns the terminal for its display and logs to a file of its own.
+    if !matches!(cli.command, Command::Up(_)) {
+        cmd::init_logging(cli.log_format);
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         match cli.command {
             Command::Server(a) => cmd::server::run(a).await,
             Command::Agent(a) => cmd::agent::run(a).await,
+            Command::WorkloadCa(a) => cmd::workload_ca::run(a).await,
+            Command::Up(a) => cmd::up::run(a).await,
+            Command::Token(a) => cmd::up::token(a),
             Command::Cluster(ClusterCmd::Add(a)) => cmd::operator::cluster_add(a).await,
             Command::Status(a) => cmd::operator::status(a).await,
             Command::Rotate(a) => cmd::operator::rotate(a).await,

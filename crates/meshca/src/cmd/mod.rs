@@ -4,7 +4,9 @@ pub mod demo;
 pub mod inspect;
 pub mod operator;
 pub mod server;
+pub mod up;
 pub mod verify;
+pub mod workload_ca;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -66,6 +68,19 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Logs to `path` (info by default, `RUST_LOG` overrides).
+pub fn init_file_logging(path: &std::path::Path) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,rustls=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

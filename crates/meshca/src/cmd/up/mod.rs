@@ -1,0 +1,477 @@
+//! `meshca up`: the whole mesh trust topology on one machine, on the embedded default (directory
+//! stores, no Kubernetes). One process runs the management plane, N workload clusters (agent +
+//! workload CA each), a demo identity provider, and two sample workloads per cluster making mTLS
+//! connections across clusters. It shows each cluster's chain and a live count of handshakes.
+
+pub mod workload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use meshca_agent::AgentOptions;
+use meshca_mgmt::{ServerOptions, Settings};
+use meshca_pki::chain::rfc3339;
+use meshca_pki::{CaBundle, SpiffeId, TrustDomain};
+use meshca_policy::Policy;
+use meshca_store::dir::DirStore;
+use meshca_store::fsutil;
+use meshca_workload_ca::{DemoIdp, ISTIO_CA_AUDIENCE, JwtAuthenticator, Metrics, Options, TtlPolicy};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::DurationArg;
+use workload::{CaEndpoint, Workload};
+
+/// Arguments of `meshca up`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Number of workload clusters.
+    #[arg(long, default_value_t = 2)]
+    clusters: usize,
+    /// Folder for everything (stores, cacerts, credentials, topology.json); a fresh one under the
+    /// working directory by default.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Lifetime of the cluster intermediates (e.g. 90s to watch them rotate).
+    #[arg(long, default_value = "720h")]
+    intermediate_ttl: DurationArg,
+    /// Lifetime of the workload leaves (e.g. 30s).
+    #[arg(long, default_value = "24h")]
+    leaf_ttl: DurationArg,
+    /// Renew intermediates when less than this fraction of their lifetime remains.
+    #[arg(long, default_value_t = 0.2)]
+    grace_ratio: f64,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<DurationArg>,
+    /// Time between two calls of one workload.
+    #[arg(long, default_value = "250ms")]
+    call_interval: DurationArg,
+    /// Trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: TrustDomain,
+}
+
+/// `topology.json`: what scripts and other tools need to drive the demo.
+#[derive(Serialize)]
+struct Topology {
+    clusters: Vec<TopologyCluster>,
+    management_plane: TopologyMgmt,
+}
+
+#[derive(Serialize)]
+struct TopologyCluster {
+    name: String,
+    trust_domain: String,
+    cacerts_dir: String,
+    workload_ca: TopologyCa,
+    token_file: String,
+    jwt_issuer: String,
+}
+
+#[derive(Serialize)]
+struct TopologyCa {
+    address: String,
+    ca_file: String,
+    server_name: String,
+    metrics: String,
+    metrics_token_file: String,
+}
+
+#[derive(Serialize)]
+struct TopologyMgmt {
+    address: String,
+    credentials: String,
+}
+
+/// The live (and final) numbers, also written to `status.json`.
+#[derive(Serialize, Default, Clone)]
+struct Summary {
+    handshakes_ok: u64,
+    handshakes_failed: u64,
+    clusters: Vec<ClusterSummary>,
+    running_seconds: u64,
+}
+
+#[derive(Serialize, Default, Clone)]
+struct ClusterSummary {
+    name: String,
+    intermediate_serial: String,
+    intermediate_not_after: String,
+    intermediate_rotations: u64,
+    leaves_issued: u64,
+    handshakes_ok: u64,
+    handshakes_failed: u64,
+    last_error: String,
+}
+
+/// The demo issuer of a cluster's service-account tokens: one ES256 key for the demo, one issuer
+/// URL per cluster (a token from one cluster is not accepted by another's workload CA).
+pub fn issuer_for(cluster: &str) -> String {
+    format!("https://idp.meshca.local/{cluster}")
+}
+
+/// Where the demo issuer key lives under an `up` folder.
+pub fn idp_key_path(dir: &Path) -> PathBuf {
+    dir.join("idp").join("key.pem")
+}
+
+/// An absolute path that keeps symlinks (root-cert.pem must stay the store's stable link, not
+/// the versioned file it points at today).
+fn abs(p: &Path) -> String {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent() {
+        fsutil::create_private_dir(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fsutil::write_atomic(path, data, mode).with_context(|| format!("writing {}", path.display()))
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    hex::encode(b)
+}
+
+struct ClusterRun {
+    name: String,
+    cacerts: PathBuf,
+    serial: String,
+    rotations: u64,
+}
+
+/// Runs the topology until Ctrl-C or `--duration`.
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    if a.clusters == 0 {
+        bail!("--clusters must be at least 1");
+    }
+    if !(a.grace_ratio > 0.0 && a.grace_ratio < 1.0) {
+        bail!("--grace-ratio must be in (0, 1)");
+    }
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            PathBuf::from(format!("meshca-up-{stamp}"))
+        }
+    };
+    fsutil::create_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_file = dir.join("meshca-up.log");
+    super::init_file_logging(&log_file)?;
+    meshca_tls::provider::install();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_signal = || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Management plane.
+    let mgmt_store = Arc::new(DirStore::open(dir.join("mgmt").join("store"))?);
+    let mut policy = Policy::generated_default(a.intermediate_ttl.0);
+    policy.trust_domain = a.trust_domain.clone();
+    policy.intermediate.grace_period_ratio = a.grace_ratio;
+    let opts = ServerOptions {
+        listen: "127.0.0.1:0".parse()?,
+        hostnames: vec!["localhost".into()],
+        policy_yaml: None,
+        default_policy: policy,
+        operator_dir: Some(dir.join("mgmt").join("operator")),
+        settings: Settings { report_interval: Duration::from_secs(5), ..Settings::default() },
+        issue_burst: 5,
+        issue_per_minute: 30.0,
+    };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(meshca_mgmt::serve(
+        mgmt_store.clone(),
+        opts,
+        move |addr| {
+            let _ = addr_tx.send(addr);
+        },
+        stop_signal(),
+    ));
+    let mgmt_addr = match addr_rx.await {
+        Ok(a) => a,
+        Err(_) => {
+            let e = server.await.map_err(|e| anyhow::anyhow!("{e}"))?.err().map(|e| e.to_string()).unwrap_or_default();
+            bail!("the management plane did not start: {e}");
+        }
+    };
+    let relay_ca = std::fs::read(dir.join("mgmt").join("operator").join("relay-ca.pem"))?;
+
+    // Demo identity provider.
+    let idp_path = idp_key_path(&dir);
+    let idp_key = match std::fs::read(&idp_path) {
+        Ok(k) => k,
+        Err(_) => {
+            let idp = DemoIdp::generate("unused")?;
+            write(&idp_path, idp.key_pem().as_bytes(), 0o600)?;
+            idp.key_pem().into_bytes()
+        }
+    };
+
+    println!("meshca up: {} clusters in {}", a.clusters, abs(&dir));
+    println!(
+        "  management plane  {mgmt_addr}  (meshca status --credentials {})",
+        abs(&dir.join("mgmt").join("operator"))
+    );
+
+    let mut topo = Vec::new();
+    let mut runs = Vec::new();
+    let mut workloads: Vec<Arc<Workload>> = Vec::new();
+    for i in 1..=a.clusters {
+        let name = format!("cluster-{i}");
+        let cdir = dir.join(&name);
+        let store = Arc::new(DirStore::open(cdir.join("store"))?);
+        let cacerts = store.object_path(&meshca_store::ObjectKey::new("istio-system", "cacerts")?);
+        // Agent: registered with a bootstrap token minted directly in the management store.
+        let token =
+            meshca_mgmt::tokens::create(mgmt_store.as_ref(), &name, Duration::from_secs(600), SystemTime::now())
+                .await?;
+        let mut ao = AgentOptions::new(&name, &mgmt_addr.to_string())?;
+        ao.bootstrap_token = Some(token.token);
+        ao.relay_ca = Some(relay_ca.clone());
+        ao.backoff_max = Duration::from_secs(5);
+        let agent_store = store.clone();
+        let rx = stop_rx.clone();
+        let agent_name = name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = meshca_agent::run(agent_store, ao, rx).await {
+                tracing::error!(cluster = %agent_name, error = %e, "agent stopped");
+                eprintln!("agent of {agent_name} stopped: {e}");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let bundle = loop {
+            if let Ok(b) = CaBundle::validate(&workload_files(&cacerts), SystemTime::now()) {
+                break b;
+            }
+            if Instant::now() > deadline {
+                bail!("{name}: no valid cacerts after 60 s (see {})", log_file.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+
+        // Workload CA trusting this cluster's issuer.
+        let issuer = issuer_for(&name);
+        let idp = Arc::new(DemoIdp::from_key(&idp_key, &issuer)?);
+        write(&cdir.join("idp").join("jwks.json"), idp.jwks_json().as_bytes(), 0o644)?;
+        let auth = Arc::new(JwtAuthenticator::from_jwks(&issuer, &idp.jwks_json(), ISTIO_CA_AUDIENCE)?);
+        let metrics_token = random_token();
+        let metrics_token_file = cdir.join("metrics-token");
+        write(&metrics_token_file, metrics_token.as_bytes(), 0o600)?;
+        let wopts = Options {
+            cacerts_dir: cacerts.clone(),
+            listen: "127.0.0.1:0".parse()?,
+            metrics_listen: Some("127.0.0.1:0".parse()?),
+            metrics_token: Some(metrics_token),
+            trust_domain: a.trust_domain.clone(),
+            auth,
+            ttl: TtlPolicy::default(),
+            max_per_second: 0,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(meshca_workload_ca::serve(
+            wopts,
+            Metrics::new(),
+            move |addr, m| {
+                let _ = tx.send((addr, m));
+            },
+            stop_signal(),
+        ));
+        let (ca_addr, metrics_addr) = rx.await.context("the workload CA did not start")?;
+
+        // A token for ns/default/sa/sleep of this cluster, for scripts.
+        let token_file = cdir.join("token-default-sleep");
+        let sleep_token =
+            idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(24 * 3600), SystemTime::now())?;
+        write(&token_file, sleep_token.as_bytes(), 0o600)?;
+
+        let endpoint = CaEndpoint {
+            address: ca_addr.to_string(),
+            root_file: cacerts.join("root-cert.pem"),
+            cluster: name.clone(),
+            idp,
+        };
+        for sa in ["sleep", "httpbin"] {
+            let id = SpiffeId::workload(&a.trust_domain, "default", &format!("{sa}-{i}"))?;
+            workloads.push(Workload::start(&name, id, &a.trust_domain, endpoint.clone(), a.leaf_ttl.0).await?);
+        }
+
+        let ca = bundle.ca_cert();
+        println!("  {name}");
+        println!("    root          {}", bundle.roots().iter().next().map(|r| r.subject()).unwrap_or_default());
+        println!(
+            "    intermediate  {}  serial {}  expires {}",
+            ca.subject(),
+            short(&ca.serial_hex()),
+            rfc3339(ca.not_after())
+        );
+        println!("    workload CA   {ca_addr}  cacerts {}", abs(&cacerts));
+        topo.push(TopologyCluster {
+            name: name.clone(),
+            trust_domain: a.trust_domain.to_string(),
+            cacerts_dir: abs(&cacerts),
+            workload_ca: TopologyCa {
+                address: ca_addr.to_string(),
+                ca_file: abs(&cacerts.join("root-cert.pem")),
+                server_name: "istiod.istio-system.svc".into(),
+                metrics: metrics_addr.map(|m| format!("http://{m}/metrics")).unwrap_or_default(),
+                metrics_token_file: abs(&metrics_token_file),
+            },
+            token_file: abs(&token_file),
+            jwt_issuer: issuer,
+        });
+        runs.push(ClusterRun { name, cacerts, serial: ca.serial_hex(), rotations: 0 });
+    }
+    for w in &workloads {
+        println!("  workload  {:<45} {}  {}", w.id.to_string(), w.cluster, w.addr);
+    }
+    let topology = Topology {
+        clusters: topo,
+        management_plane: TopologyMgmt {
+            address: mgmt_addr.to_string(),
+            credentials: abs(&dir.join("mgmt").join("operator")),
+        },
+    };
+    write(&dir.join("topology.json"), serde_json::to_string_pretty(&topology)?.as_bytes(), 0o644)?;
+    println!("  topology  {}", abs(&dir.join("topology.json")));
+    println!("  logs      {}", abs(&log_file));
+
+    for w in &workloads {
+        tokio::spawn(workload::traffic(w.clone(), workloads.clone(), a.call_interval.0));
+    }
+
+    let started = Instant::now();
+    let end = a.duration.map(|d| started + d.0);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_print = Instant::now() - Duration::from_secs(60);
+    let summary = loop {
+        tokio::select! {
+            _ = super::ctrl_c() => break collect(&mut runs, &workloads, started).await,
+            _ = tick.tick() => {}
+        }
+        let s = collect(&mut runs, &workloads, started).await;
+        write(&dir.join("status.json"), serde_json::to_string_pretty(&s)?.as_bytes(), 0o644)?;
+        if last_print.elapsed() >= Duration::from_secs(10)
+            || s.handshakes_failed > 0 && last_print.elapsed() >= Duration::from_secs(2)
+        {
+            print_status(&s);
+            last_print = Instant::now();
+        }
+        if end.is_some_and(|e| Instant::now() >= e) {
+            break s;
+        }
+    };
+    let _ = stop_tx.send(true);
+    write(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes(), 0o644)?;
+    println!(
+        "stopped after {}s: {} handshakes ok, {} failed",
+        summary.running_seconds, summary.handshakes_ok, summary.handshakes_failed
+    );
+    for c in &summary.clusters {
+        println!(
+            "  {}  {} intermediate rotations, {} leaves issued",
+            c.name, c.intermediate_rotations, c.leaves_issued
+        );
+    }
+    // Give the servers a moment to drain.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if summary.handshakes_failed > 0 {
+        bail!("{} handshakes failed (see {})", summary.handshakes_failed, log_file.display());
+    }
+    Ok(())
+}
+
+fn workload_files(cacerts: &Path) -> meshca_pki::BundleFiles {
+    meshca_workload_ca::ca::read_dir(cacerts)
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(12).collect()
+}
+
+async fn collect(runs: &mut [ClusterRun], workloads: &[Arc<Workload>], started: Instant) -> Summary {
+    let mut s = Summary { running_seconds: started.elapsed().as_secs(), ..Default::default() };
+    for r in runs.iter_mut() {
+        let mut c = ClusterSummary { name: r.name.clone(), ..Default::default() };
+        if let Ok(b) = CaBundle::validate(&workload_files(&r.cacerts), SystemTime::now()) {
+            let serial = b.ca_cert().serial_hex();
+            if serial != r.serial {
+                r.rotations += 1;
+                r.serial = serial;
+            }
+            c.intermediate_not_after = rfc3339(b.ca_cert().not_after());
+        }
+        c.intermediate_serial = r.serial.clone();
+        c.intermediate_rotations = r.rotations;
+        for w in workloads.iter().filter(|w| w.cluster == r.name) {
+            c.handshakes_ok += w.counters.ok.load(Ordering::Relaxed);
+            c.handshakes_failed += w.counters.failed.load(Ordering::Relaxed);
+            c.leaves_issued += w.counters.leaves.load(Ordering::Relaxed);
+            let e = w.counters.last_error.lock().await.clone();
+            if !e.is_empty() {
+                c.last_error = e;
+            }
+        }
+        s.handshakes_ok += c.handshakes_ok;
+        s.handshakes_failed += c.handshakes_failed;
+        s.clusters.push(c);
+    }
+    s
+}
+
+fn print_status(s: &Summary) {
+    println!("[{:>5}s] handshakes ok {}  failed {}", s.running_seconds, s.handshakes_ok, s.handshakes_failed);
+    for c in &s.clusters {
+        println!(
+            "         {}  intermediate {} (until {}, {} rotations)  leaves {}  ok {}  failed {}{}",
+            c.name,
+            short(&c.intermediate_serial),
+            c.intermediate_not_after,
+            c.intermediate_rotations,
+            c.leaves_issued,
+            c.handshakes_ok,
+            c.handshakes_failed,
+            if c.last_error.is_empty() { String::new() } else { format!("  last error: {}", c.last_error) }
+        );
+    }
+}
+
+/// Arguments of `meshca token`.
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    /// The `meshca up` folder.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The cluster whose issuer signs the token.
+    #[arg(long)]
+    cluster: String,
+    /// Namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Service account.
+    #[arg(long)]
+    service_account: String,
+    /// Lifetime.
+    #[arg(long, default_value = "1h")]
+    ttl: DurationArg,
+    /// Audience.
+    #[arg(long, default_value = ISTIO_CA_AUDIENCE)]
+    audience: String,
+}
+
+/// `meshca token`: a fresh token from the demo identity provider.
+pub fn token(a: TokenArgs) -> anyhow::Result<()> {
+    let key = std::fs::read(idp_key_path(&a.dir))
+        .with_context(|| format!("reading the demo issuer key under {}", a.dir.display()))?;
+    let idp = DemoIdp::from_key(&key, &issuer_for(&a.cluster))?;
+    println!("{}", idp.mint(&a.namespace, &a.service_account, &a.audience, a.ttl.0, SystemTime::now())?);
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! Caller authentication: who is asking for a certificate.
+//!
+//! The identity a leaf carries comes only from here — the verified bearer token — never from the
+//! CSR. Verifiers sit behind one trait: JWTs checked against a configured issuer and JWKS (this
+//! module), and Kubernetes TokenReview (the Kubernetes mode). A cache in front of either keeps a
+//! verified token's identity until the token expires.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// The audience Istio's CA expects on service-account tokens.
+pub const ISTIO_CA_AUDIENCE: &str = "istio-ca";
+
+/// An authenticated caller: a Kubernetes service account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Caller {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+/// A successful authentication and how long it may be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    /// Who.
+    pub caller: Caller,
+    /// Until when (the token's expiry).
+    pub expires_at: SystemTime,
+}
+
+/// Why a caller was not authenticated. Messages never include the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization` metadata.
+    #[error("no bearer token: send `authorization: Bearer <service-account token>`")]
+    Missing,
+    /// The metadata is not `Bearer <token>`.
+    #[error("the authorization metadata is not a bearer token")]
+    NotBearer,
+    /// The token failed verification.
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    /// The token is valid but names no service account.
+    #[error("token subject {0:?} is not a Kubernetes service account")]
+    NotServiceAccount(String),
+    /// The verifier itself failed (e.g. the API server is unreachable).
+    #[error("authentication backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Verifies bearer tokens.
+#[async_trait::async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    /// Verifies `token`; `cluster_id` is Istio's optional `clusterid` metadata.
+    async fn authenticate(&self, token: &str, cluster_id: Option<&str>) -> Result<Authenticated, AuthError>;
+}
+
+/// Extracts the token from an `authorization` value.
+pub fn bearer(value: Option<&str>) -> Result<&str, AuthError> {
+    let v = value.ok_or(AuthError::Missing)?.trim();
+    let (scheme, token) = v.split_once(' ').ok_or(AuthError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::NotBearer);
+    }
+    Ok(token.trim())
+}
+
+/// Parses `system:serviceaccount:<ns>:<sa>`.
+pub fn parse_service_account(sub: &str) -> Result<Caller, AuthError> {
+    let rest =
+        sub.strip_prefix("system:serviceaccount:").ok_or_else(|| AuthError::NotServiceAccount(sub.to_string()))?;
+    let (ns, sa) = rest.split_once(':').ok_or_else(|| AuthError::NotServiceAccount(sub.to_string()))?;
+    if ns.is_empty() || sa.is_empty() || sa.contains(':') {
+        return Err(AuthError::NotServiceAccount(sub.to_string()));
+    }
+    Ok(Caller { namespace: ns.to_string(), service_account: sa.to_string() })
+}
+
+#[derive(Debug, Deserialize)]
+struct K8sClaim {
+    namespace: String,
+    serviceaccount: K8sName,
+}
+
+#[derive(Debug, Deserialize)]
+struct K8sName {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<K8sClaim>,
+}
+
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies JWTs signed by a configured issuer's keys (a JWKS document): signature, issuer,
+/// audience, expiry and not-before (with 30 s of leeway for clock skew).
+pub struct JwtAuthenticator {
+    issuer: String,
+    audience: String,
+    keys: Vec<Key>,
+}
+
+impl std::fmt::Debug for JwtAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtAuthenticator").field("issuer", &self.issuer).field("keys", &self.keys.len()).finish()
+    }
+}
+
+impl JwtAuthenticator {
+    /// From a JWKS JSON document. Only asymmetric keys (EC, RSA) are accepted.
+    pub fn from_jwks(issuer: &str, jwks_json: &str, audience: &str) -> Result<Self, AuthError> {
+        let set: JwkSet = serde_json::from_str(jwks_json).map_err(|e| AuthError::Unavailable(format!("JWKS: {e}")))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve};
+            let alg = match &jwk.algorithm {
+                AlgorithmParameters::EllipticCurve(p) => match p.curve {
+                    EllipticCurve::P256 => Algorithm::ES256,
+                    EllipticCurve::P384 => Algorithm::ES384,
+                    _ => continue,
+                },
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                _ => continue,
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Unavailable(format!("JWKS key: {e}")))?;
+            keys.push(Key { kid: jwk.common.key_id.clone(), alg, key });
+        }
+        if keys.is_empty() {
+            return Err(AuthError::Unavailable("the JWKS holds no usable EC or RSA key".into()));
+        }
+        Ok(JwtAuthenticator { issuer: issuer.to_string(), audience: audience.to_string(), keys })
+    }
+
+    fn verify(&self, token: &str) -> Result<Authenticated, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Rejected(format!("malformed JWT: {e}")))?;
+        let candidates: Vec<&Key> = self
+            .keys
+            .iter()
+            .filter(|k| k.alg == header.alg && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid))
+            .collect();
+        if candidates.is_empty() {
+            return Err(AuthError::Rejected(format!(
+                "no trusted key for algorithm {:?} and key id {:?}",
+                header.alg, header.kid
+            )));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 30;
+        let mut last = None;
+        for k in candidates {
+            match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
+                Ok(data) => {
+                    let c = data.claims;
+                    let caller = parse_service_account(&c.sub)?;
+                    if let Some(k8s) = &c.kubernetes
+                        && (k8s.namespace != caller.namespace || k8s.serviceaccount.name != caller.service_account)
+                    {
+                        return Err(AuthError::Rejected("the kubernetes.io claim disagrees with the subject".into()));
+                    }
+                    return Ok(Authenticated { caller, expires_at: UNIX_EPOCH + Duration::from_secs(c.exp) });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let reason = match last.as_ref().map(|e| e.kind()) {
+            Some(jsonwebtoken::errors::ErrorKind::ExpiredSignature) => "expired".to_string(),
+            Some(jsonwebtoken::errors::ErrorKind::ImmatureSignature) => "not valid yet (nbf)".to_string(),
+            Some(jsonwebtoken::errors::ErrorKind::InvalidAudience) => {
+                format!("wrong audience (want {})", self.audience)
+            }
+            Some(jsonwebtoken::errors::ErrorKind::InvalidIssuer) => format!("wrong issuer (want {})", self.issuer),
+            Some(jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
+                "signature does not verify with any trusted key".into()
+            }
+            Some(other) => format!("{other:?}"),
+            None => "unverifiable".into(),
+        };
+        Err(AuthError::Rejected(reason))
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for JwtAuthenticator {
+    async fn authenticate(&self, token: &str, _cluster_id: Option<&str>) -> Result<Authenticated, AuthError> {
+        self.verify(token)
+    }
+}
+
+/// Remembers successful authentications until the token expires, so a caller renewing often
+/// (or a TokenReview round trip) is not paid for on every request. Only a SHA-256 of the token is
+/// kept. Failures are never cached.
+pub struct CachingAuthenticator<A> {
+    inner: A,
+    max_entries: usize,
+    cache: Mutex<HashMap<[u8; 32], Authenticated>>,
+}
+
+impl<A> CachingAuthenticator<A> {
+    /// Wraps `inner`, keeping at most `max_entries` identities.
+    pub fn new(inner: A, max_entries: usize) -> Self {
+        CachingAuthenticator { inner, max_entries, cache: Mutex::new(HashMap::new()) }
+    }
+}
+
+fn token_key(token: &str, cluster_id: Option<&str>) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(cluster_id.unwrap_or("").as_bytes());
+    ctx.update(&[0]);
+    ctx.update(token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+#[async_trait::async_trait]
+impl<A: Authenticator> Authenticator for CachingAuthenticator<A> {
+    async fn authenticate(&self, token: &str, cluster_id: Option<&str>) -> Result<Authenticated, AuthError> {
+        let key = token_key(token, cluster_id);
+        let now = SystemTime::now();
+        if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && hit.expires_at > now
+        {
+            return Ok(hit.clone());
+        }
+        let fresh = self.inner.authenticate(token, cluster_id).await?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= self.max_entries {
+            cache.retain(|_, v| v.expires_at > now);
+            if cache.len() >= self.max_entries {
+                cache.clear();
+            }
+        }
+        cache.insert(key, fresh.clone());
+        Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::idp::DemoIdp;
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn bearer_metadata_is_parsed_strictly() {
+        assert_eq!(bearer(Some("Bearer abc")), Ok("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Ok("abc"));
+        assert_eq!(bearer(None), Err(AuthError::Missing));
+        assert_eq!(bearer(Some("Basic abc")), Err(AuthError::NotBearer));
+        assert_eq!(bearer(Some("Bearer ")), Err(AuthError::NotBearer));
+    }
+
+    #[test]
+    fn service_account_subjects_only() {
+        assert_eq!(
+            parse_service_account("system:serviceaccount:default:sleep"),
+            Ok(Caller { namespace: "default".into(), service_account: "sleep".into() })
+        );
+        for bad in ["alice", "system:serviceaccount:default", "system:serviceaccount::x", "system:serviceaccount:a:b:c"]
+        {
+            assert!(parse_service_account(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn jwts_are_checked_for_key_issuer_audience_and_time() {
+        let idp = DemoIdp::generate("https://idp.example").expect("idp");
+        let auth =
+            JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE).expect("jwks");
+        let ok = idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
+        let a = auth.authenticate(&ok, None).await.expect("valid");
+        assert_eq!(a.caller, Caller { namespace: "default".into(), service_account: "sleep".into() });
+
+        let expired = idp
+            .mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(60), now() - Duration::from_secs(3600))
+            .expect("mint");
+        assert_eq!(auth.authenticate(&expired, None).await, Err(AuthError::Rejected("expired".into())));
+
+        let wrong_aud = idp.mint("default", "sleep", "kubernetes", Duration::from_secs(600), now()).expect("mint");
+        assert!(
+            matches!(auth.authenticate(&wrong_aud, None).await, Err(AuthError::Rejected(m)) if m.contains("audience"))
+        );
+
+        let other = DemoIdp::generate("https://idp.example").expect("idp");
+        let forged = other.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
+        assert!(matches!(auth.authenticate(&forged, None).await, Err(AuthError::Rejected(_))));
+
+        let other_iss = DemoIdp::from_key(idp.key_pem().as_bytes(), "https://elsewhere").expect("idp");
+        let wrong_iss =
+            other_iss.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
+        assert!(
+            matches!(auth.authenticate(&wrong_iss, None).await, Err(AuthError::Rejected(m)) if m.contains("issuer"))
+        );
+
+        assert!(matches!(auth.authenticate("not.a.jwt", None).await, Err(AuthError::Rejected(_))));
+    }
+
+    #[tokio::test]
+    async fn the_cache_returns_the_same_identity_and_never_caches_failures() {
+        let idp = DemoIdp::generate("https://idp.example").expect("idp");
+        let auth = CachingAuthenticator::new(
+            JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE).expect("jwks"),
+            2,
+        );
+        let t = idp.mint("ns", "sa", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
+        let a = auth.authenticate(&t, None).await.expect("valid");
+        assert_eq!(auth.authenticate(&t, None).await.expect("cached"), a);
+        assert!(auth.authenticate("garbage", None).await.is_err());
+        assert!(auth.authenticate("garbage", None).await.is_err());
+    }
+}

@@ -1,0 +1,171 @@
+//! `meshca workload-ca`: Istio's CA API over TLS, with a serving certificate issued from the
+//! cluster intermediate (so a stock Istio client trusting `root-cert.pem` can call it), and
+//! Prometheus metrics on a separate, token-protected HTTP port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use meshca_pki::{KeyAlgorithm, LeafParams, PrivateKey, SpiffeId, TrustDomain};
+use meshca_proto::istio::istio_certificate_service_server::IstioCertificateServiceServer;
+use meshca_tls::{Identity, SwappableCert, grpc};
+use tokio::net::TcpListener;
+
+use crate::authn::Authenticator;
+use crate::ca::{CaHolder, CaState, LoadError};
+use crate::metrics::Metrics;
+use crate::service::{TtlPolicy, WorkloadCa};
+
+/// Largest request accepted: a CSR is a few KB.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Names on istiod's serving certificate, which Istio clients dial.
+pub const SERVING_NAMES: [&str; 2] = ["istiod.istio-system.svc", "localhost"];
+
+/// How the workload CA runs.
+pub struct Options {
+    /// The `cacerts` directory.
+    pub cacerts_dir: PathBuf,
+    /// The gRPC address.
+    pub listen: SocketAddr,
+    /// The metrics address (none: no metrics endpoint).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token required on `/metrics` (none: open, for a loopback-only scrape).
+    pub metrics_token: Option<String>,
+    /// The mesh trust domain.
+    pub trust_domain: TrustDomain,
+    /// Caller authentication.
+    pub auth: Arc<dyn Authenticator>,
+    /// Leaf lifetimes.
+    pub ttl: TtlPolicy,
+    /// Requests per second before RESOURCE_EXHAUSTED (0: unlimited).
+    pub max_per_second: u32,
+}
+
+/// Failures that stop the workload CA.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The initial `cacerts` is unusable.
+    #[error("cacerts: {0}")]
+    Load(#[from] LoadError),
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] meshca_tls::TlsError),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Issues the serving certificate from the CA in service.
+fn serving_identity(state: &CaState, td: &TrustDomain) -> Result<Arc<rustls::sign::CertifiedKey>, ServeError> {
+    let signer = state.bundle.signer();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| ServeError::Io(e.to_string()))?;
+    let id = SpiffeId::workload(td, "istio-system", "istiod").map_err(|e| ServeError::Io(e.to_string()))?;
+    let params = LeafParams {
+        identity: Some(id),
+        dns_names: SERVING_NAMES.iter().map(|s| s.to_string()).collect(),
+        ttl: Duration::from_secs(24 * 3600),
+    };
+    let leaf = signer
+        .sign_leaf(key.public_key_spki(), &params, SystemTime::now())
+        .and_then(|i| i.parse().map_err(meshca_pki::IssueError::from))
+        .map_err(|e| ServeError::Io(format!("serving certificate: {e}")))?;
+    // Send the intermediates, not the root: clients have it.
+    let chain = signer.chain();
+    let above = &chain[..chain.len().saturating_sub(1)];
+    Ok(Identity::new(&leaf, above, &key).certified_key()?)
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    metrics: Arc<Metrics>,
+    token: Option<Arc<String>>,
+}
+
+async fn metrics_handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
+    if let Some(want) = &s.token {
+        let got = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let ok = got
+            .is_some_and(|g| aws_lc_rs::constant_time::verify_slices_are_equal(g.as_bytes(), want.as_bytes()).is_ok());
+        if !ok {
+            return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
+        }
+    }
+    (StatusCode::OK, s.metrics.render())
+}
+
+/// Runs until `shutdown`. `on_bound` gets the gRPC and metrics addresses.
+pub async fn serve(
+    opts: Options,
+    metrics: Arc<Metrics>,
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    meshca_tls::provider::install();
+    let holder = CaHolder::load(&opts.cacerts_dir, metrics.clone())?;
+    let serving = SwappableCert::new(serving_identity(&holder.current(), &opts.trust_domain)?);
+
+    // Reload: new bundle -> new serving certificate; and renew the serving certificate at half life.
+    {
+        let on_reload = serving.clone();
+        let td = opts.trust_domain.clone();
+        tokio::spawn(holder.clone().watch(move |state| match serving_identity(state, &td) {
+            Ok(ck) => on_reload.swap(ck),
+            Err(e) => tracing::error!(error = %e, "re-issuing the serving certificate failed"),
+        }));
+        let serving = serving.clone();
+        let holder = holder.clone();
+        let td = opts.trust_domain.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
+                match serving_identity(&holder.current(), &td) {
+                    Ok(ck) => serving.swap(ck),
+                    Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
+                }
+            }
+        });
+    }
+
+    let tls = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(meshca_tls::TlsError::from)?
+        .with_no_client_auth()
+        .with_cert_resolver(serving);
+    let tls = grpc::server_config_for_grpc(tls);
+    let listener =
+        TcpListener::bind(opts.listen).await.map_err(|e| ServeError::Io(format!("binding {}: {e}", opts.listen)))?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut metrics_addr = None;
+    if let Some(m) = opts.metrics_listen {
+        let l = TcpListener::bind(m).await.map_err(|e| ServeError::Io(format!("binding {m}: {e}")))?;
+        metrics_addr = Some(l.local_addr().map_err(|e| ServeError::Io(e.to_string()))?);
+        let state = MetricsState { metrics: metrics.clone(), token: opts.metrics_token.map(Arc::new) };
+        let app = axum::Router::new().route("/metrics", get(metrics_handler)).with_state(state);
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+        });
+    }
+    tracing::info!(%addr, metrics = ?metrics_addr, cacerts = %opts.cacerts_dir.display(), "workload CA listening");
+    on_bound(addr, metrics_addr);
+
+    let service = WorkloadCa::new(holder, opts.auth, opts.trust_domain, opts.ttl, metrics, opts.max_per_second);
+    let result = tonic::transport::Server::builder()
+        .add_service(IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), shutdown)
+        .await
+        .map_err(|e| ServeError::Io(format!("gRPC server: {e}")));
+    let _ = stop_tx.send(true);
+    result
+}
