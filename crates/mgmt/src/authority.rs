@@ -39,6 +39,17 @@ pub struct Authority {
 }
 
 impl Authority {
+    /// In bring-your-own-intermediate mode: the user's intermediate (the signer), which meshca
+    /// does not rotate and whose expiry it watches.
+    pub fn upstream(&self) -> Option<&meshca_pki::Cert> {
+        match (&self.policy.ca, &self.signer) {
+            (CaMode::IntermediateRef { .. }, Some(s)) => Some(s.cert()),
+            _ => None,
+        }
+    }
+}
+
+impl Authority {
     fn new(policy: Policy, loaded: Result<(Arc<CaSigner>, RootSet), MgmtError>, warning: Option<String>) -> Self {
         match loaded {
             Ok((signer, roots)) => {
@@ -93,11 +104,7 @@ pub async fn load(store: &dyn Store, policy: Policy, now: SystemTime) -> Authori
             loaded
         }
         CaMode::SecretRef(r) => load_ref(store, "spec.config.secretRef", &r.namespace, &r.name).await,
-        CaMode::IntermediateRef { secret, .. } => Err(MgmtError::Secret {
-            field: "spec.config.intermediateRef",
-            secret: format!("{}/{}", secret.namespace, secret.name),
-            reason: "bring-your-own-intermediate mode is not available in this build".into(),
-        }),
+        CaMode::IntermediateRef { secret, .. } => load_intermediate(store, &secret.namespace, &secret.name, now).await,
         CaMode::Vault(_) => {
             // The root lives in Vault: clusters obtain intermediates through `meshca vault-agent`;
             // the management plane signs nothing and only tracks status.
@@ -137,6 +144,39 @@ async fn load_ref(store: &dyn Store, field: &'static str, ns: &str, name: &str) 
             ),
         });
     }
+    Ok(signer)
+}
+
+/// Loads the user's intermediate (option 3) and checks it can do the job: a CA with keyCertSign
+/// whose key matches, not a root, with its chain up to a self-signed root, room for one more CA
+/// below it (pathlen), and valid now.
+async fn load_intermediate(store: &dyn Store, ns: &str, name: &str, now: SystemTime) -> Result<CaSigner, MgmtError> {
+    const FIELD: &str = "spec.config.intermediateRef";
+    let signer = load_ref(store, FIELD, ns, name).await?;
+    let bad = |reason: String| MgmtError::Secret { field: FIELD, secret: format!("{ns}/{name}"), reason };
+    let cert = signer.cert();
+    if cert.is_self_issued() {
+        return Err(bad(format!("{} is a self-signed root; use spec.config.secretRef for a root", cert.subject())));
+    }
+    if cert.path_len() == Some(0) {
+        return Err(bad(format!(
+            "{} has pathlen:0, which forbids any CA below it — but meshca signs a cluster intermediate (a CA) under it. \
+             Issue the intermediate with pathlen:1 or more, or without a path length constraint",
+            cert.subject()
+        )));
+    }
+    let root = signer.root();
+    if !root.is_self_issued() {
+        return Err(bad(format!(
+            "its chain does not reach a self-signed root: it ends at {} (issued by {}); include the chain up to the root in cert-chain.pem or root-cert.pem (ca.crt for tls.crt/tls.key)",
+            root.subject(),
+            root.issuer()
+        )));
+    }
+    let roots = RootSet::from_certs(vec![root.clone()]).map_err(|e| bad(e.to_string()))?;
+    let chain = signer.chain();
+    let middle = if chain.len() > 2 { &chain[1..chain.len() - 1] } else { &[] };
+    meshca_pki::verify_chain(cert, middle, &roots, now, meshca_pki::Usage::Ca).map_err(|e| bad(e.to_string()))?;
     Ok(signer)
 }
 

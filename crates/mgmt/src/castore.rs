@@ -48,8 +48,9 @@ pub async fn load_or_create_root(
 
 /// The key pairs a CA secret may use: meshca's / Istio's (`ca-cert.pem`, `ca-key.pem`) or
 /// Kubernetes TLS (`tls.crt`, `tls.key`). An optional chain above the certificate comes from
-/// `cert-chain.pem` (Istio layout: the certificate first) or `ca.crt` (TLS layout: the issuer's
-/// chain).
+/// `cert-chain.pem` (Istio layout: the certificate first) and `root-cert.pem`, or `ca.crt` (TLS
+/// layout: the issuer's chain). The result is ordered certificate first, root last, whatever order
+/// the chain files use.
 pub fn signer_from_secret(secret: &Secret, field: &'static str, name: &str) -> Result<CaSigner, MgmtError> {
     let bad = |reason: String| MgmtError::Secret { field, secret: name.to_string(), reason };
     let (cert_pem, key_pem, layout) = match (secret.get("tls.crt"), secret.get("tls.key")) {
@@ -68,28 +69,48 @@ pub fn signer_from_secret(secret: &Secret, field: &'static str, name: &str) -> R
     let mut certs = Cert::parse_pem_bundle(cert_pem).map_err(|e| bad(format!("certificate: {e}")))?;
     let key = PrivateKey::from_pem(key_pem).map_err(|e| bad(format!("key: {e}")))?;
     let above = match layout {
-        "istio" => match secret.get("cert-chain.pem") {
-            Some(chain) => {
-                let mut c = Cert::parse_pem_bundle(chain).map_err(|e| bad(format!("cert-chain.pem: {e}")))?;
-                if c.first() == certs.first() {
-                    c.remove(0);
-                }
-                c
+        "istio" => {
+            let mut c = match secret.get("cert-chain.pem") {
+                Some(chain) => Cert::parse_pem_bundle(chain).map_err(|e| bad(format!("cert-chain.pem: {e}")))?,
+                None => Vec::new(),
+            };
+            if let Some(roots) = secret.get("root-cert.pem") {
+                c.extend(Cert::parse_pem_bundle(roots).map_err(|e| bad(format!("root-cert.pem: {e}")))?);
             }
-            None => Vec::new(),
-        },
+            c
+        }
         _ => match secret.get("ca.crt") {
             Some(chain) => Cert::parse_pem_bundle(chain).map_err(|e| bad(format!("ca.crt: {e}")))?,
             None => Vec::new(),
         },
     };
     // A certificate file holding the whole chain (leaf first) is accepted too.
-    let mut chain = vec![certs.remove(0)];
-    chain.extend(certs);
-    for c in above {
-        if !chain.contains(&c) {
-            chain.push(c);
+    let first = certs.remove(0);
+    let mut pool: Vec<Cert> = Vec::new();
+    for c in certs.into_iter().chain(above) {
+        if c != first && !pool.contains(&c) {
+            pool.push(c);
         }
     }
+    let chain = order_chain(first, pool);
     CaSigner::new(key, chain).map_err(|e| bad(e.to_string()))
+}
+
+/// Orders `pool` into the path above `first`: each next certificate is the issuer of the last
+/// (matched by name and verified by signature). Certificates not on the path are dropped.
+fn order_chain(first: Cert, mut pool: Vec<Cert>) -> Vec<Cert> {
+    let mut chain = vec![first];
+    loop {
+        let Some(last) = chain.last() else { break };
+        if last.is_self_issued() {
+            break;
+        }
+        let Some(i) =
+            pool.iter().position(|c| c.subject_der() == last.issuer_der() && last.verify_signed_by(c).is_ok())
+        else {
+            break;
+        };
+        chain.push(pool.remove(i));
+    }
+    chain
 }

@@ -6,6 +6,7 @@
 pub mod authority;
 pub mod castore;
 pub mod error;
+pub mod metrics;
 pub mod ratelimit;
 pub mod records;
 pub mod relay;

@@ -1,40 +1,37 @@
-//! Per-cluster rate limiting of intermediate issuance: a token bucket per cluster, so one
+//! Per-cluster rate limiting of intermediate issuance (governor's GCRA, keyed by cluster), so one
 //! misbehaving agent cannot make the issuer sign without bound, while normal renewals (one per
 //! lifetime) and a few retries always pass.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::time::Duration;
 
-/// Token buckets keyed by cluster.
-#[derive(Debug)]
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+/// Issuance limits keyed by cluster.
 pub struct RateLimiter {
-    burst: f64,
-    per_second: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    limiter: DefaultKeyedRateLimiter<String>,
+    clock: DefaultClock,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").finish_non_exhaustive()
+    }
 }
 
 impl RateLimiter {
-    /// `burst` requests at once, refilled at `per_minute`.
+    /// `burst` requests at once (at least 1), refilled at `per_minute` (at least one a day).
     pub fn new(burst: u32, per_minute: f64) -> Self {
-        RateLimiter { burst: f64::from(burst), per_second: per_minute / 60.0, buckets: Mutex::new(HashMap::new()) }
+        let period = Duration::from_secs_f64((60.0 / per_minute.max(1.0 / 1440.0)).min(86400.0));
+        let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN));
+        let quota = quota.allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        RateLimiter { limiter: DefaultKeyedRateLimiter::keyed(quota), clock: DefaultClock::default() }
     }
 
-    /// Takes one token for `key` at `now`, or says how long until one is available.
-    pub fn try_acquire(&self, key: &str, now: Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.burst, now));
-        let elapsed = now.saturating_duration_since(*last).as_secs_f64();
-        *tokens = (*tokens + elapsed * self.per_second).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else if self.per_second > 0.0 {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
-        } else {
-            Err(Duration::MAX)
-        }
+    /// Takes one permit for `key`, or says how long until one is available.
+    pub fn try_acquire(&self, key: &str) -> Result<(), Duration> {
+        self.limiter.check_key(&key.to_string()).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 }
 
@@ -43,15 +40,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allows_a_burst_then_refills_per_cluster() {
+    fn allows_a_burst_then_limits_each_cluster_on_its_own() {
         let rl = RateLimiter::new(3, 6.0);
-        let t = Instant::now();
         for _ in 0..3 {
-            assert!(rl.try_acquire("a", t).is_ok());
+            assert!(rl.try_acquire("a").is_ok());
         }
-        let wait = rl.try_acquire("a", t).expect_err("limited");
-        assert!(wait <= Duration::from_secs(10), "{wait:?}");
-        assert!(rl.try_acquire("b", t).is_ok(), "other clusters are unaffected");
-        assert!(rl.try_acquire("a", t + Duration::from_secs(10)).is_ok(), "refilled");
+        let wait = rl.try_acquire("a").expect_err("limited");
+        assert!(wait > Duration::from_secs(5) && wait <= Duration::from_secs(10), "{wait:?}");
+        assert!(rl.try_acquire("b").is_ok(), "other clusters are unaffected");
     }
 }

@@ -47,6 +47,10 @@ pub struct ServerOptions {
     pub issue_burst: u32,
     /// Issuance refill per cluster per minute.
     pub issue_per_minute: f64,
+    /// Prometheus endpoint address (none: no metrics endpoint).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token required on `/metrics`.
+    pub metrics_token: Option<String>,
 }
 
 /// Files in the operator credentials directory.
@@ -152,6 +156,20 @@ pub async fn serve(
     tracing::info!(%addr, "management plane listening");
     on_bound(addr);
 
+    if let Some(m) = opts.metrics_listen {
+        let l = TcpListener::bind(m).await.map_err(io(format!("binding {m}")))?;
+        tracing::info!(addr = %l.local_addr().map_err(io("local address".into()))?, "metrics listening");
+        let state = crate::metrics::MetricsState {
+            store: store.clone(),
+            authority: authority.clone(),
+            report_interval: opts.settings.report_interval,
+            token: opts.metrics_token.clone().map(Arc::new),
+        };
+        let app = axum::Router::new().route("/metrics", axum::routing::get(crate::metrics::handler)).with_state(state);
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+    }
     let (nudge, _) = watch::channel(0u64);
     let shared = Arc::new(Shared {
         store,

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures::Stream;
 use meshca_pki::{Cert, CsrPolicy, IntermediateParams, KeyAlgorithm, verify_csr};
@@ -216,7 +216,7 @@ impl CertificateIssuer for IssuerService {
                     .unwrap_or_else(|| "this mesh's root lives in Vault: use `meshca vault-agent`".into()),
             ));
         };
-        if let Err(wait) = s.limiter.try_acquire(&cluster, Instant::now()) {
+        if let Err(wait) = s.limiter.try_acquire(&cluster) {
             tracing::warn!(%cluster, "intermediate issuance rate-limited");
             return Err(Status::resource_exhausted(format!(
                 "cluster {cluster} is over its issuance rate limit; retry in {}s",

@@ -91,8 +91,8 @@ pub async fn collect(
         clusters,
         alerts,
         now,
-        upstream_intermediate_subject: String::new(),
-        upstream_intermediate_not_after: 0,
+        upstream_intermediate_subject: authority.upstream().map(|c| c.subject()).unwrap_or_default(),
+        upstream_intermediate_not_after: authority.upstream().map(|c| crate::tokens::unix(c.not_after())).unwrap_or(0),
     })
 }
 
@@ -142,6 +142,22 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
                     "a root expires in {}, sooner than the intermediate lifetime ({}): new intermediates are cut short; plan a root rotation",
                     human(root_end - now),
                     human(ttl)
+                ),
+            ));
+        }
+    }
+    if let (Some(up), meshca_policy::CaMode::IntermediateRef { expiry_warning, .. }) =
+        (authority.upstream(), &authority.policy.ca)
+    {
+        let end = crate::tokens::unix(up.not_after());
+        if end - now <= expiry_warning.as_secs() as i64 {
+            out.push(alert(
+                "UpstreamIntermediateExpiring",
+                "",
+                format!(
+                    "your intermediate {} (spec.config.intermediateRef) expires in {}; meshca does not rotate it and clamps cluster intermediates to it — replace the secret with a new intermediate from the same root",
+                    up.subject(),
+                    human(end - now)
                 ),
             ));
         }

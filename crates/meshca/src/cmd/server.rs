@@ -37,6 +37,12 @@ pub struct Args {
     /// Issuances per cluster per minute, after the burst.
     #[arg(long, default_value_t = 6.0)]
     issue_per_minute: f64,
+    /// Prometheus metrics address (status as gauges at /metrics).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// File with the bearer token required on /metrics.
+    #[arg(long)]
+    metrics_token_file: Option<PathBuf>,
 }
 
 /// Runs the management plane until Ctrl-C.
@@ -51,6 +57,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::anyhow!("{}: {e}", args.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
         })?;
     }
+    let metrics_token = match &args.metrics_token_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        }
+        None => None,
+    };
     let opts = ServerOptions {
         listen: args.listen,
         hostnames: args.hostnames,
@@ -60,6 +72,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         settings: Settings { report_interval: args.report_interval.0, ..Settings::default() },
         issue_burst: args.issue_burst,
         issue_per_minute: args.issue_per_minute,
+        metrics_listen: args.metrics_listen,
+        metrics_token,
     };
     let creds = args.data_dir.join("operator");
     meshca_mgmt::serve(

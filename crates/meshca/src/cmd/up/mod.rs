@@ -5,6 +5,15 @@
 
 pub mod workload;
 
+/// Prints a line to the display, ignoring a closed stdout (e.g. `meshca up | head`): the display
+/// must never take the running topology down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -53,6 +62,60 @@ pub struct Args {
     /// Trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
+    /// Where the mesh's root of trust comes from.
+    #[arg(long, value_enum, default_value_t = CaChoice::Generated)]
+    ca: CaChoice,
+    /// With `--ca byo-intermediate`: a folder with your intermediate made by your PKI —
+    /// `ca-cert.pem` (the intermediate), `ca-key.pem` (its key), and `cert-chain.pem` and/or
+    /// `root-cert.pem` (the chain up to the root). Your root key is never needed. Replacing the
+    /// files while `up` runs moves every cluster to the new intermediate.
+    #[arg(long, required_if_eq("ca", "byo-intermediate"))]
+    intermediate_from: Option<PathBuf>,
+}
+
+/// Root-of-trust modes `meshca up` can run.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CaChoice {
+    /// meshca generates the root (option 1).
+    Generated,
+    /// Your PKI's intermediate signs the cluster intermediates (option 3).
+    ByoIntermediate,
+}
+
+/// Name of the secret `up` keeps the user's intermediate in.
+const USER_INTERMEDIATE: &str = "user-intermediate";
+/// Files read from `--intermediate-from`.
+const INTERMEDIATE_FILES: [&str; 7] =
+    ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem", "tls.crt", "tls.key", "ca.crt"];
+
+/// Reads the user's intermediate folder as a secret; `None` when it holds none of the files.
+fn read_intermediate_dir(dir: &Path) -> Option<meshca_store::Secret> {
+    let entries: Vec<(String, Vec<u8>)> =
+        INTERMEDIATE_FILES.iter().filter_map(|n| std::fs::read(dir.join(n)).ok().map(|d| (n.to_string(), d))).collect();
+    (!entries.is_empty()).then(|| meshca_store::Secret::with_data(entries))
+}
+
+/// Copies the user's intermediate into the management store whenever the folder changes; the
+/// management plane validates it and, if good, moves every cluster to it.
+async fn follow_intermediate_dir(dir: PathBuf, store: Arc<DirStore>) {
+    use meshca_store::{ObjectKey, Precondition, Store};
+    let Ok(key) = ObjectKey::new("meshca", USER_INTERMEDIATE) else { return };
+    let mut last = read_intermediate_dir(&dir);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = read_intermediate_dir(&dir);
+        if now != last {
+            if let Some(secret) = &now {
+                match store.put(&key, secret, Precondition::Any).await {
+                    Ok(_) => {
+                        tracing::info!(dir = %dir.display(), "the user's intermediate changed; handed to the management plane")
+                    }
+                    Err(e) => tracing::error!(error = %e, "storing the user's intermediate failed"),
+                }
+            }
+            last = now;
+        }
+    }
 }
 
 /// `topology.json`: what scripts and other tools need to drive the demo.
@@ -177,6 +240,22 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut policy = Policy::generated_default(a.intermediate_ttl.0);
     policy.trust_domain = a.trust_domain.clone();
     policy.intermediate.grace_period_ratio = a.grace_ratio;
+    if a.ca == CaChoice::ByoIntermediate {
+        use meshca_store::{ObjectKey, Precondition, Store};
+        let from = a.intermediate_from.clone().context("--intermediate-from is required with --ca byo-intermediate")?;
+        let secret = read_intermediate_dir(&from)
+            .with_context(|| format!("{} holds none of {}", from.display(), INTERMEDIATE_FILES.join(", ")))?;
+        mgmt_store.put(&ObjectKey::new("meshca", USER_INTERMEDIATE)?, &secret, Precondition::Any).await?;
+        policy.ca = meshca_policy::CaMode::IntermediateRef {
+            secret: meshca_policy::SecretRef { namespace: "meshca".into(), name: USER_INTERMEDIATE.into() },
+            expiry_warning: Duration::from_secs(720 * 3600),
+        };
+        let trial = meshca_mgmt::authority::load(mgmt_store.as_ref(), policy.clone(), SystemTime::now()).await;
+        if let Some(e) = trial.error {
+            bail!("{e}");
+        }
+        tokio::spawn(follow_intermediate_dir(from, mgmt_store.clone()));
+    }
     let opts = ServerOptions {
         listen: "127.0.0.1:0".parse()?,
         hostnames: vec!["localhost".into()],
@@ -186,6 +265,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         settings: Settings { report_interval: Duration::from_secs(5), ..Settings::default() },
         issue_burst: 5,
         issue_per_minute: 30.0,
+        metrics_listen: None,
+        metrics_token: None,
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(meshca_mgmt::serve(
@@ -216,11 +297,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
     };
 
-    println!("meshca up: {} clusters in {}", a.clusters, abs(&dir));
-    println!(
-        "  management plane  {mgmt_addr}  (meshca status --credentials {})",
-        abs(&dir.join("mgmt").join("operator"))
-    );
+    say!("meshca up: {} clusters in {}", a.clusters, abs(&dir));
+    say!("  management plane  {mgmt_addr}  (meshca status --credentials {})", abs(&dir.join("mgmt").join("operator")));
 
     let mut topo = Vec::new();
     let mut runs = Vec::new();
@@ -305,15 +383,18 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
 
         let ca = bundle.ca_cert();
-        println!("  {name}");
-        println!("    root          {}", bundle.roots().iter().next().map(|r| r.subject()).unwrap_or_default());
-        println!(
+        say!("  {name}");
+        say!("    root          {}", bundle.roots().iter().next().map(|r| r.subject()).unwrap_or_default());
+        for above in bundle.signer().chain().iter().skip(1).filter(|c| !c.is_self_issued()) {
+            say!("    your CA       {}  expires {}", above.subject(), rfc3339(above.not_after()));
+        }
+        say!(
             "    intermediate  {}  serial {}  expires {}",
             ca.subject(),
             short(&ca.serial_hex()),
             rfc3339(ca.not_after())
         );
-        println!("    workload CA   {ca_addr}  cacerts {}", abs(&cacerts));
+        say!("    workload CA   {ca_addr}  cacerts {}", abs(&cacerts));
         topo.push(TopologyCluster {
             name: name.clone(),
             trust_domain: a.trust_domain.to_string(),
@@ -331,7 +412,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         runs.push(ClusterRun { name, cacerts, serial: ca.serial_hex(), rotations: 0 });
     }
     for w in &workloads {
-        println!("  workload  {:<45} {}  {}", w.id.to_string(), w.cluster, w.addr);
+        say!("  workload  {:<45} {}  {}", w.id.to_string(), w.cluster, w.addr);
     }
     let topology = Topology {
         clusters: topo,
@@ -341,8 +422,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         },
     };
     write(&dir.join("topology.json"), serde_json::to_string_pretty(&topology)?.as_bytes(), 0o644)?;
-    println!("  topology  {}", abs(&dir.join("topology.json")));
-    println!("  logs      {}", abs(&log_file));
+    say!("  topology  {}", abs(&dir.join("topology.json")));
+    say!("  logs      {}", abs(&log_file));
 
     for w in &workloads {
         tokio::spawn(workload::traffic(w.clone(), workloads.clone(), a.call_interval.0));
@@ -371,15 +452,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     };
     let _ = stop_tx.send(true);
     write(&dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes(), 0o644)?;
-    println!(
+    say!(
         "stopped after {}s: {} handshakes ok, {} failed",
-        summary.running_seconds, summary.handshakes_ok, summary.handshakes_failed
+        summary.running_seconds,
+        summary.handshakes_ok,
+        summary.handshakes_failed
     );
     for c in &summary.clusters {
-        println!(
-            "  {}  {} intermediate rotations, {} leaves issued",
-            c.name, c.intermediate_rotations, c.leaves_issued
-        );
+        say!("  {}  {} intermediate rotations, {} leaves issued", c.name, c.intermediate_rotations, c.leaves_issued);
     }
     // Give the servers a moment to drain.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -428,9 +508,9 @@ async fn collect(runs: &mut [ClusterRun], workloads: &[Arc<Workload>], started: 
 }
 
 fn print_status(s: &Summary) {
-    println!("[{:>5}s] handshakes ok {}  failed {}", s.running_seconds, s.handshakes_ok, s.handshakes_failed);
+    say!("[{:>5}s] handshakes ok {}  failed {}", s.running_seconds, s.handshakes_ok, s.handshakes_failed);
     for c in &s.clusters {
-        println!(
+        say!(
             "         {}  intermediate {} (until {}, {} rotations)  leaves {}  ok {}  failed {}{}",
             c.name,
             short(&c.intermediate_serial),
@@ -472,6 +552,6 @@ pub fn token(a: TokenArgs) -> anyhow::Result<()> {
     let key = std::fs::read(idp_key_path(&a.dir))
         .with_context(|| format!("reading the demo issuer key under {}", a.dir.display()))?;
     let idp = DemoIdp::from_key(&key, &issuer_for(&a.cluster))?;
-    println!("{}", idp.mint(&a.namespace, &a.service_account, &a.audience, a.ttl.0, SystemTime::now())?);
+    say!("{}", idp.mint(&a.namespace, &a.service_account, &a.audience, a.ttl.0, SystemTime::now())?);
     Ok(())
 }

@@ -1,0 +1,105 @@
+//! The management plane's Prometheus metrics: what `meshca status` shows, as gauges, so alerting
+//! can watch expiries and the alert conditions without scraping a CLI. Rendered from a fresh
+//! status at every scrape.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use meshca_proto::mgmt::MeshStatus;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::authority::Authority;
+use crate::status;
+
+type Labels = Vec<(String, String)>;
+
+fn family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let f = Family::<Labels, Gauge>::default();
+    registry.register(name, help, f.clone());
+    f
+}
+
+/// Renders the status as Prometheus text.
+pub fn render(st: &MeshStatus) -> String {
+    let mut r = Registry::default();
+    let none: Labels = Vec::new();
+    family(&mut r, "meshca_root_expiry_timestamp_seconds", "NotAfter of the earliest-expiring root")
+        .get_or_create(&none)
+        .set(st.root_not_after);
+    let up = family(
+        &mut r,
+        "meshca_upstream_intermediate_expiry_timestamp_seconds",
+        "NotAfter of the user's intermediate (bring-your-own-intermediate mode)",
+    );
+    if st.upstream_intermediate_not_after > 0 {
+        up.get_or_create(&vec![("subject".into(), st.upstream_intermediate_subject.clone())])
+            .set(st.upstream_intermediate_not_after);
+    }
+    let alerts = family(&mut r, "meshca_alerts", "Conditions that need a person, by kind");
+    for kind in [
+        "PolicyInvalid",
+        "PolicyWarning",
+        "RootExpiresWithinIntermediateLifetime",
+        "UpstreamIntermediateExpiring",
+        "IntermediateRenewalOverdue",
+        "IntermediateExpired",
+        "ClusterNotReporting",
+    ] {
+        let n = st.alerts.iter().filter(|a| a.kind == kind).count();
+        alerts.get_or_create(&vec![("kind".into(), kind.into())]).set(n as i64);
+    }
+    let expiry = family(
+        &mut r,
+        "meshca_cluster_intermediate_expiry_timestamp_seconds",
+        "NotAfter of each cluster's intermediate in service",
+    );
+    let connected = family(&mut r, "meshca_cluster_connected", "1 when the cluster's agent reported recently");
+    for c in &st.clusters {
+        let l = vec![("cluster".to_string(), c.name.clone())];
+        connected.get_or_create(&l).set(i64::from(c.connected));
+        if let Some(s) = &c.status
+            && s.intermediate_not_after > 0
+        {
+            expiry.get_or_create(&l).set(s.intermediate_not_after);
+        }
+    }
+    let mut out = String::new();
+    let _ = encode(&mut out, &r);
+    out
+}
+
+/// State of the metrics endpoint.
+#[derive(Clone)]
+pub struct MetricsState {
+    /// The store.
+    pub store: Arc<dyn meshca_store::Store>,
+    /// The authority.
+    pub authority: watch::Receiver<Arc<Authority>>,
+    /// Agents' report interval.
+    pub report_interval: std::time::Duration,
+    /// Required bearer token.
+    pub token: Option<Arc<String>>,
+}
+
+/// `GET /metrics`.
+pub async fn handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
+    if let Some(want) = &s.token {
+        let got = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if !got
+            .is_some_and(|g| aws_lc_rs::constant_time::verify_slices_are_equal(g.as_bytes(), want.as_bytes()).is_ok())
+        {
+            return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
+        }
+    }
+    let auth = s.authority.borrow().clone();
+    match status::collect(s.store.as_ref(), &auth, crate::tokens::unix(SystemTime::now()), s.report_interval).await {
+        Ok(st) => (StatusCode::OK, render(&st)),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("status unavailable: {e}\n")),
+    }
+}
