@@ -10,6 +10,7 @@
 
 pub mod identity;
 pub mod plan;
+pub mod source;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,11 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use meshca_pki::bundle::{self, BundleFiles, CaBundle};
 use meshca_pki::chain::rfc3339;
-use meshca_pki::{Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr, name::NameAttr};
+use meshca_pki::{Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
 use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
-use meshca_proto::mgmt::{
-    ClusterStatus, IssueIntermediateRequest, RenewIdentityRequest, TrustState, WatchTrustRequest,
-};
+use meshca_proto::mgmt::{ClusterStatus, RenewIdentityRequest, TrustState, WatchTrustRequest};
 use meshca_store::{ObjectKey, Precondition, Secret, Store, StoreError};
 use meshca_tls::{SwappableCert, grpc};
 use tokio::sync::watch;
@@ -190,6 +189,7 @@ struct Agent {
     ident: AgentIdentity,
     client_cert: Arc<SwappableCert>,
     issuer: CertificateIssuerClient<Channel>,
+    source: Arc<dyn source::IntermediateSource>,
     health: Health,
     failures: u32,
 }
@@ -209,41 +209,18 @@ impl Agent {
         }
     }
 
-    /// Asks for a new intermediate with a fresh key and writes `cacerts`. The key exists only in
-    /// this function's memory until it is written, together with its certificate, in one update.
+    /// Obtains a new intermediate from the source and writes `cacerts`. The key exists only in
+    /// memory until it is written, together with its certificate, in one update.
     async fn issue(&mut self, reason: Reason, trust: &TrustState, found: &Found) -> Result<Cert, AgentError> {
-        let alg: KeyAlgorithm = trust.key_algorithm.parse().unwrap_or_default();
-        let key = PrivateKey::generate(alg).map_err(|e| AgentError::Identity(e.to_string()))?;
-        let csr = build_csr(
-            &key,
-            &[
-                (NameAttr::Organization, "meshca"),
-                (NameAttr::CommonName, "meshca intermediate"),
-                (NameAttr::Locality, &self.opts.cluster),
-            ],
-        )
-        .map_err(|e| AgentError::Identity(e.to_string()))?;
-        let resp = self
-            .issuer
-            .issue_intermediate(IssueIntermediateRequest { csr, reason: reason.as_str().into() })
-            .await
-            .map_err(AgentError::from_status)?
-            .into_inner();
-        let cert = Cert::from_pem(resp.certificate.as_bytes())
-            .map_err(|e| AgentError::Refused(format!("issued certificate: {e}")))?;
-        let mut chain_pem = resp.certificate.clone();
-        for c in &resp.chain {
-            chain_pem.push_str(c);
-        }
-        let files = BundleFiles {
-            ca_cert: resp.certificate.into_bytes(),
-            ca_key: key.to_pkcs8_pem().as_bytes().to_vec().into(),
-            cert_chain: chain_pem.into_bytes(),
-            root_cert: resp.root_set.into_bytes(),
-        };
+        let key_algorithm: KeyAlgorithm = trust.key_algorithm.parse().unwrap_or_default();
+        let obtained =
+            self.source.obtain(source::Request { cluster: &self.opts.cluster, key_algorithm, reason }).await?;
+        let files = obtained.files;
         // Exactly the checks istiod makes, before anything is written.
-        let bundle = CaBundle::validate(&files, SystemTime::now())
-            .map_err(|e| AgentError::Refused(format!("the management plane sent a bundle istiod would refuse: {e}")))?;
+        let bundle = CaBundle::validate(&files, SystemTime::now()).map_err(|e| {
+            AgentError::Refused(format!("the intermediate obtained is a bundle istiod would refuse: {e}"))
+        })?;
+        let cert = bundle.ca_cert().clone();
         let previous_roots = match found {
             Found::Ours { bundle, .. } => Some(bundle.roots().clone()),
             Found::Foreign { roots, .. } => roots.clone(),
@@ -254,9 +231,9 @@ impl Agent {
         }
         let mut secret = Secret::with_data(files.entries().map(|(k, v)| (k.to_string(), v.to_vec())))
             .label(MANAGED_BY.0, MANAGED_BY.1)
-            .annotation(ANN_GENERATION, &resp.policy_generation)
+            .annotation(ANN_GENERATION, &trust.policy_generation)
             .annotation(ANN_ROTATE, &trust.rotate_requests.to_string())
-            .annotation(ANN_SERIAL, &resp.serial)
+            .annotation(ANN_SERIAL, &obtained.serial)
             .annotation(ANN_ISSUED_AT, &unix(SystemTime::now()).to_string());
         secret.annotations.insert("meshca.io/cluster".into(), self.opts.cluster.clone());
         let pre = match found {
@@ -277,7 +254,7 @@ impl Agent {
             last_error: self.health.last_error.clone(),
             last_renewal: self.health.last_renewal,
             next_renewal: self.health.next_renewal,
-            key_location: "store".into(),
+            key_location: self.source.key_location().into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         };
@@ -411,10 +388,18 @@ fn spawn_trust_watch(
     });
 }
 
-/// Runs the agent until `shutdown` becomes true.
-pub async fn run(
+/// Runs the agent until `shutdown` becomes true, with the management plane as the source of
+/// intermediates.
+pub async fn run(store: Arc<dyn Store>, opts: AgentOptions, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    run_with(store, opts, None, shutdown).await
+}
+
+/// Runs the agent with another source of intermediates (Vault mode); the management plane still
+/// supplies the policy's renewal parameters and receives the status.
+pub async fn run_with(
     store: Arc<dyn Store>,
     opts: AgentOptions,
+    custom: Option<Arc<dyn source::IntermediateSource>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     meshca_tls::provider::install();
@@ -427,12 +412,15 @@ pub async fn run(
     let (err_tx, err_rx) = watch::channel(String::new());
     spawn_trust_watch(issuer.clone(), opts.clone(), trust_tx, err_tx);
 
+    let source: Arc<dyn source::IntermediateSource> =
+        custom.unwrap_or_else(|| Arc::new(source::ManagementSource { issuer: issuer.clone() }));
     let mut agent = Agent {
         store,
         opts,
         ident,
         client_cert,
         issuer,
+        source,
         health: Health { phase: "Waiting", ..Default::default() },
         failures: 0,
     };
