@@ -90,10 +90,7 @@ pub struct MetricsState {
 /// `GET /metrics`.
 pub async fn handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
     if let Some(want) = &s.token {
-        let got = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if !got
-            .is_some_and(|g| aws_lc_rs::constant_time::verify_slices_are_equal(g.as_bytes(), want.as_bytes()).is_ok())
-        {
+        if !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want) {
             return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
         }
     }

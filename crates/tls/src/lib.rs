@@ -35,3 +35,22 @@ pub enum TlsError {
     #[error("invalid endpoint {0:?}")]
     Endpoint(String),
 }
+
+/// Whether an HTTP `authorization` header value is `Bearer <want>`, compared in constant time.
+/// Used by the token-protected metrics endpoints.
+pub fn bearer_matches(authorization: Option<&str>, want: &str) -> bool {
+    authorization.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|got| {
+        aws_lc_rs::constant_time::verify_slices_are_equal(got.trim().as_bytes(), want.as_bytes()).is_ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        assert!(super::bearer_matches(Some("Bearer abc"), "abc"));
+        assert!(!super::bearer_matches(Some("Bearer abd"), "abc"));
+        assert!(!super::bearer_matches(Some("abc"), "abc"));
+        assert!(!super::bearer_matches(None, "abc"));
+    }
+}
