@@ -89,10 +89,10 @@ pub struct MetricsState {
 
 /// `GET /metrics`.
 pub async fn handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
-    if let Some(want) = &s.token {
-        if !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want) {
-            return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
-        }
+    if let Some(want) = &s.token
+        && !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want)
+    {
+        return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
     }
     let auth = s.authority.borrow().clone();
     match status::collect(s.store.as_ref(), &auth, crate::tokens::unix(SystemTime::now()), s.report_interval).await {

@@ -87,10 +87,10 @@ struct MetricsState {
 }
 
 async fn metrics_handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
-    if let Some(want) = &s.token {
-        if !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want) {
-            return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
-        }
+    if let Some(want) = &s.token
+        && !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want)
+    {
+        return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
     }
     (StatusCode::OK, s.metrics.render())
 }
