@@ -100,8 +100,7 @@ pub fn signer_from_secret(secret: &Secret, field: &'static str, name: &str) -> R
 /// (matched by name and verified by signature). Certificates not on the path are dropped.
 fn order_chain(first: Cert, mut pool: Vec<Cert>) -> Vec<Cert> {
     let mut chain = vec![first];
-    loop {
-        let Some(last) = chain.last() else { break };
+    while let Some(last) = chain.last() {
         if last.is_self_issued() {
             break;
         }
