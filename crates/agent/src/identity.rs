@@ -111,13 +111,18 @@ pub async fn register(
     server_name: &str,
     relay_pem: &[u8],
     token: &str,
+    cluster: &str,
 ) -> Result<AgentIdentity, AgentError> {
     let relay = RootSet::from_pem(relay_pem).map_err(|e| AgentError::Identity(format!("relay CA file: {e}")))?;
     let channel = grpc::channel(server, client_config(&relay, None)?, server_name)?;
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| AgentError::Identity(e.to_string()))?;
     let csr = build_csr(&key, &[]).map_err(|e| AgentError::Identity(e.to_string()))?;
     let resp = RegistrationClient::new(channel)
-        .register(RegisterRequest { bootstrap_token: token.to_string(), identity_csr: csr })
+        .register(RegisterRequest {
+            bootstrap_token: token.to_string(),
+            identity_csr: csr,
+            cluster: cluster.to_string(),
+        })
         .await
         .map_err(AgentError::from_status)?;
     AgentIdentity::from_response(resp.into_inner(), key)

@@ -56,6 +56,9 @@ pub enum AgentError {
     /// The management plane could not be reached.
     #[error("management plane unreachable: {0}")]
     Unreachable(String),
+    /// The management plane is rate-limiting this cluster; retried after the backoff.
+    #[error("management plane rate-limited this cluster: {0}")]
+    Throttled(String),
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] meshca_tls::TlsError),
@@ -66,7 +69,8 @@ impl AgentError {
     pub fn from_status(s: tonic::Status) -> Self {
         use tonic::Code;
         match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::ResourceExhausted => {
+            Code::ResourceExhausted => AgentError::Throttled(s.message().to_string()),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                 AgentError::Unreachable(format!("{}: {}", code_name(s.code()), s.message()))
             }
             _ => AgentError::Refused(format!("{}: {}", code_name(s.code()), s.message())),
@@ -317,7 +321,7 @@ async fn ensure_identity(
     })?;
     let mut attempt = 0;
     loop {
-        match identity::register(&opts.server, &opts.server_name, relay, token).await {
+        match identity::register(&opts.server, &opts.server_name, relay, token, &opts.cluster).await {
             Ok(id) => {
                 if id.cluster != opts.cluster {
                     return Err(AgentError::Identity(format!(
@@ -329,7 +333,7 @@ async fn ensure_identity(
                 tracing::info!(cluster = %id.cluster, serial = %id.cert.serial_hex(), "registered with the management plane");
                 return Ok(id);
             }
-            Err(AgentError::Unreachable(e)) => {
+            Err(AgentError::Unreachable(e) | AgentError::Throttled(e)) => {
                 let wait = plan::backoff(attempt, opts.backoff_base, opts.backoff_max, jitter());
                 attempt += 1;
                 tracing::warn!(error = %e, retry_in = ?wait, "management plane unreachable during registration");

@@ -103,7 +103,26 @@ pub async fn load(store: &dyn Store, policy: Policy, now: SystemTime) -> Authori
             }
             loaded
         }
-        CaMode::SecretRef(r) => load_ref(store, "spec.config.secretRef", &r.namespace, &r.name).await,
+        CaMode::SecretRef(r) => {
+            const FIELD: &str = "spec.config.secretRef";
+            load_ref(store, FIELD, &r.namespace, &r.name).await.and_then(|signer| {
+                // An expired root signs nothing. Refused here, a policy naming it is refused and
+                // the working CA stays in force, instead of every issuance failing afterwards.
+                let cert = signer.cert();
+                if cert.not_after() <= now {
+                    return Err(MgmtError::Secret {
+                        field: FIELD,
+                        secret: format!("{}/{}", r.namespace, r.name),
+                        reason: format!(
+                            "{} expired at {}; nothing can be issued from it",
+                            cert.subject(),
+                            meshca_pki::chain::rfc3339(cert.not_after())
+                        ),
+                    });
+                }
+                Ok(signer)
+            })
+        }
         CaMode::IntermediateRef { secret, .. } => load_intermediate(store, &secret.namespace, &secret.name, now).await,
         CaMode::Vault(_) => {
             // The root lives in Vault: clusters obtain intermediates through `meshca vault-agent`;

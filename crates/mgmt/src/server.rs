@@ -107,7 +107,12 @@ pub async fn serve(
     meshca_tls::provider::install();
     let now = SystemTime::now();
     if let Some(text) = &opts.policy_yaml {
-        Policy::from_yaml(text)?;
+        // Like `meshca policy apply`: a policy whose CA cannot be loaded is refused before it
+        // replaces the stored one.
+        let trial = authority::load(store.as_ref(), Policy::from_yaml(text)?, now).await;
+        if let Some(e) = trial.error {
+            return Err(MgmtError::Pki(e));
+        }
         let secret = Secret::with_data([(records::POLICY_KEY, text.as_bytes().to_vec())]);
         store.put(&records::policy(), &secret, Precondition::Any).await?;
     }

@@ -173,14 +173,16 @@ impl Registration for RegistrationService {
         // Check the CSR before touching the token, so a bad request does not burn it.
         verify_csr(r.identity_csr.as_bytes(), &CsrPolicy::exactly(KeyAlgorithm::EcdsaP256.kind()))
             .map_err(|e| Status::invalid_argument(format!("identity CSR: {e}")))?;
-        let cluster = match tokens::consume(self.0.store.as_ref(), &r.bootstrap_token, SystemTime::now()).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::warn!(reason = %e, "registration refused");
-                return Err(Status::unauthenticated(e.to_string()));
-            }
-            Err(e) => return Err(internal(e)),
-        };
+        let cluster =
+            match tokens::consume(self.0.store.as_ref(), &r.bootstrap_token, Some(&r.cluster), SystemTime::now()).await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::warn!(reason = %e, "registration refused");
+                    return Err(Status::unauthenticated(e.to_string()));
+                }
+                Err(e) => return Err(internal(e)),
+            };
         let cert = self.0.issue_identity(&r.identity_csr, &cluster).await?;
         tracing::info!(%cluster, serial = %cert.serial_hex(), "cluster registered");
         Ok(Response::new(self.0.identity_response(&cert, &cluster)))

@@ -28,8 +28,18 @@ pub enum TokenError {
     /// Already used by a registration.
     #[error("bootstrap token {0} was already used; create a new one with `meshca cluster add`")]
     AlreadyUsed(String),
+    /// Registers another cluster than the caller says it is; the token is not consumed.
+    #[error("bootstrap token {id} registers cluster {token_cluster}, not {asked}")]
+    OtherCluster {
+        /// Token id.
+        id: String,
+        /// The cluster the token is for.
+        token_cluster: String,
+        /// The cluster the agent serves.
+        asked: String,
+    },
     /// Past its expiry.
-    #[error("bootstrap token {id} expired at unix time {expired_at}; create a new one with `meshca cluster add`")]
+    #[error("bootstrap token {id} expired at {}; create a new one with `meshca cluster add`", meshca_pki::chain::rfc3339(UNIX_EPOCH + Duration::from_secs((*expired_at).max(0) as u64)))]
     Expired {
         /// Token id.
         id: String,
@@ -93,8 +103,15 @@ fn parse(token: &str) -> Result<(&str, &str), TokenError> {
     if ok(id, ID_LEN) && ok(secret, SECRET_LEN) { Ok((id, secret)) } else { Err(TokenError::Malformed) }
 }
 
-/// Consumes a token: checks it and marks it used, atomically. Returns the cluster it registers.
-pub async fn consume(store: &dyn Store, token: &str, now: SystemTime) -> Result<Result<String, TokenError>, MgmtError> {
+/// Consumes a token: checks it (and, when `expected_cluster` is given, that it is for that
+/// cluster — a mismatch leaves the token unused) and marks it used, atomically. Returns the
+/// cluster it registers.
+pub async fn consume(
+    store: &dyn Store,
+    token: &str,
+    expected_cluster: Option<&str>,
+    now: SystemTime,
+) -> Result<Result<String, TokenError>, MgmtError> {
     let (id, secret) = match parse(token) {
         Ok(p) => p,
         Err(e) => return Ok(Err(e)),
@@ -114,6 +131,16 @@ pub async fn consume(store: &dyn Store, token: &str, now: SystemTime) -> Result<
     }
     if rec.expires_at <= unix(now) {
         return Ok(Err(TokenError::Expired { id: id.to_string(), expired_at: rec.expires_at }));
+    }
+    if let Some(asked) = expected_cluster
+        && !asked.is_empty()
+        && asked != rec.cluster
+    {
+        return Ok(Err(TokenError::OtherCluster {
+            id: id.to_string(),
+            token_cluster: rec.cluster.clone(),
+            asked: asked.to_string(),
+        }));
     }
     let used = TokenRecord { used_at: Some(unix(now)), ..rec.clone() };
     match typed::put(store, &key, &used, Precondition::Version(current.version)).await {
@@ -138,14 +165,18 @@ mod tests {
         let (id, _) = parse(&t.token).expect("well formed");
 
         let wrong = format!("{id}.{}", "a".repeat(24));
-        assert_eq!(consume(&store, &wrong, now).await.expect("ok"), Err(TokenError::Unknown(id.into())));
-        assert_eq!(consume(&store, "nope", now).await.expect("ok"), Err(TokenError::Malformed));
-        assert_eq!(consume(&store, &t.token, now).await.expect("ok"), Ok("cluster-1".into()));
-        assert_eq!(consume(&store, &t.token, now).await.expect("ok"), Err(TokenError::AlreadyUsed(id.into())));
+        assert_eq!(consume(&store, &wrong, None, now).await.expect("ok"), Err(TokenError::Unknown(id.into())));
+        assert_eq!(consume(&store, "nope", None, now).await.expect("ok"), Err(TokenError::Malformed));
+        assert!(matches!(
+            consume(&store, &t.token, Some("cluster-9"), now).await.expect("ok"),
+            Err(TokenError::OtherCluster { .. })
+        ));
+        assert_eq!(consume(&store, &t.token, Some("cluster-1"), now).await.expect("ok"), Ok("cluster-1".into()));
+        assert_eq!(consume(&store, &t.token, None, now).await.expect("ok"), Err(TokenError::AlreadyUsed(id.into())));
 
         let t2 = create(&store, "cluster-2", Duration::from_secs(60), now).await.expect("create");
         let later = now + Duration::from_secs(61);
-        assert!(matches!(consume(&store, &t2.token, later).await.expect("ok"), Err(TokenError::Expired { .. })));
+        assert!(matches!(consume(&store, &t2.token, None, later).await.expect("ok"), Err(TokenError::Expired { .. })));
 
         // Nothing in the store holds the secret itself.
         let (_, secret) = parse(&t2.token).expect("well formed");

@@ -207,3 +207,398 @@ pub fn short_policy(dir: &Path, ttl: &str, ratio: f64) -> PathBuf {
     .unwrap();
     p
 }
+
+impl Proc {
+    /// Waits up to `timeout` for the process to exit on its own; panics (with its log) if it
+    /// is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} still running after {timeout:?}:\n{}", self.name, self.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Starts an agent for `cluster` with its store in `store` and its log in `dir/<name>.log`.
+#[allow(clippy::too_many_arguments)]
+pub fn agent_at(
+    dir: &Path,
+    name: &str,
+    store: &Path,
+    m: &Mgmt,
+    cluster: &str,
+    token: Option<&Path>,
+    relay: Option<&Path>,
+    extra: &[&str],
+) -> Proc {
+    let mut args = vec![
+        "agent",
+        "--cluster",
+        cluster,
+        "--server",
+        &m.addr,
+        "--store-dir",
+        store.to_str().unwrap(),
+        "--max-backoff",
+        "2s",
+    ];
+    if let Some(t) = token {
+        args.extend_from_slice(&["--token-file", t.to_str().unwrap()]);
+    }
+    if let Some(r) = relay {
+        args.extend_from_slice(&["--relay-ca", r.to_str().unwrap()]);
+    }
+    args.extend_from_slice(extra);
+    Proc::spawn(name, dir, &args)
+}
+
+/// Synchronous access to a directory store (a cluster's, or the management plane's
+/// `<data-dir>/store`) from a test, alongside the processes using it.
+pub struct StoreView {
+    rt: tokio::runtime::Runtime,
+    pub store: meshca_store::dir::DirStore,
+}
+
+impl StoreView {
+    pub fn open(root: &Path) -> StoreView {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        StoreView { rt, store: meshca_store::dir::DirStore::open(root).unwrap() }
+    }
+
+    /// The management plane's store.
+    pub fn mgmt(m: &Mgmt) -> StoreView {
+        StoreView::open(&m.data.join("store"))
+    }
+
+    fn key(ns: &str, name: &str) -> meshca_store::ObjectKey {
+        meshca_store::ObjectKey::new(ns, name).unwrap()
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<meshca_store::Secret> {
+        use meshca_store::Store;
+        self.rt.block_on(self.store.get(&Self::key(ns, name))).unwrap().map(|v| v.value)
+    }
+
+    /// A JSON record (the management plane's `record.json` objects).
+    pub fn record(&self, ns: &str, name: &str) -> Option<serde_json::Value> {
+        let s = self.get(ns, name)?;
+        Some(serde_json::from_slice(s.get(meshca_store::typed::RECORD_KEY).unwrap()).unwrap())
+    }
+
+    pub fn list(&self, ns: &str) -> Vec<String> {
+        use meshca_store::Store;
+        self.rt.block_on(self.store.list(ns)).unwrap()
+    }
+
+    /// Creates an object (it must not exist yet).
+    pub fn create(&self, ns: &str, name: &str, secret: &meshca_store::Secret) {
+        use meshca_store::{Precondition, Store};
+        self.rt.block_on(self.store.put(&Self::key(ns, name), secret, Precondition::Absent)).unwrap();
+    }
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A RootTrustPolicy with the given `spec.config` body (indented under `config:`) and
+/// `intermediateCertOptions` flow mapping.
+pub fn policy_yaml(config: &str, options: &str) -> String {
+    format!(
+        "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: mesh }}\nspec:\n  config:\n{config}\n  intermediateCertOptions: {options}\n"
+    )
+}
+
+/// The cluster named `name` in `meshca status -o json` output.
+pub fn status_cluster(st: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    st["clusters"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned()
+}
+
+// ---- Istio's CA API (the workload CA), OpenSSL-made keys and CSRs, OpenSSL mTLS ----
+
+/// A client of Istio's CA API.
+pub type CaClient =
+    meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient<tonic::transport::Channel>;
+
+/// A client of the workload CA at `address` that trusts only the roots in the PEM file `ca_file`
+/// and checks the serving certificate for `server_name`, as istio-agent does. Call it inside a
+/// tokio runtime: the channel connects lazily from a background task.
+pub fn ca_client(address: &str, ca_file: &Path, server_name: &str) -> CaClient {
+    let pem = std::fs::read(ca_file).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in meshca_pki::Cert::parse_pem_bundle(&pem).unwrap() {
+        roots.add(rustls::pki_types::CertificateDer::from(c.der().to_vec())).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    CaClient::new(meshca_tls::grpc::channel(address, config, server_name).unwrap())
+}
+
+/// A `CreateCertificate` request as istio-agent sends it: the PEM CSR, the lifetime asked for
+/// (seconds), `authorization: Bearer <token>` when a token is given, and `clusterid` when a
+/// cluster is given.
+pub fn csr_request(
+    csr: &str,
+    token: Option<&str>,
+    cluster: Option<&str>,
+    validity_secs: i64,
+) -> tonic::Request<meshca_proto::istio::IstioCertificateRequest> {
+    let mut req = tonic::Request::new(meshca_proto::istio::IstioCertificateRequest {
+        csr: csr.to_string(),
+        validity_duration: validity_secs,
+        metadata: None,
+    });
+    if let Some(t) = token {
+        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if let Some(c) = cluster {
+        req.metadata_mut().insert("clusterid", c.parse().unwrap());
+    }
+    req
+}
+
+/// Sends a request; the returned chain (one PEM per element) or the gRPC status.
+pub async fn create_certificate(
+    client: &mut CaClient,
+    req: tonic::Request<meshca_proto::istio::IstioCertificateRequest>,
+) -> Result<Vec<String>, tonic::Status> {
+    client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
+}
+
+/// Key types the OpenSSL CLI makes for test CSRs.
+#[derive(Debug, Clone, Copy)]
+pub enum OpensslKey {
+    /// RSA with this many bits.
+    Rsa(u32),
+    /// ECDSA P-256.
+    P256,
+}
+
+/// Makes a key (`dir/<name>.key`) and a CSR (`dir/<name>.csr`) with `openssl req`; returns the
+/// CSR PEM. The subject says `CN=<name>` (the workload CA must ignore it); `extra` is passed to
+/// `openssl req` (e.g. `-addext` to ask for SANs or CA:TRUE).
+pub fn openssl_csr(dir: &Path, name: &str, key: OpensslKey, extra: &[&str]) -> String {
+    let keyfile = format!("{name}.key");
+    let csrfile = format!("{name}.csr");
+    let subj = format!("/CN={name}");
+    let rsa;
+    let mut args = vec!["req", "-new", "-nodes", "-keyout", &keyfile, "-out", &csrfile, "-subj", &subj];
+    match key {
+        OpensslKey::Rsa(bits) => {
+            rsa = format!("rsa:{bits}");
+            args.extend_from_slice(&["-newkey", &rsa]);
+        }
+        OpensslKey::P256 => args.extend_from_slice(&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+    }
+    args.extend_from_slice(extra);
+    let (ok, out) = openssl(dir, &args);
+    assert!(ok, "openssl req: {out}");
+    std::fs::read_to_string(dir.join(csrfile)).unwrap()
+}
+
+/// A returned chain written out for the OpenSSL CLI.
+#[derive(Debug, Clone)]
+pub struct ChainFiles {
+    /// The first element: the leaf.
+    pub leaf: PathBuf,
+    /// The elements between the leaf and the last one (the intermediates), concatenated.
+    pub middle: PathBuf,
+    /// The last element: the root.
+    pub root: PathBuf,
+}
+
+/// Writes `chain` (leaf first, root last) as `dir/<name>-leaf.pem`, `-middle.pem`, `-root.pem`.
+pub fn write_chain(dir: &Path, name: &str, chain: &[String]) -> ChainFiles {
+    assert!(chain.len() >= 3, "a leaf, at least one intermediate and the root; got {} element(s)", chain.len());
+    for (i, pem) in chain.iter().enumerate() {
+        let n = meshca_pki::Cert::parse_pem_bundle(pem.as_bytes()).unwrap_or_else(|e| panic!("element {i}: {e}")).len();
+        assert_eq!(n, 1, "element {i} must hold exactly one certificate");
+    }
+    let files = ChainFiles {
+        leaf: dir.join(format!("{name}-leaf.pem")),
+        middle: dir.join(format!("{name}-middle.pem")),
+        root: dir.join(format!("{name}-root.pem")),
+    };
+    std::fs::write(&files.leaf, &chain[0]).unwrap();
+    std::fs::write(&files.middle, chain[1..chain.len() - 1].concat()).unwrap();
+    std::fs::write(&files.root, &chain[chain.len() - 1]).unwrap();
+    files
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `openssl verify -x509_strict -CAfile <ca_file> -untrusted <middle> <leaf>`: (ok, output).
+pub fn openssl_verify_leaf(dir: &Path, chain: &ChainFiles, ca_file: &Path) -> (bool, String) {
+    let (ok, out) = openssl(
+        dir,
+        &["verify", "-x509_strict", "-CAfile", s(ca_file), "-untrusted", s(&chain.middle), s(&chain.leaf)],
+    );
+    (ok && out.contains(": OK"), out)
+}
+
+/// `openssl x509 -noout <args> -in <cert>`; panics if openssl fails.
+pub fn openssl_x509(dir: &Path, cert: &Path, args: &[&str]) -> String {
+    let mut all = vec!["x509", "-noout", "-in", s(cert)];
+    all.extend_from_slice(args);
+    let (ok, out) = openssl(dir, &all);
+    assert!(ok, "openssl x509 {args:?}: {out}");
+    out
+}
+
+/// Whether the private key in `key` (as OpenSSL reads it) is the one `cert` certifies: both
+/// public keys as SubjectPublicKeyInfo PEM, compared.
+pub fn openssl_key_matches(dir: &Path, key: &Path, cert: &Path) -> bool {
+    let (ok1, from_key) = openssl(dir, &["pkey", "-in", s(key), "-pubout"]);
+    let (ok2, from_cert) = openssl(dir, &["x509", "-in", s(cert), "-noout", "-pubkey"]);
+    ok1 && ok2 && from_key.contains("BEGIN PUBLIC KEY") && from_key == from_cert
+}
+
+/// One side of an OpenSSL mTLS exchange.
+pub struct TlsParty<'a> {
+    /// The side's own leaf, key and intermediates.
+    pub chain: &'a ChainFiles,
+    /// Its private key.
+    pub key: &'a Path,
+    /// The roots it trusts for the peer.
+    pub trust: &'a Path,
+}
+
+/// What an OpenSSL mTLS exchange printed.
+#[derive(Debug)]
+pub struct MtlsOutcome {
+    /// `openssl s_server -brief` output.
+    pub server: String,
+    /// `openssl s_client` stdout (session summary and the data received).
+    pub client: String,
+    /// `openssl s_client` stderr.
+    pub client_err: String,
+    /// Whether s_client exited 0.
+    pub client_ok: bool,
+}
+
+impl MtlsOutcome {
+    /// Both sides verified the other with result 0, and data went both ways after that.
+    pub fn succeeded(&self) -> bool {
+        self.client_ok
+            && self.client.contains("Verify return code: 0 (ok)")
+            && self.client.contains(&MTLS_PING.chars().rev().collect::<String>())
+            && self.server.contains("CONNECTION ESTABLISHED")
+            && self.server.contains("Verification: OK")
+    }
+}
+
+/// The line s_client sends; `s_server -rev` answers it reversed.
+const MTLS_PING: &str = "ping-from-meshca-test";
+
+fn listening(port: u16) -> bool {
+    // Local address `0100007F:<PORT>` in state 0A (LISTEN).
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").unwrap_or_default().lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1] == want && f[3] == "0A"
+    })
+}
+
+/// A child process killed when dropped (for `openssl s_server`).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs one mutual-TLS exchange with a TLS stack meshca does not use: `openssl s_server` with the
+/// server's leaf (requiring a client certificate, `-Verify 2 -verify_return_error`, answering each
+/// line reversed) and `openssl s_client` with the client's leaf (`-verify_return_error`). Each side
+/// trusts only its own `trust` file. The leaves carry only a URI SAN, so no hostname is checked.
+pub fn openssl_mtls(dir: &Path, server: &TlsParty<'_>, client: &TlsParty<'_>) -> MtlsOutcome {
+    use std::io::Write;
+    let port = free_port();
+    let accept = format!("127.0.0.1:{port}");
+    let out_path = dir.join(format!("s_server-{port}.out"));
+    let out = std::fs::File::create(&out_path).unwrap();
+    let srv = Command::new("openssl")
+        .args(["s_server", "-accept", &accept, "-naccept", "1", "-rev", "-brief"])
+        .args(["-cert", s(&server.chain.leaf), "-key", s(server.key), "-cert_chain", s(&server.chain.middle)])
+        .args(["-CAfile", s(server.trust), "-Verify", "2", "-verify_return_error"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("the openssl CLI must be installed");
+    let mut srv = KillOnDrop(srv);
+    wait_for(Duration::from_secs(10), "openssl s_server to listen", || listening(port).then_some(()));
+    let connect = accept.clone();
+    let mut cli = Command::new("openssl")
+        .args(["s_client", "-connect", &connect, "-ign_eof"])
+        .args(["-cert", s(&client.chain.leaf), "-key", s(client.key), "-cert_chain", s(&client.chain.middle)])
+        .args(["-CAfile", s(client.trust), "-verify_return_error"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `CLOSE` makes `s_server -rev` end the connection after answering, so s_client exits.
+    let mut stdin = cli.stdin.take().unwrap();
+    let _ = stdin.write_all(format!("{MTLS_PING}\nCLOSE\n").as_bytes());
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cli.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = cli.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cli = cli.wait_with_output().unwrap();
+    // s_server exits after its one connection; give it a moment to flush, then kill it anyway.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while srv.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(srv);
+    MtlsOutcome {
+        server: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        client: String::from_utf8_lossy(&cli.stdout).into_owned(),
+        client_err: String::from_utf8_lossy(&cli.stderr).into_owned(),
+        client_ok: cli.status.success(),
+    }
+}
+
+/// A plain HTTP/1.1 GET (for `/metrics`): (status code, body).
+pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// The value of the sample `name` (exact name, no labels) in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
