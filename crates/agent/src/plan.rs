@@ -91,8 +91,10 @@ pub fn decide(current: Option<&Current>, trust: Option<&Trust>, now: SystemTime,
     match (current, trust) {
         (None, Some(t)) if t.enrolled => Decision::IssueNow(Reason::Initial),
         (None, _) => Decision::Idle,
+        // The policy no longer covers this cluster: keep what is in service, ask for nothing.
+        (Some(_), Some(t)) if !t.enrolled => Decision::Idle,
         (Some(c), t) => {
-            if let Some(t) = t.filter(|t| t.enrolled) {
+            if let Some(t) = t {
                 if t.rotate_requests > c.rotate_handled {
                     return Decision::IssueNow(Reason::Forced);
                 }
@@ -172,6 +174,7 @@ mod tests {
         let mut out = trust();
         out.enrolled = false;
         assert_eq!(decide(None, Some(&out), t(1), 0.0), Decision::Idle);
+        assert_eq!(decide(Some(&c), Some(&out), t(900), 0.0), Decision::Idle, "no renewal when not covered");
     }
 
     #[test]
