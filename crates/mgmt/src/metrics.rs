@@ -88,15 +88,26 @@ pub struct MetricsState {
 }
 
 /// `GET /metrics`.
-pub async fn handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
+pub async fn handler(
+    State(s): State<MetricsState>,
+    headers: HeaderMap,
+) -> (StatusCode, [(axum::http::header::HeaderName, &'static str); 1], String) {
     if let Some(want) = &s.token
         && !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want)
     {
-        return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            "a bearer token is required\n".into(),
+        );
     }
     let auth = s.authority.borrow().clone();
     match status::collect(s.store.as_ref(), &auth, crate::tokens::unix(SystemTime::now()), s.report_interval).await {
-        Ok(st) => (StatusCode::OK, render(&st)),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("status unavailable: {e}\n")),
+        Ok(st) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)], render(&st)),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            format!("status unavailable: {e}\n"),
+        ),
     }
 }

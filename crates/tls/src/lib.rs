@@ -36,6 +36,9 @@ pub enum TlsError {
     Endpoint(String),
 }
 
+/// Content type of meshca's metrics endpoints (prometheus-client writes OpenMetrics text).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Whether an HTTP `authorization` header value is `Bearer <want>`, compared in constant time.
 /// Used by the token-protected metrics endpoints.
 pub fn bearer_matches(authorization: Option<&str>, want: &str) -> bool {

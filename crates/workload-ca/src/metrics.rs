@@ -1,6 +1,8 @@
-//! Prometheus metrics, named as istiod names them (`citadel_server_*`) so existing dashboards
-//! work, plus an issuance latency histogram. Unlike istiod's, the expiry gauges are refreshed
-//! every time a new intermediate is loaded.
+//! Prometheus metrics with istiod's names (`citadel_server_*`), plus an issuance latency
+//! histogram. The expiry gauges are named exactly as istiod's; the counters follow OpenMetrics,
+//! which suffixes counters with `_total` (istiod's Go exporter uses `_count`: a dashboard query on
+//! `citadel_server_csr_count` becomes `citadel_server_csr_total`). Unlike istiod's, the expiry
+//! gauges are refreshed every time a new intermediate is loaded.
 
 use std::sync::Arc;
 

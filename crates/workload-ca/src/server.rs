@@ -86,13 +86,20 @@ struct MetricsState {
     token: Option<Arc<String>>,
 }
 
-async fn metrics_handler(State(s): State<MetricsState>, headers: HeaderMap) -> (StatusCode, String) {
+async fn metrics_handler(
+    State(s): State<MetricsState>,
+    headers: HeaderMap,
+) -> (StatusCode, [(axum::http::header::HeaderName, &'static str); 1], String) {
     if let Some(want) = &s.token
         && !meshca_tls::bearer_matches(headers.get("authorization").and_then(|v| v.to_str().ok()), want)
     {
-        return (StatusCode::UNAUTHORIZED, "a bearer token is required\n".into());
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            "a bearer token is required\n".into(),
+        );
     }
-    (StatusCode::OK, s.metrics.render())
+    (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)], s.metrics.render())
 }
 
 /// Runs until `shutdown`. `on_bound` gets the gRPC and metrics addresses.

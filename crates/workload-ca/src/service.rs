@@ -70,6 +70,16 @@ impl WorkloadCa {
     }
 
     async fn handle(&self, request: Request<IstioCertificateRequest>) -> Result<IstioCertificateResponse, Status> {
+        // The limit comes first, so a flood of callers (authenticated or not) cannot make the CA
+        // spend a token verification (or a TokenReview round trip) per request.
+        if let Some(l) = &self.limiter
+            && l.check().is_err()
+        {
+            self.metrics.rate_limited.inc();
+            return Err(Status::resource_exhausted(
+                "certificate requests are over the configured rate limit; retry shortly",
+            ));
+        }
         let md = request.metadata();
         let authz = md.get("authorization").and_then(|v| v.to_str().ok());
         let cluster_id = md.get("clusterid").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -88,14 +98,6 @@ impl WorkloadCa {
                 });
             }
         };
-        if let Some(l) = &self.limiter
-            && l.check().is_err()
-        {
-            self.metrics.rate_limited.inc();
-            return Err(Status::resource_exhausted(
-                "certificate requests are over the configured rate limit; retry shortly",
-            ));
-        }
         let r = request.into_inner();
         if let Some(m) = &r.metadata
             && m.fields.contains_key("ImpersonatedIdentity")

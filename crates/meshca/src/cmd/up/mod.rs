@@ -224,6 +224,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
     };
     fsutil::create_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A rerun in the same folder must not leave the previous run's addresses for scripts to find.
+    for stale in ["topology.json", "status.json", "summary.json"] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
     let log_file = dir.join("meshca-up.log");
     super::init_file_logging(&log_file)?;
     meshca_tls::provider::install();
@@ -433,9 +437,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let end = a.duration.map(|d| started + d.0);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_print = Instant::now() - Duration::from_secs(60);
+    // One signal future for the whole run, so a Ctrl-C arriving while a tick is being handled
+    // is not lost.
+    let stop = super::ctrl_c();
+    tokio::pin!(stop);
     let summary = loop {
         tokio::select! {
-            _ = super::ctrl_c() => break collect(&mut runs, &workloads, started).await,
+            _ = &mut stop => break collect(&mut runs, &workloads, started).await,
             _ = tick.tick() => {}
         }
         let s = collect(&mut runs, &workloads, started).await;
