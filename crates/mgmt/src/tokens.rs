@@ -86,8 +86,37 @@ pub fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// Creates a token registering `cluster`, valid for `ttl`.
+/// How long a used or expired token's record is kept, so that a late retry is told "already
+/// used" or "expired" rather than "unknown". After that it is deleted (by [`create`]), so the
+/// store does not grow with every cluster ever added.
+pub const RECORD_RETENTION: Duration = Duration::from_secs(7 * 86400);
+
+/// Deletes token records that expired, or were used, more than [`RECORD_RETENTION`] ago.
+/// Returns how many it deleted. A record changed meanwhile is left for the next sweep.
+pub async fn prune(store: &dyn Store, now: SystemTime) -> Result<usize, MgmtError> {
+    let horizon = unix(now) - RECORD_RETENTION.as_secs() as i64;
+    let mut deleted = 0;
+    for name in store.list(records::NAMESPACE).await? {
+        let Some(id) = name.strip_prefix("bootstrap-token-") else { continue };
+        let key = records::token(id)?;
+        let Some(current) = typed::get::<TokenRecord>(store, &key).await? else { continue };
+        let done_at = current.value.used_at.unwrap_or(current.value.expires_at).min(current.value.expires_at);
+        if done_at < horizon {
+            match store.delete(&key, Precondition::Version(current.version)).await {
+                Ok(()) => deleted += 1,
+                Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Creates a token registering `cluster`, valid for `ttl` (and sweeps old records).
 pub async fn create(store: &dyn Store, cluster: &str, ttl: Duration, now: SystemTime) -> Result<NewToken, MgmtError> {
+    if let Err(e) = prune(store, now).await {
+        tracing::warn!(error = %e, "sweeping old bootstrap-token records failed; will retry on the next token");
+    }
     let id = random_string(ID_LEN)?;
     let secret = random_string(SECRET_LEN)?;
     let expires_at = unix(now + ttl);
@@ -184,6 +213,31 @@ mod tests {
             let text = std::fs::read(&entry).unwrap_or_default();
             assert!(!String::from_utf8_lossy(&text).contains(secret), "{}", entry.display());
         }
+    }
+
+    #[tokio::test]
+    async fn old_used_and_expired_records_are_swept_and_current_ones_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = DirStore::open(dir.path()).expect("store");
+        let t0 = SystemTime::now();
+        let used = create(&store, "cluster-1", Duration::from_secs(3600), t0).await.expect("create");
+        consume(&store, &used.token, None, t0).await.expect("ok").expect("registers");
+        let expired = create(&store, "cluster-2", Duration::from_secs(60), t0).await.expect("create");
+        let fresh = create(&store, "cluster-3", Duration::from_secs(3600), t0).await.expect("create");
+        let long = create(&store, "cluster-4", Duration::from_secs(30 * 86400), t0).await.expect("create");
+
+        // Within the retention, a late retry still gets the precise answer.
+        let soon = t0 + Duration::from_secs(86400);
+        assert_eq!(prune(&store, soon).await.expect("prune"), 0);
+        assert!(matches!(consume(&store, &used.token, None, soon).await.expect("ok"), Err(TokenError::AlreadyUsed(_))));
+
+        // Past it, the used and the expired records go; an unused, unexpired one stays usable.
+        let later = t0 + RECORD_RETENTION + Duration::from_secs(2 * 3600);
+        create(&store, "cluster-5", Duration::from_secs(60), later).await.expect("create sweeps");
+        for gone in [&used.token, &expired.token, &fresh.token] {
+            assert!(matches!(consume(&store, gone, None, later).await.expect("ok"), Err(TokenError::Unknown(_))));
+        }
+        assert_eq!(consume(&store, &long.token, None, later).await.expect("ok"), Ok("cluster-4".into()));
     }
 
     fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {

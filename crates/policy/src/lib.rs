@@ -513,6 +513,19 @@ impl Policy {
             i.permitted_dns_domains.join(","),
             self.ca.name(),
         );
+        // In Vault mode the signer is Vault: another server, signing path, key-generating
+        // path or namespace can mean another root, so each re-issues (how the agent logs in
+        // does not shape the certificate and does not).
+        let text = match &self.ca {
+            CaMode::Vault(v) => format!(
+                "{text}\nvault={}|{}|{}|{}",
+                v.server,
+                v.ca_path,
+                v.csr_path.as_deref().unwrap_or(""),
+                v.namespace.as_deref().unwrap_or("")
+            ),
+            _ => text,
+        };
         hex::encode(&aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes()).as_ref()[..12])
     }
 
@@ -695,5 +708,19 @@ spec:
         d.clusters = ClusterSelector::All;
         d.intermediate.grace_period_ratio = 0.5;
         assert_eq!(a.intermediate_digest(), d.intermediate_digest());
+    }
+
+    #[test]
+    fn in_vault_mode_another_signer_re_issues_but_another_login_does_not() {
+        let vault = |path: &str, file: &str| {
+            Policy::from_yaml(&with(
+                &format!("    vault: {{ server: 'https://v:8200', caPath: {path}, auth: {{ token: {{ tokenFile: {file} }} }} }}"),
+                "    ttl: 1h",
+            ))
+            .expect("valid")
+        };
+        let a = vault("pki/root/sign-intermediate", "/t");
+        assert_ne!(a.intermediate_digest(), vault("pki2/root/sign-intermediate", "/t").intermediate_digest());
+        assert_eq!(a.intermediate_digest(), vault("pki/root/sign-intermediate", "/other").intermediate_digest());
     }
 }

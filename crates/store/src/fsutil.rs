@@ -13,7 +13,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Atomically replaces `path` with `data`, created with `mode` (0600 for keys).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
@@ -27,6 +27,15 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The folder `path` is in. A bare file name (`relay.pem`) has the parent `""`, which cannot be
+/// opened for the directory fsync, so it is the working directory.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 #[cfg(test)]
@@ -45,5 +54,12 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(p.parent().expect("p")).expect("meta").permissions().mode() & 0o777, 0o700);
         assert_eq!(std::fs::read_dir(p.parent().expect("p")).expect("ls").count(), 1, "no temp file left");
+    }
+
+    #[test]
+    fn a_bare_file_name_is_written_in_the_working_directory() {
+        assert_eq!(parent_dir(Path::new("relay.pem")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("a/relay.pem")), Path::new("a"));
+        assert_eq!(parent_dir(Path::new("/relay.pem")), Path::new("/"));
     }
 }
