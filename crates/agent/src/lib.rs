@@ -62,6 +62,10 @@ pub enum AgentError {
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] meshca_tls::TlsError),
+    /// A source other than the management plane (Vault) failed; the message names it. Retried
+    /// with backoff like any failed issuance.
+    #[error("{0}")]
+    Upstream(String),
 }
 
 impl AgentError {
@@ -218,7 +222,7 @@ impl Agent {
     async fn issue(&mut self, reason: Reason, trust: &TrustState, found: &Found) -> Result<Cert, AgentError> {
         let key_algorithm: KeyAlgorithm = trust.key_algorithm.parse().unwrap_or_default();
         let obtained =
-            self.source.obtain(source::Request { cluster: &self.opts.cluster, key_algorithm, reason }).await?;
+            self.source.obtain(source::Request { cluster: &self.opts.cluster, key_algorithm, reason, trust }).await?;
         let files = obtained.files;
         // Exactly the checks istiod makes, before anything is written.
         let bundle = CaBundle::validate(&files, SystemTime::now()).map_err(|e| {

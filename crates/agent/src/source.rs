@@ -5,8 +5,8 @@
 use meshca_pki::bundle::BundleFiles;
 use meshca_pki::name::NameAttr;
 use meshca_pki::{KeyAlgorithm, PrivateKey, build_csr};
-use meshca_proto::mgmt::IssueIntermediateRequest;
 use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
+use meshca_proto::mgmt::{IssueIntermediateRequest, TrustState};
 use tonic::transport::Channel;
 
 use crate::AgentError;
@@ -28,6 +28,9 @@ pub struct Request<'a> {
     pub key_algorithm: KeyAlgorithm,
     /// Why.
     pub reason: Reason,
+    /// What the management plane last said: the policy's parameters (lifetime, and in Vault mode
+    /// the policy's `vault` block) for sources that are not the management plane itself.
+    pub trust: &'a TrustState,
 }
 
 /// A source of cluster intermediates.

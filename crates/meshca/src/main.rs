@@ -25,6 +25,9 @@ enum Command {
     Agent(cmd::agent::Args),
     /// Run a cluster's workload CA (istiod's CA role): Istio's CreateCertificate API.
     WorkloadCa(cmd::workload_ca::Args),
+    /// Run a workload cluster's agent in Vault mode: Vault signs the intermediate, and `cacerts`
+    /// (key included) is written only to a memory-backed folder.
+    VaultAgent(Box<cmd::vault_agent::Args>),
     /// Run the whole mesh trust topology on this machine: management plane, N clusters (agent +
     /// workload CA each) and sample workloads making mTLS calls across clusters.
     Up(cmd::up::Args),
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             Command::Server(a) => cmd::server::run(a).await,
             Command::Agent(a) => cmd::agent::run(a).await,
             Command::WorkloadCa(a) => cmd::workload_ca::run(a).await,
+            Command::VaultAgent(a) => cmd::vault_agent::run(*a).await,
             Command::Up(a) => cmd::up::run(a).await,
             Command::Token(a) => cmd::up::token(a),
             Command::Cluster(ClusterCmd::Add(a)) => cmd::operator::cluster_add(a).await,

@@ -206,6 +206,62 @@ pub async fn stored_policy(store: &dyn Store) -> Result<Option<Policy>, MgmtErro
     Ok(Some(Policy::from_yaml(&text)?))
 }
 
+/// Where the RootTrustPolicy comes from. The loader below is the same for every source: the
+/// store object `meshca/root-trust-policy` ([`StorePolicy`], the embedded default, written by
+/// `meshca policy apply`), or in Kubernetes mode the RootTrustPolicy custom resource (in
+/// `meshca-kube`), which operators change with `kubectl` and whose status the leader writes.
+#[async_trait::async_trait]
+pub trait PolicySource: Send + Sync + 'static {
+    /// The policy as written now, validated; `Ok(None)` when none is defined.
+    async fn read(&self) -> Result<Option<Policy>, MgmtError>;
+
+    /// Yields once at once, then whenever the policy may have changed. Spurious wake-ups are
+    /// fine (the loader re-reads and compares); missed changes are covered by its resync.
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()>;
+
+    /// Puts `text` in force (`meshca policy apply`, `meshca server --policy`). `text` has been
+    /// validated and its CA loaded already.
+    async fn apply(&self, text: &str) -> Result<(), MgmtError>;
+
+    /// Publishes the mesh's status where operators look for it. Called on the leader only.
+    async fn publish_status(
+        &self,
+        _status: &meshca_proto::mgmt::MeshStatus,
+        _authority: &Authority,
+    ) -> Result<(), MgmtError> {
+        Ok(())
+    }
+}
+
+/// The policy kept in the management plane's own store (`meshca/root-trust-policy`).
+pub struct StorePolicy {
+    store: Arc<dyn Store>,
+}
+
+impl StorePolicy {
+    /// The policy in `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        StorePolicy { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl PolicySource for StorePolicy {
+    async fn read(&self) -> Result<Option<Policy>, MgmtError> {
+        stored_policy(self.store.as_ref()).await
+    }
+
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
+        self.store.watch(&records::policy()).map(|_| ()).boxed()
+    }
+
+    async fn apply(&self, text: &str) -> Result<(), MgmtError> {
+        let secret = meshca_store::Secret::with_data([(records::POLICY_KEY, text.as_bytes().to_vec())]);
+        self.store.put(&records::policy(), &secret, meshca_store::Precondition::Any).await?;
+        Ok(())
+    }
+}
+
 /// Keeps an [`Authority`] current: reloads when the stored policy or the secret it references
 /// changes (and every `resync` as a safety net). An invalid new policy is reported and the last
 /// valid one stays in force.
@@ -214,7 +270,18 @@ pub async fn spawn_loader(
     fallback: Policy,
     resync: Duration,
 ) -> watch::Receiver<Arc<Authority>> {
-    let mut policy = match stored_policy(store.as_ref()).await {
+    let source = Arc::new(StorePolicy::new(store.clone()));
+    spawn_loader_from(store, source, fallback, resync).await
+}
+
+/// [`spawn_loader`] with the policy read from `source` (the CA secrets still come from `store`).
+pub async fn spawn_loader_from(
+    store: Arc<dyn Store>,
+    source: Arc<dyn PolicySource>,
+    fallback: Policy,
+    resync: Duration,
+) -> watch::Receiver<Arc<Authority>> {
+    let mut policy = match source.read().await {
         Ok(Some(p)) => p,
         Ok(None) => fallback,
         Err(e) => {
@@ -227,7 +294,7 @@ pub async fn spawn_loader(
     let (tx, rx) = watch::channel(Arc::new(initial));
     tokio::spawn(async move {
         loop {
-            let mut policy_watch = store.watch(&records::policy());
+            let mut policy_watch = source.changes();
             let mut secret_watch = match referenced_secret(&policy) {
                 Some(k) => store.watch(&k),
                 None => Box::pin(futures::stream::pending()),
@@ -242,7 +309,7 @@ pub async fn spawn_loader(
                 _ = tokio::time::sleep(resync) => {},
             }
             let mut policy_error = None;
-            match stored_policy(store.as_ref()).await {
+            match source.read().await {
                 Ok(Some(p)) => policy = p,
                 Ok(None) => {}
                 Err(e) => policy_error = Some(e.to_string()),

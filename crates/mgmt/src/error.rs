@@ -28,6 +28,10 @@ pub enum MgmtError {
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] meshca_tls::TlsError),
+    /// This replica led and lost its lease: it must stop signing, so the server stops (the
+    /// process exits and, restarted, rejoins as a follower).
+    #[error("lost the leadership lease ({0}); stopping so that only the new leader signs")]
+    LostLeadership(String),
     /// An I/O failure at the edge (credentials files, sockets).
     #[error("{context}: {source}")]
     Io {

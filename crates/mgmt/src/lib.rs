@@ -10,11 +10,12 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod records;
 pub mod relay;
+pub mod replica;
 pub mod server;
 pub mod service;
 pub mod status;
 pub mod tokens;
 
 pub use error::MgmtError;
-pub use server::{ServerOptions, serve};
+pub use server::{ServeWith, ServerOptions, serve, serve_with};
 pub use service::Settings;

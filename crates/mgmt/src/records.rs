@@ -97,6 +97,10 @@ pub struct IssuedRecord {
     pub reason: String,
     /// Policy generation it was issued under.
     pub policy_generation: String,
+    /// SHA-256 of the certified public key (SubjectPublicKeyInfo DER), hex: a key is certified
+    /// once. Empty in records written before it was kept.
+    #[serde(default)]
+    pub public_key_sha256: String,
 }
 
 /// How many issued records are kept per cluster.

@@ -16,7 +16,7 @@ use meshca_proto::mgmt::{
     RenewIdentityRequest, ReportStatusResponse, RotateRequest, RotateResponse, TrustState, WatchTrustRequest,
     certificate_issuer_server::CertificateIssuer, operator_server::Operator, registration_server::Registration,
 };
-use meshca_store::{Precondition, Secret, Store, typed};
+use meshca_store::{Precondition, Store, typed};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -65,6 +65,23 @@ pub struct Shared {
     pub settings: Settings,
     /// Bumped when cluster records change (operator rotations), to wake trust watchers.
     pub nudge: watch::Sender<u64>,
+    /// The leader election's view (Kubernetes mode with replicas); `None`: the only replica.
+    pub leader: Option<watch::Receiver<crate::replica::Leader>>,
+    /// Where the policy is read from and applied to.
+    pub policy_source: Arc<dyn crate::authority::PolicySource>,
+}
+
+/// Refuses a call that signs or rotates on a replica that does not hold the lease. Followers
+/// forward connections and so never see such calls; this covers a leader whose lease ran out
+/// while a call was in flight.
+fn require_leader(s: &Shared) -> Result<(), Status> {
+    if crate::replica::is_leader(s.leader.as_ref()) {
+        Ok(())
+    } else {
+        Err(Status::unavailable(
+            "this management-plane replica does not hold the leader lease; retry (the leader answers)",
+        ))
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -159,8 +176,21 @@ impl Shared {
             report_interval_seconds: self.settings.report_interval.as_secs() as i64,
             key_algorithm: auth.policy.intermediate.key_algorithm.to_string(),
             intermediate_ttl_seconds: auth.policy.intermediate.ttl.as_secs() as i64,
+            vault_config_json: vault_config_json(&auth.policy),
         })
     }
+}
+
+/// In Vault mode, the part of the policy `meshca vault-agent` needs (see `TrustState`); empty
+/// in every other mode.
+fn vault_config_json(policy: &Policy) -> String {
+    let meshca_policy::CaMode::Vault(vault) = &policy.ca else { return String::new() };
+    serde_json::json!({
+        "trustDomain": policy.trust_domain.as_str(),
+        "organization": policy.intermediate.organization,
+        "vault": vault,
+    })
+    .to_string()
 }
 
 /// The registration service.
@@ -245,25 +275,42 @@ impl CertificateIssuer for IssuerService {
             permitted_dns_domains: policy.intermediate.permitted_dns_domains.clone(),
         };
         let now = SystemTime::now();
+        require_leader(s)?;
         let issued = signer
             .sign_intermediate(csr.public_key_spki(), &params, now)
             .map_err(|e| Status::failed_precondition(format!("cannot issue for {cluster}: {e}")))?;
+        let key_sha256 =
+            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
         let record = IssuedRecord {
             serial: issued.serial_hex.clone(),
             not_after: unix(issued.not_after),
             issued_at: unix(now),
             reason: if r.reason.is_empty() { "unspecified".into() } else { r.reason.chars().take(64).collect() },
             policy_generation: auth.generation.clone(),
+            public_key_sha256: key_sha256.clone(),
         };
-        // Record before answering: nothing is handed out that the log does not show.
+        // Record before answering: nothing is handed out that the log does not show. The log is
+        // updated by compare-and-swap, so when two replicas race on the same request (a leader
+        // whose lease ran out mid-call and its successor), the second finds the first's record
+        // for this key and hands out nothing: a key is certified once.
+        let mut duplicate = false;
         typed::update::<IssuedLog, _>(s.store.as_ref(), &records::issued(&cluster).map_err(internal)?, |cur| {
             let mut log = cur.cloned().unwrap_or_default();
+            duplicate = log.records.iter().any(|r| r.public_key_sha256 == key_sha256);
+            if duplicate {
+                return None;
+            }
             log.records.insert(0, record.clone());
             log.records.truncate(ISSUED_KEEP);
             Some(log)
         })
         .await
         .map_err(internal)?;
+        if duplicate {
+            return Err(Status::already_exists(format!(
+                "an intermediate for this key was already issued to {cluster}; send a CSR with a new key"
+            )));
+        }
         tracing::info!(%cluster, serial = %record.serial, not_after = record.not_after, reason = %record.reason, "issued cluster intermediate");
         Ok(Response::new(IssueIntermediateResponse {
             certificate: issued.to_pem(),
@@ -391,6 +438,7 @@ impl Operator for OperatorService {
 
     async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
         let who = operator(&request)?;
+        require_leader(&self.0)?;
         let r = request.into_inner();
         let store = self.0.store.as_ref();
         let clusters: Vec<String> = if r.cluster.is_empty() {
@@ -433,8 +481,7 @@ impl Operator for OperatorService {
         if let Some(e) = trial.error {
             return Err(Status::failed_precondition(e));
         }
-        let secret = Secret::with_data([(records::POLICY_KEY, text.into_bytes())]);
-        self.0.store.put(&records::policy(), &secret, Precondition::Any).await.map_err(internal)?;
+        self.0.policy_source.apply(&text).await.map_err(|e| Status::failed_precondition(e.to_string()))?;
         tracing::info!(operator = %who, policy = %policy.name, "policy applied");
         // Wait for the loader to put it in force, so the answer says what it led to.
         let mut rx = self.0.authority.clone();

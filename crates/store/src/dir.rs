@@ -71,7 +71,7 @@ use crate::{
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The link naming the current data directory (the kubelet's name).
-const DATA_LINK: &str = "..data";
+pub(crate) const DATA_LINK: &str = "..data";
 /// The link built next to `..data` and renamed over it (the kubelet's name).
 const DATA_TMP_LINK: &str = "..data_tmp";
 /// Data directories are `..v<version, 10 digits>_<random>`; the `..` keeps them out of the key space.
@@ -170,7 +170,7 @@ impl DirStore {
 /// Runs filesystem work off the async worker threads. A blocking write keeps running to the end
 /// even if the calling future is dropped, so a cancelled `put` still finishes (or never starts)
 /// its atomic update and releases its lock.
-async fn run_blocking<T, F>(f: F) -> Result<T, StoreError>
+pub(crate) async fn run_blocking<T, F>(f: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -215,28 +215,18 @@ impl Store for DirStore {
     fn watch(&self, key: &ObjectKey) -> WatchStream {
         // Subscribe now, not on first poll: a write made between `watch()` and the first poll is
         // then still announced (and in any case caught by the initial read).
-        let state = WatchState {
-            inner: Arc::clone(&self.inner),
-            key: key.clone(),
-            changes: Some(self.inner.changes.subscribe()),
-            ticker: None,
-            poll_interval: self.poll_interval,
-            last: None,
-            failing: false,
-        };
-        // No background task: all the work happens while the consumer polls, so dropping the
-        // stream drops everything (at most one short blocking read may still finish).
-        futures::stream::unfold(state, WatchState::next_item).boxed()
+        let object = Arc::new(TreeObject { inner: Arc::clone(&self.inner), key: key.clone() });
+        watch_stream(object, key.clone(), self.inner.changes.subscribe(), self.poll_interval)
     }
 }
 
-fn versioned((version, value): (u64, Secret)) -> Versioned<Secret> {
+pub(crate) fn versioned((version, value): (u64, Secret)) -> Versioned<Secret> {
     Versioned { value, version: ResourceVersion(version.to_string()) }
 }
 
 /// What `..data` says about an object.
 #[derive(Debug, PartialEq, Eq)]
-enum LinkState {
+pub(crate) enum LinkState {
     /// No object directory.
     Absent,
     /// A complete object at this version.
@@ -246,9 +236,9 @@ enum LinkState {
 }
 
 #[derive(Serialize)]
-struct MetaOut<'a> {
-    labels: &'a BTreeMap<String, String>,
-    annotations: &'a BTreeMap<String, String>,
+pub(crate) struct MetaOut<'a> {
+    pub(crate) labels: &'a BTreeMap<String, String>,
+    pub(crate) annotations: &'a BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -260,7 +250,7 @@ struct MetaIn {
 }
 
 /// One lock-free read of an object.
-enum Attempt {
+pub(crate) enum Attempt {
     Done(Option<(u64, Secret)>),
     /// `..data` moved while reading: what was read may be a mix or incomplete, read again.
     Retry,
@@ -375,7 +365,7 @@ impl Inner {
         let version = match current {
             Some((old_target, old_version)) => {
                 let version = old_version + 1;
-                update_object(key, &obj, &old_target, version, secret, &meta)?;
+                update_object(key, &obj, Some(&old_target), version, secret, &meta)?;
                 version
             }
             None => {
@@ -432,22 +422,7 @@ impl Inner {
     }
 
     fn lock(&self, key: &ObjectKey, kind: LockKind) -> Result<File, StoreError> {
-        let path = self.lock_path(key);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
-            .map_err(io_err(&key.to_string(), &path))?;
-        match kind {
-            LockKind::Exclusive => file.lock(),
-            LockKind::Shared => file.lock_shared(),
-        }
-        .map_err(io_err(&key.to_string(), &path))?;
-        // Released when the file is closed, also when the process dies.
-        Ok(file)
+        lock_file(&key.to_string(), &self.lock_path(key), kind)
     }
 
     /// Builds the whole object under a temp name and renames it into place, so the object appears
@@ -502,12 +477,35 @@ impl Inner {
 }
 
 #[derive(Clone, Copy)]
-enum LockKind {
+pub(crate) enum LockKind {
     Exclusive,
     Shared,
 }
 
-fn check_precondition(key: &ObjectKey, precondition: &Precondition, current: Option<u64>) -> Result<(), StoreError> {
+/// Opens (creating it 0600 if needed) and locks a lock file; `who` names the object in errors.
+pub(crate) fn lock_file(who: &str, path: &Path, kind: LockKind) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(io_err(who, path))?;
+    match kind {
+        LockKind::Exclusive => file.lock(),
+        LockKind::Shared => file.lock_shared(),
+    }
+    .map_err(io_err(who, path))?;
+    // Released when the file is closed, also when the process dies.
+    Ok(file)
+}
+
+pub(crate) fn check_precondition(
+    key: &ObjectKey,
+    precondition: &Precondition,
+    current: Option<u64>,
+) -> Result<(), StoreError> {
     match (precondition, current) {
         (Precondition::Any, _) | (Precondition::Absent, None) => Ok(()),
         (Precondition::Absent, Some(_)) => Err(StoreError::AlreadyExists(key.clone())),
@@ -521,7 +519,7 @@ fn check_precondition(key: &ObjectKey, precondition: &Precondition, current: Opt
 
 /// Like [`check_precondition`], except that an unconditional delete of nothing is `NotFound` (as
 /// in Kubernetes), while "delete only if absent" of nothing is a successful no-op.
-fn check_delete_precondition(
+pub(crate) fn check_delete_precondition(
     key: &ObjectKey,
     precondition: &Precondition,
     current: Option<u64>,
@@ -535,16 +533,20 @@ fn check_delete_precondition(
 /// Updates an existing object the kubelet's way: write a complete new data directory, swap
 /// `..data` to it with one rename, then fix the key links and remove the old data directory.
 /// Readers see the old version until the rename and the new one after it.
-fn update_object(
+///
+/// `old_target` is `None` when `obj` exists but holds no version yet (an object kept at the root
+/// of a directory that is never renamed, see [`crate::single`]): then `..data` appears with the
+/// same single rename.
+pub(crate) fn update_object(
     key: &ObjectKey,
     obj: &Path,
-    old_target: &str,
+    old_target: Option<&str>,
     version: u64,
     secret: &Secret,
     meta: &[u8],
 ) -> Result<(), StoreError> {
     let who = key.to_string();
-    remove_leftovers_in_object(key, obj, old_target)?;
+    remove_leftovers_in_object(key, obj, old_target.unwrap_or_default())?;
     let target = data_dir_name(version);
     write_data_dir(key, &obj.join(&target), secret, meta)?;
 
@@ -557,12 +559,14 @@ fn update_object(
     // would also do if we crash here.
 
     sync_key_links(key, obj, secret)?;
-    remove_any(&who, &obj.join(old_target))?;
+    if let Some(old_target) = old_target {
+        remove_any(&who, &obj.join(old_target))?;
+    }
     sync_dir(key, obj)
 }
 
 /// Gives every data key a `<key> -> ..data/<key>` link and removes links of keys that are gone.
-fn sync_key_links(key: &ObjectKey, obj: &Path, secret: &Secret) -> Result<(), StoreError> {
+pub(crate) fn sync_key_links(key: &ObjectKey, obj: &Path, secret: &Secret) -> Result<(), StoreError> {
     let who = key.to_string();
     for data_key in secret.data.keys() {
         let link = obj.join(data_key);
@@ -593,7 +597,7 @@ fn sync_key_links(key: &ObjectKey, obj: &Path, secret: &Secret) -> Result<(), St
 }
 
 /// Removes what a crashed update left inside the object directory: `..data_tmp` and data
-/// directories other than the current one.
+/// directories other than the current one (all of them when `current_target` is empty).
 fn remove_leftovers_in_object(key: &ObjectKey, obj: &Path, current_target: &str) -> Result<(), StoreError> {
     let who = key.to_string();
     for entry in fs::read_dir(obj).map_err(io_err(&who, obj))? {
@@ -629,13 +633,13 @@ fn write_file(who: &str, path: &Path, contents: &[u8]) -> Result<(), StoreError>
 }
 
 /// Makes a directory's entries (new files, links, renames) durable.
-fn sync_dir(key: &impl fmt::Display, dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(key: &impl fmt::Display, dir: &Path) -> Result<(), StoreError> {
     let who = key.to_string();
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(&who, dir))
 }
 
 /// Removes a file, link or directory tree if it exists; says whether there was one.
-fn remove_any(who: &str, path: &Path) -> Result<bool, StoreError> {
+pub(crate) fn remove_any(who: &str, path: &Path) -> Result<bool, StoreError> {
     let result = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
         Ok(_) => fs::remove_file(path),
@@ -696,19 +700,19 @@ fn random_suffix() -> String {
 
 /// The last version of a deleted object; 0 if none (or unreadable, which can only happen after
 /// outside tampering).
-fn read_high_water(lock: &File) -> u64 {
+pub(crate) fn read_high_water(lock: &File) -> u64 {
     let mut buf = [0u8; HIGH_WATER_WIDTH + 1];
     let n = lock.read_at(&mut buf, 0).unwrap_or(0);
     std::str::from_utf8(&buf[..n]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
-fn write_high_water(lock: &File, version: u64) -> io::Result<()> {
+pub(crate) fn write_high_water(lock: &File, version: u64) -> io::Result<()> {
     lock.write_all_at(format!("{version:0width$}\n", width = HIGH_WATER_WIDTH).as_bytes(), 0)?;
     lock.sync_data()
 }
 
 /// Reads `..data`.
-fn link_state(key: &ObjectKey, obj: &Path) -> Result<LinkState, StoreError> {
+pub(crate) fn link_state(key: &ObjectKey, obj: &Path) -> Result<LinkState, StoreError> {
     let link = obj.join(DATA_LINK);
     match fs::read_link(&link) {
         Ok(target) => {
@@ -738,7 +742,7 @@ fn link_state(key: &ObjectKey, obj: &Path) -> Result<LinkState, StoreError> {
 /// One lock-free read. Sound because a linked data directory is never modified, and is removed
 /// only after `..data` has moved away from it: if `..data` names the same directory after the
 /// read as before, everything read belongs to that one version.
-fn read_attempt(key: &ObjectKey, obj: &Path) -> Result<Attempt, StoreError> {
+pub(crate) fn read_attempt(key: &ObjectKey, obj: &Path) -> Result<Attempt, StoreError> {
     let target = match link_state(key, obj)? {
         LinkState::Absent => return Ok(Attempt::Done(None)),
         LinkState::Present { target, .. } => target,
@@ -820,7 +824,7 @@ fn read_data_dir(key: &ObjectKey, dir: &Path) -> Result<Option<Secret>, StoreErr
 
 /// Maps an I/O error to a [`StoreError`] naming the path; permission problems become
 /// [`StoreError::Forbidden`] because the fix (ownership, modes) differs from other I/O failures.
-fn io_err<'a>(who: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+pub(crate) fn io_err<'a>(who: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |e| {
         if e.kind() == io::ErrorKind::PermissionDenied {
             StoreError::Forbidden { key: who.to_string(), reason: format!("{}: {e}", path.display()) }
@@ -834,11 +838,51 @@ fn io_err<'a>(who: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreEr
 
 type WatchItem = Result<Option<Versioned<Secret>>, StoreError>;
 
-struct WatchState {
+/// Where a watched object lives: the watch only needs to look at its `..data` link (cheap) and
+/// to read it (when the link moved). Implemented for an object of a [`DirStore`] tree and for
+/// the single object of a [`crate::single::SingleObjectDir`].
+pub(crate) trait WatchedObject: Send + Sync + 'static {
+    /// What `..data` says now.
+    fn link_state(&self) -> Result<LinkState, StoreError>;
+    /// The object now, consistent with its version.
+    fn read(&self) -> Result<Option<(u64, Secret)>, StoreError>;
+}
+
+struct TreeObject {
     inner: Arc<Inner>,
     key: ObjectKey,
-    /// `None` once the channel closed (cannot happen while we hold `inner`, but a closed
-    /// receiver returns at once, so keeping it would spin).
+}
+
+impl WatchedObject for TreeObject {
+    fn link_state(&self) -> Result<LinkState, StoreError> {
+        link_state(&self.key, &self.inner.object_dir(&self.key))
+    }
+
+    fn read(&self) -> Result<Option<(u64, Secret)>, StoreError> {
+        self.inner.read(&self.key)
+    }
+}
+
+/// The watch stream of one object: its state now, then every change, seen at once for writes
+/// announced on `changes` and within `poll_interval` for any other write.
+pub(crate) fn watch_stream(
+    object: Arc<dyn WatchedObject>,
+    key: ObjectKey,
+    changes: broadcast::Receiver<ObjectKey>,
+    poll_interval: Duration,
+) -> WatchStream {
+    let state =
+        WatchState { object, key, changes: Some(changes), ticker: None, poll_interval, last: None, failing: false };
+    // No background task: all the work happens while the consumer polls, so dropping the
+    // stream drops everything (at most one short blocking read may still finish).
+    futures::stream::unfold(state, WatchState::next_item).boxed()
+}
+
+struct WatchState {
+    object: Arc<dyn WatchedObject>,
+    key: ObjectKey,
+    /// `None` once the channel closed (a closed receiver returns at once, so keeping it would
+    /// spin).
     changes: Option<broadcast::Receiver<ObjectKey>>,
     /// Created on the first wait: an interval needs a runtime, and `watch` may be called outside one.
     ticker: Option<tokio::time::Interval>,
@@ -856,8 +900,8 @@ impl WatchState {
                 self.wait().await;
                 if let Some(last) = self.last {
                     // The cheap check: one readlink, no file reads, unless the version moved.
-                    let (inner, key) = (Arc::clone(&self.inner), self.key.clone());
-                    let state = run_blocking(move || link_state(&key, &inner.object_dir(&key))).await;
+                    let object = Arc::clone(&self.object);
+                    let state = run_blocking(move || object.link_state()).await;
                     let unchanged = match (state, last) {
                         (Ok(LinkState::Absent), None) => true,
                         (Ok(LinkState::Present { version, .. }), Some(last)) => version == last,
@@ -868,8 +912,8 @@ impl WatchState {
                     }
                 }
             }
-            let (inner, key) = (Arc::clone(&self.inner), self.key.clone());
-            match run_blocking(move || inner.read(&key)).await {
+            let object = Arc::clone(&self.object);
+            match run_blocking(move || object.read()).await {
                 Ok(found) => {
                     let version = found.as_ref().map(|(v, _)| *v);
                     self.failing = false;

@@ -4,11 +4,13 @@
 //! Everything meshca persists goes through [`Store`]: `cacerts`, the management plane's root and
 //! registry, issued-serial records and status. Backends: [`dir::DirStore`] (the embedded default,
 //! a directory tree laid out like a kubelet secret volume so istiod can mount it) and, in
-//! Kubernetes mode, Secrets through the API server.
+//! Kubernetes mode, Secrets through the API server. [`single::SingleObjectDir`] keeps one object
+//! at the root of a given directory (Vault mode's memory-backed `cacerts` folder).
 #![forbid(unsafe_code)]
 
 pub mod dir;
 pub mod fsutil;
+pub mod single;
 pub mod typed;
 
 use std::collections::BTreeMap;

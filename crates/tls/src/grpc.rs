@@ -34,6 +34,17 @@ pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    tls_incoming_routed(listener, config, |tcp, _| Some(tcp))
+}
+
+/// [`tls_incoming`] with a say, before TLS, over each accepted connection: `route` returns it
+/// to be served here, or takes it (to hand it elsewhere, or to close it) and returns `None`.
+/// A replicated management plane uses this to serve only while it leads.
+pub fn tls_incoming_routed(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    route: impl Fn(TcpStream, std::net::SocketAddr) -> Option<TcpStream> + Send + 'static,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
     let acceptor = TlsAcceptor::from(config);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -56,6 +67,7 @@ pub fn tls_incoming(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
             }
+            let Some(tcp) = route(tcp, peer) else { continue };
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
             tokio::spawn(async move {

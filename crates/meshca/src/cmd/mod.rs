@@ -2,9 +2,11 @@
 pub mod agent;
 pub mod demo;
 pub mod inspect;
+pub mod kube;
 pub mod operator;
 pub mod server;
 pub mod up;
+pub mod vault_agent;
 pub mod verify;
 pub mod workload_ca;
 

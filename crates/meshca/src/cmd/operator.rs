@@ -1,19 +1,17 @@
 //! The operator's commands: `cluster add`, `status`, `rotate`, `policy apply`. They call the
 //! management plane's operator API over mutual TLS with the credentials `meshca server` wrote.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use meshca_mgmt::server::creds;
 use meshca_mgmt::status::human;
-use meshca_pki::{Cert, PrivateKey, RootSet};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus, RotateRequest,
 };
 use meshca_store::fsutil;
-use meshca_tls::Identity;
 use tonic::transport::Channel;
 
 use super::DurationArg;
@@ -29,31 +27,14 @@ pub struct Creds {
     server: Option<String>,
 }
 
-fn read(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(dir.join(name))
-        .with_context(|| format!("reading {} (is --credentials right?)", dir.join(name).display()))
-}
-
 /// Connects to the operator API.
 pub async fn connect(c: &Creds) -> anyhow::Result<OperatorClient<Channel>> {
     meshca_tls::provider::install();
-    let dir = &c.credentials;
-    let cert = Cert::from_pem(&read(dir, creds::CERT)?).context("operator certificate")?;
-    let key = PrivateKey::from_pem(&read(dir, creds::KEY)?).context("operator key")?;
-    let relay = RootSet::from_pem(&read(dir, creds::RELAY_CA)?).context("relay CA")?;
+    let config = creds::client_config(&c.credentials)?;
     let server = match &c.server {
         Some(s) => s.clone(),
-        None => String::from_utf8(read(dir, creds::SERVER)?)?.trim().to_string(),
+        None => creds::recorded_server(&c.credentials)?,
     };
-    let mut roots = rustls::RootCertStore::empty();
-    for r in relay.iter() {
-        roots.add(rustls_pki_types::CertificateDer::from(r.der().to_vec()))?;
-    }
-    let id = Identity::new(&cert, &[], &key);
-    let config = rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(id.chain.clone(), id.key())?;
     Ok(OperatorClient::new(meshca_tls::grpc::channel(&server, config, "localhost")?))
 }
 

@@ -43,11 +43,53 @@ pub struct Args {
     /// File with the bearer token required on /metrics.
     #[arg(long)]
     metrics_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    kube: super::kube::KubeArgs,
+    #[command(flatten)]
+    replica: ReplicaArgs,
+}
+
+/// Kubernetes mode: the RootTrustPolicy resource and leader election among replicas.
+#[derive(clap::Args)]
+struct ReplicaArgs {
+    /// Kubernetes mode: the RootTrustPolicy resource (in namespace `meshca`) to read and report on.
+    #[arg(long, default_value = "mesh")]
+    policy_resource: String,
+    /// Kubernetes mode: the Lease (in namespace `meshca`) replicas elect their leader with.
+    #[arg(long, default_value = "meshca-leader")]
+    leader_lease: String,
+    /// Kubernetes mode: this replica's unique name (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    replica_id: Option<String>,
+    /// Kubernetes mode: `host:port` where other replicas reach this one (the pod IP and port), so
+    /// followers can forward connections to the leader.
+    #[arg(long, env = "MESHCA_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
+    /// How long followers wait for a renewal before taking the lease over.
+    #[arg(long, default_value = "15s")]
+    lease_duration: DurationArg,
+    /// How long the leader keeps signing without a successful renewal (less than the lease
+    /// duration minus the retry period).
+    #[arg(long, default_value = "10s")]
+    renew_deadline: DurationArg,
+    /// How often the leader renews and followers look.
+    #[arg(long, default_value = "2s")]
+    retry_period: DurationArg,
 }
 
 /// Runs the management plane until Ctrl-C.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let store = Arc::new(DirStore::open(args.data_dir.join("store")).context("opening the store")?);
+    let kube = args.kube.client().await?;
+    if kube.is_some() && args.policy.is_some() {
+        anyhow::bail!(
+            "--policy is for the embedded store; in Kubernetes mode the policy is the RootTrustPolicy resource meshca/{} (kubectl apply -f deploy/...)",
+            args.replica.policy_resource
+        );
+    }
+    let store: Arc<dyn meshca_store::Store> = match &kube {
+        Some(client) => Arc::new(meshca_kube::store::KubeStore::new(client.clone())),
+        None => Arc::new(DirStore::open(args.data_dir.join("store")).context("opening the store")?),
+    };
     let policy_yaml = match &args.policy {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
@@ -76,14 +118,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics_token,
     };
     let creds = args.data_dir.join("operator");
-    meshca_mgmt::serve(
-        store,
-        opts,
-        move |addr| {
-            eprintln!("management plane listening on {addr}; operator credentials in {}", creds.display());
-        },
-        super::ctrl_c(),
-    )
-    .await?;
+    let on_bound = move |addr| {
+        eprintln!("management plane listening on {addr}; operator credentials in {}", creds.display());
+    };
+    let Some(client) = kube else {
+        meshca_mgmt::serve(store, opts, on_bound, super::ctrl_c()).await?;
+        return Ok(());
+    };
+
+    // Kubernetes mode: the policy is the RootTrustPolicy resource, and replicas elect a leader.
+    let r = &args.replica;
+    let namespace = meshca_mgmt::records::NAMESPACE;
+    let mut election = meshca_kube::lease::ElectionConfig::new(
+        namespace,
+        &r.leader_lease,
+        &r.replica_id.clone().unwrap_or_else(|| format!("meshca-{}", std::process::id())),
+    );
+    election.address = r.advertise_address.clone();
+    election.lease_duration = r.lease_duration.0;
+    election.renew_deadline = r.renew_deadline.0;
+    election.retry_period = r.retry_period.0;
+    election.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let leader = meshca_kube::lease::spawn(client.clone(), election.clone());
+    let with = meshca_mgmt::ServeWith {
+        policy_source: Some(Arc::new(meshca_kube::policy::CrdPolicy::new(
+            client.clone(),
+            namespace,
+            &r.policy_resource,
+        ))),
+        leader: Some(leader),
+    };
+    let result = meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await;
+    if result.is_ok() {
+        // A clean stop hands the lease over at once instead of after the lease duration.
+        meshca_kube::lease::release(client, &election).await;
+    }
+    result?;
     Ok(())
 }

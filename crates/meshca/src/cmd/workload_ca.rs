@@ -23,11 +23,29 @@ pub struct Args {
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
     /// Issuer (`iss`) of the service-account tokens callers present.
-    #[arg(long)]
-    jwt_issuer: String,
+    #[arg(long, required_unless_present = "tokenreview")]
+    jwt_issuer: Option<String>,
     /// JWKS file with the issuer's public keys.
+    #[arg(long, required_unless_present = "tokenreview")]
+    jwks: Option<PathBuf>,
+    /// Authenticate callers by TokenReview with the API server of --kubeconfig/--kube-url/
+    /// --in-cluster (Kubernetes mode, as istiod does) instead of --jwt-issuer/--jwks.
+    #[arg(long, conflicts_with_all = ["jwt_issuer", "jwks"])]
+    tokenreview: bool,
+    /// With --tokenreview: this cluster's name (a request whose `clusterid` names it is reviewed
+    /// by the local API server).
     #[arg(long)]
-    jwks: PathBuf,
+    cluster_name: Option<String>,
+    /// With --tokenreview: `CLUSTER=KUBECONFIG` — review the tokens of requests whose `clusterid`
+    /// is CLUSTER with that cluster's API server. Repeatable.
+    #[arg(long = "remote-cluster", value_name = "CLUSTER=KUBECONFIG")]
+    remote_clusters: Vec<String>,
+    /// Read `cacerts` from this Secret (`NAMESPACE/NAME`) through the API server and mirror it
+    /// into --cacerts, for running where no kubelet mounts the Secret (in a pod, mount it instead).
+    #[arg(long, requires = "cacerts")]
+    cacerts_secret: Option<String>,
+    #[command(flatten)]
+    kube: super::kube::KubeArgs,
     /// Audience the tokens must carry.
     #[arg(long, default_value = meshca_workload_ca::ISTIO_CA_AUDIENCE)]
     audience: String,
@@ -71,13 +89,40 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let client = a.kube.client().await?;
+    let auth: Arc<dyn Authenticator> = match (&a.jwt_issuer, &a.jwks) {
+        (Some(issuer), Some(jwks)) if !a.tokenreview => jwt_auth(issuer, jwks, &a.audience, a.cache_tokens)?,
+        _ => {
+            let local = client.clone().context("--tokenreview needs --kubeconfig, --kube-url or --in-cluster")?;
+            let mut review = meshca_kube::tokenreview::TokenReviewAuthenticator::new(local, &a.audience);
+            if let Some(name) = &a.cluster_name {
+                review = review.with_local_cluster(name);
+            }
+            for spec in &a.remote_clusters {
+                let (name, path) = spec
+                    .split_once('=')
+                    .with_context(|| format!("--remote-cluster {spec:?} is not CLUSTER=KUBECONFIG"))?;
+                let conn = meshca_kube::Connection::Kubeconfig { path: path.into(), context: None };
+                review = review
+                    .with_remote(name, meshca_kube::connect(&conn).await.with_context(|| format!("cluster {name}"))?);
+            }
+            // A token is reviewed once and trusted until it expires (istiod reviews every call;
+            // at certificate-renewal rates the API server would carry that load for nothing).
+            if a.cache_tokens { Arc::new(CachingAuthenticator::new(review, 100_000)) } else { Arc::new(review) }
+        }
+    };
+    if let Some(secret) = &a.cacerts_secret {
+        let client = client.clone().context("--cacerts-secret needs --kubeconfig, --kube-url or --in-cluster")?;
+        let store = Arc::new(meshca_kube::store::KubeStore::new(client));
+        super::kube::mirror_secret(store, super::kube::object_key(secret)?, a.cacerts.clone()).await?;
+    }
     let opts = Options {
         cacerts_dir: a.cacerts,
         listen: a.listen,
         metrics_listen: a.metrics_listen,
         metrics_token,
         trust_domain: a.trust_domain,
-        auth: jwt_auth(&a.jwt_issuer, &a.jwks, &a.audience, a.cache_tokens)?,
+        auth,
         ttl: TtlPolicy { default: a.default_ttl.0, max: a.max_ttl.0 },
         max_per_second: a.max_requests_per_second,
     };

@@ -71,6 +71,38 @@ pub struct Args {
     /// files while `up` runs moves every cluster to the new intermediate.
     #[arg(long, required_if_eq("ca", "byo-intermediate"))]
     intermediate_from: Option<PathBuf>,
+    #[command(flatten)]
+    vault: VaultArgs,
+}
+
+/// `meshca up --ca vault`: where Vault is and how the clusters' Vault agents log in.
+#[derive(clap::Args)]
+struct VaultArgs {
+    /// With `--ca vault`: Vault's address.
+    #[arg(long, env = "VAULT_ADDR", required_if_eq("ca", "vault"))]
+    vault_addr: Option<String>,
+    /// With `--ca vault`: a file holding the Vault token the clusters' agents use (a token with
+    /// `update` on `<mount>/root/sign-intermediate`; see docs/vault.md).
+    #[arg(long, required_if_eq("ca", "vault"))]
+    vault_token_file: Option<PathBuf>,
+    /// With `--ca vault`: the PKI mount holding the root; intermediates are signed at
+    /// `<mount>/root/sign-intermediate`.
+    #[arg(long, default_value = "pki")]
+    vault_mount: String,
+    /// With `--ca vault`: have Vault generate each intermediate's key at
+    /// `<mount>/intermediate/generate/exported` (the policy's `csrPath`).
+    #[arg(long)]
+    vault_csr_mount: Option<String>,
+    /// With `--ca vault`: CA file for Vault's TLS certificate.
+    #[arg(long, env = "VAULT_CACERT")]
+    vault_ca_file: Option<PathBuf>,
+    /// With `--ca vault`: where each cluster's memory-backed `cacerts` folder is made (removed
+    /// when `up` stops).
+    #[arg(long, default_value = "/dev/shm")]
+    memory_dir_root: PathBuf,
+    /// With `--ca vault`: allow a `--memory-dir-root` that is not tmpfs/ramfs (development).
+    #[arg(long)]
+    allow_disk_key: bool,
 }
 
 /// Root-of-trust modes `meshca up` can run.
@@ -80,6 +112,8 @@ pub enum CaChoice {
     Generated,
     /// Your PKI's intermediate signs the cluster intermediates (option 3).
     ByoIntermediate,
+    /// The root lives in Vault; each cluster's Vault agent keeps its key in memory (option 4).
+    Vault,
 }
 
 /// Name of the secret `up` keeps the user's intermediate in.
@@ -260,6 +294,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }
         tokio::spawn(follow_intermediate_dir(from, mgmt_store.clone()));
     }
+    let memory_root = if a.ca == CaChoice::Vault {
+        policy.ca = meshca_policy::CaMode::Vault(Box::new(vault_doc(&a.vault)?));
+        let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Some(a.vault.memory_dir_root.join(format!("meshca-up-{}-{stamp}", std::process::id())))
+    } else {
+        None
+    };
+    let _memory_guard = memory_root.clone().map(RemoveOnDrop);
     let opts = ServerOptions {
         listen: "127.0.0.1:0".parse()?,
         hostnames: vec!["localhost".into()],
@@ -311,7 +353,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let name = format!("cluster-{i}");
         let cdir = dir.join(&name);
         let store = Arc::new(DirStore::open(cdir.join("store"))?);
-        let cacerts = store.object_path(&meshca_store::ObjectKey::new("istio-system", "cacerts")?);
+        let cacerts_key = meshca_store::ObjectKey::new("istio-system", "cacerts")?;
+        let mut cacerts = store.object_path(&cacerts_key);
         // Agent: registered with a bootstrap token minted directly in the management store.
         let token =
             meshca_mgmt::tokens::create(mgmt_store.as_ref(), &name, Duration::from_secs(600), SystemTime::now())
@@ -320,11 +363,22 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         ao.bootstrap_token = Some(token.token);
         ao.relay_ca = Some(relay_ca.clone());
         ao.backoff_max = Duration::from_secs(5);
-        let agent_store = store.clone();
+        let mut agent_store: Arc<dyn meshca_store::Store> = store.clone();
+        let mut source: Option<Arc<dyn meshca_agent::source::IntermediateSource>> = None;
+        if let Some(root) = &memory_root {
+            // Vault mode: cacerts (key included) only in a memory-backed folder; the agent's
+            // identity stays in the cluster's store.
+            cacerts = root.join(&name);
+            meshca_vault::memdir::prepare(&cacerts, a.vault.allow_disk_key)?;
+            agent_store = Arc::new(
+                meshca_store::single::SingleObjectDir::open(cacerts_key, &cacerts)?.with_others(store.clone()),
+            );
+            source = Some(Arc::new(meshca_vault::VaultSource::new(Default::default())));
+        }
         let rx = stop_rx.clone();
         let agent_name = name.clone();
         tokio::spawn(async move {
-            if let Err(e) = meshca_agent::run(agent_store, ao, rx).await {
+            if let Err(e) = meshca_agent::run_with(agent_store, ao, source, rx).await {
                 tracing::error!(cluster = %agent_name, error = %e, "agent stopped");
                 eprintln!("agent of {agent_name} stopped: {e}");
             }
@@ -475,6 +529,38 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         bail!("{} handshakes failed (see {})", summary.handshakes_failed, log_file.display());
     }
     Ok(())
+}
+
+/// Removes the memory-backed `cacerts` folders when `up` ends, however it ends: the
+/// intermediate keys existed only there, and they go with the topology.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The policy's `vault` block for `--ca vault`: a token from a file, the root at `<mount>`.
+fn vault_doc(v: &VaultArgs) -> anyhow::Result<meshca_policy::VaultDoc> {
+    use meshca_policy::{VaultAuthDoc, VaultDoc, VaultTlsDoc, VaultTokenDoc};
+    let server = v.vault_addr.clone().context("--vault-addr (or VAULT_ADDR) is required with --ca vault")?;
+    let token_file = v.vault_token_file.as_deref().context("--vault-token-file is required with --ca vault")?;
+    let mount = v.vault_mount.trim_matches('/');
+    Ok(VaultDoc {
+        server,
+        ca_path: format!("{mount}/root/sign-intermediate"),
+        csr_path: v
+            .vault_csr_mount
+            .as_deref()
+            .map(|m| format!("{}/intermediate/generate/exported", m.trim_matches('/'))),
+        namespace: None,
+        tls: v.vault_ca_file.as_deref().map(|f| VaultTlsDoc { ca_file: Some(abs(f)) }),
+        auth: VaultAuthDoc {
+            token: Some(VaultTokenDoc { secret_ref: None, token_file: Some(abs(token_file)) }),
+            ..Default::default()
+        },
+    })
 }
 
 fn workload_files(cacerts: &Path) -> meshca_pki::BundleFiles {

@@ -1,0 +1,313 @@
+//! The RootTrustPolicy custom resource (`deploy/crds/roottrustpolicies.meshca.io.yaml`) as the
+//! management plane's [`PolicySource`]: read and watched through the API server, changed by
+//! operators with `kubectl`, and given a status by the leader.
+//!
+//! The status says, per cluster, its phase, its intermediate's serial and NotAfter and the root
+//! set it trusts, plus the mesh's root-set fingerprint and two conditions with
+//! `lastTransitionTime`s: `Accepted` (the policy is valid and its CA loaded; otherwise the message
+//! names the field) and `Ready` (every covered cluster reports a current intermediate under the
+//! current policy generation and root set). A transition time changes only when its condition's
+//! status does, as Kubernetes' conventions ask.
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use meshca_mgmt::MgmtError;
+use meshca_mgmt::authority::{Authority, PolicySource};
+use meshca_policy::{Policy, PolicyError, RootTrustPolicyDoc};
+use meshca_proto::mgmt::MeshStatus;
+use meshca_store::StoreError;
+use serde_json::{Value, json};
+
+/// The API group.
+pub const GROUP: &str = "meshca.io";
+/// The version served.
+pub const VERSION: &str = "v1alpha1";
+/// The plural (the URL segment).
+pub const PLURAL: &str = "roottrustpolicies";
+
+/// The RootTrustPolicy resource, for dynamic API access (kube's typed API would need the
+/// `derive` feature and its schema generator; the CRD's schema is written by hand instead, to
+/// express the one-mode rule).
+pub fn api_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, meshca_policy::KIND), PLURAL)
+}
+
+/// The policy `<namespace>/<name>` as a custom resource.
+pub struct CrdPolicy {
+    api: Api<DynamicObject>,
+    namespace: String,
+    name: String,
+}
+
+impl CrdPolicy {
+    /// The RootTrustPolicy `namespace/name` on the API server `client` talks to.
+    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+        CrdPolicy {
+            api: Api::namespaced_with(client, namespace, &api_resource()),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    fn what(&self) -> String {
+        format!("RootTrustPolicy {}/{}", self.namespace, self.name)
+    }
+
+    fn backend(&self, e: kube::Error) -> MgmtError {
+        let reason = match crate::api_status(&e) {
+            Some((code, m)) => format!("{}: API server answered {code}: {m}", self.what()),
+            None => format!("{}: {e}", self.what()),
+        };
+        MgmtError::Store(StoreError::Backend(reason))
+    }
+}
+
+/// Validates a RootTrustPolicy object as read from the API server.
+pub fn policy_from_object(obj: &DynamicObject) -> Result<Policy, PolicyError> {
+    let doc = json!({
+        "apiVersion": obj.types.as_ref().map(|t| t.api_version.as_str()).unwrap_or(meshca_policy::API_VERSION),
+        "kind": obj.types.as_ref().map(|t| t.kind.as_str()).unwrap_or(meshca_policy::KIND),
+        "metadata": {
+            "name": obj.metadata.name,
+            "namespace": obj.metadata.namespace,
+            "generation": obj.metadata.generation,
+        },
+        "spec": obj.data.get("spec").cloned().unwrap_or(Value::Null),
+    });
+    let doc: RootTrustPolicyDoc =
+        serde_json::from_value(doc).map_err(|e| PolicyError { field: "spec".into(), message: e.to_string() })?;
+    Policy::from_doc(&doc)
+}
+
+#[async_trait::async_trait]
+impl PolicySource for CrdPolicy {
+    async fn read(&self) -> Result<Option<Policy>, MgmtError> {
+        let Some(obj) = self.api.get_opt(&self.name).await.map_err(|e| self.backend(e))? else { return Ok(None) };
+        Ok(Some(policy_from_object(&obj)?))
+    }
+
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        watcher::watcher(self.api.clone(), config)
+            .filter_map(|e| async move {
+                match e {
+                    Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Some(()),
+                    // A list in progress, or an error the watcher retries by itself (the loader's
+                    // resync covers anything missed meanwhile).
+                    _ => None,
+                }
+            })
+            .boxed()
+    }
+
+    async fn apply(&self, _text: &str) -> Result<(), MgmtError> {
+        Err(MgmtError::Policy(PolicyError {
+            field: "policy".into(),
+            message: format!(
+                "in Kubernetes mode the policy is the {} resource; change it with `kubectl apply` (the management plane only reads it and writes its status)",
+                self.what()
+            ),
+        }))
+    }
+
+    async fn publish_status(&self, st: &MeshStatus, authority: &Authority) -> Result<(), MgmtError> {
+        let Some(obj) = self.api.get_opt(&self.name).await.map_err(|e| self.backend(e))? else { return Ok(()) };
+        let previous = obj.data.get("status").cloned().unwrap_or(Value::Null);
+        let status = build_status(st, authority, obj.metadata.generation, &previous, Timestamp::now());
+        if status == previous {
+            return Ok(());
+        }
+        let patch = json!({ "status": status });
+        self.api
+            .patch_status(
+                &self.name,
+                &PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() },
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| self.backend(e))?;
+        Ok(())
+    }
+}
+
+fn rfc3339(unix: i64) -> Option<String> {
+    (unix > 0).then(|| Timestamp::from_second(unix).map(|t| t.to_string()).ok()).flatten()
+}
+
+/// The status object for `st`; condition transition times are kept from `previous` when the
+/// condition's status has not changed.
+pub fn build_status(
+    st: &MeshStatus,
+    authority: &Authority,
+    generation: Option<i64>,
+    previous: &Value,
+    now: Timestamp,
+) -> Value {
+    let clusters: Vec<Value> = st
+        .clusters
+        .iter()
+        .map(|c| {
+            let s = c.status.clone().unwrap_or_default();
+            let mut v = json!({
+                "name": c.name,
+                "registered": c.registered,
+                "enrolled": c.enrolled,
+                "connected": c.connected,
+                "phase": if s.phase.is_empty() { if c.registered { "Waiting" } else { "NotRegistered" } } else { s.phase.as_str() },
+                "intermediateSerial": s.intermediate_serial,
+                "rootSetFingerprint": s.root_set_fingerprint,
+                "policyGeneration": s.policy_generation,
+                "lastError": s.last_error,
+            });
+            if let Some(t) = rfc3339(s.intermediate_not_after) {
+                v["intermediateNotAfter"] = json!(t);
+            }
+            if let Some(t) = rfc3339(c.last_seen) {
+                v["lastReported"] = json!(t);
+            }
+            // Unset is absent, not "": a merge patch of "" reached the API server as null, which
+            // the schema (type: string) refuses.
+            if let Some(o) = v.as_object_mut() {
+                o.retain(|_, x| x.as_str() != Some(""));
+            }
+            v
+        })
+        .collect();
+
+    let accepted = match (&authority.error, &authority.warning) {
+        (Some(e), _) => ("False", "PolicyInvalid", e.clone()),
+        (None, Some(w)) => ("True", "AcceptedWithWarning", w.clone()),
+        (None, None) => ("True", "Accepted", format!("{} CA loaded", st.ca_mode)),
+    };
+    let covered: Vec<_> = st.clusters.iter().filter(|c| c.enrolled).collect();
+    let lagging: Vec<String> = covered
+        .iter()
+        .filter(|c| {
+            let s = c.status.clone().unwrap_or_default();
+            !(c.registered
+                && s.phase == "Ready"
+                && s.policy_generation == st.policy_generation
+                && (st.root_set_fingerprint.is_empty() || s.root_set_fingerprint == st.root_set_fingerprint))
+        })
+        .map(|c| c.name.clone())
+        .collect();
+    let ready = if authority.error.is_some() {
+        ("False", "PolicyInvalid", "the policy's CA cannot sign".to_string())
+    } else if covered.is_empty() {
+        ("False", "NoClusters", "no cluster is registered under this policy yet".to_string())
+    } else if lagging.is_empty() {
+        ("True", "AllClustersReady", format!("{} cluster(s) hold a current intermediate", covered.len()))
+    } else {
+        ("False", "ClustersNotReady", format!("not ready under the current policy generation: {}", lagging.join(", ")))
+    };
+    let conditions: Vec<Value> = [("Accepted", accepted), ("Ready", ready)]
+        .into_iter()
+        .map(|(kind, (status, reason, message))| {
+            let before = previous["conditions"]
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["type"] == kind))
+                .filter(|c| c["status"] == status)
+                .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_string));
+            json!({
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": before.unwrap_or_else(|| now.to_string()),
+                "observedGeneration": generation,
+            })
+        })
+        .collect();
+
+    let mut status = json!({
+        "observedGeneration": generation,
+        "caMode": st.ca_mode,
+        "trustDomain": st.trust_domain,
+        "policyGeneration": st.policy_generation,
+        "rootSetFingerprint": st.root_set_fingerprint,
+        "clusters": clusters,
+        "conditions": conditions,
+    });
+    if let Some(t) = rfc3339(st.root_not_after) {
+        status["rootNotAfter"] = json!(t);
+    }
+    status
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use meshca_proto::mgmt::{ClusterStatus, ClusterView};
+
+    fn authority() -> Authority {
+        Authority {
+            policy: Policy::generated_default(std::time::Duration::from_secs(3600)),
+            signer: None,
+            roots: None,
+            generation: "g1".into(),
+            error: None,
+            warning: None,
+        }
+    }
+
+    fn mesh(phase: &str) -> MeshStatus {
+        MeshStatus {
+            ca_mode: "generated".into(),
+            policy_generation: "g1".into(),
+            root_set_fingerprint: "sha256:r".into(),
+            clusters: vec![ClusterView {
+                name: "c1".into(),
+                registered: true,
+                enrolled: true,
+                connected: true,
+                last_seen: 1_700_000_000,
+                status: Some(ClusterStatus {
+                    phase: phase.into(),
+                    intermediate_serial: "AB".into(),
+                    intermediate_not_after: 1_700_003_600,
+                    root_set_fingerprint: "sha256:r".into(),
+                    policy_generation: "g1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn condition<'a>(st: &'a Value, kind: &str) -> &'a Value {
+        st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).unwrap()
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let t1 = Timestamp::from_second(1_700_000_100).unwrap();
+        let t2 = Timestamp::from_second(1_700_000_200).unwrap();
+        let t3 = Timestamp::from_second(1_700_000_300).unwrap();
+        let s1 = build_status(&mesh("Renewing"), &authority(), Some(3), &Value::Null, t1);
+        assert_eq!(condition(&s1, "Ready")["status"], "False");
+        assert_eq!(condition(&s1, "Accepted")["status"], "True");
+        assert_eq!(s1["clusters"][0]["intermediateNotAfter"], "2023-11-14T23:13:20Z");
+        assert_eq!(s1["clusters"][0].get("lastError"), None, "empty strings are left out");
+        assert_eq!(s1["observedGeneration"], 3);
+
+        let s2 = build_status(&mesh("Ready"), &authority(), Some(3), &s1, t2);
+        assert_eq!(condition(&s2, "Ready")["status"], "True");
+        assert_eq!(condition(&s2, "Ready")["lastTransitionTime"], t2.to_string());
+        assert_eq!(condition(&s2, "Accepted")["lastTransitionTime"], t1.to_string(), "Accepted did not flip");
+
+        let s3 = build_status(&mesh("Ready"), &authority(), Some(3), &s2, t3);
+        assert_eq!(s3, s2, "nothing changed, nothing to write");
+
+        let mut broken = authority();
+        broken.error = Some("spec.config.secretRef: secret meshca/x: not found".into());
+        let s4 = build_status(&mesh("Ready"), &broken, Some(4), &s3, t3);
+        assert_eq!(condition(&s4, "Accepted")["status"], "False");
+        assert!(condition(&s4, "Accepted")["message"].as_str().unwrap().contains("spec.config.secretRef"));
+        assert_eq!(condition(&s4, "Ready")["reason"], "PolicyInvalid");
+    }
+}

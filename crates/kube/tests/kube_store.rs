@@ -1,0 +1,263 @@
+//! The Kubernetes store against a real kube-apiserver 1.20 + etcd: the same contract as the
+//! directory store (preconditions, atomic multi-key writes, labels, watch), compare-and-swap races
+//! between two clients, and creation allowed by a Role that names the one Secret.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use meshca_kube::store::KubeStore;
+use meshca_kube::testing::ApiServer;
+use meshca_store::{ObjectKey, Precondition, Secret, Store, StoreError, Versioned};
+use serde_json::json;
+
+fn key(ns: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(ns, name).unwrap()
+}
+
+fn cacerts(generation: &str) -> Secret {
+    Secret::with_data([
+        ("ca-cert.pem", format!("cert {generation}")),
+        ("ca-key.pem", format!("key {generation}")),
+        ("cert-chain.pem", format!("chain {generation}")),
+        ("root-cert.pem", format!("root {generation}")),
+    ])
+    .label("app.kubernetes.io/managed-by", "meshca")
+    .annotation("meshca.io/generation", generation)
+}
+
+type Item = Result<Option<Versioned<Secret>>, StoreError>;
+
+async fn next_within(stream: &mut (impl futures::Stream<Item = Item> + Unpin)) -> Option<Versioned<Secret>> {
+    tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("no watch event in time")
+        .unwrap()
+        .unwrap()
+}
+
+/// One API server for the whole file (each start costs ~5 s); every test uses its own namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_store_against_a_real_api_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(&tmp.path().join("kube")).await;
+    for ns in ["contract", "race", "watch", "istio-system"] {
+        api.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {ns} }}\n")).await;
+    }
+    let store = KubeStore::new(api.admin().await);
+
+    contract(&store).await;
+    racing_writers_lose_no_update(&api).await;
+    watch(&store).await;
+    a_role_naming_one_secret_lets_the_store_create_and_update_it_and_nothing_else(&api).await;
+    a_watch_survives_an_api_server_restart(api, &store).await;
+}
+
+/// The API server goes away under a watch and comes back with etcd's history compacted, so the
+/// watch cannot resume from the version it had (410 Gone): it reports the outage once, lists
+/// again — yielding the current state — and goes on delivering changes.
+async fn a_watch_survives_an_api_server_restart(mut api: ApiServer, store: &KubeStore) {
+    let k = key("watch", "restart");
+    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let mut w = store.watch(&k);
+    assert_eq!(next_within(&mut w).await.unwrap().version, v1);
+    // Later writes to other objects, then a compaction past the watch's version.
+    store.put(&key("watch", "other"), &cacerts("1"), Precondition::Absent).await.unwrap();
+    api.kill_apiserver();
+    api.compact_etcd();
+    let outage =
+        tokio::time::timeout(Duration::from_secs(30), w.next()).await.expect("the outage is reported").unwrap();
+    assert!(outage.is_err(), "{outage:?}");
+    api.restart_apiserver().await;
+    // The watch cannot resume from v1's version (compacted away): it lists again and yields the
+    // current state once more ...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, w.next()).await.expect("a re-list after the restart").unwrap() {
+            Ok(v) => {
+                assert_eq!(v.unwrap().version, v1);
+                break;
+            }
+            Err(e) => eprintln!("during the restart: {e}"),
+        }
+    }
+    // ... and goes on delivering changes.
+    let v2 = store.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(next_within(&mut w).await.unwrap().version, v2);
+}
+
+async fn contract(store: &KubeStore) {
+    let k = key("contract", "cacerts");
+    assert!(store.get(&k).await.unwrap().is_none());
+
+    // Create: all four keys, the label and the annotation in one object of type Opaque.
+    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let got = store.get(&k).await.unwrap().unwrap();
+    assert_eq!((&got.value, &got.version), (&cacerts("1"), &v1));
+    let err = store.put(&k, &cacerts("x"), Precondition::Absent).await.unwrap_err();
+    assert!(matches!(&err, StoreError::AlreadyExists(g) if *g == k), "{err}");
+
+    // Compare-and-swap: the current version wins, a stale one loses and leaves no trace.
+    let v2 = store.put(&k, &cacerts("2"), Precondition::Version(v1.clone())).await.unwrap();
+    match store.put(&k, &cacerts("stale"), Precondition::Version(v1.clone())).await {
+        Err(StoreError::Conflict { key: got, expected, found }) => {
+            assert_eq!((got, expected, found), (k.clone(), v1.0.clone(), v2.0.clone()));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.get(&k).await.unwrap().unwrap().value, cacerts("2"));
+
+    // Fewer keys than before: removed keys are gone (a replace, not a merge), binary data survives.
+    let v3 = store
+        .put(&k, &Secret::with_data([("bin", vec![0u8, 255, 10, 0])]), Precondition::Version(v2.clone()))
+        .await
+        .unwrap();
+    let got = store.get(&k).await.unwrap().unwrap();
+    assert_eq!(got.value, Secret::with_data([("bin", vec![0u8, 255, 10, 0])]));
+    assert_eq!(got.version, v3);
+
+    // Any: creates or overwrites.
+    let m = key("contract", "missing");
+    let err = store.put(&m, &cacerts("1"), Precondition::Version(v1.clone())).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    store.put(&m, &cacerts("1"), Precondition::Any).await.unwrap();
+    store.put(&m, &cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(store.get(&m).await.unwrap().unwrap().value, cacerts("2"));
+
+    // Invalid keys are refused before any call.
+    let err = store.put(&k, &Secret::with_data([("..data", "x")]), Precondition::Any).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidKey(_)), "{err}");
+
+    assert_eq!(store.list("contract").await.unwrap(), vec!["cacerts", "missing"]);
+
+    // Deletes follow the same rules.
+    let err = store.delete(&k, Precondition::Version(v1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let err = store.delete(&k, Precondition::Absent).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
+    store.delete(&k, Precondition::Version(v3.clone())).await.unwrap();
+    assert!(store.get(&k).await.unwrap().is_none());
+    let err = store.delete(&k, Precondition::Any).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    store.delete(&k, Precondition::Absent).await.unwrap();
+    assert_eq!(store.list("contract").await.unwrap(), vec!["missing"]);
+}
+
+/// Two clients (two connections, like two replicas) increment one counter with compare-and-swap.
+/// Had two writers both succeeded from the same read, a value would repeat and the counter would
+/// fall short.
+async fn racing_writers_lose_no_update(api: &ApiServer) {
+    const TASKS_PER_CLIENT: u64 = 3;
+    const INCREMENTS: u64 = 10;
+    let stores = [KubeStore::new(api.admin().await), KubeStore::new(api.admin().await)];
+    let k = key("race", "counter");
+    // Both race to create it, too: exactly one create wins.
+    let zero = Secret::with_data([("n", "0")]);
+    let creates = futures::future::join_all(stores.iter().map(|s| s.put(&k, &zero, Precondition::Absent))).await;
+    assert_eq!(creates.iter().filter(|r| r.is_ok()).count(), 1, "{creates:?}");
+    assert!(creates.iter().any(|r| matches!(r, Err(StoreError::AlreadyExists(_)))), "{creates:?}");
+
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for store in &stores {
+        for _ in 0..TASKS_PER_CLIENT {
+            let (store, k, conflicts) = (store.clone(), k.clone(), conflicts.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut written = Vec::new();
+                for _ in 0..INCREMENTS {
+                    loop {
+                        let current = store.get(&k).await.unwrap().unwrap();
+                        let n: u64 = std::str::from_utf8(current.value.get("n").unwrap()).unwrap().parse().unwrap();
+                        let next = Secret::with_data([("n", (n + 1).to_string())]);
+                        match store.put(&k, &next, Precondition::Version(current.version)).await {
+                            Ok(_) => {
+                                written.push(n + 1);
+                                break;
+                            }
+                            Err(StoreError::Conflict { .. }) => {
+                                conflicts.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                written
+            }));
+        }
+    }
+    let mut written = Vec::new();
+    for t in tasks {
+        written.extend(t.await.unwrap());
+    }
+    let total = 2 * TASKS_PER_CLIENT * INCREMENTS;
+    written.sort_unstable();
+    assert_eq!(written, (1..=total).collect::<Vec<_>>());
+    let last = stores[1].get(&k).await.unwrap().unwrap();
+    assert_eq!(last.value.get("n").unwrap(), total.to_string().as_bytes());
+    assert!(conflicts.load(Ordering::Relaxed) > 0, "the writers should actually have raced");
+    eprintln!("race: {total} increments, {} conflicts resolved by resource version", conflicts.load(Ordering::Relaxed));
+}
+
+async fn watch(store: &KubeStore) {
+    let k = key("watch", "a");
+    let mut w = store.watch(&k);
+    assert!(next_within(&mut w).await.is_none(), "the current state (absent) comes first");
+    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    let got = next_within(&mut w).await.unwrap();
+    assert_eq!((got.value, got.version), (cacerts("1"), v1));
+    // Writes to other objects are not reported.
+    store.put(&key("watch", "b"), &cacerts("1"), Precondition::Absent).await.unwrap();
+    let v2 = store.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(next_within(&mut w).await.unwrap().version, v2);
+    store.delete(&k, Precondition::Any).await.unwrap();
+    assert!(next_within(&mut w).await.is_none());
+    // A new watch starts from the current state.
+    let v3 = store.put(&k, &cacerts("3"), Precondition::Absent).await.unwrap();
+    let mut w2 = store.watch(&k);
+    assert_eq!(next_within(&mut w2).await.unwrap().version, v3);
+    assert_eq!(next_within(&mut w).await.unwrap().version, v3);
+}
+
+/// The agent's permissions, reduced to their core: a Role on `resourceNames: [cacerts]`. The store
+/// creates and updates `cacerts` with it (create through an apply to the named URL), and every
+/// other Secret is denied with 403 — including creating one.
+async fn a_role_naming_one_secret_lets_the_store_create_and_update_it_and_nothing_else(api: &ApiServer) {
+    api.apply_yaml(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: writer, namespace: istio-system }\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: { name: writer, namespace: istio-system }\n\
+         rules: [{ apiGroups: [''], resources: [secrets], resourceNames: [cacerts], verbs: [get, create, update, patch] }]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: { name: writer, namespace: istio-system }\n\
+         roleRef: { apiGroup: rbac.authorization.k8s.io, kind: Role, name: writer }\n\
+         subjects: [{ kind: ServiceAccount, name: writer, namespace: istio-system }]\n",
+    )
+    .await;
+    let token = api.token("istio-system", "writer", None, Duration::from_secs(600)).await;
+    let store = KubeStore::new(api.client_with_token(&token).await);
+    let k = key("istio-system", "cacerts");
+    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+    store.put(&k, &cacerts("2"), Precondition::Version(v1)).await.unwrap();
+    assert_eq!(store.get(&k).await.unwrap().unwrap().value, cacerts("2"));
+
+    let other = key("istio-system", "istio-ca-secret");
+    for result in [
+        store.put(&other, &cacerts("1"), Precondition::Absent).await.map(|_| ()),
+        store.put(&other, &cacerts("1"), Precondition::Any).await.map(|_| ()),
+        store.get(&other).await.map(|_| ()),
+        store.list("istio-system").await.map(|_| ()),
+        store.delete(&k, Precondition::Any).await,
+    ] {
+        assert!(matches!(&result, Err(StoreError::Forbidden { .. })), "{result:?}");
+    }
+    // And a plain POST of another Secret, as kubectl would send it, is denied too.
+    let (code, body) = api
+        .raw(
+            &token,
+            "POST",
+            "/api/v1/namespaces/istio-system/secrets",
+            Some(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "other"}})),
+        )
+        .await;
+    assert_eq!(code, 403, "{body}");
+}

@@ -1,0 +1,609 @@
+//! Real external peers for the Vault-mode tests: HashiCorp Vault (built by
+//! `scripts/peers/vault.sh`) and kube-apiserver + etcd (`scripts/peers/kube-apiserver.sh`).
+//!
+//! Binaries: `MESHCA_VAULT_BIN` / `MESHCA_KUBE_APISERVER_BIN` (set by `.ci/run`), else the peers
+//! cache (`scripts/peers/*.sh path`), else a build (`scripts/peers/*.sh build`, root + Go).
+//! Vault and Kubernetes are set up with curl — an oracle independent of meshca's own Vault
+//! client — exactly as `docs/peers.md` proves.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn peer_bin(env: &str, script: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env).map(PathBuf::from).filter(|p| p.is_file()) {
+        return p;
+    }
+    let script = repo().join("scripts/peers").join(script);
+    for action in ["path", "build"] {
+        let out = Command::new("bash").arg(&script).arg(action).stderr(Stdio::inherit()).output().unwrap();
+        let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
+        if out.status.success() && Path::new(&path).is_file() {
+            return PathBuf::from(path);
+        }
+    }
+    panic!("no {script:?} peer: set {env} or run `{} build` (needs root and Go)", script.display());
+}
+
+/// The Vault binary.
+pub fn vault_bin() -> PathBuf {
+    peer_bin("MESHCA_VAULT_BIN", "vault.sh")
+}
+
+/// Two consecutive free ports on 127.0.0.1 (Vault listens on PORT and PORT+1).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair");
+}
+
+/// A random hex string.
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    hex::encode(b)
+}
+
+/// Sends `sig` (`TERM`, `STOP`, `CONT`) to `pid` with bash's builtin `kill` (a bare Debian has
+/// no kill(1) binary without procps).
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("bash").arg("-c").arg(format!("kill -{sig} {pid}")).status().unwrap().success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Writes a credential file, 0600.
+pub fn write_secret(path: &Path, value: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
+    f.write_all(value.as_bytes()).unwrap();
+}
+
+/// `curl` a JSON API; returns (HTTP status, JSON body or Null).
+pub fn curl(method: &str, url: &str, headers: &[String], cacert: Option<&Path>, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "30", "-X", method, "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if let Some(ca) = cacert {
+        cmd.arg("--cacert").arg(ca);
+    }
+    if body.is_some() {
+        cmd.args(["--data-binary", "@-"]);
+    }
+    cmd.arg(url).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("curl must be installed");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(b) = body {
+            stdin.write_all(b.to_string().as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let status = code.trim().parse().unwrap_or(0);
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+/// How Vault is run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// `vault server -dev`: in-memory, unsealed, given root token.
+    Dev,
+    /// `vault server -dev -dev-tls`: the same over https, with its own CA.
+    DevTls,
+    /// A real server with file storage: init + unseal; survives a restart (same data).
+    File,
+}
+
+/// A Vault server started by a test; killed when dropped.
+pub struct Vault {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub addr: String,
+    pub root_token: String,
+    pub ca: Option<PathBuf>,
+    storage: Storage,
+    unseal_key: Option<String>,
+}
+
+impl Vault {
+    /// Starts Vault in `dir` on a free port pair.
+    pub fn start(dir: &Path, storage: Storage) -> Vault {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port_pair();
+        let scheme = if storage == Storage::DevTls { "https" } else { "http" };
+        let mut v = Vault {
+            child: None,
+            dir: dir.to_path_buf(),
+            port,
+            addr: format!("{scheme}://127.0.0.1:{port}"),
+            root_token: random_hex(16),
+            ca: (storage == Storage::DevTls).then(|| dir.join("tls").join("vault-ca.pem")),
+            storage,
+            unseal_key: None,
+        };
+        v.spawn();
+        if storage == Storage::File {
+            let (s, init) = v.api_as("", "PUT", "sys/init", Some(json!({"secret_shares": 1, "secret_threshold": 1})));
+            assert_eq!(s, 200, "vault init: {init}");
+            v.root_token = init["root_token"].as_str().unwrap().to_string();
+            v.unseal_key = Some(init["keys_base64"][0].as_str().unwrap().to_string());
+            v.unseal();
+        }
+        v
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("vault.log")).unwrap();
+        let mut cmd = Command::new(vault_bin());
+        cmd.env("HOME", &self.dir).env_remove("VAULT_TOKEN").env_remove("VAULT_ADDR");
+        match self.storage {
+            Storage::Dev | Storage::DevTls => {
+                cmd.args(["server", "-dev", "-dev-no-store-token"])
+                    .arg(format!("-dev-root-token-id={}", self.root_token))
+                    .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port));
+                if self.storage == Storage::DevTls {
+                    std::fs::create_dir_all(self.dir.join("tls")).unwrap();
+                    cmd.arg("-dev-tls").arg(format!("-dev-tls-cert-dir={}", self.dir.join("tls").display()));
+                }
+            }
+            Storage::File => {
+                let config = self.dir.join("vault.hcl");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "storage \"file\" {{ path = \"{}\" }}\nlistener \"tcp\" {{ address = \"127.0.0.1:{}\"\n  cluster_address = \"127.0.0.1:{}\"\n  tls_disable = true }}\napi_addr = \"http://127.0.0.1:{}\"\ncluster_addr = \"http://127.0.0.1:{}\"\ndisable_mlock = true\nui = false\n",
+                        self.dir.join("data").display(),
+                        self.port,
+                        self.port + 1,
+                        self.port,
+                        self.port + 1
+                    ),
+                )
+                .unwrap();
+                cmd.arg("server").arg(format!("-config={}", config.display()));
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Up when sys/health answers at all (sealed/uninitialised answers are non-2xx).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.ca.as_ref().is_none_or(|c| c.is_file()) {
+                let (s, _) = curl("GET", &format!("{}/v1/sys/health", self.addr), &[], self.ca.as_deref(), None);
+                if s != 0 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "vault did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn unseal(&self) {
+        let key = self.unseal_key.clone().unwrap();
+        let (s, body) = self.api_as("", "PUT", "sys/unseal", Some(json!({ "key": key })));
+        assert!(s == 200 && body["sealed"] == json!(false), "unseal: {s} {body}");
+        // Active and serving requests.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.api("GET", "sys/health", None).0 != 200 {
+            assert!(Instant::now() < deadline, "vault not active after unseal:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The server's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vault.log")).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same server again (same port, same storage) and unseals it.
+    pub fn restart(&mut self) {
+        assert!(self.storage == Storage::File, "only a file-storage Vault keeps its data across a restart");
+        self.kill();
+        self.spawn();
+        self.unseal();
+    }
+
+    /// A call with the root token.
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.api_as(&self.root_token, method, path, body)
+    }
+
+    /// A call with `token` (none when empty).
+    pub fn api_as(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let headers = if token.is_empty() { vec![] } else { vec![format!("X-Vault-Token: {token}")] };
+        curl(method, &format!("{}/v1/{path}", self.addr), &headers, self.ca.as_deref(), body.as_ref())
+    }
+
+    /// Like [`Self::api`], asserting a 2xx answer.
+    pub fn ok(&self, method: &str, path: &str, body: Value) -> Value {
+        let (s, v) = self.api(method, path, Some(body));
+        assert!((200..300).contains(&s), "{method} {path}: HTTP {s} {v}");
+        v
+    }
+
+    /// Mounts a PKI engine at `mount` with a max lease TTL and a root of `key_type`/`bits`.
+    pub fn pki_root(&self, mount: &str, max_ttl: &str, key_type: &str, bits: u32) -> String {
+        self.ok("POST", &format!("sys/mounts/{mount}"), json!({"type": "pki"}));
+        self.ok("POST", &format!("sys/mounts/{mount}/tune"), json!({"max_lease_ttl": max_ttl}));
+        let v = self.ok(
+            "POST",
+            &format!("{mount}/root/generate/internal"),
+            json!({"common_name": format!("{mount} test root"), "organization": "meshca", "key_type": key_type, "key_bits": bits, "ttl": "87600h"}),
+        );
+        v["data"]["certificate"].as_str().unwrap().to_string()
+    }
+
+    /// Mounts an empty PKI engine (for the `csrPath` flow's key generation).
+    pub fn pki_mount(&self, mount: &str, max_ttl: &str) {
+        self.ok("POST", &format!("sys/mounts/{mount}"), json!({"type": "pki"}));
+        self.ok("POST", &format!("sys/mounts/{mount}/tune"), json!({"max_lease_ttl": max_ttl}));
+    }
+
+    /// The minimal policy of docs/vault.md, for the sign mount (and a generate mount).
+    pub fn signer_policy(&self, name: &str, sign_mount: &str, generate_mount: Option<&str>) {
+        let mut hcl = format!(
+            "path \"{sign_mount}/root/sign-intermediate\" {{ capabilities = [\"update\"] }}\n\
+             path \"auth/token/renew-self\" {{ capabilities = [\"update\"] }}\n\
+             path \"auth/token/lookup-self\" {{ capabilities = [\"read\"] }}\n"
+        );
+        if let Some(g) = generate_mount {
+            hcl.push_str(&format!("path \"{g}/intermediate/generate/exported\" {{ capabilities = [\"update\"] }}\n"));
+        }
+        self.ok("PUT", &format!("sys/policies/acl/{name}"), json!({ "policy": hcl }));
+    }
+
+    /// A token with `policies`.
+    pub fn child_token(&self, policies: &[&str], ttl: &str) -> String {
+        let v = self.ok("POST", "auth/token/create", json!({"policies": policies, "ttl": ttl}));
+        v["auth"]["client_token"].as_str().unwrap().to_string()
+    }
+
+    /// Enables AppRole (once) and creates `role`; returns (role_id, secret_id).
+    pub fn approle(&self, role: &str, policies: &[&str], token_ttl: &str) -> (String, String) {
+        let _ = self.api("POST", "sys/auth/approle", Some(json!({"type": "approle"})));
+        self.ok(
+            "POST",
+            &format!("auth/approle/role/{role}"),
+            json!({"token_policies": policies, "token_ttl": token_ttl, "token_max_ttl": "4h"}),
+        );
+        let role_id = self.ok("GET", &format!("auth/approle/role/{role}/role-id"), Value::Null)["data"]["role_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let secret_id = self.ok("POST", &format!("auth/approle/role/{role}/secret-id"), json!({}))["data"]["secret_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (role_id, secret_id)
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A stopped process must be continued to die of SIGTERM; SIGKILL needs nothing.
+            let _ = Command::new("bash").arg("-c").arg(format!("kill -CONT {}", c.id())).status();
+        }
+        self.kill();
+    }
+}
+
+/// A kube-apiserver + etcd from `scripts/peers/kube-apiserver.sh`; stopped when dropped.
+pub struct Kube {
+    dir: PathBuf,
+    pub url: String,
+    pub ca: PathBuf,
+}
+
+impl Kube {
+    /// Starts one in `dir` on three consecutive free ports.
+    pub fn start(dir: &Path) -> Kube {
+        let bin = peer_bin("MESHCA_KUBE_APISERVER_BIN", "kube-apiserver.sh");
+        assert!(bin.is_file());
+        let script = repo().join("scripts/peers/kube-apiserver.sh");
+        let mut last = String::new();
+        for _ in 0..5 {
+            let base = loop {
+                let p = free_port_pair();
+                if TcpListener::bind(("127.0.0.1", p + 2)).is_ok() {
+                    break p;
+                }
+            };
+            let out = Command::new("bash").arg(&script).arg("start").arg(dir).arg(base.to_string()).output().unwrap();
+            if out.status.success() {
+                let env = std::fs::read_to_string(dir.join("env")).unwrap();
+                let get = |k: &str| {
+                    env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().trim_matches('\'').to_string()
+                };
+                return Kube { dir: dir.to_path_buf(), url: get("KUBE_URL"), ca: PathBuf::from(get("KUBE_CA")) };
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        panic!("kube-apiserver did not start: {last}");
+    }
+
+    /// A call as the admin (`system:masters`).
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        curl(
+            method,
+            &format!("{}{path}", self.url),
+            &["Authorization: Bearer admintoken".into()],
+            Some(&self.ca),
+            body.as_ref(),
+        )
+    }
+
+    /// Creates an object, tolerating "already exists".
+    pub fn create(&self, path: &str, body: Value) {
+        let (s, v) = self.api("POST", path, Some(body));
+        assert!(s == 201 || s == 200 || s == 409, "POST {path}: {s} {v}");
+    }
+
+    /// A TokenRequest JWT for `ns/sa` (audience `aud`, or the API server's default).
+    pub fn token(&self, ns: &str, sa: &str, aud: Option<&str>) -> String {
+        let mut spec = json!({"expirationSeconds": 86400});
+        if let Some(a) = aud {
+            spec["audiences"] = json!([a]);
+        }
+        let (s, v) = self.api(
+            "POST",
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"),
+            Some(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})),
+        );
+        assert!(s == 201 || s == 200, "TokenRequest {ns}/{sa}: {s} {v}");
+        v["status"]["token"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Kube {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("scripts/peers/kube-apiserver.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Every regular file under `roots` (symlinks are not followed: each file is read once, where
+/// it really is).
+pub fn files_under(roots: &[&Path]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = roots.iter().map(|p| p.to_path_buf()).collect();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else if meta.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The byte strings that identify a private key whatever its encoding: the PEM text, the
+/// PKCS#8 DER, and (EC) the raw private scalar, which every serialisation carries.
+pub fn key_needles(pem: &[u8]) -> Vec<Vec<u8>> {
+    let key = meshca_pki::PrivateKey::from_pem(pem).unwrap();
+    let der = key.pkcs8_der().to_vec();
+    let mut needles = vec![pem.to_vec(), der.clone()];
+    // ECPrivateKey ::= SEQUENCE { version 1, privateKey OCTET STRING (32/48 bytes), ... }
+    for len in [32usize, 48] {
+        let marker = [0x02, 0x01, 0x01, 0x04, len as u8];
+        if let Some(i) = der.windows(5).position(|w| w == marker) {
+            needles.push(der[i + 5..i + 5 + len].to_vec());
+        }
+    }
+    // The base64 body's lines (the PEM may be re-wrapped elsewhere; a 64-character line is as
+    // unique as the key).
+    for line in String::from_utf8_lossy(pem).lines().filter(|l| l.len() >= 60) {
+        needles.push(line.as_bytes().to_vec());
+    }
+    needles
+}
+
+/// Files under `roots` holding any of `needles`.
+pub fn files_holding(roots: &[&Path], needles: &[Vec<u8>]) -> Vec<PathBuf> {
+    files_under(roots)
+        .into_iter()
+        .filter(|f| std::fs::read(f).is_ok_and(|data| needles.iter().any(|n| contains(&data, n))))
+        .collect()
+}
+
+/// Polls until `f` is true.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A RootTrustPolicy in Vault mode with the given `vault:` block (YAML flow mapping body).
+pub fn vault_policy(dir: &Path, vault_block: &str, ttl: &str, ratio: f64, key_algorithm: &str) -> PathBuf {
+    let p = dir.join("policy.yaml");
+    std::fs::write(
+        &p,
+        format!(
+            "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: mesh }}\nspec:\n  trustDomain: cluster.local\n  config:\n    vault: {{ {vault_block} }}\n  intermediateCertOptions: {{ ttl: {ttl}, secretRotationGracePeriodRatio: {ratio}, keyAlgorithm: {key_algorithm} }}\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// A directory on tmpfs for a test's memory-backed `cacerts` folders; removed when dropped.
+pub struct ShmDir(pub PathBuf);
+
+impl ShmDir {
+    pub fn new(tag: &str) -> ShmDir {
+        let p = PathBuf::from("/dev/shm").join(format!("meshca-test-{tag}-{}", random_hex(6)));
+        std::fs::create_dir_all(&p).unwrap();
+        ShmDir(p)
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What `statfs` says a folder is on (`tmpfs`, ...).
+pub fn memdir_backing(d: &Path) -> String {
+    meshca_vault::memdir::backing(d).unwrap().to_string()
+}
+
+/// Starts `meshca vault-agent` for `cluster`, its identity in `dir/<cluster>-state`, `cacerts`
+/// in `mem`; `registration` is (bootstrap token file, relay CA) for the first start.
+pub fn vault_agent(
+    dir: &Path,
+    m: &crate::common::Mgmt,
+    cluster: &str,
+    mem: &Path,
+    registration: Option<(&Path, &Path)>,
+    extra: &[&str],
+) -> crate::common::Proc {
+    let state = dir.join(format!("{cluster}-state"));
+    let mut args = vec![
+        "vault-agent",
+        "--cluster",
+        cluster,
+        "--server",
+        &m.addr,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--memory-dir",
+        mem.to_str().unwrap(),
+        "--max-backoff",
+        "2s",
+    ];
+    if let Some((token, relay)) = registration {
+        args.extend_from_slice(&["--token-file", token.to_str().unwrap(), "--relay-ca", relay.to_str().unwrap()]);
+    }
+    args.extend_from_slice(extra);
+    crate::common::Proc::spawn(&format!("vault-agent-{cluster}"), dir, &args)
+}
+
+/// A log without its ANSI colours.
+pub fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `status.json` (or any JSON file), `None` while it is missing or half-written.
+pub fn json_file(p: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+/// One numeric field of every cluster in `meshca up`'s `status.json`.
+pub fn per_cluster(status: &Value, field: &str) -> Vec<u64> {
+    status["clusters"]
+        .as_array()
+        .map(|a| a.iter().map(|c| c[field].as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default()
+}
+
+/// Starts `meshca up --ca vault` (two clusters) in `up_dir`, the agents logging in with the
+/// token in `token_file`, `cacerts` in memory folders under `shm`. `timing` is (intermediate
+/// TTL, grace ratio, call interval); leaves live 12 s.
+pub fn up_vault(
+    dir: &Path,
+    vault: &Vault,
+    token_file: &Path,
+    shm: &ShmDir,
+    up_dir: &Path,
+    timing: (&str, &str, &str),
+) -> crate::common::Proc {
+    let (ttl, ratio, interval) = timing;
+    crate::common::Proc::spawn(
+        "up",
+        dir,
+        &[
+            "up",
+            "--ca",
+            "vault",
+            "--vault-addr",
+            &vault.addr,
+            "--vault-token-file",
+            token_file.to_str().unwrap(),
+            "--memory-dir-root",
+            shm.0.to_str().unwrap(),
+            "--dir",
+            up_dir.to_str().unwrap(),
+            "--intermediate-ttl",
+            ttl,
+            "--grace-ratio",
+            ratio,
+            "--leaf-ttl",
+            "12s",
+            "--call-interval",
+            interval,
+        ],
+    )
+}
