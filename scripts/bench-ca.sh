@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Workload CA benchmark (docs/benchmarks.md): CreateCertificate throughput of `meshca workload-ca`
+# against `cfssl serve` signing the same P-256 CSRs with the same cluster intermediate, plus the
+# raw aws-lc-rs P-256 sign/verify rates measured by the load generator in the same run.
+#
+# It makes a one-cluster `meshca up` topology (for a real intermediate, its demo issuer's JWKS
+# and a token), stops it, then runs in turn, each on its own 127.0.0.1 port:
+#   1. meshca workload-ca, JWT checked on every request (signature, iss, aud, exp)
+#   2. meshca workload-ca --cache-tokens (a verified token is trusted until it expires)
+#   3. cfssl serve (Debian's golang-cfssl; no caller authentication at all)
+# and prints ca-load's report for each (requests/s, latency, server CPU per request).
+#
+# On a machine with 2+ cores the CA is pinned to CPU 0 and the load generator to CPU 1
+# (taskset), so the CA under test gets exactly one core — the crypto bound ca-load prints is
+# then the one-core bound — and the load generator does not steal its CPU. BENCH_NO_PIN=1 turns
+# that off.
+#
+# Usage: scripts/bench-ca.sh [ca-load options]      e.g. --concurrency 64 --seconds 20
+# Environment:
+#   CARGO_TARGET_DIR    where cargo builds (default: the workspace's target/)
+#   BENCH_NO_BUILD=1    use the binaries already built
+#   BENCH_KEEP_DATA=1   keep the temporary folder (logs, cacerts) afterwards
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+target=${CARGO_TARGET_DIR:-$root/target}
+log() { printf '[bench-ca] %s\n' "$*" >&2; }
+
+if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    log "building meshca and ca-load (release) in $target"
+    cargo build --release -p meshca -p meshca-bench --bin meshca --bin ca-load
+fi
+meshca=$target/release/meshca
+load=$target/release/ca-load
+for b in "$meshca" "$load"; do
+    [ -x "$b" ] || { log "missing $b (build it, or unset BENCH_NO_BUILD)"; exit 1; }
+done
+cfssl=$(bash scripts/peers/cfssl.sh path 2>/dev/null || bash scripts/peers/cfssl.sh install | tail -n1)
+
+server_on=() load_on=()
+if [ -z "${BENCH_NO_PIN:-}" ] && [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    server_on=(taskset -c 0) load_on=(taskset -c 1)
+    log "pinning: CA on CPU 0, load generator on CPU 1"
+fi
+
+data=$(mktemp -d "${TMPDIR:-/tmp}/meshca-bench-ca.XXXXXX")
+server_pid=
+stop_server() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -INT "$server_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$server_pid" 2>/dev/null || true
+    fi
+    server_pid=
+}
+cleanup() {
+    stop_server
+    bash scripts/peers/cfssl.sh stop "$data/cfssl" >/dev/null 2>&1 || true
+    if [ -n "${BENCH_KEEP_DATA:-}" ]; then log "kept $data"; else rm -rf "$data"; fi
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    local port=$1 pid=$2
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || { log "server exited; see its log in $data"; exit 1; }
+        sleep 0.1
+    done
+    log "port $port never opened"; exit 1
+}
+
+log "making a one-cluster topology in $data/up"
+"$meshca" up --clusters 1 --dir "$data/up" --duration 5s >"$data/up.log" 2>&1
+read -r cacerts issuer < <(python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1]))["clusters"][0]
+print(c["cacerts_dir"], c["jwt_issuer"])' "$data/up/topology.json")
+cp -r "$cacerts" "$data/cacerts"
+jwks=$(find "$data/up" -name jwks.json -path '*cluster-1*' | head -n1)
+[ -n "$jwks" ] || { log "no jwks.json under $data/up"; exit 1; }
+"$meshca" token --dir "$data/up" --cluster cluster-1 --service-account bench --ttl 2h >"$data/token"
+
+run_meshca() {
+    local name=$1; shift
+    local port; port=$(free_port)
+    RUST_LOG=warn "${server_on[@]}" "$meshca" workload-ca --cacerts "$data/cacerts" --listen "127.0.0.1:$port" \
+        --jwt-issuer "$issuer" --jwks "$jwks" "$@" >"$data/$name.log" 2>&1 &
+    server_pid=$!
+    wait_port "$port" "$server_pid"
+    echo "== meshca workload-ca $*"
+    "${load_on[@]}" "$load" --target meshca --address "127.0.0.1:$port" --ca-file "$data/cacerts/root-cert.pem" \
+        --token-file "$data/token" --server-pid "$server_pid" "${load_args[@]}"
+    stop_server
+}
+
+load_args=("$@")
+run_meshca jwt
+run_meshca jwt-cached --cache-tokens
+
+port=$(free_port)
+"${server_on[@]}" bash scripts/peers/cfssl.sh start "$data/cfssl" "$port" "$data/cacerts/ca-cert.pem" "$data/cacerts/ca-key.pem" >/dev/null
+cfssl_pid=$(sed -n 's/^CFSSL_PID=//p' "$data/cfssl/env")
+echo "== cfssl serve ($cfssl, $(dpkg-query -W -f '${Version}' golang-cfssl 2>/dev/null || echo unknown))"
+"${load_on[@]}" "$load" --target cfssl --address "127.0.0.1:$port" --server-pid "$cfssl_pid" "${load_args[@]}"
