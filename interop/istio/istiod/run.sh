@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Real istiod (pilot-discovery, built from istio.io/istio at the version interop/istio/go.mod pins)
+# running in plug-in CA mode on meshca's `cacerts`, against a real kube-apiserver.
+#
+#   1. builds pilot-discovery (cached by version under $MESHCA_PEERS_CACHE) and the istio-interop harness
+#   2. starts a kube-apiserver (see KUBE below), applies Istio's CRDs, creates istio-system,
+#      namespace demo + ServiceAccount sleep, and mints a TokenRequest JWT (audience istio-ca)
+#   3. runs `meshca up --clusters 1`; istiod's ROOT_CA_DIR is that cluster's cacerts folder
+#      (meshca's agent writes it like a Kubernetes Secret volume: ..data symlink swap)
+#   4. starts istiod, checks it logged plug-in mode, and asks it for a workload cert through the
+#      harness (`istio-interop request-cert`, Istio's own CA client): the chain must be
+#      leaf <- meshca's current intermediate <- meshca's root
+#   5. `meshca rotate`: the agent swaps in a new intermediate (same root); istiod must pick it up
+#      without a restart, and the next cert must be signed by the new intermediate
+#
+# `run.sh build` only builds (or finds cached) pilot-discovery and kube-apiserver 1.36 and prints
+# pilot-discovery's path.
+#
+# Exit 0: all passed. Non-zero: one `FAIL istiod/run.sh: ...` line on stderr says what failed.
+#
+# Environment:
+#   MESHCA_PEERS_CACHE  cache root (default /var/cache/meshca-peers)
+#   MESHCA_BIN          meshca binary (default <repo>/target/release/meshca)
+#   ISTIOD_WORK_DIR     scratch folder (default: a fresh mktemp folder, removed on success)
+#   ISTIOD_PORT_BASE    first of 9 loopback ports used (default 27400): etcd +0/+1, API server +2, istiod +3..+8
+#   KUBE                kube-apiserver to use: "1.36" (default: built from the Go module proxy by
+#                       kube-apiserver-modern.sh next to this script) or "1.20" (scripts/peers/kube-apiserver.sh)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+interop=$(cd "$here/.." && pwd)
+repo=$(cd "$here/../../.." && pwd)
+CACHE=${MESHCA_PEERS_CACHE:-/var/cache/meshca-peers}
+MESHCA=${MESHCA_BIN:-$repo/target/release/meshca}
+PORT_BASE=${ISTIOD_PORT_BASE:-27400}
+KUBE=${KUBE:-1.36}
+
+die() { echo "FAIL istiod/run.sh: $*" >&2; exit 1; }
+log() { echo "[istiod/run.sh] $*" >&2; }
+
+ISTIO_VERSION=$(awk '$1 == "require" && $2 == "istio.io/istio" { print $3 }' "$interop/go.mod")
+[ -n "$ISTIO_VERSION" ] || die "cannot read the istio.io/istio version from $interop/go.mod"
+[ "${1:-}" = build ] || [ -x "$MESHCA" ] || die "meshca binary not found at $MESHCA (build it: cargo build --release -p meshca, or set MESHCA_BIN)"
+command -v go >/dev/null || die "'go' not on PATH"
+command -v python3 >/dev/null || die "'python3' not on PATH"
+
+own_work=0
+if [ -z "${ISTIOD_WORK_DIR:-}" ]; then ISTIOD_WORK_DIR=$(mktemp -d /tmp/meshca-istiod.XXXXXX); own_work=1; fi
+mkdir -p "$ISTIOD_WORK_DIR"; W=$(cd "$ISTIOD_WORK_DIR" && pwd)
+
+istiod_pid='' meshca_pid='' kube_started=''
+cleanup() {
+    local rc=$?
+    [ -n "$istiod_pid" ] && kill "$istiod_pid" 2>/dev/null && wait "$istiod_pid" 2>/dev/null || true
+    [ -n "$meshca_pid" ] && kill "$meshca_pid" 2>/dev/null && wait "$meshca_pid" 2>/dev/null || true
+    [ -n "$kube_started" ] && $kube_stop "$W/kube" >/dev/null 2>&1 || true
+    if [ $rc -eq 0 ] && [ $own_work = 1 ]; then rm -rf "$W"; else log "logs and files kept in $W"; fi
+}
+trap cleanup EXIT
+
+# ---- 1. binaries -------------------------------------------------------------------------------
+PD_DIR=$CACHE/pilot-discovery-$ISTIO_VERSION
+PD=$PD_DIR/pilot-discovery
+if [ ! -x "$PD" ]; then
+    mkdir -p "$PD_DIR"
+    exec 8>"$PD_DIR/.lock"; flock 8
+    if [ ! -x "$PD" ]; then
+        log "building pilot-discovery $ISTIO_VERSION into $PD_DIR (10-20 min cold on 2 cores) ..."
+        start=$(date +%s)
+        rm -rf "$PD_DIR/.gobin"
+        # istio.io/istio's go.mod has no replace directives, so `go install pkg@version` builds it with
+        # exactly Istio's own dependency versions. Tags as in Istio's Makefile (STANDARD_TAGS).
+        GOBIN="$PD_DIR/.gobin" nice -n 19 go install -trimpath -buildvcs=false -tags=vtprotobuf,disable_pgv \
+            -ldflags='-s -w' "istio.io/istio/pilot/cmd/pilot-discovery@$ISTIO_VERSION" >&2 ||
+            die "building pilot-discovery $ISTIO_VERSION failed"
+        mv -f "$PD_DIR/.gobin/pilot-discovery" "$PD"
+        rm -rf "$PD_DIR/.gobin"
+        log "built pilot-discovery in $(($(date +%s) - start))s ($(du -h "$PD" | cut -f1))"
+    fi
+    exec 8>&-
+fi
+HARNESS=$(bash "$interop/build.sh" | tail -n1) || die "building the istio-interop harness failed"
+# Istio's CRDs, from the same module version (downloaded by the build above).
+ISTIO_SRC=$(cd / && go mod download -json "istio.io/istio@$ISTIO_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') ||
+    die "cannot locate istio.io/istio@$ISTIO_VERSION in the module cache"
+CRDS=$ISTIO_SRC/manifests/charts/base/files/crd-all.gen.yaml
+[ -f "$CRDS" ] || die "Istio CRDs not found at $CRDS"
+
+# `run.sh build`: only build (or find in the cache) both Go binaries this check needs, print
+# pilot-discovery's path last, and stop (scripts/test.sh does this before the tests run).
+if [ "${1:-}" = build ]; then
+    [ "$KUBE" = 1.36 ] && { bash "$here/kube-apiserver-modern.sh" build >/dev/null || die "building kube-apiserver failed"; }
+    echo "$PD"
+    exit 0
+fi
+
+# ---- 2. kube-apiserver + what istiod needs ------------------------------------------------------
+case "$KUBE" in
+    1.20) kube_script=$repo/scripts/peers/kube-apiserver.sh ;;
+    1.36) kube_script=$here/kube-apiserver-modern.sh ;;
+    *) die "KUBE must be 1.20 or 1.36, not $KUBE" ;;
+esac
+kube_stop="bash $kube_script stop"
+bash "$kube_script" start "$W/kube" "$PORT_BASE" >"$W/kube-start.log" 2>&1 ||
+    { tail -n 20 "$W/kube-start.log" >&2; die "kube-apiserver ($KUBE) did not start (log: $W/kube-start.log)"; }
+kube_started=1
+# shellcheck disable=SC1091
+. "$W/kube/env"
+kube() { curl -sS --fail-with-body --cacert "$KUBE_CA" -H "Authorization: Bearer $KUBE_ADMIN_TOKEN" -H 'Content-Type: application/json' "$@"; }
+log "kube-apiserver $(kube "$KUBE_URL/version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])') at $KUBE_URL"
+
+# Current istiod watches discovery.k8s.io/v1 EndpointSlices (Kubernetes 1.21+) with a plain informer, and
+# opens its CA port (15012) only after every informer has synced: without that API it never serves.
+kube -o /dev/null "$KUBE_URL/apis/discovery.k8s.io/v1" 2>/dev/null ||
+    log "WARNING: this API server has no discovery.k8s.io/v1 (EndpointSlice); istiod will never open its CA port"
+
+cat >"$W/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {server: "$KUBE_URL", certificate-authority: "$KUBE_CA"}
+users:
+- name: admin
+  user: {token: "$KUBE_ADMIN_TOKEN"}
+contexts:
+- name: test
+  context: {cluster: test, user: admin}
+current-context: test
+EOF
+
+create() { # PATH JSON: POST, 409 (exists) is fine
+    local code
+    code=$(kube -o "$W/create.out" -w '%{http_code}' -X POST "$KUBE_URL$1" -d "$2" || true)
+    case "$code" in 200 | 201 | 409) ;; *) die "POST $1 -> HTTP $code: $(head -c 400 "$W/create.out")" ;; esac
+}
+create /api/v1/namespaces '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"istio-system"}}'
+create /api/v1/namespaces '{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"demo"}}'
+create /api/v1/namespaces/demo/serviceaccounts '{"apiVersion":"v1","kind":"ServiceAccount","metadata":{"name":"sleep"}}'
+python3 "$here/apply-crds.py" "$KUBE_URL" "$KUBE_CA" "$KUBE_ADMIN_TOKEN" "$CRDS" >&2 || die "applying Istio's CRDs failed"
+kube -X POST "$KUBE_URL/api/v1/namespaces/demo/serviceaccounts/sleep/token" \
+    -d '{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"audiences":["istio-ca"],"expirationSeconds":3600}}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["token"])' >"$W/sleep.token" ||
+    die "TokenRequest for demo/sleep failed"
+
+# ---- 3. meshca: one cluster whose agent keeps cacerts fresh ---------------------------------------
+nice -n 10 "$MESHCA" up --clusters 1 --dir "$W/mesh" --duration 1h --call-interval 10s >"$W/meshca-up.log" 2>&1 &
+meshca_pid=$!
+for _ in $(seq 60); do [ -f "$W/mesh/topology.json" ] && break; kill -0 $meshca_pid 2>/dev/null || break; sleep 1; done
+[ -f "$W/mesh/topology.json" ] || { tail -n 20 "$W/meshca-up.log" >&2; die "meshca up wrote no topology.json"; }
+CACERTS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["clusters"][0]["cacerts_dir"])' "$W/mesh/topology.json")
+OPERATOR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["management_plane"]["credentials"])' "$W/mesh/topology.json")
+for _ in $(seq 30); do [ -s "$CACERTS/ca-key.pem" ] && break; sleep 1; done
+[ -s "$CACERTS/ca-key.pem" ] || die "meshca wrote no cacerts in $CACERTS"
+"$HARNESS" check-cacerts "$CACERTS" >&2 || die "meshca's cacerts rejected by Istio's own checks"
+
+# ---- 4. istiod ------------------------------------------------------------------------------------
+P_HTTP=$((PORT_BASE + 3)) P_GRPC=$((PORT_BASE + 4)) P_SGRPC=$((PORT_BASE + 5)) P_MON=$((PORT_BASE + 6))
+P_HTTPS=$((PORT_BASE + 7)) P_CTRLZ=$((PORT_BASE + 8))
+mkdir -p "$W/istiod"
+(
+    cd "$W/istiod" # istiod resolves ./etc/..., ./var/... relative to its working directory
+    exec env ROOT_CA_DIR="$CACERTS" POD_NAMESPACE=istio-system POD_NAME=istiod-local \
+        PILOT_CERT_PROVIDER=istiod ISTIOD_CUSTOM_HOST=istiod.istio-system.svc \
+        KUBECONFIG="$W/kubeconfig" \
+        "$PD" discovery --kubeconfig "$W/kubeconfig" --clusterID Kubernetes \
+        --httpAddr "127.0.0.1:$P_HTTP" --grpcAddr "127.0.0.1:$P_GRPC" --secureGRPCAddr "127.0.0.1:$P_SGRPC" \
+        --monitoringAddr "127.0.0.1:$P_MON" --httpsAddr "127.0.0.1:$P_HTTPS" \
+        --ctrlz_port "$P_CTRLZ" --ctrlz_address 127.0.0.1 --log_output_level default:info
+) >"$W/istiod.log" 2>&1 &
+istiod_pid=$!
+log "istiod pid $istiod_pid, log $W/istiod.log; waiting for the CA port $P_SGRPC"
+ready=0
+for _ in $(seq 180); do
+    kill -0 "$istiod_pid" 2>/dev/null || { tail -n 30 "$W/istiod.log" >&2; die "istiod exited (log: $W/istiod.log)"; }
+    if grep -q "starting secure gRPC discovery service" "$W/istiod.log"; then ready=1; break; fi
+    sleep 1
+done
+[ $ready = 1 ] || { grep -E "^[^ ]+\s+(warn|error)|waiting for sync" "$W/istiod.log" | sort -u -k2 | tail -n 10 >&2; die "istiod did not open its CA port within 180s (log: $W/istiod.log)"; }
+grep -q "Use local CA certificate" "$W/istiod.log" || die "istiod did not log plug-in CA mode ('Use local CA certificate')"
+grep -q "Added cacerts files watcher at $CACERTS" "$W/istiod.log" || die "istiod did not watch $CACERTS"
+
+fp() { openssl x509 -noout -fingerprint -sha256 | cut -d= -f2; }
+nth_cert() { awk -v n="$2" '/-----BEGIN CERTIFICATE-----/{i++} i==n{print} /-----END CERTIFICATE-----/ && i==n{exit}' "$1"; }
+request() { # OUTDIR
+    "$HARNESS" request-cert --address "127.0.0.1:$P_SGRPC" --ca-file "$CACERTS/root-cert.pem" \
+        --server-name istiod.istio-system.svc --token-file "$W/sleep.token" --trust-domain cluster.local \
+        --cluster-id Kubernetes --expect-id spiffe://cluster.local/ns/demo/sa/sleep --out-dir "$1" >&2
+}
+issuer_is_current() { # OUTDIR LABEL
+    local got want
+    got=$(nth_cert "$1/chain.pem" 2 | fp)
+    want=$(fp <"$CACERTS/ca-cert.pem")
+    [ -n "$got" ] && [ "$got" = "$want" ] || die "$2: the issued chain's intermediate ($got) is not meshca's current ca-cert.pem ($want)"
+    openssl verify -CAfile "$CACERTS/root-cert.pem" -untrusted "$CACERTS/ca-cert.pem" "$1/leaf.pem" >/dev/null ||
+        die "$2: the leaf does not verify against meshca's root through its intermediate"
+    log "$2: leaf $(openssl x509 -noout -ext subjectAltName <"$1/leaf.pem" | grep -o 'URI:[^, ]*'), serial $(openssl x509 -noout -serial <"$1/leaf.pem" | cut -d= -f2)"
+    log "$2: leaf $(openssl x509 -noout -issuer <"$1/leaf.pem"); that intermediate's sha256 $got, its $(openssl x509 -noout -issuer <"$CACERTS/ca-cert.pem")"
+}
+
+request "$W/cert1" || die "istiod refused the first CSR (log: $W/istiod.log)"
+issuer_is_current "$W/cert1" "before rotation"
+int1=$(fp <"$CACERTS/ca-cert.pem"); root1=$(fp <"$CACERTS/root-cert.pem")
+
+# ---- 5. rotate the intermediate (same root), no istiod restart -------------------------------------
+"$MESHCA" rotate --credentials "$OPERATOR" >"$W/rotate.log" 2>&1 || { cat "$W/rotate.log" >&2; die "meshca rotate failed"; }
+for _ in $(seq 60); do [ "$(fp <"$CACERTS/ca-cert.pem" 2>/dev/null)" != "$int1" ] && break; sleep 1; done
+int2=$(fp <"$CACERTS/ca-cert.pem")
+[ "$int2" != "$int1" ] || die "meshca did not rotate the intermediate in $CACERTS within 60s"
+[ "$(fp <"$CACERTS/root-cert.pem")" = "$root1" ] || die "the root changed on rotation (expected the same root)"
+log "meshca rotated the intermediate: $int1 -> $int2"
+for _ in $(seq 30); do grep -q "Istiod has detected the newly added intermediate CA" "$W/istiod.log" && break; sleep 1; done
+grep -q "Istiod has detected the newly added intermediate CA" "$W/istiod.log" ||
+    { grep -iE "cacerts|plug-in|intermediate" "$W/istiod.log" | tail -n 10 >&2; die "istiod did not reload the rotated cacerts within 30s"; }
+kill -0 "$istiod_pid" 2>/dev/null || die "istiod exited after the rotation"
+
+request "$W/cert2" || die "istiod refused the CSR after rotation (log: $W/istiod.log)"
+issuer_is_current "$W/cert2" "after rotation"
+log "istiod log lines:"
+grep -E "Use local CA certificate|Added cacerts files watcher|Update Istiod cacerts|newly added intermediate CA" "$W/istiod.log" >&2
+echo "OK istiod $ISTIO_VERSION (kube-apiserver $KUBE): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart"
