@@ -4,12 +4,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use meshca_kube::store::KubeStore;
 use meshca_kube::testing::ApiServer;
+use meshca_store::conformance;
 use meshca_store::{ObjectKey, Precondition, Secret, Store, StoreError, Versioned};
 use serde_json::json;
 
@@ -149,7 +149,7 @@ async fn contract(store: &KubeStore) {
 /// Had two writers both succeeded from the same read, a value would repeat and the counter would
 /// fall short.
 async fn racing_writers_lose_no_update(api: &ApiServer) {
-    const TASKS_PER_CLIENT: u64 = 3;
+    const TASKS_PER_CLIENT: usize = 3;
     const INCREMENTS: u64 = 10;
     let stores = [KubeStore::new(api.admin().await), KubeStore::new(api.admin().await)];
     let k = key("race", "counter");
@@ -159,45 +159,14 @@ async fn racing_writers_lose_no_update(api: &ApiServer) {
     assert_eq!(creates.iter().filter(|r| r.is_ok()).count(), 1, "{creates:?}");
     assert!(creates.iter().any(|r| matches!(r, Err(StoreError::AlreadyExists(_)))), "{creates:?}");
 
-    let conflicts = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for store in &stores {
-        for _ in 0..TASKS_PER_CLIENT {
-            let (store, k, conflicts) = (store.clone(), k.clone(), conflicts.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut written = Vec::new();
-                for _ in 0..INCREMENTS {
-                    loop {
-                        let current = store.get(&k).await.unwrap().unwrap();
-                        let n: u64 = std::str::from_utf8(current.value.get("n").unwrap()).unwrap().parse().unwrap();
-                        let next = Secret::with_data([("n", (n + 1).to_string())]);
-                        match store.put(&k, &next, Precondition::Version(current.version)).await {
-                            Ok(_) => {
-                                written.push(n + 1);
-                                break;
-                            }
-                            Err(StoreError::Conflict { .. }) => {
-                                conflicts.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                }
-                written
-            }));
-        }
-    }
-    let mut written = Vec::new();
-    for t in tasks {
-        written.extend(t.await.unwrap());
-    }
-    let total = 2 * TASKS_PER_CLIENT * INCREMENTS;
-    written.sort_unstable();
-    assert_eq!(written, (1..=total).collect::<Vec<_>>());
+    let stores = stores.map(Arc::new);
+    let race = conformance::racing_increments(&stores, &k, TASKS_PER_CLIENT, INCREMENTS).await.unwrap();
+    let total = 2 * TASKS_PER_CLIENT as u64 * INCREMENTS;
+    assert_eq!(race.written, (1..=total).collect::<Vec<_>>());
     let last = stores[1].get(&k).await.unwrap().unwrap();
     assert_eq!(last.value.get("n").unwrap(), total.to_string().as_bytes());
-    assert!(conflicts.load(Ordering::Relaxed) > 0, "the writers should actually have raced");
-    eprintln!("race: {total} increments, {} conflicts resolved by resource version", conflicts.load(Ordering::Relaxed));
+    assert!(race.conflicts > 0, "the writers should actually have raced");
+    eprintln!("race: {total} increments, {} conflicts resolved by resource version", race.conflicts);
 }
 
 async fn watch(store: &KubeStore) {

@@ -15,6 +15,22 @@ use vault_support::{
     write_secret,
 };
 
+/// A Vault-mode policy signing at `pki/root/sign-intermediate`, logging in with the token in
+/// `token_file`; P-256 intermediates of 1 h.
+fn token_file_policy(dir: &Path, vault: &Vault, token_file: &Path) -> PathBuf {
+    vault_policy(
+        dir,
+        &format!(
+            "server: '{}', caPath: pki/root/sign-intermediate, auth: {{ token: {{ tokenFile: '{}' }} }}",
+            vault.addr,
+            token_file.display()
+        ),
+        "1h",
+        0.2,
+        "ecdsa-p256",
+    )
+}
+
 /// Waits until every cluster has rotated at least once more than `since`; returns the counts.
 fn wait_rotated(status: &Path, since: &[u64], timeout: Duration, what: &str) -> Vec<u64> {
     let mut now = Vec::new();
@@ -349,17 +365,7 @@ fn a_memory_dir_on_disk_is_refused_unless_explicitly_allowed() {
     vault.pki_root("pki", "87600h", "ec", 256);
     let tf = dir.join("vault-token");
     write_secret(&tf, &vault.root_token);
-    let policy = vault_policy(
-        dir,
-        &format!(
-            "server: '{}', caPath: pki/root/sign-intermediate, auth: {{ token: {{ tokenFile: '{}' }} }}",
-            vault.addr,
-            tf.display()
-        ),
-        "1h",
-        0.2,
-        "ecdsa-p256",
-    );
+    let policy = token_file_policy(dir, &vault, &tf);
     let m = Mgmt::start(dir, &["--policy", policy.to_str().unwrap()]);
     let (token, relay) = m.add_cluster(dir, "c1");
     let agent = vault_agent(dir, &m, "c1", &mem, Some((&token, &relay)), &["--allow-disk-key"]);
@@ -389,17 +395,7 @@ fn preflight_errors_say_what_is_wrong() {
     let tf = dir.join("vault-token");
     let token = vault.child_token(&["signer-any"], "1h");
     write_secret(&tf, &token);
-    let policy = vault_policy(
-        dir,
-        &format!(
-            "server: '{}', caPath: pki/root/sign-intermediate, auth: {{ token: {{ tokenFile: '{}' }} }}",
-            vault.addr,
-            tf.display()
-        ),
-        "1h",
-        0.2,
-        "ecdsa-p256",
-    );
+    let policy = token_file_policy(dir, &vault, &tf);
     let m = Mgmt::start(dir, &["--policy", policy.to_str().unwrap()]);
     let shm = ShmDir::new("preflight");
     let cases = [

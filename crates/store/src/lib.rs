@@ -8,6 +8,8 @@
 //! at the root of a given directory (Vault mode's memory-backed `cacerts` folder).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
+pub mod conformance;
 pub mod dir;
 pub mod fsutil;
 pub mod single;

@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use meshca_store::conformance;
 use meshca_store::dir::DirStore;
 use meshca_store::{ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned};
 
@@ -197,54 +197,19 @@ async fn istiod_reads_plain_files_through_the_links() {
 /// Two instances on one root behave like two processes: only the file lock orders them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_compare_and_swap_loses_no_update() {
-    const TASKS_PER_STORE: u64 = 4;
+    const TASKS_PER_STORE: usize = 4;
     const INCREMENTS_PER_TASK: u64 = 20;
     let dir = tempfile::tempdir().unwrap();
-    let stores = [DirStore::open(dir.path()).unwrap(), DirStore::open(dir.path()).unwrap()];
+    let stores = [Arc::new(DirStore::open(dir.path()).unwrap()), Arc::new(DirStore::open(dir.path()).unwrap())];
     let k = key("ns", "counter");
     stores[0].put(&k, &Secret::with_data([("n", "0")]), Precondition::Absent).await.unwrap();
-    let conflicts = Arc::new(AtomicU64::new(0));
-
-    let mut tasks = Vec::new();
-    for store in &stores {
-        for _ in 0..TASKS_PER_STORE {
-            let (store, k, conflicts) = (store.clone(), k.clone(), Arc::clone(&conflicts));
-            tasks.push(tokio::spawn(async move {
-                let mut written = Vec::new();
-                for _ in 0..INCREMENTS_PER_TASK {
-                    loop {
-                        let current = store.get(&k).await.unwrap().unwrap();
-                        let n: u64 = std::str::from_utf8(current.value.get("n").unwrap()).unwrap().parse().unwrap();
-                        let next = Secret::with_data([("n", (n + 1).to_string())]);
-                        match store.put(&k, &next, Precondition::Version(current.version)).await {
-                            Ok(_) => {
-                                written.push(n + 1);
-                                break;
-                            }
-                            Err(StoreError::Conflict { .. }) => {
-                                conflicts.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                }
-                written
-            }));
-        }
-    }
-    let mut written = Vec::new();
-    for task in tasks {
-        written.extend(task.await.unwrap());
-    }
-    let total = 2 * TASKS_PER_STORE * INCREMENTS_PER_TASK;
-    // Each success wrote the value it read plus one; had two writers succeeded from the same
-    // read, a value would repeat and the counter would fall short.
-    written.sort_unstable();
-    assert_eq!(written, (1..=total).collect::<Vec<_>>());
+    let race = conformance::racing_increments(&stores, &k, TASKS_PER_STORE, INCREMENTS_PER_TASK).await.unwrap();
+    let total = 2 * TASKS_PER_STORE as u64 * INCREMENTS_PER_TASK;
+    assert_eq!(race.written, (1..=total).collect::<Vec<_>>());
     let last = stores[1].get(&k).await.unwrap().unwrap();
     assert_eq!(last.value.get("n").unwrap(), total.to_string().as_bytes());
     assert_eq!(last.version.0, (total + 1).to_string(), "one version per successful write");
-    assert!(conflicts.load(Ordering::Relaxed) > 0, "the test should actually race");
+    assert!(race.conflicts > 0, "the test should actually race");
 }
 
 type Item = Result<Option<Versioned<Secret>>, StoreError>;
