@@ -2,7 +2,7 @@
 # Runs every test meshca has: formatting and lints, unit and property tests, OpenSSL interop, the
 # Istio interop harness, and the end-to-end tests with real processes and real peers (Vault,
 # kube-apiserver + etcd). Peers not given in the environment are built here first, once, and
-# cached outside the checkout (docs/peers.md; needs root for apt-get; cold ~45 min on 2 cores,
+# cached outside the checkout (docs/peers.md; needs root for apt-get; cold ~25 min on 2 cores,
 # seconds afterwards):
 #   MESHCA_ISTIO_INTEROP       the Istio interop harness (interop/istio/build.sh)
 #   MESHCA_VAULT_BIN           Vault (scripts/peers/vault.sh build)
@@ -27,7 +27,7 @@ peer MESHCA_ISTIO_INTEROP bash interop/istio/build.sh
 peer MESHCA_VAULT_BIN bash scripts/peers/vault.sh build
 peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build
 # Real istiod (pilot-discovery) and the kube-apiserver 1.36 it needs, for tests/istiod.rs, which
-# finds them in the cache (interop/istio/istiod/README.md; cold ~20 min, seconds afterwards).
+# finds them in the cache (interop/istio/istiod/README.md; cold ~7 min, seconds afterwards).
 peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
 
 cargo fmt --all -- --check
