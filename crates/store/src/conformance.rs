@@ -1,10 +1,69 @@
 //! Checks every [`Store`] backend must pass, shared by the backends' own test suites (the
 //! directory store's and the Kubernetes store's), so both are held to exactly the same contract.
+//! Test support: a failed check panics with what was wrong, like an assertion in a test.
+#![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{ObjectKey, Precondition, Secret, Store, StoreError};
+
+/// A `cacerts`-shaped object (the four Istio keys, the managed-by label, a generation
+/// annotation) whose contents say which `generation` it is.
+pub fn sample_cacerts(generation: &str) -> Secret {
+    Secret::with_data([
+        ("ca-cert.pem", format!("cert {generation}")),
+        ("ca-key.pem", format!("key {generation}")),
+        ("cert-chain.pem", format!("chain {generation}")),
+        ("root-cert.pem", format!("root {generation}")),
+    ])
+    .label("app.kubernetes.io/managed-by", "meshca")
+    .annotation("meshca.io/generation", generation)
+}
+
+/// The precondition contract of `put` and `delete`, on objects `a` and `missing` of `namespace`
+/// (which must hold neither): `Absent` creates only, `Version` is compare-and-swap (a stale
+/// writer loses, is told both versions and leaves no trace), `Any` creates or overwrites, and
+/// deletes follow the same rules. Leaves `missing` behind and `a` deleted.
+pub async fn preconditions<S: Store + ?Sized>(store: &S, namespace: &str) {
+    let k = ObjectKey::new(namespace, "a").unwrap();
+    let missing = ObjectKey::new(namespace, "missing").unwrap();
+    assert!(store.get(&k).await.unwrap().is_none(), "{k} must not exist yet");
+
+    let v1 = store.put(&k, &sample_cacerts("1"), Precondition::Absent).await.unwrap();
+    let got = store.get(&k).await.unwrap().unwrap();
+    assert_eq!((&got.value, &got.version), (&sample_cacerts("1"), &v1), "what was written is read back");
+    let err = store.put(&k, &sample_cacerts("x"), Precondition::Absent).await.unwrap_err();
+    assert!(matches!(&err, StoreError::AlreadyExists(got) if *got == k), "{err}");
+
+    let v2 = store.put(&k, &sample_cacerts("2"), Precondition::Version(v1.clone())).await.unwrap();
+    match store.put(&k, &sample_cacerts("stale"), Precondition::Version(v1.clone())).await {
+        Err(StoreError::Conflict { key: got, expected, found }) => {
+            assert_eq!((got, expected, found), (k.clone(), v1.0.clone(), v2.0.clone()));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.get(&k).await.unwrap().unwrap().value, sample_cacerts("2"), "the losing write left no trace");
+
+    let err = store.put(&missing, &sample_cacerts("1"), Precondition::Version(v1.clone())).await.unwrap_err();
+    assert!(matches!(&err, StoreError::NotFound(got) if *got == missing), "{err}");
+    assert!(store.get(&missing).await.unwrap().is_none());
+    store.put(&missing, &sample_cacerts("1"), Precondition::Any).await.unwrap();
+    store.put(&missing, &sample_cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(store.get(&missing).await.unwrap().unwrap().value, sample_cacerts("2"));
+
+    let err = store.delete(&k, Precondition::Version(v1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let err = store.delete(&k, Precondition::Absent).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
+    store.delete(&k, Precondition::Version(v2.clone())).await.unwrap();
+    assert!(store.get(&k).await.unwrap().is_none());
+    let err = store.delete(&k, Precondition::Version(v2)).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    let err = store.delete(&k, Precondition::Any).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    store.delete(&k, Precondition::Absent).await.unwrap();
+}
 
 /// What [`racing_increments`] saw.
 #[derive(Debug)]

@@ -22,16 +22,7 @@ fn open() -> (tempfile::TempDir, DirStore) {
     (dir, store)
 }
 
-fn cacerts(generation: &str) -> Secret {
-    Secret::with_data([
-        ("ca-cert.pem", format!("cert {generation}")),
-        ("ca-key.pem", format!("key {generation}")),
-        ("cert-chain.pem", format!("chain {generation}")),
-        ("root-cert.pem", format!("root {generation}")),
-    ])
-    .label("app.kubernetes.io/managed-by", "meshca")
-    .annotation("meshca.io/generation", generation)
-}
+use conformance::sample_cacerts as cacerts;
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
@@ -61,42 +52,7 @@ async fn put_get_round_trip_with_growing_versions() {
 #[tokio::test]
 async fn preconditions() {
     let (_dir, store) = open();
-    let k = key("ns", "a");
-    let missing = key("ns", "missing");
-
-    let v1 = store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
-    let err = store.put(&k, &cacerts("x"), Precondition::Absent).await.unwrap_err();
-    assert!(matches!(&err, StoreError::AlreadyExists(got) if *got == k), "{err}");
-
-    let v2 = store.put(&k, &cacerts("2"), Precondition::Version(v1.clone())).await.unwrap();
-    // A stale writer loses, and is told both versions.
-    match store.put(&k, &cacerts("stale"), Precondition::Version(v1.clone())).await {
-        Err(StoreError::Conflict { key: got, expected, found }) => {
-            assert_eq!((got, expected, found), (k.clone(), v1.0.clone(), v2.0.clone()));
-        }
-        other => panic!("expected a conflict, got {other:?}"),
-    }
-    assert_eq!(store.get(&k).await.unwrap().unwrap().value, cacerts("2"), "the losing write left no trace");
-
-    let err = store.put(&missing, &cacerts("1"), Precondition::Version(v1.clone())).await.unwrap_err();
-    assert!(matches!(&err, StoreError::NotFound(got) if *got == missing), "{err}");
-    assert!(store.get(&missing).await.unwrap().is_none());
-
-    store.put(&missing, &cacerts("1"), Precondition::Any).await.unwrap();
-    store.put(&missing, &cacerts("2"), Precondition::Any).await.unwrap();
-
-    // Deletes follow the same rules.
-    let err = store.delete(&k, Precondition::Version(v1)).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
-    let err = store.delete(&k, Precondition::Absent).await.unwrap_err();
-    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
-    store.delete(&k, Precondition::Version(v2.clone())).await.unwrap();
-    assert!(store.get(&k).await.unwrap().is_none());
-    let err = store.delete(&k, Precondition::Version(v2)).await.unwrap_err();
-    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
-    let err = store.delete(&k, Precondition::Any).await.unwrap_err();
-    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
-    store.delete(&k, Precondition::Absent).await.unwrap();
+    conformance::preconditions(&store, "ns").await;
     let err = store.delete(&key("never", "written"), Precondition::Any).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound(_)), "{err}");
     assert!(!store.root().join("never").exists(), "a delete does not create directories");
