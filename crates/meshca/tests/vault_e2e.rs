@@ -32,9 +32,7 @@ fn rotations(status: &serde_json::Value) -> Vec<u64> {
 fn two_clusters_in_vault_mode_rotate_without_a_failed_handshake_and_keys_stay_in_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let vault = Vault::start(&dir.join("vault"), Storage::Dev);
-    vault.pki_root("pki", "87600h", "ec", 256);
-    vault.signer_policy("meshca-signer", "pki", None);
+    let vault = Vault::with_signer(dir, Storage::Dev);
     let token = vault.child_token(&["meshca-signer"], "2h");
     let token_file = dir.join("vault-token");
     write_secret(&token_file, &token);

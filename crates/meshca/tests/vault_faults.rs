@@ -75,9 +75,7 @@ fn retry_delays(log: &str) -> Vec<f64> {
 fn vault_down_longer_than_a_renewal_interval_keeps_serving_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut vault = Vault::start(&dir.join("vault"), Storage::File);
-    vault.pki_root("pki", "87600h", "ec", 256);
-    vault.signer_policy("meshca-signer", "pki", None);
+    let mut vault = Vault::with_signer(dir, Storage::File);
     let token_file = dir.join("vault-token");
     write_secret(&token_file, &vault.child_token(&["meshca-signer"], "4h"));
     let shm = ShmDir::new("outage");
@@ -165,9 +163,7 @@ fn approle_policy(dir: &Path, vault: &Vault, role_id: &str, secret_id_file: &Pat
 fn a_revoked_token_is_replaced_by_a_fresh_approle_login() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let vault = Vault::start(&dir.join("vault"), Storage::Dev);
-    vault.pki_root("pki", "87600h", "ec", 256);
-    vault.signer_policy("meshca-signer", "pki", None);
+    let vault = Vault::with_signer(dir, Storage::Dev);
     let (role_id, secret_id) = vault.approle("meshca", &["meshca-signer"], "1h");
     let sid = dir.join("secret-id");
     write_secret(&sid, &secret_id);
@@ -197,9 +193,7 @@ fn a_revoked_token_is_replaced_by_a_fresh_approle_login() {
 fn the_token_is_renewed_at_half_its_lease_and_replaced_at_its_max_ttl_or_on_failure() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let vault = Vault::start(&dir.join("vault"), Storage::Dev);
-    vault.pki_root("pki", "87600h", "ec", 256);
-    vault.signer_policy("meshca-signer", "pki", None);
+    let vault = Vault::with_signer(dir, Storage::Dev);
     let _ = vault.api("POST", "sys/auth/approle", Some(serde_json::json!({"type": "approle"})));
     vault.ok(
         "POST",
@@ -259,9 +253,7 @@ fn the_token_is_renewed_at_half_its_lease_and_replaced_at_its_max_ttl_or_on_fail
 fn a_wrong_secret_id_or_role_id_is_a_clear_error_without_the_secret() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let vault = Vault::start(&dir.join("vault"), Storage::Dev);
-    vault.pki_root("pki", "87600h", "ec", 256);
-    vault.signer_policy("meshca-signer", "pki", None);
+    let vault = Vault::with_signer(dir, Storage::Dev);
     vault.ok("POST", "sys/auth/approle-mesh", serde_json::json!({"type": "approle"}));
     vault.ok("POST", "auth/approle-mesh/role/meshca", serde_json::json!({"token_policies": ["meshca-signer"]}));
     let role_id = vault.ok("GET", "auth/approle-mesh/role/meshca/role-id", serde_json::Value::Null)["data"]["role_id"]

@@ -36,9 +36,7 @@ fn the_agent_logs_in_with_a_service_account_jwt_from_a_real_api_server() {
                "subjects": [{"kind": "ServiceAccount", "name": "vault-reviewer", "namespace": "meshca"}]}),
     );
 
-    let vault = Vault::start(&dir.join("vault"), Storage::Dev);
-    vault.pki_root("pki", "87600h", "ec", 256);
-    vault.signer_policy("meshca-signer", "pki", None);
+    let vault = Vault::with_signer(dir, Storage::Dev);
     vault.ok("POST", "sys/auth/kubernetes", json!({"type": "kubernetes"}));
     vault.ok(
         "POST",

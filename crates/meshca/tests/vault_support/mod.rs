@@ -217,6 +217,15 @@ impl Vault {
     }
 
     /// The server's log.
+    /// A Vault in `dir/vault` with an EC P-256 root at the PKI mount `pki` (10-year max TTL)
+    /// and the minimal signer policy `meshca-signer` for it: the setup most tests share.
+    pub fn with_signer(dir: &Path, storage: Storage) -> Vault {
+        let vault = Vault::start(&dir.join("vault"), storage);
+        vault.pki_root("pki", "87600h", "ec", 256);
+        vault.signer_policy("meshca-signer", "pki", None);
+        vault
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("vault.log")).unwrap_or_default()
     }
