@@ -42,21 +42,21 @@
 //!
 //! Versions only grow, also across a delete and re-create (the lock file keeps the last version of
 //! a deleted object), so a stale compare-and-swap can never match a re-created object by accident.
+//!
+//! # Where each part lives
+//!
+//! This file holds the tree of objects (create, delete, list, preconditions); `layout` names the
+//! entries of one object and reads it; `writer` is the kubelet-style atomic writer (shared with
+//! [`crate::single`]); `lock` the per-object lock file; `watch` the watch stream.
 
-use std::collections::BTreeMap;
-use std::collections::BTreeSet;
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::fs::{self, DirBuilder, File};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -64,32 +64,31 @@ use crate::{
     is_dns_subdomain, is_valid_data_key,
 };
 
+pub(crate) use layout::{Attempt, DATA_LINK, LinkState, MetaOut, link_state, read_attempt};
+pub(crate) use lock::{LockKind, lock_file, read_high_water, write_high_water};
+pub(crate) use watch::{WatchedObject, watch_stream};
+pub(crate) use writer::{remove_any, sync_dir, sync_key_links, update_object};
+
+use layout::{DIR_MODE, data_dir_name, highest_data_dir_version, key_link_target};
+use writer::{remove_leftover, write_data_dir};
+
 /// How often a watch re-reads the `..data` link to notice writes made by *other* processes (or
 /// other [`DirStore`] instances). Writes through the same instance are delivered at once; this
 /// only bounds how late an out-of-process write is seen. A `readlink(2)` per watcher per tick is
 /// cheap enough that 200 ms costs nothing measurable.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The link naming the current data directory (the kubelet's name).
-pub(crate) const DATA_LINK: &str = "..data";
-/// The link built next to `..data` and renamed over it (the kubelet's name).
-const DATA_TMP_LINK: &str = "..data_tmp";
-/// Data directories are `..v<version, 10 digits>_<random>`; the `..` keeps them out of the key space.
-const DATA_DIR_PREFIX: &str = "..v";
-/// Labels and annotations, inside each data directory. Not a valid data key, so never listed as one.
-const META_FILE: &str = "..meta.json";
-const DIR_MODE: u32 = 0o700;
-const FILE_MODE: u32 = 0o600;
 /// Lock-free read attempts before a reader falls back to the shared lock (only needed when
 /// writers swap versions faster than a read completes).
 const OPTIMISTIC_READS: usize = 3;
 /// In-process change notifications buffered per watcher; a watcher that falls further behind
 /// just re-reads the object, so the size only trades memory against needless re-reads.
 const CHANGE_CHANNEL_CAPACITY: usize = 256;
-/// The high-water mark is written in place at offset 0 with a fixed width, so it is never
-/// truncated (a lock file must never be replaced: a writer waiting on the old inode would then
-/// hold a lock nobody else sees).
-const HIGH_WATER_WIDTH: usize = 20;
+
+mod layout;
+mod lock;
+mod watch;
+mod writer;
 
 /// A [`Store`] in a local directory tree; see the [module documentation](self) for the layout and
 /// its guarantees.
@@ -222,38 +221,6 @@ impl Store for DirStore {
 
 pub(crate) fn versioned((version, value): (u64, Secret)) -> Versioned<Secret> {
     Versioned { value, version: ResourceVersion(version.to_string()) }
-}
-
-/// What `..data` says about an object.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum LinkState {
-    /// No object directory.
-    Absent,
-    /// A complete object at this version.
-    Present { target: String, version: u64 },
-    /// An object directory that is not one of ours (only outside tampering gets here).
-    Broken(String),
-}
-
-#[derive(Serialize)]
-pub(crate) struct MetaOut<'a> {
-    pub(crate) labels: &'a BTreeMap<String, String>,
-    pub(crate) annotations: &'a BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct MetaIn {
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-/// One lock-free read of an object.
-pub(crate) enum Attempt {
-    Done(Option<(u64, Secret)>),
-    /// `..data` moved while reading: what was read may be a mix or incomplete, read again.
-    Retry,
 }
 
 impl Inner {
@@ -476,31 +443,6 @@ impl Inner {
     }
 }
 
-#[derive(Clone, Copy)]
-pub(crate) enum LockKind {
-    Exclusive,
-    Shared,
-}
-
-/// Opens (creating it 0600 if needed) and locks a lock file; `who` names the object in errors.
-pub(crate) fn lock_file(who: &str, path: &Path, kind: LockKind) -> Result<File, StoreError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(FILE_MODE)
-        .open(path)
-        .map_err(io_err(who, path))?;
-    match kind {
-        LockKind::Exclusive => file.lock(),
-        LockKind::Shared => file.lock_shared(),
-    }
-    .map_err(io_err(who, path))?;
-    // Released when the file is closed, also when the process dies.
-    Ok(file)
-}
-
 pub(crate) fn check_precondition(
     key: &ObjectKey,
     precondition: &Precondition,
@@ -530,298 +472,6 @@ pub(crate) fn check_delete_precondition(
     }
 }
 
-/// Updates an existing object the kubelet's way: write a complete new data directory, swap
-/// `..data` to it with one rename, then fix the key links and remove the old data directory.
-/// Readers see the old version until the rename and the new one after it.
-///
-/// `old_target` is `None` when `obj` exists but holds no version yet (an object kept at the root
-/// of a directory that is never renamed, see [`crate::single`]): then `..data` appears with the
-/// same single rename.
-pub(crate) fn update_object(
-    key: &ObjectKey,
-    obj: &Path,
-    old_target: Option<&str>,
-    version: u64,
-    secret: &Secret,
-    meta: &[u8],
-) -> Result<(), StoreError> {
-    let who = key.to_string();
-    remove_leftovers_in_object(key, obj, old_target.unwrap_or_default())?;
-    let target = data_dir_name(version);
-    write_data_dir(key, &obj.join(&target), secret, meta)?;
-
-    let tmp_link = obj.join(DATA_TMP_LINK);
-    symlink(&target, &tmp_link).map_err(io_err(&who, &tmp_link))?;
-    let link = obj.join(DATA_LINK);
-    fs::rename(&tmp_link, &link).map_err(io_err(&who, &link))?;
-    sync_dir(key, obj)?;
-    // The new version is now visible and durable; the rest is tidying that any later writer
-    // would also do if we crash here.
-
-    sync_key_links(key, obj, secret)?;
-    if let Some(old_target) = old_target {
-        remove_any(&who, &obj.join(old_target))?;
-    }
-    sync_dir(key, obj)
-}
-
-/// Gives every data key a `<key> -> ..data/<key>` link and removes links of keys that are gone.
-pub(crate) fn sync_key_links(key: &ObjectKey, obj: &Path, secret: &Secret) -> Result<(), StoreError> {
-    let who = key.to_string();
-    for data_key in secret.data.keys() {
-        let link = obj.join(data_key);
-        let want = key_link_target(data_key);
-        match fs::read_link(&link) {
-            Ok(have) if have == Path::new(&want) => continue,
-            Ok(_) => _ = remove_any(&who, &link)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            // Not a link (a foreign file): replace it.
-            Err(e) if e.kind() == io::ErrorKind::InvalidInput => _ = remove_any(&who, &link)?,
-            Err(e) => return Err(io_err(&who, &link)(e)),
-        }
-        symlink(&want, &link).map_err(io_err(&who, &link))?;
-    }
-    for entry in fs::read_dir(obj).map_err(io_err(&who, obj))? {
-        let entry = entry.map_err(io_err(&who, obj))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("..") || secret.data.contains_key(name) {
-            continue;
-        }
-        // Only remove what we made: a key link of a key that is no longer there.
-        if entry.file_type().map_err(io_err(&who, &entry.path()))?.is_symlink() {
-            remove_any(&who, &entry.path())?;
-        }
-    }
-    Ok(())
-}
-
-/// Removes what a crashed update left inside the object directory: `..data_tmp` and data
-/// directories other than the current one (all of them when `current_target` is empty).
-fn remove_leftovers_in_object(key: &ObjectKey, obj: &Path, current_target: &str) -> Result<(), StoreError> {
-    let who = key.to_string();
-    for entry in fs::read_dir(obj).map_err(io_err(&who, obj))? {
-        let entry = entry.map_err(io_err(&who, obj))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name == DATA_TMP_LINK || (parse_data_dir_name(name).is_some() && name != current_target) {
-            remove_leftover(&who, &entry.path())?;
-        }
-    }
-    Ok(())
-}
-
-/// Writes a complete data directory and makes it durable before anything links to it.
-fn write_data_dir(key: &ObjectKey, dir: &Path, secret: &Secret, meta: &[u8]) -> Result<(), StoreError> {
-    let who = key.to_string();
-    DirBuilder::new().mode(DIR_MODE).create(dir).map_err(io_err(&who, dir))?;
-    for (data_key, value) in &secret.data {
-        write_file(&who, &dir.join(data_key), value)?;
-    }
-    write_file(&who, &dir.join(META_FILE), meta)?;
-    sync_dir(key, dir)
-}
-
-fn write_file(who: &str, path: &Path, contents: &[u8]) -> Result<(), StoreError> {
-    let mut file =
-        OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path).map_err(io_err(who, path))?;
-    // The umask can only narrow the mode; set it anyway in case the umask is unusual (e.g. strips
-    // the owner's bits), so the file is exactly 0600.
-    file.set_permissions(fs::Permissions::from_mode(FILE_MODE)).map_err(io_err(who, path))?;
-    file.write_all(contents).map_err(io_err(who, path))?;
-    file.sync_all().map_err(io_err(who, path))
-}
-
-/// Makes a directory's entries (new files, links, renames) durable.
-pub(crate) fn sync_dir(key: &impl fmt::Display, dir: &Path) -> Result<(), StoreError> {
-    let who = key.to_string();
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(&who, dir))
-}
-
-/// Removes a file, link or directory tree if it exists; says whether there was one.
-pub(crate) fn remove_any(who: &str, path: &Path) -> Result<bool, StoreError> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_err(who, path)(e)),
-    }
-}
-
-/// Removes what a crashed writer left; worth a log line, since it means a writer died mid-write.
-fn remove_leftover(who: &str, path: &Path) -> Result<(), StoreError> {
-    if remove_any(who, path)? {
-        tracing::info!(object = who, path = %path.display(), "removed the leftover of an interrupted write");
-    }
-    Ok(())
-}
-
-fn key_link_target(data_key: &str) -> String {
-    format!("{DATA_LINK}/{data_key}")
-}
-
-fn data_dir_name(version: u64) -> String {
-    format!("{DATA_DIR_PREFIX}{version:010}_{}", random_suffix())
-}
-
-/// The version in a data directory name, or `None` if `name` is not one.
-fn parse_data_dir_name(name: &str) -> Option<u64> {
-    let (digits, suffix) = name.strip_prefix(DATA_DIR_PREFIX)?.split_once('_')?;
-    let well_formed = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !suffix.is_empty()
-        && suffix.bytes().all(|b| b.is_ascii_alphanumeric());
-    if well_formed { digits.parse().ok() } else { None }
-}
-
-/// The highest version among the data directories in `obj` (linked or not), to keep versions
-/// growing when an unreadable object is replaced.
-fn highest_data_dir_version(obj: &Path) -> Option<u64> {
-    fs::read_dir(obj)
-        .ok()?
-        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().and_then(parse_data_dir_name)))
-        .max()
-}
-
-/// Uniqueness, not secrecy: data directory names must never repeat, so that a reader's "did
-/// `..data` move?" check cannot be fooled by a reused name.
-fn random_suffix() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    format!("{:016x}", h.finish())
-}
-
-/// The last version of a deleted object; 0 if none (or unreadable, which can only happen after
-/// outside tampering).
-pub(crate) fn read_high_water(lock: &File) -> u64 {
-    let mut buf = [0u8; HIGH_WATER_WIDTH + 1];
-    let n = lock.read_at(&mut buf, 0).unwrap_or(0);
-    std::str::from_utf8(&buf[..n]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
-
-pub(crate) fn write_high_water(lock: &File, version: u64) -> io::Result<()> {
-    lock.write_all_at(format!("{version:0width$}\n", width = HIGH_WATER_WIDTH).as_bytes(), 0)?;
-    lock.sync_data()
-}
-
-/// Reads `..data`.
-pub(crate) fn link_state(key: &ObjectKey, obj: &Path) -> Result<LinkState, StoreError> {
-    let link = obj.join(DATA_LINK);
-    match fs::read_link(&link) {
-        Ok(target) => {
-            let Some(target) = target.to_str() else {
-                return Ok(LinkState::Broken(format!("{DATA_LINK} points at a non-UTF-8 name")));
-            };
-            match parse_data_dir_name(target) {
-                Some(version) => Ok(LinkState::Present { target: target.to_string(), version }),
-                None => Ok(LinkState::Broken(format!("{DATA_LINK} points at {target:?}, not a data directory"))),
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::symlink_metadata(obj) {
-            Ok(_) => Ok(LinkState::Broken(format!("{} has no {DATA_LINK} link", obj.display()))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(LinkState::Absent),
-            Err(e) => Err(io_err(&key.to_string(), obj)(e)),
-        },
-        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-            Ok(LinkState::Broken(format!("{} is not a symlink", link.display())))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
-            Ok(LinkState::Broken(format!("{} is not a directory", obj.display())))
-        }
-        Err(e) => Err(io_err(&key.to_string(), &link)(e)),
-    }
-}
-
-/// One lock-free read. Sound because a linked data directory is never modified, and is removed
-/// only after `..data` has moved away from it: if `..data` names the same directory after the
-/// read as before, everything read belongs to that one version.
-pub(crate) fn read_attempt(key: &ObjectKey, obj: &Path) -> Result<Attempt, StoreError> {
-    let target = match link_state(key, obj)? {
-        LinkState::Absent => return Ok(Attempt::Done(None)),
-        LinkState::Present { target, .. } => target,
-        // A delete and a re-create racing our two looks can mimic a broken object; look again.
-        LinkState::Broken(reason) => {
-            return match link_state(key, obj)? {
-                LinkState::Broken(_) => Err(StoreError::Corrupt { key: key.clone(), reason }),
-                _ => Ok(Attempt::Retry),
-            };
-        }
-    };
-    let read = read_data_dir(key, &obj.join(&target));
-    match link_state(key, obj)? {
-        LinkState::Present { target: now, version } if now == target => match read? {
-            Some(secret) => Ok(Attempt::Done(Some((version, secret)))),
-            None => Err(StoreError::Corrupt {
-                key: key.clone(),
-                reason: format!("{DATA_LINK} points at {target}, which does not exist"),
-            }),
-        },
-        _ => Ok(Attempt::Retry),
-    }
-}
-
-/// Reads a data directory: every data key plus the meta file. `Ok(None)` if (part of) it is gone.
-fn read_data_dir(key: &ObjectKey, dir: &Path) -> Result<Option<Secret>, StoreError> {
-    let who = key.to_string();
-    let corrupt = |reason: String| StoreError::Corrupt { key: key.clone(), reason };
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(&who, dir)(e)),
-    };
-    let mut secret = Secret::default();
-    let mut seen_meta = false;
-    let mut names = BTreeSet::new();
-    for entry in entries {
-        let entry = match entry {
-            Ok(entry) => entry,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&who, dir)(e)),
-        };
-        let path = entry.path();
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-            return Err(corrupt(format!("{} has a non-UTF-8 file name", dir.display())));
-        };
-        if name != META_FILE && !is_valid_data_key(&name) {
-            return Err(corrupt(format!("{} is not a valid data key", path.display())));
-        }
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => return Err(corrupt(format!("{} is not a regular file", path.display()))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&who, &path)(e)),
-        }
-        let contents = match fs::read(&path) {
-            Ok(contents) => contents,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&who, &path)(e)),
-        };
-        if name == META_FILE {
-            let meta: MetaIn =
-                serde_json::from_slice(&contents).map_err(|e| corrupt(format!("{}: {e}", path.display())))?;
-            secret.labels = meta.labels;
-            secret.annotations = meta.annotations;
-            seen_meta = true;
-        } else {
-            names.insert(name.clone());
-            secret.data.insert(name, contents);
-        }
-    }
-    if !seen_meta {
-        // Also what a half-removed directory looks like; the caller only trusts this if `..data`
-        // did not move.
-        return Err(corrupt(format!("{} has no {META_FILE}", dir.display())));
-    }
-    Ok(Some(secret))
-}
-
 /// Maps an I/O error to a [`StoreError`] naming the path; permission problems become
 /// [`StoreError::Forbidden`] because the fix (ownership, modes) differs from other I/O failures.
 pub(crate) fn io_err<'a>(who: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -832,20 +482,6 @@ pub(crate) fn io_err<'a>(who: &'a str, path: &'a Path) -> impl FnOnce(io::Error)
             StoreError::Io { path: path.display().to_string(), source: e }
         }
     }
-}
-
-// ---- watch ----
-
-type WatchItem = Result<Option<Versioned<Secret>>, StoreError>;
-
-/// Where a watched object lives: the watch only needs to look at its `..data` link (cheap) and
-/// to read it (when the link moved). Implemented for an object of a [`DirStore`] tree and for
-/// the single object of a [`crate::single::SingleObjectDir`].
-pub(crate) trait WatchedObject: Send + Sync + 'static {
-    /// What `..data` says now.
-    fn link_state(&self) -> Result<LinkState, StoreError>;
-    /// The object now, consistent with its version.
-    fn read(&self) -> Result<Option<(u64, Secret)>, StoreError>;
 }
 
 struct TreeObject {
@@ -863,109 +499,12 @@ impl WatchedObject for TreeObject {
     }
 }
 
-/// The watch stream of one object: its state now, then every change, seen at once for writes
-/// announced on `changes` and within `poll_interval` for any other write.
-pub(crate) fn watch_stream(
-    object: Arc<dyn WatchedObject>,
-    key: ObjectKey,
-    changes: broadcast::Receiver<ObjectKey>,
-    poll_interval: Duration,
-) -> WatchStream {
-    let state =
-        WatchState { object, key, changes: Some(changes), ticker: None, poll_interval, last: None, failing: false };
-    // No background task: all the work happens while the consumer polls, so dropping the
-    // stream drops everything (at most one short blocking read may still finish).
-    futures::stream::unfold(state, WatchState::next_item).boxed()
-}
-
-struct WatchState {
-    object: Arc<dyn WatchedObject>,
-    key: ObjectKey,
-    /// `None` once the channel closed (a closed receiver returns at once, so keeping it would
-    /// spin).
-    changes: Option<broadcast::Receiver<ObjectKey>>,
-    /// Created on the first wait: an interval needs a runtime, and `watch` may be called outside one.
-    ticker: Option<tokio::time::Interval>,
-    poll_interval: Duration,
-    /// The version last yielded (`Some(None)`: absent); `None` before the first item and after an error.
-    last: Option<Option<u64>>,
-    /// The last item was an error: don't repeat it every tick.
-    failing: bool,
-}
-
-impl WatchState {
-    async fn next_item(mut self) -> Option<(WatchItem, WatchState)> {
-        loop {
-            if self.last.is_some() || self.failing {
-                self.wait().await;
-                if let Some(last) = self.last {
-                    // The cheap check: one readlink, no file reads, unless the version moved.
-                    let object = Arc::clone(&self.object);
-                    let state = run_blocking(move || object.link_state()).await;
-                    let unchanged = match (state, last) {
-                        (Ok(LinkState::Absent), None) => true,
-                        (Ok(LinkState::Present { version, .. }), Some(last)) => version == last,
-                        _ => false,
-                    };
-                    if unchanged {
-                        continue;
-                    }
-                }
-            }
-            let object = Arc::clone(&self.object);
-            match run_blocking(move || object.read()).await {
-                Ok(found) => {
-                    let version = found.as_ref().map(|(v, _)| *v);
-                    self.failing = false;
-                    if self.last == Some(version) {
-                        continue;
-                    }
-                    self.last = Some(version);
-                    return Some((Ok(found.map(versioned)), self));
-                }
-                Err(e) => {
-                    self.last = None;
-                    if self.failing {
-                        continue;
-                    }
-                    self.failing = true;
-                    return Some((Err(e), self));
-                }
-            }
-        }
-    }
-
-    /// Until the next poll tick or an in-process write of this key, whichever comes first.
-    async fn wait(&mut self) {
-        let period = self.poll_interval;
-        let ticker = self.ticker.get_or_insert_with(|| {
-            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            t
-        });
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = next_change(&mut self.changes, &self.key) => {}
-        }
-    }
-}
-
-async fn next_change(changes: &mut Option<broadcast::Receiver<ObjectKey>>, key: &ObjectKey) {
-    loop {
-        let Some(rx) = changes.as_mut() else { return std::future::pending().await };
-        match rx.recv().await {
-            Ok(changed) if changed == *key => return,
-            Ok(_) => {}
-            // We may have missed our key among the dropped ones: check.
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => *changes = None,
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use super::layout::{DATA_TMP_LINK, META_FILE};
     use super::*;
 
     fn key(name: &str) -> ObjectKey {
@@ -980,32 +519,6 @@ mod tests {
 
     fn entries(dir: &Path) -> BTreeSet<String> {
         fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect()
-    }
-
-    #[test]
-    fn data_dir_names_round_trip_and_never_repeat() {
-        let a = data_dir_name(42);
-        let b = data_dir_name(42);
-        assert!(a.starts_with("..v0000000042_"), "{a}");
-        assert_ne!(a, b);
-        assert_eq!(parse_data_dir_name(&a), Some(42));
-        assert_eq!(parse_data_dir_name(&data_dir_name(12_345_678_901)), Some(12_345_678_901));
-        for bad in ["..data", "..v_abc", "..v12_", "..v12", "..vx1_ab", "..v1_a/b", "v1_ab", "..v1_../x"] {
-            assert_eq!(parse_data_dir_name(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn high_water_mark_survives_and_never_truncates() {
-        let dir = tempfile::tempdir().unwrap();
-        let f =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.path().join("l")).unwrap();
-        assert_eq!(read_high_water(&f), 0);
-        write_high_water(&f, 12_345).unwrap();
-        assert_eq!(read_high_water(&f), 12_345);
-        write_high_water(&f, 7).unwrap();
-        assert_eq!(read_high_water(&f), 7);
-        assert_eq!(fs::metadata(dir.path().join("l")).unwrap().len(), HIGH_WATER_WIDTH as u64 + 1);
     }
 
     #[test]
@@ -1147,14 +660,5 @@ mod tests {
         symlink("/etc/passwd", data.join("y")).unwrap();
         let err = store.get(&k).await.unwrap_err();
         assert!(matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("not a regular file")), "{err}");
-    }
-
-    #[tokio::test]
-    async fn the_watch_stream_leaves_no_task_behind() {
-        let (_dir, store) = store();
-        let mut w = store.watch(&key("a"));
-        assert!(w.next().await.unwrap().unwrap().is_none());
-        drop(w);
-        assert_eq!(tokio::runtime::Handle::current().metrics().num_alive_tasks(), 0);
     }
 }
