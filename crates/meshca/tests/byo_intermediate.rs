@@ -299,6 +299,21 @@ fn a_user_intermediate_near_expiry_clamps_cluster_intermediates_and_raises_an_al
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(st["caMode"], "intermediateRef");
     assert!(st["upstreamIntermediate"]["subject"].as_str().unwrap().contains("Corp Mesh Intermediate"));
+    // The trust tree the dashboard draws: root → the user's intermediate → the cluster's.
+    assert_eq!(st["upstreamIntermediate"]["fingerprint"], user_int.fingerprint());
+    assert_eq!(st["upstreamIntermediate"]["serial"], user_int.serial_hex());
+    assert_eq!(st["upstreamIntermediate"]["issuerFingerprint"], st["roots"][0]["fingerprint"], "{st}");
+    let cluster = wait_for(Duration::from_secs(30), "cluster-1 to report its intermediate", || {
+        let (_, out, _) = run(&["status", "-o", "json", "--credentials", creds]);
+        let st: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let c = st["clusters"][0].clone();
+        (c["intermediateSerial"] == b.ca_cert().serial_hex()).then_some(c)
+    });
+    assert_eq!(cluster["issuerFingerprint"], user_int.fingerprint());
+    assert_eq!(
+        cluster["intermediateCertNotBefore"],
+        b.ca_cert().not_before().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    );
     let alert = st["alerts"].as_array().unwrap().iter().find(|a| a["kind"] == "UpstreamIntermediateExpiring").cloned();
     assert!(alert.is_some_and(|a| a["message"].as_str().unwrap().contains("spec.config.intermediateRef")), "{st}");
     let (ok, table, _) = run(&["status", "--credentials", creds]);

@@ -101,6 +101,15 @@ pub struct IssuedRecord {
     /// once. Empty in records written before it was kept.
     #[serde(default)]
     pub public_key_sha256: String,
+    /// Unix seconds: the certificate's NotBefore (backdated from `issued_at`). 0 in older records.
+    #[serde(default)]
+    pub not_before: i64,
+    /// The certified key's algorithm ("ECDSA P-256", ...). Empty in older records.
+    #[serde(default)]
+    pub key_algorithm: String,
+    /// SHA-256 fingerprint of the signing certificate, hex. Empty in older records.
+    #[serde(default)]
+    pub issuer_fingerprint: String,
 }
 
 /// How many issued records are kept per cluster.

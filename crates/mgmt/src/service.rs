@@ -288,6 +288,9 @@ impl CertificateIssuer for IssuerService {
             reason: if r.reason.is_empty() { "unspecified".into() } else { r.reason.chars().take(64).collect() },
             policy_generation: auth.generation.clone(),
             public_key_sha256: key_sha256.clone(),
+            not_before: unix(issued.not_before),
+            key_algorithm: csr.key_kind().to_string(),
+            issuer_fingerprint: signer.cert().fingerprint(),
         };
         // Record before answering: nothing is handed out that the log does not show. The log is
         // updated by compare-and-swap, so when two replicas race on the same request (a leader

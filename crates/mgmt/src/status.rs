@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use meshca_proto::mgmt::{Alert, ClusterStatus, ClusterView, IssuedRecord, MeshStatus};
+use meshca_proto::mgmt::{Alert, CertificateSummary, ClusterStatus, ClusterView, IssuedRecord, MeshStatus};
 use meshca_store::{Store, typed};
 
 use crate::authority::Authority;
@@ -71,6 +71,9 @@ pub async fn collect(
                     not_after: r.not_after,
                     issued_at: r.issued_at,
                     reason: r.reason.clone(),
+                    not_before: r.not_before,
+                    key_algorithm: r.key_algorithm.clone(),
+                    issuer_fingerprint: r.issuer_fingerprint.clone(),
                 })
                 .collect(),
             name,
@@ -81,6 +84,14 @@ pub async fn collect(
         None => (String::new(), 0),
     };
     let alerts = alerts(now, authority, &clusters, report_interval);
+    let mut roots: Vec<CertificateSummary> =
+        authority.roots.iter().flat_map(|r| r.iter()).map(|c| summary(c, None)).collect();
+    roots.sort_by_key(|r| r.not_after);
+    let upstream = authority.upstream();
+    // The user's intermediate hangs under the root that signed it (by signature, not by name).
+    let upstream_issuer = upstream.and_then(|u| {
+        authority.roots.iter().flat_map(|r| r.iter()).find(|r| u.verify_signed_by(r).is_ok()).map(|r| r.fingerprint())
+    });
     Ok(MeshStatus {
         trust_domain: authority.policy.trust_domain.to_string(),
         ca_mode: authority.policy.ca.name().to_string(),
@@ -93,7 +104,30 @@ pub async fn collect(
         now,
         upstream_intermediate_subject: authority.upstream().map(|c| c.subject()).unwrap_or_default(),
         upstream_intermediate_not_after: authority.upstream().map(|c| crate::tokens::unix(c.not_after())).unwrap_or(0),
+        roots,
+        upstream_intermediate: upstream.map(|u| summary(u, upstream_issuer)),
+        root_rotation_threshold: root_rotation_threshold(authority).unwrap_or(0),
     })
+}
+
+fn summary(c: &meshca_pki::Cert, issuer_fingerprint: Option<String>) -> CertificateSummary {
+    CertificateSummary {
+        subject: c.subject(),
+        serial: c.serial_hex(),
+        not_before: crate::tokens::unix(c.not_before()),
+        not_after: crate::tokens::unix(c.not_after()),
+        fingerprint: c.fingerprint(),
+        key_algorithm: c.key_kind().to_string(),
+        issuer_fingerprint: issuer_fingerprint.unwrap_or_default(),
+    }
+}
+
+/// The moment (unix seconds) from which the earliest root expires within one intermediate
+/// lifetime: from then on new intermediates are cut short, so the root should have been rotated.
+/// `None` without a root.
+pub fn root_rotation_threshold(authority: &Authority) -> Option<i64> {
+    let roots = authority.roots.as_ref()?;
+    Some(crate::tokens::unix(roots.earliest_expiry()) - authority.policy.intermediate.ttl.as_secs() as i64)
 }
 
 fn alert(kind: &str, cluster: &str, message: String) -> Alert {
@@ -132,9 +166,9 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
         out.push(alert("PolicyWarning", "", w.clone()));
     }
     let ttl = authority.policy.intermediate.ttl.as_secs() as i64;
-    if let Some(roots) = &authority.roots {
-        let root_end = crate::tokens::unix(roots.earliest_expiry());
-        if root_end < now + ttl {
+    if let Some(threshold) = root_rotation_threshold(authority) {
+        let root_end = threshold + ttl;
+        if now > threshold {
             out.push(alert(
                 "RootExpiresWithinIntermediateLifetime",
                 "",
@@ -215,4 +249,214 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
         }
     }
     out
+}
+
+/// The mesh's status as one JSON document with stable field names: what `meshca status -o json`
+/// prints and what the dashboard renders, so the two never disagree.
+///
+/// Times are unix seconds (0: unknown). Beyond the status itself, each cluster carries what its
+/// current intermediate's issuance record says — the certificate's real `notBefore`
+/// (`intermediateCertNotBefore`; `intermediateNotBefore` is the issuance time agents plan renewals
+/// from), `keyAlgorithm` and `issuerFingerprint` (the `fingerprint` of a root or of the
+/// management intermediate) — empty when the management plane did not sign it (Vault mode).
+pub fn document(st: &MeshStatus) -> serde_json::Value {
+    use serde_json::json;
+    let cert = |c: &CertificateSummary| {
+        json!({
+            "subject": c.subject, "serial": c.serial, "notBefore": c.not_before, "notAfter": c.not_after,
+            "fingerprint": c.fingerprint, "keyAlgorithm": c.key_algorithm, "issuerFingerprint": c.issuer_fingerprint,
+        })
+    };
+    let mut upstream = json!({
+        "subject": st.upstream_intermediate_subject, "notAfter": st.upstream_intermediate_not_after,
+    });
+    if let (Some(u), Some(obj)) = (&st.upstream_intermediate, upstream.as_object_mut())
+        && let Some(full) = cert(u).as_object()
+    {
+        obj.extend(full.clone());
+    }
+    json!({
+        "trustDomain": st.trust_domain,
+        "caMode": st.ca_mode,
+        "rootSetFingerprint": st.root_set_fingerprint,
+        "rootNotAfter": st.root_not_after,
+        "rootRotationThreshold": st.root_rotation_threshold,
+        "roots": st.roots.iter().map(cert).collect::<Vec<_>>(),
+        "policyGeneration": st.policy_generation,
+        "policyError": st.policy_error,
+        "now": st.now,
+        "upstreamIntermediate": upstream,
+        "clusters": st.clusters.iter().map(|c| {
+            let s = c.status.clone().unwrap_or_default();
+            let current = c.issued.iter().find(|r| !s.intermediate_serial.is_empty() && r.serial == s.intermediate_serial);
+            json!({
+                "name": c.name, "registered": c.registered, "enrolled": c.enrolled, "connected": c.connected,
+                "lastSeen": c.last_seen, "phase": s.phase, "intermediateSerial": s.intermediate_serial,
+                "intermediateNotAfter": s.intermediate_not_after, "intermediateNotBefore": s.intermediate_not_before,
+                "intermediateCertNotBefore": current.map(|r| r.not_before).unwrap_or(0),
+                "keyAlgorithm": current.map(|r| r.key_algorithm.as_str()).unwrap_or(""),
+                "issuerFingerprint": current.map(|r| r.issuer_fingerprint.as_str()).unwrap_or(""),
+                "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
+                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
+                "keyLocation": s.key_location,
+                "issued": c.issued.iter().map(|r| json!({
+                    "serial": r.serial, "notBefore": r.not_before, "notAfter": r.not_after, "issuedAt": r.issued_at,
+                    "reason": r.reason, "keyAlgorithm": r.key_algorithm, "issuerFingerprint": r.issuer_fingerprint,
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+        "alerts": st.alerts.iter().map(|a| json!({"kind": a.kind, "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str, not_after: i64) -> CertificateSummary {
+        CertificateSummary {
+            subject: format!("CN={name}"),
+            serial: format!("{name}01"),
+            not_before: 1_000,
+            not_after,
+            fingerprint: format!("fp-{name}"),
+            key_algorithm: "ECDSA P-256".into(),
+            issuer_fingerprint: String::new(),
+        }
+    }
+
+    fn cluster(name: &str, serial: &str, issuer: &str) -> ClusterView {
+        ClusterView {
+            name: name.into(),
+            registered: true,
+            enrolled: true,
+            connected: true,
+            last_seen: 1_990,
+            status: Some(ClusterStatus {
+                phase: "Ready".into(),
+                intermediate_serial: serial.into(),
+                intermediate_not_before: 1_500,
+                intermediate_not_after: 4_000,
+                next_renewal: 3_500,
+                key_location: "store".into(),
+                ..Default::default()
+            }),
+            issued: vec![
+                IssuedRecord {
+                    serial: serial.into(),
+                    not_before: 1_380,
+                    not_after: 4_000,
+                    issued_at: 1_500,
+                    reason: "forced".into(),
+                    key_algorithm: "ECDSA P-384".into(),
+                    issuer_fingerprint: issuer.into(),
+                },
+                IssuedRecord {
+                    serial: "OLD".into(),
+                    not_before: 1_000,
+                    not_after: 3_000,
+                    issued_at: 1_120,
+                    reason: "initial".into(),
+                    key_algorithm: "ECDSA P-256".into(),
+                    issuer_fingerprint: "fp-a".into(),
+                },
+            ],
+        }
+    }
+
+    fn status() -> MeshStatus {
+        MeshStatus {
+            trust_domain: "cluster.local".into(),
+            ca_mode: "generated".into(),
+            now: 2_000,
+            roots: vec![root("a", 9_000), root("b", 19_000)],
+            root_not_after: 9_000,
+            root_rotation_threshold: 6_000,
+            clusters: vec![cluster("cluster-1", "AA", "fp-b"), cluster("cluster-2", "BB", "fp-a")],
+            alerts: vec![Alert {
+                kind: "ClusterNotReporting".into(),
+                cluster: "cluster-2".into(),
+                message: "m".into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn document_carries_the_root_set_and_each_intermediate_with_its_issuer() {
+        let d = document(&status());
+        assert_eq!(d["roots"].as_array().map(Vec::len), Some(2));
+        assert_eq!(d["roots"][1]["subject"], "CN=b");
+        assert_eq!(d["roots"][1]["notBefore"], 1_000);
+        assert_eq!(d["rootRotationThreshold"], 6_000);
+        let c1 = &d["clusters"][0];
+        assert_eq!(c1["intermediateSerial"], "AA");
+        // The certificate's own NotBefore, from the record of the serial in service, not the older one.
+        assert_eq!(c1["intermediateCertNotBefore"], 1_380);
+        assert_eq!(c1["intermediateNotBefore"], 1_500);
+        assert_eq!(c1["keyAlgorithm"], "ECDSA P-384");
+        assert_eq!(c1["issuerFingerprint"], "fp-b");
+        assert_eq!(d["clusters"][1]["issuerFingerprint"], "fp-a");
+        assert_eq!(c1["issued"][1]["issuerFingerprint"], "fp-a");
+        assert_eq!(c1["issued"][0]["reason"], "forced");
+        assert_eq!(c1["nextRenewal"], 3_500);
+        assert_eq!(d["alerts"][0]["kind"], "ClusterNotReporting");
+    }
+
+    #[test]
+    fn a_cluster_without_a_matching_record_has_no_invented_details() {
+        let mut st = status();
+        // Vault mode: the management plane signed nothing, so there is no record of the serial.
+        st.clusters[0].issued.clear();
+        let d = document(&st);
+        assert_eq!(d["clusters"][0]["intermediateCertNotBefore"], 0);
+        assert_eq!(d["clusters"][0]["keyAlgorithm"], "");
+        // A cluster that never reported has no serial; an empty serial matches no record.
+        st.clusters[1].status = None;
+        st.clusters[1].issued[0].serial = String::new();
+        let d = document(&st);
+        assert_eq!(d["clusters"][1]["intermediateSerial"], "");
+        assert_eq!(d["clusters"][1]["issuerFingerprint"], "");
+    }
+
+    #[test]
+    fn the_upstream_intermediate_keeps_its_old_fields_and_gains_the_full_certificate() {
+        let mut st = status();
+        assert_eq!(document(&st)["upstreamIntermediate"], serde_json::json!({"subject": "", "notAfter": 0}));
+        let mut up = root("mine", 8_000);
+        up.issuer_fingerprint = "fp-a".into();
+        st.upstream_intermediate_subject = up.subject.clone();
+        st.upstream_intermediate_not_after = up.not_after;
+        st.upstream_intermediate = Some(up);
+        let d = document(&st);
+        assert_eq!(d["upstreamIntermediate"]["subject"], "CN=mine");
+        assert_eq!(d["upstreamIntermediate"]["notAfter"], 8_000);
+        assert_eq!(d["upstreamIntermediate"]["serial"], "mine01");
+        assert_eq!(d["upstreamIntermediate"]["issuerFingerprint"], "fp-a");
+    }
+
+    #[tokio::test]
+    async fn collect_lists_the_roots_and_the_rotation_threshold_the_alert_uses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
+        let now = std::time::SystemTime::now();
+        let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
+        let authority = crate::authority::load(&store, policy, now).await;
+        let st = collect(&store, &authority, crate::tokens::unix(now), Duration::from_secs(5)).await.expect("status");
+        assert_eq!(st.roots.len(), 1);
+        let root = &st.roots[0];
+        let cert = authority.roots.as_ref().and_then(|r| r.iter().next()).expect("a root");
+        assert_eq!(root.serial, cert.serial_hex());
+        assert_eq!(root.fingerprint, cert.fingerprint());
+        assert_eq!(root.not_before, crate::tokens::unix(cert.not_before()));
+        assert_eq!(root.key_algorithm, "ECDSA P-256");
+        assert_eq!(st.root_rotation_threshold, root.not_after - 3600);
+        assert!(st.upstream_intermediate.is_none());
+        // The alert fires exactly once the threshold is passed.
+        let kinds = |at: i64| -> Vec<String> {
+            alerts(at, &authority, &[], Duration::from_secs(5)).into_iter().map(|a| a.kind).collect()
+        };
+        assert!(kinds(st.root_rotation_threshold).is_empty());
+        assert_eq!(kinds(st.root_rotation_threshold + 1), ["RootExpiresWithinIntermediateLifetime"]);
+    }
 }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use meshca_mgmt::server::creds;
-use meshca_mgmt::status::human;
+use meshca_mgmt::status::{document, human};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus, RotateRequest,
@@ -231,41 +231,13 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&a.creds).await?;
     let st = client.get_status(GetStatusRequest {}).await.map_err(status_err)?.into_inner();
     match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&to_json(&st))?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&document(&st))?),
         Output::Table => print!("{}", render(&st)),
     }
     if a.check && !st.alerts.is_empty() {
         std::process::exit(2);
     }
     Ok(())
-}
-
-/// The JSON form of the status (stable field names for scripts).
-pub fn to_json(st: &MeshStatus) -> serde_json::Value {
-    use serde_json::json;
-    json!({
-        "trustDomain": st.trust_domain,
-        "caMode": st.ca_mode,
-        "rootSetFingerprint": st.root_set_fingerprint,
-        "rootNotAfter": st.root_not_after,
-        "policyGeneration": st.policy_generation,
-        "policyError": st.policy_error,
-        "now": st.now,
-        "upstreamIntermediate": { "subject": st.upstream_intermediate_subject, "notAfter": st.upstream_intermediate_not_after },
-        "clusters": st.clusters.iter().map(|c| {
-            let s = c.status.clone().unwrap_or_default();
-            json!({
-                "name": c.name, "registered": c.registered, "enrolled": c.enrolled, "connected": c.connected,
-                "lastSeen": c.last_seen, "phase": s.phase, "intermediateSerial": s.intermediate_serial,
-                "intermediateNotAfter": s.intermediate_not_after, "intermediateNotBefore": s.intermediate_not_before,
-                "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
-                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
-                "keyLocation": s.key_location,
-                "issued": c.issued.iter().map(|r| json!({"serial": r.serial, "notAfter": r.not_after, "issuedAt": r.issued_at, "reason": r.reason})).collect::<Vec<_>>(),
-            })
-        }).collect::<Vec<_>>(),
-        "alerts": st.alerts.iter().map(|a| json!({"kind": a.kind, "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
-    })
 }
 
 /// Arguments of `meshca rotate`.
