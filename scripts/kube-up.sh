@@ -9,7 +9,7 @@
 #
 # Usage: scripts/kube-up.sh [DIR]        (Ctrl-C stops everything)
 #   CLUSTERS=2 REPLICAS=2 PORT_BASE=32000 INTERMEDIATE_TTL=720h scripts/kube-up.sh
-# Needs the kube-apiserver peer (`bash scripts/peers/kube-apiserver.sh build`, root, ~6 min once).
+# Needs the kube-apiserver peer (`bash scripts/peers/kube-apiserver.sh build`, Go, ~4-9 min once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)

@@ -6,9 +6,9 @@
 # seconds afterwards):
 #   MESHCA_ISTIO_INTEROP       the Istio interop harness (interop/istio/build.sh)
 #   MESHCA_VAULT_BIN           Vault (scripts/peers/vault.sh build)
-#   MESHCA_KUBE_APISERVER_BIN  kube-apiserver 1.20 (scripts/peers/kube-apiserver.sh build; also
+#   MESHCA_KUBE_APISERVER_BIN  kube-apiserver 1.36 (scripts/peers/kube-apiserver.sh build; also
 #                              installs Debian's etcd, which the tests start themselves)
-#   MESHCA_PILOT_DISCOVERY_BIN istiod, and kube-apiserver 1.36 beside it (interop/istio/istiod/run.sh build)
+#   MESHCA_PILOT_DISCOVERY_BIN istiod (interop/istio/istiod/run.sh build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESHCA_PEERS_CACHE="${MESHCA_PEERS_CACHE:-/var/cache/meshca-peers}"
@@ -26,8 +26,8 @@ peer() { # VAR COMMAND...: run COMMAND (it prints the path last) unless VAR name
 peer MESHCA_ISTIO_INTEROP bash interop/istio/build.sh
 peer MESHCA_VAULT_BIN bash scripts/peers/vault.sh build
 peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build
-# Real istiod (pilot-discovery) and the kube-apiserver 1.36 it needs, for tests/istiod.rs, which
-# finds them in the cache (interop/istio/istiod/README.md; cold ~7 min, seconds afterwards).
+# Real istiod (pilot-discovery), for tests/istiod.rs, which finds it in the cache
+# (interop/istio/istiod/README.md; cold ~3-11 min, seconds afterwards).
 peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
 
 cargo fmt --all -- --check

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A real Kubernetes API server (1.20.2, built from Debian's `kubernetes` source package with Debian's
-# Go 1.19) plus Debian's etcd, for meshca's Kubernetes store / auth tests. See docs/peers.md.
+# A real Kubernetes API server (KUBE_VERSION below, built from the Go module proxy's k8s.io/kubernetes
+# module) plus Debian's etcd, for every Kubernetes test: meshca's Kubernetes store, policy status,
+# RBAC, TokenReview, leader election, the Helm chart, istiod's Deployment, and istiod itself
+# (interop/istio/istiod/run.sh). See docs/peers.md and docs/kubernetes.md (the supported range).
 #
 # Usage:
 #   kube-apiserver.sh build                 build (once) and cache the binary; install etcd-server
@@ -8,103 +10,59 @@
 #   kube-apiserver.sh start DIR PORT_BASE   etcd on PORT_BASE (client) / PORT_BASE+1 (peer),
 #                                           kube-apiserver https on PORT_BASE+2; writes DIR/env
 #   kube-apiserver.sh stop DIR              stop what `start DIR` started
+#
+# k8s.io/kubernetes replaces its k8s.io/* staging modules with ./staging/... folders that its module
+# zip does not hold, so `go install ...@version` cannot build it. The build uses a throwaway wrapper
+# module that requires k8s.io/kubernetes and replaces each staging module with its published
+# v0.<minor>.<patch> twin (the same code).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=common.sh
 . "$here/common.sh"
 
-KUBE_VERSION=1.20.2
-KUBE_SRC_PKG_VERSION=1.20.5+really1.20.2
+KUBE_VERSION=${MESHCA_KUBE_VERSION:-1.36.3}
 KUBE_CACHE_DIR=$MESHCA_PEERS_CACHE/kube-apiserver-$KUBE_VERSION
 KUBE_BIN=$KUBE_CACHE_DIR/kube-apiserver
-GO119_BIN=/usr/lib/go-1.19/bin
-REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 
-usage() { sed -n '5,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-
-# Adds a deb-src twin of the machine's Debian apt sources (deb822 or one-line form), once.
-ensure_deb_src() {
-    if grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        return 0
-    fi
-    local out=/etc/apt/sources.list.d/meshca-peers-deb-src.sources found=0 f tmp
-    tmp=$(mktemp)
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        grep -qE '^URIs:.*/debian(-security)?/?$' "$f" || continue
-        # Keep only stanzas whose Types include `deb`, rewritten as deb-src (mawk-compatible regex).
-        awk 'BEGIN{RS=""; ORS="\n\n"} /(^|\n)Types:([^\n]* )?deb( [^\n]*)?(\n|$)/ { sub(/Types:[^\n]*/, "Types: deb-src"); print }' "$f" >>"$tmp"
-    done
-    if [ -f /etc/apt/sources.list ] && grep -qE '^deb .*/debian' /etc/apt/sources.list; then
-        grep -E '^deb .*/debian' /etc/apt/sources.list | sed 's/^deb /deb-src /' >"${out%.sources}.list"
-        found=1
-    fi
-    if [ -s "$tmp" ]; then install -m 644 "$tmp" "$out"; found=1; fi
-    rm -f "$tmp"
-    [ "$found" = 1 ] || peers_die "no Debian apt source found to derive a deb-src entry from"
-    peers_log "added deb-src entry ($out)"
-    PEERS_APT_UPDATED=; peers_apt_update
-}
+usage() { sed -n '7,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 cmd_build() {
-    peers_need_root
-    peers_lock kube-apiserver
     # etcd is needed to run the API server; make sure it is there even when the binary is cached.
-    peers_apt_install etcd-server curl openssl ca-certificates
-    if [ -x "$KUBE_BIN" ]; then
-        echo "$KUBE_BIN"
-        return 0
-    fi
-    peers_apt_install golang-1.19-go rsync golang-github-modern-go-reflect2-dev make gcc libc6-dev tar gzip
-    ensure_deb_src
-
-    local build=$MESHCA_PEERS_CACHE/build/kube-apiserver-$KUBE_VERSION
+    command -v etcd >/dev/null || { peers_need_root; peers_apt_install etcd-server; }
+    peers_apt_install curl openssl ca-certificates
+    [ -x "$KUBE_BIN" ] && { echo "$KUBE_BIN"; return 0; }
+    command -v go >/dev/null || peers_die "the Go toolchain is required (go not on PATH)"
+    peers_lock kube-apiserver
+    [ -x "$KUBE_BIN" ] && { echo "$KUBE_BIN"; return 0; }
+    local w=$KUBE_CACHE_DIR/wrapper minor=${KUBE_VERSION#*.} start=$SECONDS
+    minor=${minor%%.*}
     local log=$MESHCA_PEERS_CACHE/build/kube-apiserver-$KUBE_VERSION.log
-    rm -rf "$build"
-    mkdir -p "$build/dl" "$build/src"
-    peers_log "building kube-apiserver $KUBE_VERSION (log: $log)"
+    rm -rf "$w"; mkdir -p "$w" "$(dirname "$log")"
+    peers_log "building kube-apiserver v$KUBE_VERSION from the Go module proxy (log: $log)"
     (
-        cd "$build/dl"
-        apt-get source --download-only kubernetes
-        tar -xzf "kubernetes_$KUBE_SRC_PKG_VERSION.orig.tar.gz" -C "$build/src" --strip-components=1
-    ) >"$log" 2>&1 || { tail -n 30 "$log" >&2; peers_die "fetching the kubernetes source package failed"; }
-    rm -rf "$build/dl"
-
-    # Go >= 1.18 breaks the vendored reflect2 1.0.1 (nil pointer in frozenConfig.Type2 when decoding
-    # JSON maps); swap in Debian's 1.0.2 copy.
-    [ -f "$REFLECT2_SRC/reflect2.go" ] || peers_die "reflect2 source not found at $REFLECT2_SRC"
-    rm -rf "$build/src/vendor/github.com/modern-go/reflect2"
-    cp -r "$REFLECT2_SRC" "$build/src/vendor/github.com/modern-go/reflect2"
-    rm -f "$build/src/vendor/github.com/modern-go/reflect2/go.mod" "$build/src/vendor/github.com/modern-go/reflect2/go.sum"
-
-    # The tarball has no git metadata: pin the version that /version reports.
-    cat >"$build/version.env" <<VEOF
-KUBE_GIT_COMMIT=''
-KUBE_GIT_TREE_STATE='archive'
-KUBE_GIT_VERSION='v$KUBE_VERSION'
-KUBE_GIT_MAJOR='1'
-KUBE_GIT_MINOR='20'
-VEOF
-
-    (
-        cd "$build/src"
-        export PATH="$GO119_BIN:$PATH" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GO111MODULE=
-        export KUBE_GIT_VERSION_FILE="$build/version.env" GOCACHE="$build/gocache" GOPATH="$build/gopath"
-        go version
-        nice -n 10 make generated_files
-        nice -n 10 make WHAT=cmd/kube-apiserver
-    ) >>"$log" 2>&1 || { tail -n 40 "$log" >&2; peers_die "kube-apiserver build failed (full log: $log)"; }
-
-    local out=$build/src/_output/bin/kube-apiserver
-    [ -x "$out" ] || out=$(find "$build/src/_output" -type f -name kube-apiserver -perm -u+x | head -n1)
-    [ -n "$out" ] && [ -x "$out" ] || peers_die "build finished but no kube-apiserver binary (log: $log)"
-    "$out" --version >>"$log" 2>&1 || peers_die "built kube-apiserver does not run (log: $log)"
-    mkdir -p "$KUBE_CACHE_DIR"
-    cp "$out" "$KUBE_BIN.tmp" && mv "$KUBE_BIN.tmp" "$KUBE_BIN"
-    # The source tree + caches are several GB; only the binary is worth keeping.
-    rm -rf "$build"
-    peers_log "cached $KUBE_BIN ($("$KUBE_BIN" --version))"
+        cd "$w"
+        curl -fsS "$(go env GOPROXY | cut -d, -f1)/k8s.io/kubernetes/@v/v$KUBE_VERSION.mod" -o k8s.mod ||
+            peers_die "cannot fetch k8s.io/kubernetes@v$KUBE_VERSION's go.mod from the module proxy"
+        {
+            echo "module meshca/kube-apiserver-build"
+            echo; echo "go $(awk '$1 == "go" { print $2; exit }' k8s.mod)"; echo
+            echo "require k8s.io/kubernetes v$KUBE_VERSION"; echo; echo "replace ("
+            awk '$1 ~ /^k8s\.io\// && $2 == "=>" && $3 ~ /^\.\/staging\// { print "\t" $1 " => " $1 " v0.'"${KUBE_VERSION#*.}"'" }' k8s.mod
+            echo ")"
+        } >go.mod
+        go get "k8s.io/kubernetes/cmd/kube-apiserver@v$KUBE_VERSION"
+        local v=v$KUBE_VERSION
+        nice -n 19 go build -trimpath -buildvcs=false -o "$KUBE_BIN.tmp" -ldflags "-s -w \
+            -X k8s.io/component-base/version.gitVersion=$v -X k8s.io/component-base/version.gitMajor=1 \
+            -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=archive \
+            -X k8s.io/client-go/pkg/version.gitVersion=$v -X k8s.io/client-go/pkg/version.gitMajor=1 \
+            -X k8s.io/client-go/pkg/version.gitMinor=$minor" k8s.io/kubernetes/cmd/kube-apiserver
+    ) >"$log" 2>&1 || { tail -n 30 "$log" >&2; peers_die "kube-apiserver v$KUBE_VERSION build failed (log: $log)"; }
+    "$KUBE_BIN.tmp" --version >>"$log" 2>&1 || peers_die "the built kube-apiserver does not run (log: $log)"
+    mv -f "$KUBE_BIN.tmp" "$KUBE_BIN"
+    rm -rf "$w"
+    peers_log "built in $((SECONDS - start))s: $("$KUBE_BIN" --version) ($(du -h "$KUBE_BIN" | cut -f1))"
     echo "$KUBE_BIN"
 }
 
@@ -190,7 +148,7 @@ cmd_start() {
         --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$dir/sa.pub" \
         --service-account-signing-key-file="$dir/sa.key" \
         --authorization-mode=RBAC --token-auth-file="$dir/tokens.csv" \
-        --insecure-port=0 --endpoint-reconciler-type=none \
+        --endpoint-reconciler-type=none \
         </dev/null >"$dir/kube-apiserver.log" 2>&1 &
     local api_pid=$!
 

@@ -75,7 +75,7 @@ smoke_kube() {
     echo "== kube-apiserver"
     check "kube: start etcd + kube-apiserver, /readyz" start_kube
     [ -f "$work/kube/env" ] && . "$work/kube/env"
-    check "kube: /version is v1.20.2" bash -c "curl -sS --cacert '$KUBE_CA' -H 'Authorization: Bearer $KUBE_ADMIN_TOKEN' '$KUBE_URL/version' | jq -e '.gitVersion==\"v1.20.2\"'"
+    check "kube: /version is v1.36.3" bash -c "curl -sS --cacert '$KUBE_CA' -H 'Authorization: Bearer $KUBE_ADMIN_TOKEN' '$KUBE_URL/version' | jq -e '.gitVersion==\"v1.36.3\"'"
     check "kube: namespace, service accounts, auth-delegator binding" kube_apply_basics
     check "kube: TokenRequest + TokenReview" kube_tokenreview
     check "kube: Secret create/get" kube_secret

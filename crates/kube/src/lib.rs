@@ -10,9 +10,9 @@
 //!   replicas run against one API server and only one signs.
 //! - [`tokenreview`]: the workload CA's caller authentication by TokenReview, as istiod does.
 //!
-//! Only APIs that are stable in Kubernetes 1.20 are used (core/v1 Secrets, coordination/v1
-//! Leases, authentication/v1 TokenReview, apiextensions/v1 CRDs), and the tests run against a
-//! real 1.20 API server (`scripts/peers/kube-apiserver.sh`).
+//! Only APIs that are GA in every supported Kubernetes version are used (core/v1 Secrets,
+//! coordination/v1 Leases, authentication/v1 TokenReview, apiextensions/v1 CRDs), and the tests
+//! run against a real API server (`scripts/peers/kube-apiserver.sh`, docs/kubernetes.md).
 #![forbid(unsafe_code)]
 
 pub mod lease;

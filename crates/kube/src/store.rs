@@ -19,7 +19,7 @@
 //!   so an agent allowed to create `cacerts` by `POST` could create *any* Secret in `istio-system`.
 //!   An apply names the object in its URL, and the API server authorizes the implied create with
 //!   that name, so a Role with `resourceNames: [cacerts]` is enough — and denies everything else.
-//!   (Checked against a real 1.20 API server by `tests/kube_store.rs`.)
+//!   (Checked against a real API server by `tests/kube_store.rs`.)
 //!
 //! # Watch
 //!

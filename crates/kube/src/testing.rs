@@ -1,58 +1,33 @@
-//! A real kube-apiserver (1.20, built by `scripts/peers/kube-apiserver.sh`) with its own etcd,
-//! started from Rust for the tests of this crate and of `meshca` (feature `testing`; not part
-//! of meshca proper).
+//! A real kube-apiserver (built by `scripts/peers/kube-apiserver.sh`) with its own etcd, started
+//! from Rust for the tests of this crate and of `meshca` (feature `testing`; not part of meshca
+//! proper).
 //!
-//! The binary comes from `MESHCA_KUBE_APISERVER_BIN` (set by `.ci/run`), else from
-//! `scripts/peers/kube-apiserver.sh path` (the cache). Each [`ApiServer`] is one cluster: its own
-//! etcd data directory, serving CA, service-account signing key and ports, all on 127.0.0.1; it is
-//! killed when dropped. The admin is the static token `admintoken` (group `system:masters`).
-//! There is no controller-manager: tests create ServiceAccounts and bindings themselves (see
-//! [`ApiServer::apply_yaml`], which applies the `deploy/` manifests as they are).
+//! The binary comes from `MESHCA_KUBE_APISERVER_BIN` (set by `scripts/test.sh`), else from the
+//! peers cache ([`meshca_testsupport::peers::peer_bin`]). Each [`ApiServer`] is one cluster: its own
+//! etcd data directory, serving CA, service-account signing key and reserved ports, all on
+//! 127.0.0.1; it is killed when dropped. The admin is the static token `admintoken` (group
+//! `system:masters`). There is no controller-manager: tests create ServiceAccounts and bindings
+//! themselves (see [`ApiServer::apply_yaml`]), and Deployments are stored but never rolled out.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use meshca_testsupport::{Ports, Proc, openssl_ok};
 
 use crate::Connection;
 
 /// The static admin token of every test API server.
 pub const ADMIN_TOKEN: &str = "admintoken";
 
-/// The repository root (this crate is `crates/kube`).
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
 /// The kube-apiserver binary.
 pub fn apiserver_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHCA_KUBE_APISERVER_BIN").map(PathBuf::from).filter(|p| p.is_file()) {
-        return p;
-    }
-    let script = repo().join("scripts/peers/kube-apiserver.sh");
-    let out = Command::new("bash").arg(&script).arg("path").stderr(Stdio::inherit()).output().unwrap();
-    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
-    assert!(
-        out.status.success() && Path::new(&path).is_file(),
-        "no kube-apiserver: set MESHCA_KUBE_APISERVER_BIN or run `bash {} build` (root, ~6 min)",
-        script.display()
-    );
-    PathBuf::from(path)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl CLI must be installed");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    meshca_testsupport::peers::peer_bin("MESHCA_KUBE_APISERVER_BIN", "scripts/peers/kube-apiserver.sh")
 }
 
 /// One cluster's API server and etcd.
@@ -63,163 +38,154 @@ pub struct ApiServer {
     pub ca: PathBuf,
     /// A file holding [`ADMIN_TOKEN`].
     pub admin_token_file: PathBuf,
-    etcd: Child,
-    apiserver: Child,
-    bin: PathBuf,
+    // Declared before `ports`: the processes die before their ports are released.
+    apiserver: Proc,
+    etcd: Proc,
     api_args: Vec<String>,
-    etcd_port: u16,
+    /// etcd's client port, its peer port, the API server's port; held across restarts.
+    ports: Ports,
 }
 
-fn spawn_apiserver(bin: &Path, args: &[String], dir: &Path) -> Child {
-    let log =
-        |name: &str| Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).unwrap());
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log("kube-apiserver.log"))
-        .stderr(log("kube-apiserver.err.log"))
-        .spawn()
-        .unwrap()
+fn spawn_apiserver(args: &[String], dir: &Path) -> Proc {
+    let mut cmd = Command::new(apiserver_bin());
+    cmd.args(args);
+    Proc::spawn(cmd, "kube-apiserver", dir)
+}
+
+/// A P-256 CA and a serving certificate for 127.0.0.1 / localhost / the in-cluster name, and the
+/// RSA key the API server signs service-account tokens with.
+fn make_certs(dir: &Path) {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    openssl_ok(&certs, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"]);
+    openssl_ok(
+        &certs,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=meshca-test-kube-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl_ok(&certs, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key"]);
+    openssl_ok(
+        &certs,
+        &["req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr"],
+    );
+    std::fs::write(
+        certs.join("ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n",
+    )
+    .unwrap();
+    openssl_ok(
+        &certs,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-sha256",
+            "-days",
+            "30",
+            "-extfile",
+            "ext",
+            "-out",
+            "apiserver.crt",
+        ],
+    );
+    openssl_ok(dir, &["genrsa", "-out", "sa.key", "2048"]);
+    openssl_ok(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }
 
 impl ApiServer {
-    /// Starts etcd and kube-apiserver in `dir` and waits until `/readyz` answers (~5–10 s).
+    /// Starts etcd and kube-apiserver in `dir` and waits until `/readyz` answers (~5–15 s).
     pub async fn start(dir: &Path) -> ApiServer {
-        let bin = apiserver_bin();
-        std::fs::create_dir_all(dir.join("certs")).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
         let dir = dir.canonicalize().unwrap();
         let certs = dir.join("certs");
-        openssl(&certs, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"]);
-        openssl(
-            &certs,
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                "ca.key",
-                "-sha256",
-                "-days",
-                "30",
-                "-subj",
-                "/CN=meshca-test-kube-ca",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-                "-out",
-                "ca.crt",
-            ],
-        );
-        openssl(&certs, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key"]);
-        openssl(
-            &certs,
-            &["req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr"],
-        );
-        std::fs::write(
-            certs.join("ext"),
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n",
-        )
-        .unwrap();
-        openssl(
-            &certs,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "apiserver.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-sha256",
-                "-days",
-                "30",
-                "-extfile",
-                "ext",
-                "-out",
-                "apiserver.crt",
-            ],
-        );
-        openssl(&dir, &["genrsa", "-out", "sa.key", "2048"]);
-        openssl(&dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
+        make_certs(&dir);
         std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,1,\"system:masters\"\n")).unwrap();
         let admin_token_file = dir.join("admin-token");
         std::fs::write(&admin_token_file, ADMIN_TOKEN).unwrap();
 
-        let mut last_log = String::new();
-        for _ in 0..3 {
-            let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
-            let _ = std::fs::remove_dir_all(dir.join("etcd"));
-            let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
-            let etcd = Command::new("etcd")
-                .args(["--name", "meshca-test", "--data-dir"])
-                .arg(dir.join("etcd"))
-                .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
-                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
-                .arg(format!("--initial-cluster=meshca-test=http://127.0.0.1:{peer_port}"))
-                .stdin(Stdio::null())
-                .stdout(log("etcd.log"))
-                .stderr(log("etcd.err.log"))
-                .spawn()
-                .expect("etcd (Debian etcd-server) must be installed");
-            let api_args: Vec<String> = [
-                format!("--etcd-servers=http://127.0.0.1:{client_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", certs.join("apiserver.crt").display()),
-                format!("--tls-private-key-file={}", certs.join("apiserver.key").display()),
-                format!("--client-ca-file={}", certs.join("ca.crt").display()),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", dir.join("sa.pub").display()),
-                format!("--service-account-signing-key-file={}", dir.join("sa.key").display()),
-                "--authorization-mode=RBAC".into(),
-                format!("--token-auth-file={}", dir.join("tokens.csv").display()),
-                "--insecure-port=0".into(),
-                "--endpoint-reconciler-type=none".into(),
-            ]
-            .into();
-            let apiserver = spawn_apiserver(&bin, &api_args, &dir);
-            let url = format!("https://127.0.0.1:{api_port}");
-            let server = ApiServer {
-                dir: dir.clone(),
-                url,
-                ca: certs.join("ca.crt"),
-                admin_token_file: admin_token_file.clone(),
-                etcd,
-                apiserver,
-                bin: bin.clone(),
-                api_args,
-                etcd_port: client_port,
-            };
-            if server.wait_ready(Duration::from_secs(60)).await {
-                return server;
-            }
-            last_log = std::fs::read_to_string(dir.join("kube-apiserver.err.log")).unwrap_or_default();
-            drop(server);
-        }
-        panic!("kube-apiserver did not become ready; last log:\n{last_log}");
+        let ports = Ports::reserve(3);
+        let (client, peer, api_port) = (ports.port(0), ports.port(1), ports.port(2));
+        let mut etcd = Command::new("etcd");
+        etcd.args(["--name", "meshca-test", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster=meshca-test=http://127.0.0.1:{peer}"));
+        let etcd = Proc::spawn(etcd, "etcd", &dir);
+        let api_args: Vec<String> = [
+            format!("--etcd-servers=http://127.0.0.1:{client}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--tls-cert-file={}", certs.join("apiserver.crt").display()),
+            format!("--tls-private-key-file={}", certs.join("apiserver.key").display()),
+            format!("--client-ca-file={}", certs.join("ca.crt").display()),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", dir.join("sa.pub").display()),
+            format!("--service-account-signing-key-file={}", dir.join("sa.key").display()),
+            "--authorization-mode=RBAC".into(),
+            format!("--token-auth-file={}", dir.join("tokens.csv").display()),
+            "--endpoint-reconciler-type=none".into(),
+        ]
+        .into();
+        let apiserver = spawn_apiserver(&api_args, &dir);
+        let mut server = ApiServer {
+            url: format!("https://127.0.0.1:{api_port}"),
+            ca: certs.join("ca.crt"),
+            admin_token_file,
+            dir,
+            apiserver,
+            etcd,
+            api_args,
+            ports,
+        };
+        server.wait_ready().await;
+        server
     }
 
-    async fn wait_ready(&self, timeout: Duration) -> bool {
+    /// Waits until `/readyz` says `ok`; panics with the logs if the API server exits or takes
+    /// longer than two minutes (a loaded 2-core machine needs ~15 s).
+    async fn wait_ready(&mut self) {
         let client = self.admin().await;
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
             let req = http::Request::get("/readyz").body(Vec::new()).unwrap();
             if let Ok(text) = client.request_text(req).await
                 && text.trim() == "ok"
             {
-                return true;
+                return;
             }
+            self.etcd.assert_running();
+            self.apiserver.assert_running();
+            assert!(Instant::now() < deadline, "kube-apiserver not ready:\n{}", self.apiserver.log_text());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        false
     }
 
     /// How meshca reaches this API server with the token in `token_file`.
@@ -238,7 +204,7 @@ impl ApiServer {
 
     /// A client with `token` (written to a file in the server's directory).
     pub async fn client_with_token(&self, token: &str) -> Client {
-        let f = self.dir.join(format!("token-{}", crate::testing::random_suffix()));
+        let f = self.dir.join(format!("token-{}", meshca_testsupport::random_hex(4)));
         std::fs::write(&f, token).unwrap();
         crate::connect(&self.connection(&f)).await.unwrap()
     }
@@ -361,8 +327,7 @@ impl ApiServer {
 
     /// Stops the API server (etcd keeps running), e.g. to test an outage.
     pub fn kill_apiserver(&mut self) {
-        let _ = self.apiserver.kill();
-        let _ = self.apiserver.wait();
+        self.apiserver.kill();
     }
 
     /// Compacts etcd's history up to now, so no watch can resume from an older resource
@@ -375,7 +340,7 @@ impl ApiServer {
 
     fn etcd_post(&self, path: &str, body: &str) -> serde_json::Value {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.etcd_port)).unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.ports.port(0))).unwrap();
         write!(
             s,
             "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -393,23 +358,7 @@ impl ApiServer {
     /// Its watch cache starts empty, so a watch resuming from an older resource version is
     /// answered 410 Gone and must list again.
     pub async fn restart_apiserver(&mut self) {
-        self.apiserver = spawn_apiserver(&self.bin, &self.api_args, &self.dir);
-        assert!(self.wait_ready(Duration::from_secs(60)).await, "kube-apiserver did not come back");
+        self.apiserver = spawn_apiserver(&self.api_args, &self.dir);
+        self.wait_ready().await;
     }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        for c in [&mut self.apiserver, &mut self.etcd] {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// 8 random hex characters.
-pub fn random_suffix() -> String {
-    let mut b = [0u8; 4];
-    aws_lc_rs::rand::fill(&mut b).unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -1,4 +1,4 @@
-//! The Kubernetes store against a real kube-apiserver 1.20 + etcd: the same contract as the
+//! The Kubernetes store against a real kube-apiserver + etcd: the same contract as the
 //! directory store (preconditions, atomic multi-key writes, labels, watch), compare-and-swap races
 //! between two clients, and creation allowed by a Role that names the one Secret.
 #![allow(clippy::unwrap_used)]

@@ -98,25 +98,11 @@ fn user_pki(base: &Path, kind: &str, ext: &str, days: u32) -> PathBuf {
 
 const GOOD_EXT: &str = "basicConstraints=critical,CA:true,pathlen:1\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n";
 
-fn start_up(d: &Path, from: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
-    let dir = d.join("up");
-    let mut args = vec![
-        "up",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--ca",
-        "byo-intermediate",
-        "--intermediate-from",
-        from.to_str().unwrap(),
-        "--leaf-ttl",
-        "20s",
-    ];
+/// `meshca up --ca byo-intermediate --intermediate-from FROM` with 20-second leaves.
+fn start_byo(d: &Path, from: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
+    let mut args = vec!["--ca", "byo-intermediate", "--intermediate-from", from.to_str().unwrap(), "--leaf-ttl", "20s"];
     args.extend_from_slice(extra);
-    let p = Proc::spawn("up", d, &args);
-    let topo = wait_for(Duration::from_secs(90), "topology.json", || {
-        std::fs::read(dir.join("topology.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    });
-    (p, topo)
+    start_up(d, &args)
 }
 
 /// Requests a leaf with an OpenSSL-made key and CSR from a cluster of the topology; returns the
@@ -162,7 +148,7 @@ fn byo_end_to_end(kind: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let from = user_pki(d, kind, GOOD_EXT, 365);
-    let (mut up, topo) = start_up(d, &from, &["--duration", "30s"]);
+    let (mut up, topo) = start_byo(d, &from, &["--duration", "30s"]);
     let user_int = Cert::from_pem(&std::fs::read(from.join("ca-cert.pem")).unwrap()).unwrap();
     let root_pem = std::fs::read(d.join("pki/root.pem")).unwrap();
 
@@ -203,7 +189,7 @@ fn byo_end_to_end(kind: &str) {
     }
 
     // Cross-cluster mTLS kept working for the whole run.
-    let status = up.child.wait().unwrap();
+    let status = up.wait_exit(Duration::from_secs(120));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("up/summary.json")).unwrap()).unwrap();
     assert!(status.success(), "{}", up.log_text());
@@ -254,7 +240,7 @@ fn replacing_the_user_intermediate_moves_every_cluster_with_zero_failed_handshak
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let from = user_pki(d, "p256", GOOD_EXT, 365);
-    let (mut up, topo) = start_up(d, &from, &["--duration", "45s", "--intermediate-ttl", "1h"]);
+    let (mut up, topo) = start_byo(d, &from, &["--duration", "45s", "--intermediate-ttl", "1h"]);
     std::thread::sleep(Duration::from_secs(5));
     // The operator replaces the intermediate (same root, new key) in the folder meshca follows.
     let next = user_pki(d, "p256", GOOD_EXT, 365);
@@ -272,7 +258,7 @@ fn replacing_the_user_intermediate_moves_every_cluster_with_zero_failed_handshak
         });
         openssl_verify_cacerts(&cacerts);
     }
-    let status = up.child.wait().unwrap();
+    let status = up.wait_exit(Duration::from_secs(120));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("up/summary.json")).unwrap()).unwrap();
     assert!(status.success(), "{}", up.log_text());
@@ -287,7 +273,7 @@ fn a_user_intermediate_near_expiry_clamps_cluster_intermediates_and_raises_an_al
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let from = user_pki(d, "p256", GOOD_EXT, 5);
-    let (_up, topo) = start_up(d, &from, &[]);
+    let (_up, topo) = start_byo(d, &from, &[]);
     let user_int = Cert::from_pem(&std::fs::read(from.join("ca-cert.pem")).unwrap()).unwrap();
     let cacerts = PathBuf::from(topo["clusters"][0]["cacerts_dir"].as_str().unwrap());
     let b = valid_bundle(&cacerts).unwrap();

@@ -16,19 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The harness (`interop/istio/build.sh` builds it, or finds it cached, and prints its path).
 fn harness() -> PathBuf {
-    if let Ok(p) = std::env::var("MESHCA_ISTIO_INTEROP") {
-        return PathBuf::from(p);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop/istio/build.sh");
-    let out = Command::new("bash").arg(&script).output().expect("running interop/istio/build.sh");
-    assert!(
-        out.status.success(),
-        "building the Istio interop harness failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("build.sh prints the binary path").trim())
+    meshca_testsupport::peers::peer_bin("MESHCA_ISTIO_INTEROP", "interop/istio/build.sh")
 }
 
 /// Runs a harness subcommand; panics with Istio's own message on failure.
@@ -74,27 +64,11 @@ fn through_rotations(bin: &Path, d: &Path, topo: &serde_json::Value, min_rotatio
     }
 }
 
-fn start_up(d: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
-    let dir = d.join("up");
-    let mut args = vec![
-        "up",
-        "--dir",
-        dir.to_str().unwrap(),
-        "--intermediate-ttl",
-        "40s",
-        "--grace-ratio",
-        "0.5",
-        "--leaf-ttl",
-        "20s",
-        "--duration",
-        "110s",
-    ];
+/// `meshca up` with 40-second intermediates renewed at half life and 20-second leaves, for 110 s.
+fn start_rotating(d: &Path, extra: &[&str]) -> (Proc, serde_json::Value) {
+    let mut args = vec!["--intermediate-ttl", "40s", "--grace-ratio", "0.5", "--leaf-ttl", "20s", "--duration", "110s"];
     args.extend_from_slice(extra);
-    let p = Proc::spawn("up", d, &args);
-    let topo = wait_for(Duration::from_secs(90), "topology.json", || {
-        std::fs::read(dir.join("topology.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-    });
-    (p, topo)
+    start_up(d, &args)
 }
 
 #[test]
@@ -102,7 +76,7 @@ fn istio_accepts_generated_root_cacerts_and_leaves_before_during_and_after_rotat
     let bin = harness();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let (_up, topo) = start_up(d, &[]);
+    let (_up, topo) = start_rotating(d, &[]);
     let dirs = cacerts_dirs(&topo);
     let mut args = vec!["check-cacerts"];
     args.extend(dirs.iter().map(String::as_str));
@@ -177,7 +151,7 @@ fn istio_accepts_bring_your_own_intermediate_cacerts_and_four_level_leaves() {
     std::fs::copy(pki.join("ca-key.pem"), from.join("ca-key.pem")).unwrap();
     std::fs::copy(pki.join("root.pem"), from.join("root-cert.pem")).unwrap();
 
-    let (_up, topo) = start_up(d, &["--ca", "byo-intermediate", "--intermediate-from", from.to_str().unwrap()]);
+    let (_up, topo) = start_rotating(d, &["--ca", "byo-intermediate", "--intermediate-from", from.to_str().unwrap()]);
     let out = istio(&bin, &["check-topology", d.join("up/topology.json").to_str().unwrap()]);
     assert!(out.contains("OK check-topology"), "{out}");
     // Istio's loader sees the three-certificate chain (cluster intermediate, user's, root).

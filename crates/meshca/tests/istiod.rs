@@ -8,28 +8,19 @@
 //! Everything is real; nothing is mocked. See `interop/istio/istiod/README.md`.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::Command;
 
-/// A base port with the 9 ports run.sh uses (etcd, API server, istiod's listeners) free now,
-/// below Linux's ephemeral range (32768+), so that no process of the check (meshca up, curl,
-/// istiod's own clients) is handed one of them as its random port before istiod binds it.
-fn free_port_base() -> u16 {
-    let start = 20000 + (std::process::id() % 500) as u16 * 20;
-    (0..100u16)
-        .map(|i| 20000 + (start - 20000 + i * 20) % 12000)
-        .find(|base| (0..9).all(|k| TcpListener::bind(("127.0.0.1", base + k)).is_ok()))
-        .expect("no 9 free consecutive ports on 127.0.0.1")
-}
+use meshca_testsupport::{Ports, repo};
 
 #[test]
 fn real_istiod_signs_from_meshcas_intermediate_and_follows_a_rotation_without_a_restart() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // The 9 ports run.sh uses (etcd, API server, istiod's listeners), held until it is done:
+    // neither istiod nor etcd can bind port 0 and say which port it got.
+    let ports = Ports::reserve(9);
     let out = Command::new("bash")
-        .arg(repo.join("interop/istio/istiod/run.sh"))
+        .arg(repo().join("interop/istio/istiod/run.sh"))
         .env("MESHCA_BIN", env!("CARGO_BIN_EXE_meshca"))
-        .env("ISTIOD_PORT_BASE", free_port_base().to_string())
+        .env("ISTIOD_PORT_BASE", ports.base().to_string())
         .output()
         .expect("running interop/istio/istiod/run.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

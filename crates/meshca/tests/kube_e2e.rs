@@ -1,4 +1,4 @@
-//! Kubernetes mode end to end, against three real kube-apiservers (1.20 + etcd): one management
+//! Kubernetes mode end to end, against three real kube-apiservers (+ etcd): one management
 //! cluster and two workload clusters, each set up with the `deploy/` manifests as they are and
 //! every meshca process running with the service-account token those manifests define.
 //!
@@ -56,12 +56,12 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
 
     // ---- The management plane, as the service account of deploy/management/rbac.yaml.
     let server_token = sa_token_file(&mgmt_api, d, "meshca", "meshca-server").await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    // Reserved: the replica advertises its address before it binds it.
+    let port = Ports::one();
     let mut extra = kube_flags(&mgmt_api, &server_token);
-    extra.extend(["--replica-id".into(), "replica-a".into(), "--advertise-address".into(), addr.clone()]);
+    extra.extend(["--replica-id".into(), "replica-a".into(), "--advertise-address".into(), port.addr(0)]);
     let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let m = tokio::task::block_in_place(|| Mgmt::start_on(d, port, &extra_refs));
+    let m = tokio::task::block_in_place(|| Mgmt::start_on(d, &port, &extra_refs));
 
     // ---- Two workload clusters, each with deploy/workload/rbac.yaml and the agent's own token.
     let mut agents = Vec::new();
@@ -230,8 +230,6 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
     let istiod2_token = c2.token("istio-system", "istiod", None, Duration::from_secs(3600)).await;
     let kubeconfig2 = d.join("cluster-2.kubeconfig");
     kubeconfig(&c2, &istiod2_token, &kubeconfig2);
-    let ca_port = free_port();
-    let ca_addr = format!("127.0.0.1:{ca_port}");
     let mirror = d.join("workload-ca-cacerts");
     let mut args: Vec<String> = vec![
         "workload-ca".into(),
@@ -240,7 +238,7 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
         "--cacerts-secret".into(),
         "istio-system/cacerts".into(),
         "--listen".into(),
-        ca_addr.clone(),
+        "127.0.0.1:0".into(),
         "--tokenreview".into(),
         "--cache-tokens".into(),
         "--cluster-name".into(),
@@ -251,12 +249,9 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
     // As istiod's service account: TokenReview, and (no kubelet here) reading cacerts by name.
     args.extend(kube_flags(&c1, &istiod_token));
     let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
-    let wca = Proc::spawn("workload-ca", d, &args_ref);
+    let mut wca = spawn_meshca("workload-ca", d, &args_ref);
     let root_file = mirror.join("root-cert.pem");
-    eventually(Duration::from_secs(30), "the workload CA to serve", || async {
-        std::net::TcpStream::connect(&ca_addr).is_ok().then_some(())
-    })
-    .await;
+    let (ca_addr, _) = tokio::task::block_in_place(|| workload_ca_addrs(&mut wca));
 
     for ns_sa in [("app", "sleep"), ("app", "doomed")] {
         c1.apply_yaml(&format!(

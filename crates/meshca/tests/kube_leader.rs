@@ -59,9 +59,11 @@ async fn a_follower_takes_over_when_the_leader_is_killed_and_renewals_continue()
     mgmt_api.apply_value(&mgmt_api.admin().await, policy).await.unwrap();
 
     let token = sa_token_file(&mgmt_api, d, "meshca", "meshca-server").await;
+    // Each replica's port is reserved (and held as long as it runs): it advertises its address
+    // before it binds it.
     let start_replica = |name: &str| {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let port = Ports::one();
+        let addr = port.addr(0);
         let mut extra = kube_flags(&mgmt_api, &token);
         extra.extend(
             [
@@ -81,12 +83,13 @@ async fn a_follower_takes_over_when_the_leader_is_killed_and_renewals_continue()
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let dir = d.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        tokio::task::block_in_place(|| Mgmt::start_on(&dir, port, &extra))
+        let m = tokio::task::block_in_place(|| Mgmt::start_on(&dir, &port, &extra));
+        (m, port)
     };
-    let mut a = start_replica("replica-a");
+    let (mut a, _a_port) = start_replica("replica-a");
     assert_eq!(holder(&mgmt_api).await.as_deref(), Some("replica-a"));
-    let b = start_replica("replica-b");
-    let c = start_replica("replica-c");
+    let (b, _b_port) = start_replica("replica-b");
+    let (c, _c_port) = start_replica("replica-c");
     assert_eq!(holder(&mgmt_api).await.as_deref(), Some("replica-a"), "the first replica still leads");
 
     // Agents reach the mesh through a follower, which forwards their connections to the leader.

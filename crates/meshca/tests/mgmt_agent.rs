@@ -104,8 +104,8 @@ fn agents_ride_out_a_management_plane_outage_and_a_restart_without_a_new_token()
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let policy = short_policy(d, "60s", 0.5);
-    let port = free_port();
-    let mut m = Mgmt::start_on(d, port, &["--policy", policy.to_str().unwrap()]);
+    let port = Ports::one();
+    let mut m = Mgmt::start_on(d, &port, &["--policy", policy.to_str().unwrap()]);
     let (t1, relay) = m.add_cluster(d, "cluster-1");
     let mut a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
     let first = wait_for(Duration::from_secs(30), "cacerts", || valid_bundle(&cacerts_dir(d, "cluster-1")).ok());
@@ -127,7 +127,7 @@ fn agents_ride_out_a_management_plane_outage_and_a_restart_without_a_new_token()
     assert!(log.contains("keeping the current cacerts"), "{log}");
 
     // The management plane comes back on the same address: the agent renews.
-    let m2 = Mgmt::start_on(d, port, &[]);
+    let m2 = Mgmt::start_on(d, &port, &[]);
     let renewed = wait_for(Duration::from_secs(60), "renewal after the outage", || {
         valid_bundle(&cacerts_dir(d, "cluster-1"))
             .ok()

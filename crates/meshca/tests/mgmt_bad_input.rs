@@ -464,8 +464,8 @@ fn bad_policies_are_refused_naming_the_field_and_the_previous_policy_stays() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let good = write_file(d, "good.yaml", &policy_yaml("    generated: {}", "{ ttl: 1h }"));
-    let port = free_port();
-    let mut m = Mgmt::start_on(d, port, &["--policy", good.to_str().unwrap()]);
+    let port = Ports::one();
+    let mut m = Mgmt::start_on(d, &port, &["--policy", good.to_str().unwrap()]);
     let mgmt = StoreView::mgmt(&m);
     let (t1, relay) = m.add_cluster(d, "cluster-1");
     let a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
@@ -614,7 +614,7 @@ fn bad_policies_are_refused_naming_the_field_and_the_previous_policy_stays() {
     m.proc.kill();
     for (file, _, field, needle) in &invalid[..3] {
         let p = d.join(file);
-        let mut s = Proc::spawn(
+        let mut s = spawn_meshca(
             &format!("server-{file}"),
             d,
             &[
@@ -622,7 +622,7 @@ fn bad_policies_are_refused_naming_the_field_and_the_previous_policy_stays() {
                 "--data-dir",
                 m.data.to_str().unwrap(),
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                &port.addr(0),
                 "--policy",
                 p.to_str().unwrap(),
             ],

@@ -25,18 +25,8 @@ struct Up {
 impl Up {
     /// Starts `meshca up --dir <d>/up <args>` and waits for `topology.json`.
     fn start(d: &Path, args: &[&str]) -> Up {
-        let dir = d.join("up");
-        let mut all = vec!["up", "--dir", dir.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let mut proc = Proc::spawn("up", d, &all);
-        let topology = wait_for(Duration::from_secs(90), "topology.json", || {
-            if let Some(status) = proc.child.try_wait().unwrap() {
-                panic!("meshca up exited early ({status}):\n{}", proc.log_text());
-            }
-            let text = std::fs::read_to_string(dir.join("topology.json")).ok()?;
-            serde_json::from_str::<Value>(&text).ok()
-        });
-        Up { proc, dir, topology }
+        let (proc, topology) = start_up(d, args);
+        Up { proc, dir: d.join("up"), topology }
     }
 
     fn cluster(&self, name: &str) -> &Value {
@@ -250,18 +240,11 @@ fn leaves_of_two_clusters_complete_mutual_tls_in_openssl() {
     assert!(!r.succeeded() && !r.client_ok, "a client trusting another root must fail: {r:#?}");
 
     // Ctrl-C: `up` stops cleanly, with its summary written.
-    let (ok, _) = send_signal(&up.proc, "-INT");
-    assert!(ok);
+    up.proc.signal("INT");
     let status = up.proc.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "Ctrl-C: {status}\n{}", up.proc.log_text());
     let summary = up.json("summary.json").expect("summary.json after Ctrl-C");
     assert_eq!(summary["handshakes_failed"], 0, "{summary:#}");
-}
-
-/// Sends a signal (`-INT`, `-TERM`) to a process with `kill(1)`.
-fn send_signal(p: &Proc, signal: &str) -> (bool, String) {
-    let out = std::process::Command::new("kill").args([signal, &p.child.id().to_string()]).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Zero failed handshakes through rotation: with 45 s intermediates renewed at half life, `meshca

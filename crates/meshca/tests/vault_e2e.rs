@@ -10,11 +10,8 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Mgmt, openssl_verify_cacerts, valid_bundle};
-use vault_support::{
-    Storage, Vault, files_holding, json_file, key_needles, per_cluster, up_vault, vault_policy, wait_until,
-    write_secret,
-};
+use common::{Mgmt, json_file, openssl_verify_cacerts, valid_bundle, wait_until, write_secret};
+use vault_support::{Storage, Vault, files_holding, key_needles, per_cluster, up_vault, vault_policy};
 
 fn rotations(status: &serde_json::Value) -> Vec<u64> {
     per_cluster(status, "intermediate_rotations")
@@ -89,8 +86,8 @@ fn two_clusters_in_vault_mode_rotate_without_a_failed_handshake_and_keys_stay_in
     assert!(leaked.is_empty(), "the Vault token leaked into {leaked:?}");
 
     // Stop (SIGTERM, like Ctrl-C): the summary, no failed handshake, the memory folders gone.
-    vault_support::signal(up.child.id(), "TERM");
-    wait_until(Duration::from_secs(30), "up to stop", || up.child.try_wait().unwrap().is_some());
+    up.signal("TERM");
+    up.wait_exit(Duration::from_secs(30));
     let summary = json_file(&up_dir.join("summary.json")).unwrap_or_else(|| panic!("no summary:\n{}", up.log_text()));
     assert_eq!(summary["handshakes_failed"], 0, "{summary}");
     assert!(summary["handshakes_ok"].as_u64().unwrap() > 100, "{summary}");

@@ -9,11 +9,8 @@ mod vault_support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Mgmt, Proc, valid_bundle};
-use vault_support::{
-    ShmDir, Storage, Vault, json_file, per_cluster, plain, up_vault, vault_agent, vault_policy, wait_until,
-    write_secret,
-};
+use common::{Mgmt, Proc, json_file, valid_bundle, wait_until, write_secret};
+use vault_support::{ShmDir, Storage, Vault, per_cluster, plain, up_vault, vault_agent, vault_policy};
 
 /// A Vault-mode policy signing at `pki/root/sign-intermediate`, logging in with the token in
 /// `token_file`; P-256 intermediates of 1 h.
@@ -110,7 +107,7 @@ fn vault_down_longer_than_a_renewal_interval_keeps_serving_and_recovers() {
     };
 
     let pid = vault.pid();
-    let signal = |sig: &str| vault_support::signal(pid, sig);
+    let signal = |sig: &str| common::signal(pid, sig);
     outage("Vault hung (SIGSTOP)", &mut rotations, &mut || signal("STOP"), &mut || signal("CONT"));
     let log = plain(&std::fs::read_to_string(up_dir.join("meshca-up.log")).unwrap());
     assert!(log.contains("is unreachable: no answer from 127.0.0.1"), "the hung Vault is noticed by timeout:\n{log}");
@@ -130,8 +127,8 @@ fn vault_down_longer_than_a_renewal_interval_keeps_serving_and_recovers() {
     assert!(delays.iter().any(|d| *d < 2.0) && delays.iter().any(|d| *d >= 2.5), "backoff grows: {delays:?}");
     assert!(delays.iter().all(|d| *d <= 5.0), "backoff is capped (up: 5 s): {delays:?}");
 
-    vault_support::signal(up.child.id(), "TERM");
-    wait_until(Duration::from_secs(30), "up to stop", || up.child.try_wait().unwrap().is_some());
+    up.signal("TERM");
+    up.wait_exit(Duration::from_secs(30));
     let summary = json_file(&up_dir.join("summary.json")).unwrap_or_else(|| panic!("no summary:\n{}", up.log_text()));
     assert_eq!(summary["handshakes_failed"], 0, "{summary}");
 }

@@ -1,4 +1,4 @@
-//! Vault's Kubernetes auth method with a real kube-apiserver (1.20, `scripts/peers/`): Vault
+//! Vault's Kubernetes auth method with a real kube-apiserver (`meshca_kube::testing`): Vault
 //! reviews the agent's service-account JWT with TokenReview, and the agent logs in with it.
 #![allow(clippy::unwrap_used)]
 
@@ -7,9 +7,10 @@ mod vault_support;
 
 use std::time::Duration;
 
-use common::{Mgmt, valid_bundle};
+use common::{Mgmt, valid_bundle, wait_until, write_secret};
+use meshca_kube::testing::ApiServer;
 use serde_json::json;
-use vault_support::{Kube, ShmDir, Storage, Vault, plain, vault_agent, vault_policy, wait_until, write_secret};
+use vault_support::{ShmDir, Storage, Vault, plain, vault_agent, vault_policy};
 
 /// The setup of docs/vault.md: a reviewer service account bound to `system:auth-delegator`
 /// whose JWT Vault uses for TokenReview, a Vault role bound to `meshca/meshca-agent` with
@@ -20,21 +21,19 @@ use vault_support::{Kube, ShmDir, Storage, Vault, plain, vault_agent, vault_poli
 fn the_agent_logs_in_with_a_service_account_jwt_from_a_real_api_server() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let kube = Kube::start(&dir.join("kube"));
-    kube.create("/api/v1/namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "meshca"}}));
-    for sa in ["meshca-agent", "vault-reviewer", "intruder"] {
-        kube.create(
-            "/api/v1/namespaces/meshca/serviceaccounts",
-            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa}}),
-        );
-    }
-    kube.create(
-        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-               "metadata": {"name": "vault-reviewer-auth-delegator"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
-               "subjects": [{"kind": "ServiceAccount", "name": "vault-reviewer", "namespace": "meshca"}]}),
-    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kube = rt.block_on(ApiServer::start(&dir.join("kube")));
+    rt.block_on(kube.apply_yaml(
+        "apiVersion: v1\nkind: Namespace\nmetadata: { name: meshca }\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: meshca-agent, namespace: meshca }\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: vault-reviewer, namespace: meshca }\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: { name: intruder, namespace: meshca }\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: { name: vault-reviewer-auth-delegator }\n\
+         roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: 'system:auth-delegator' }\n\
+         subjects: [{ kind: ServiceAccount, name: vault-reviewer, namespace: meshca }]\n",
+    ));
+    let day = Duration::from_secs(86400);
+    let sa_token = |sa: &str, audience: Option<&str>| rt.block_on(kube.token("meshca", sa, audience, day));
 
     let vault = Vault::with_signer(dir, Storage::Dev);
     vault.ok("POST", "sys/auth/kubernetes", json!({"type": "kubernetes"}));
@@ -44,7 +43,7 @@ fn the_agent_logs_in_with_a_service_account_jwt_from_a_real_api_server() {
         json!({
             "kubernetes_host": kube.url,
             "kubernetes_ca_cert": std::fs::read_to_string(&kube.ca).unwrap(),
-            "token_reviewer_jwt": kube.token("meshca", "vault-reviewer", None),
+            "token_reviewer_jwt": sa_token("vault-reviewer", None),
         }),
     );
     vault.ok(
@@ -53,7 +52,7 @@ fn the_agent_logs_in_with_a_service_account_jwt_from_a_real_api_server() {
         json!({"bound_service_account_names": ["meshca-agent"], "bound_service_account_namespaces": ["meshca"],
                "audience": "vault", "token_policies": ["meshca-signer"], "token_ttl": "1h"}),
     );
-    let jwt = kube.token("meshca", "meshca-agent", Some("vault"));
+    let jwt = sa_token("meshca-agent", Some("vault"));
     let jwt_file = dir.join("sa-token");
     write_secret(&jwt_file, &jwt);
 
@@ -98,7 +97,7 @@ fn the_agent_logs_in_with_a_service_account_jwt_from_a_real_api_server() {
         &["--vault-k8s-role", "nope", "--vault-k8s-token-file", jwt_file.to_str().unwrap()],
     );
     let intruder_file = dir.join("intruder-token");
-    let intruder = kube.token("meshca", "intruder", Some("vault"));
+    let intruder = sa_token("intruder", Some("vault"));
     write_secret(&intruder_file, &intruder);
     let (token3, _) = m.add_cluster(dir, "c3");
     let bad_sa = vault_agent(

@@ -39,13 +39,12 @@ impl WorkloadCa {
         let jwks = write_file(dir, &format!("{name}-jwks.json"), &idp.jwks_json());
         let root_file = dir.join(format!("{name}-root.pem"));
         std::fs::copy(cacerts.join("root-cert.pem"), &root_file).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "workload-ca",
             "--cacerts",
             cacerts.to_str().unwrap(),
             "--listen",
-            &addr,
+            "127.0.0.1:0",
             "--trust-domain",
             "cluster.local",
             "--jwt-issuer",
@@ -54,14 +53,8 @@ impl WorkloadCa {
             jwks.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let metrics = args.windows(2).find(|w| w[0] == "--metrics-listen").map(|w| w[1].to_string());
-        let mut proc = Proc::spawn(name, dir, &args);
-        wait_for(Duration::from_secs(20), "the workload CA to listen", || {
-            if let Some(status) = proc.child.try_wait().unwrap() {
-                panic!("{name} exited ({status}):\n{}", proc.log_text());
-            }
-            proc.log_text().contains("workload CA listening on").then_some(())
-        });
+        let mut proc = spawn_meshca(name, dir, &args);
+        let (addr, metrics) = workload_ca_addrs(&mut proc);
         WorkloadCa { proc, addr, metrics, root_file }
     }
 
@@ -71,7 +64,7 @@ impl WorkloadCa {
     }
 
     fn assert_running(&mut self) {
-        assert!(self.proc.child.try_wait().unwrap().is_none(), "the workload CA died:\n{}", self.proc.log_text());
+        self.proc.assert_running();
     }
 }
 
@@ -598,13 +591,12 @@ fn metrics_need_the_token_count_requests_and_follow_a_reload() {
     rt.block_on(obj.put(&files1));
     let metrics_token = "s3cret-metrics-token";
     let token_file = write_file(d, "metrics-token", &format!("{metrics_token}\n"));
-    let maddr = format!("127.0.0.1:{}", free_port());
     let wca = WorkloadCa::start(
         d,
         "workload-ca",
         &obj.path(),
         &idp,
-        &["--metrics-listen", &maddr, "--metrics-token-file", token_file.to_str().unwrap()],
+        &["--metrics-listen", "127.0.0.1:0", "--metrics-token-file", token_file.to_str().unwrap()],
     );
     let maddr = wca.metrics.clone().unwrap();
     assert_eq!(http_get(&maddr, "/metrics", None).0, 401, "no token");

@@ -3,7 +3,7 @@
 # running in plug-in CA mode on meshca's `cacerts`, against a real kube-apiserver.
 #
 #   1. builds pilot-discovery (cached by version under $MESHCA_PEERS_CACHE) and the istio-interop harness
-#   2. starts a kube-apiserver (see KUBE below), applies Istio's CRDs, creates istio-system,
+#   2. starts a kube-apiserver (scripts/peers/kube-apiserver.sh), applies Istio's CRDs, creates istio-system,
 #      namespace demo + ServiceAccount sleep, and mints a TokenRequest JWT (audience istio-ca)
 #   3. runs `meshca up --clusters 1`; istiod's ROOT_CA_DIR is that cluster's cacerts folder
 #      (meshca's agent writes it like a Kubernetes Secret volume: ..data symlink swap)
@@ -13,7 +13,7 @@
 #   5. `meshca rotate`: the agent swaps in a new intermediate (same root); istiod must pick it up
 #      without a restart, and the next cert must be signed by the new intermediate
 #
-# `run.sh build` only builds (or finds cached) pilot-discovery and kube-apiserver 1.36 and prints
+# `run.sh build` only builds (or finds cached) pilot-discovery and the kube-apiserver and prints
 # pilot-discovery's path.
 #
 # Exit 0: all passed. Non-zero: one `FAIL istiod/run.sh: ...` line on stderr says what failed.
@@ -23,8 +23,8 @@
 #   MESHCA_BIN          meshca binary (default <repo>/target/release/meshca)
 #   ISTIOD_WORK_DIR     scratch folder (default: a fresh mktemp folder, removed on success)
 #   ISTIOD_PORT_BASE    first of 9 loopback ports used (default 27400): etcd +0/+1, API server +2, istiod +3..+8
-#   KUBE                kube-apiserver to use: "1.36" (default: built from the Go module proxy by
-#                       kube-apiserver-modern.sh next to this script) or "1.20" (scripts/peers/kube-apiserver.sh)
+#
+# The API server is the one every Kubernetes test uses (scripts/peers/kube-apiserver.sh).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,7 +33,7 @@ repo=$(cd "$here/../../.." && pwd)
 CACHE=${MESHCA_PEERS_CACHE:-/var/cache/meshca-peers}
 MESHCA=${MESHCA_BIN:-$repo/target/release/meshca}
 PORT_BASE=${ISTIOD_PORT_BASE:-27400}
-KUBE=${KUBE:-1.36}
+kube_script=$repo/scripts/peers/kube-apiserver.sh
 
 die() { echo "FAIL istiod/run.sh: $*" >&2; exit 1; }
 log() { echo "[istiod/run.sh] $*" >&2; }
@@ -89,20 +89,15 @@ CRDS=$ISTIO_SRC/manifests/charts/base/files/crd-all.gen.yaml
 # `run.sh build`: only build (or find in the cache) both Go binaries this check needs, print
 # pilot-discovery's path last, and stop (scripts/test.sh does this before the tests run).
 if [ "${1:-}" = build ]; then
-    [ "$KUBE" = 1.36 ] && { bash "$here/kube-apiserver-modern.sh" build >/dev/null || die "building kube-apiserver failed"; }
+    bash "$kube_script" build >/dev/null || die "building kube-apiserver failed"
     echo "$PD"
     exit 0
 fi
 
 # ---- 2. kube-apiserver + what istiod needs ------------------------------------------------------
-case "$KUBE" in
-    1.20) kube_script=$repo/scripts/peers/kube-apiserver.sh ;;
-    1.36) kube_script=$here/kube-apiserver-modern.sh ;;
-    *) die "KUBE must be 1.20 or 1.36, not $KUBE" ;;
-esac
 kube_stop="bash $kube_script stop"
 bash "$kube_script" start "$W/kube" "$PORT_BASE" >"$W/kube-start.log" 2>&1 ||
-    { tail -n 20 "$W/kube-start.log" >&2; die "kube-apiserver ($KUBE) did not start (log: $W/kube-start.log)"; }
+    { tail -n 20 "$W/kube-start.log" >&2; die "kube-apiserver did not start (log: $W/kube-start.log)"; }
 kube_started=1
 # shellcheck disable=SC1091
 . "$W/kube/env"
@@ -218,4 +213,4 @@ request "$W/cert2" || die "istiod refused the CSR after rotation (log: $W/istiod
 issuer_is_current "$W/cert2" "after rotation"
 log "istiod log lines:"
 grep -E "Use local CA certificate|Added cacerts files watcher|Update Istiod cacerts|newly added intermediate CA" "$W/istiod.log" >&2
-echo "OK istiod $ISTIO_VERSION (kube-apiserver $KUBE): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart"
+echo "OK istiod $ISTIO_VERSION (kube-apiserver $(kube "$KUBE_URL/version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])')): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart"

@@ -1,61 +1,47 @@
 //! Shared helpers for the end-to-end tests: real `meshca` processes on 127.0.0.1, the OpenSSL
-//! CLI, and polling.
+//! CLI, and polling (the generic parts from `meshca_testsupport`).
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshca_pki::CaBundle;
 use meshca_pki::bundle::BundleFiles;
+// What every test binary may use; each uses a different part.
+#[allow(unused_imports)]
+pub use meshca_testsupport::process::signal;
+#[allow(unused_imports)]
+pub use meshca_testsupport::wait::json_file;
+#[allow(unused_imports)]
+pub use meshca_testsupport::{
+    Ports, Proc, eventually, openssl, openssl_ok, random_hex, repo, wait_for, wait_until, write_secret,
+};
 
 /// The binary under test.
 pub fn meshca() -> &'static str {
     env!("CARGO_BIN_EXE_meshca")
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Starts `meshca ARGS` (logging at `info`) with its output in `dir/<name>.log`.
+pub fn spawn_meshca(name: &str, dir: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(meshca());
+    cmd.args(args).env("RUST_LOG", "info");
+    Proc::spawn(cmd, name, dir)
 }
 
-/// A child process, killed when dropped, logging to a file.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(meshca())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .unwrap();
-        Proc { child, log, name: name.to_string() }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL and wait.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts `meshca up --dir <d>/up ARGS` and waits for its `topology.json` (panicking with the
+/// log if it exits first).
+pub fn start_up(d: &Path, args: &[&str]) -> (Proc, serde_json::Value) {
+    let dir = d.join("up");
+    let mut all = vec!["up", "--dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut proc = spawn_meshca("up", d, &all);
+    let topology = wait_for(Duration::from_secs(90), "topology.json", || {
+        proc.assert_running();
+        json_file(&dir.join("topology.json"))
+    });
+    (proc, topology)
 }
 
 /// Runs `meshca` to completion; returns (success, stdout, stderr).
@@ -68,18 +54,6 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// Polls `f` every 100 ms until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Reads a cacerts directory (through the store's symlinks, as istiod would).
 pub fn read_bundle(dir: &Path) -> BundleFiles {
     BundleFiles::from_lookup(|n| std::fs::read(dir.join(n)).ok())
@@ -88,14 +62,6 @@ pub fn read_bundle(dir: &Path) -> BundleFiles {
 /// Validates a cacerts directory now.
 pub fn valid_bundle(dir: &Path) -> Result<CaBundle, String> {
     CaBundle::validate(&read_bundle(dir), SystemTime::now()).map_err(|e| e.to_string())
-}
-
-/// Runs `openssl` and returns (success, combined output).
-pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl CLI must be installed");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
 }
 
 /// `openssl verify` of a cacerts directory's CA certificate through its chain to its roots.
@@ -115,18 +81,25 @@ pub struct Mgmt {
 }
 
 impl Mgmt {
+    /// Starts `meshca server` in `dir` on a port it chooses itself (it prints the address).
     pub fn start(dir: &Path, extra: &[&str]) -> Mgmt {
-        let port = free_port();
-        Mgmt::start_on(dir, port, extra)
+        Mgmt::start_at(dir, "127.0.0.1:0", extra)
     }
 
-    pub fn start_on(dir: &Path, port: u16, extra: &[&str]) -> Mgmt {
+    /// Starts `meshca server` on the reserved `port` (its port 0): for a server that must come back
+    /// on the address its agents know, or that advertises its address.
+    pub fn start_on(dir: &Path, port: &Ports, extra: &[&str]) -> Mgmt {
+        Mgmt::start_at(dir, &port.addr(0), extra)
+    }
+
+    fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Mgmt {
         let data = dir.join("mgmt");
-        let addr = format!("127.0.0.1:{port}");
         let mut args =
-            vec!["server", "--data-dir", data.to_str().unwrap(), "--listen", &addr, "--report-interval", "2s"];
+            vec!["server", "--data-dir", data.to_str().unwrap(), "--listen", listen, "--report-interval", "2s"];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn("server", dir, &args);
+        let mut proc = spawn_meshca("server", dir, &args);
+        let line = proc.wait_for_log(Duration::from_secs(30), "management plane listening on ");
+        let addr = line.split(';').next().unwrap().trim().to_string();
         let m = Mgmt { proc, data, addr };
         let creds = m.creds();
         wait_for(Duration::from_secs(30), "the management plane to start", || {
@@ -168,26 +141,16 @@ impl Mgmt {
 
 /// Starts an agent for `cluster` with its store under `dir/<cluster>`.
 pub fn agent(dir: &Path, m: &Mgmt, cluster: &str, token: Option<&Path>, relay: Option<&Path>, extra: &[&str]) -> Proc {
-    let store = dir.join(cluster);
-    let mut args = vec![
-        "agent",
-        "--cluster",
-        cluster,
-        "--server",
-        &m.addr,
-        "--store-dir",
-        store.to_str().unwrap(),
-        "--max-backoff",
-        "2s",
-    ];
-    if let Some(t) = token {
-        args.extend_from_slice(&["--token-file", t.to_str().unwrap()]);
-    }
-    if let Some(r) = relay {
-        args.extend_from_slice(&["--relay-ca", r.to_str().unwrap()]);
-    }
-    args.extend_from_slice(extra);
-    Proc::spawn(&format!("agent-{cluster}"), dir, &args)
+    agent_at(dir, &format!("agent-{cluster}"), &dir.join(cluster), m, cluster, token, relay, extra)
+}
+
+/// Waits until a `meshca workload-ca` started with `--listen 127.0.0.1:0` (and perhaps
+/// `--metrics-listen 127.0.0.1:0`) says where it listens; returns (gRPC address, metrics address).
+pub fn workload_ca_addrs(proc: &mut Proc) -> (String, Option<String>) {
+    let line = proc.wait_for_log(Duration::from_secs(30), "workload CA listening on ");
+    let (addr, rest) = line.split_once(';').unwrap_or((&line, ""));
+    let metrics = rest.split_once("metrics on http://").map(|(_, m)| m.trim_end_matches("/metrics").to_string());
+    (addr.trim().to_string(), metrics)
 }
 
 /// The cacerts directory of a cluster started with [`agent`].
@@ -206,21 +169,6 @@ pub fn short_policy(dir: &Path, ttl: &str, ratio: f64) -> PathBuf {
     )
     .unwrap();
     p
-}
-
-impl Proc {
-    /// Waits up to `timeout` for the process to exit on its own; panics (with its log) if it
-    /// is still running then.
-    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{} still running after {timeout:?}:\n{}", self.name, self.log_text());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 /// Starts an agent for `cluster` with its store in `store` and its log in `dir/<name>.log`.
@@ -253,7 +201,7 @@ pub fn agent_at(
         args.extend_from_slice(&["--relay-ca", r.to_str().unwrap()]);
     }
     args.extend_from_slice(extra);
-    Proc::spawn(name, dir, &args)
+    spawn_meshca(name, dir, &args)
 }
 
 /// Synchronous access to a directory store (a cluster's, or the management plane's
@@ -511,37 +459,23 @@ fn listening(port: u16) -> bool {
     })
 }
 
-/// A child process killed when dropped (for `openssl s_server`).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs one mutual-TLS exchange with a TLS stack meshca does not use: `openssl s_server` with the
 /// server's leaf (requiring a client certificate, `-Verify 2 -verify_return_error`, answering each
 /// line reversed) and `openssl s_client` with the client's leaf (`-verify_return_error`). Each side
 /// trusts only its own `trust` file. The leaves carry only a URI SAN, so no hostname is checked.
 pub fn openssl_mtls(dir: &Path, server: &TlsParty<'_>, client: &TlsParty<'_>) -> MtlsOutcome {
     use std::io::Write;
-    let port = free_port();
-    let accept = format!("127.0.0.1:{port}");
-    let out_path = dir.join(format!("s_server-{port}.out"));
-    let out = std::fs::File::create(&out_path).unwrap();
-    let srv = Command::new("openssl")
+    // Reserved for the whole exchange: s_server cannot bind port 0 and say which it got.
+    let reserved = Ports::one();
+    let port = reserved.port(0);
+    let accept = reserved.addr(0);
+    let mut server_cmd = Command::new("openssl");
+    server_cmd
         .args(["s_server", "-accept", &accept, "-naccept", "1", "-rev", "-brief"])
         .args(["-cert", s(&server.chain.leaf), "-key", s(server.key), "-cert_chain", s(&server.chain.middle)])
         .args(["-CAfile", s(server.trust), "-Verify", "2", "-verify_return_error"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("the openssl CLI must be installed");
-    let mut srv = KillOnDrop(srv);
+        .current_dir(dir);
+    let mut srv = Proc::spawn(server_cmd, &format!("s_server-{port}"), dir);
     wait_for(Duration::from_secs(10), "openssl s_server to listen", || listening(port).then_some(()));
     let connect = accept.clone();
     let mut cli = Command::new("openssl")
@@ -569,12 +503,13 @@ pub fn openssl_mtls(dir: &Path, server: &TlsParty<'_>, client: &TlsParty<'_>) ->
     let cli = cli.wait_with_output().unwrap();
     // s_server exits after its one connection; give it a moment to flush, then kill it anyway.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while srv.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+    while srv.exit_status().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let server_out = srv.log_text();
     drop(srv);
     MtlsOutcome {
-        server: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        server: server_out,
         client: String::from_utf8_lossy(&cli.stdout).into_owned(),
         client_err: String::from_utf8_lossy(&cli.stderr).into_owned(),
         client_ok: cli.status.success(),

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret as KSecret;
 use kube::Api;
-use meshca_kube::testing::{ApiServer, repo};
+use meshca_kube::testing::ApiServer;
 
-use super::common::Proc;
+use super::common::{Proc, repo, spawn_meshca};
 
 /// A deploy/ manifest's text.
 pub fn manifest(path: &str) -> String {
@@ -89,7 +89,7 @@ pub fn agent(dir: &Path, cluster: &str, server: &str, token_file: &Path, relay: 
     ];
     args.extend(kube.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn(&format!("agent-{cluster}"), dir, &args)
+    spawn_meshca(&format!("agent-{cluster}"), dir, &args)
 }
 
 /// The Secret `istio-system/cacerts` of a cluster, as the admin reads it.
@@ -105,20 +105,4 @@ pub fn write_secret_dir(secret: &KSecret, dir: &Path) -> PathBuf {
         std::fs::write(dir.join(k), &v.0).unwrap();
     }
     dir.to_path_buf()
-}
-
-/// Polls an async condition every 200 ms until it yields `Some` or `timeout` passes.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -1,76 +1,21 @@
-//! Real external peers for the Vault-mode tests: HashiCorp Vault (built by
-//! `scripts/peers/vault.sh`) and kube-apiserver + etcd (`scripts/peers/kube-apiserver.sh`).
+//! HashiCorp Vault (built by `scripts/peers/vault.sh`) for the Vault-mode tests, set up with curl
+//! — an oracle independent of meshca's own Vault client — exactly as `docs/peers.md` proves.
 //!
-//! Binaries: `MESHCA_VAULT_BIN` / `MESHCA_KUBE_APISERVER_BIN` (set by `.ci/run`), else the peers
-//! cache (`scripts/peers/*.sh path`), else a build (`scripts/peers/*.sh build`, root + Go).
-//! Vault and Kubernetes are set up with curl — an oracle independent of meshca's own Vault
-//! client — exactly as `docs/peers.md` proves.
+//! The binary: `MESHCA_VAULT_BIN` (set by `scripts/test.sh`), else the peers cache, else a build
+//! (`meshca_testsupport::peers::peer_bin`).
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// The repository root.
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn peer_bin(env: &str, script: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env).map(PathBuf::from).filter(|p| p.is_file()) {
-        return p;
-    }
-    let script = repo().join("scripts/peers").join(script);
-    for action in ["path", "build"] {
-        let out = Command::new("bash").arg(&script).arg(action).stderr(Stdio::inherit()).output().unwrap();
-        let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
-        if out.status.success() && Path::new(&path).is_file() {
-            return PathBuf::from(path);
-        }
-    }
-    panic!("no {script:?} peer: set {env} or run `{} build` (needs root and Go)", script.display());
-}
+use crate::common::{Ports, Proc, random_hex};
 
 /// The Vault binary.
 pub fn vault_bin() -> PathBuf {
-    peer_bin("MESHCA_VAULT_BIN", "vault.sh")
-}
-
-/// Two consecutive free ports on 127.0.0.1 (Vault listens on PORT and PORT+1).
-pub fn free_port_pair() -> u16 {
-    for _ in 0..200 {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port pair");
-}
-
-/// A random hex string.
-pub fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    aws_lc_rs::rand::fill(&mut b).unwrap();
-    hex::encode(b)
-}
-
-/// Sends `sig` (`TERM`, `STOP`, `CONT`) to `pid` with bash's builtin `kill` (a bare Debian has
-/// no kill(1) binary without procps).
-pub fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("bash").arg("-c").arg(format!("kill -{sig} {pid}")).status().unwrap().success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-/// Writes a credential file, 0600.
-pub fn write_secret(path: &Path, value: &str) {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).unwrap();
-    f.write_all(value.as_bytes()).unwrap();
+    meshca_testsupport::peers::peer_bin("MESHCA_VAULT_BIN", "scripts/peers/vault.sh")
 }
 
 /// `curl` a JSON API; returns (HTTP status, JSON body or Null).
@@ -115,8 +60,10 @@ pub enum Storage {
 
 /// A Vault server started by a test; killed when dropped.
 pub struct Vault {
-    child: Option<Child>,
+    child: Option<Proc>,
     pub dir: PathBuf,
+    /// Its API port (and the next, its cluster port), held across restarts.
+    ports: Ports,
     pub port: u16,
     pub addr: String,
     pub root_token: String,
@@ -126,14 +73,16 @@ pub struct Vault {
 }
 
 impl Vault {
-    /// Starts Vault in `dir` on a free port pair.
+    /// Starts Vault in `dir` on a reserved port pair.
     pub fn start(dir: &Path, storage: Storage) -> Vault {
         std::fs::create_dir_all(dir).unwrap();
-        let port = free_port_pair();
+        let ports = Ports::reserve(2);
+        let port = ports.port(0);
         let scheme = if storage == Storage::DevTls { "https" } else { "http" };
         let mut v = Vault {
             child: None,
             dir: dir.to_path_buf(),
+            ports,
             port,
             addr: format!("{scheme}://127.0.0.1:{port}"),
             root_token: random_hex(16),
@@ -153,7 +102,6 @@ impl Vault {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("vault.log")).unwrap();
         let mut cmd = Command::new(vault_bin());
         cmd.env("HOME", &self.dir).env_remove("VAULT_TOKEN").env_remove("VAULT_ADDR");
         match self.storage {
@@ -183,13 +131,7 @@ impl Vault {
                 cmd.arg("server").arg(format!("-config={}", config.display()));
             }
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.child = Some(Proc::spawn(cmd, "vault", &self.dir));
         // Up when sys/health answers at all (sealed/uninitialised answers are non-2xx).
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -216,7 +158,6 @@ impl Vault {
         }
     }
 
-    /// The server's log.
     /// A Vault in `dir/vault` with an EC P-256 root at the PKI mount `pki` (10-year max TTL)
     /// and the minimal signer policy `meshca-signer` for it: the setup most tests share.
     pub fn with_signer(dir: &Path, storage: Storage) -> Vault {
@@ -226,26 +167,24 @@ impl Vault {
         vault
     }
 
+    /// The server's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("vault.log")).unwrap_or_default()
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.child.as_ref().unwrap().pid()
     }
 
     /// Sends a signal (`STOP`, `CONT`).
     pub fn signal(&self, sig: &str) {
-        signal(self.pid(), sig);
+        self.child.as_ref().unwrap().signal(sig);
     }
 
-    /// SIGKILL and wait.
+    /// SIGKILL and wait (a stopped Vault dies of SIGKILL too).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child = None;
     }
 
     /// Starts the same server again (same port, same storage) and unseals it.
@@ -331,95 +270,6 @@ impl Vault {
     }
 }
 
-impl Drop for Vault {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A stopped process must be continued to die of SIGTERM; SIGKILL needs nothing.
-            let _ = Command::new("bash").arg("-c").arg(format!("kill -CONT {}", c.id())).status();
-        }
-        self.kill();
-    }
-}
-
-/// A kube-apiserver + etcd from `scripts/peers/kube-apiserver.sh`; stopped when dropped.
-pub struct Kube {
-    dir: PathBuf,
-    pub url: String,
-    pub ca: PathBuf,
-}
-
-impl Kube {
-    /// Starts one in `dir` on three consecutive free ports.
-    pub fn start(dir: &Path) -> Kube {
-        let bin = peer_bin("MESHCA_KUBE_APISERVER_BIN", "kube-apiserver.sh");
-        assert!(bin.is_file());
-        let script = repo().join("scripts/peers/kube-apiserver.sh");
-        let mut last = String::new();
-        for _ in 0..5 {
-            let base = loop {
-                let p = free_port_pair();
-                if TcpListener::bind(("127.0.0.1", p + 2)).is_ok() {
-                    break p;
-                }
-            };
-            let out = Command::new("bash").arg(&script).arg("start").arg(dir).arg(base.to_string()).output().unwrap();
-            if out.status.success() {
-                let env = std::fs::read_to_string(dir.join("env")).unwrap();
-                let get = |k: &str| {
-                    env.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().trim_matches('\'').to_string()
-                };
-                return Kube { dir: dir.to_path_buf(), url: get("KUBE_URL"), ca: PathBuf::from(get("KUBE_CA")) };
-            }
-            last = String::from_utf8_lossy(&out.stderr).into_owned();
-        }
-        panic!("kube-apiserver did not start: {last}");
-    }
-
-    /// A call as the admin (`system:masters`).
-    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        curl(
-            method,
-            &format!("{}{path}", self.url),
-            &["Authorization: Bearer admintoken".into()],
-            Some(&self.ca),
-            body.as_ref(),
-        )
-    }
-
-    /// Creates an object, tolerating "already exists".
-    pub fn create(&self, path: &str, body: Value) {
-        let (s, v) = self.api("POST", path, Some(body));
-        assert!(s == 201 || s == 200 || s == 409, "POST {path}: {s} {v}");
-    }
-
-    /// A TokenRequest JWT for `ns/sa` (audience `aud`, or the API server's default).
-    pub fn token(&self, ns: &str, sa: &str, aud: Option<&str>) -> String {
-        let mut spec = json!({"expirationSeconds": 86400});
-        if let Some(a) = aud {
-            spec["audiences"] = json!([a]);
-        }
-        let (s, v) = self.api(
-            "POST",
-            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"),
-            Some(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})),
-        );
-        assert!(s == 201 || s == 200, "TokenRequest {ns}/{sa}: {s} {v}");
-        v["status"]["token"].as_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Kube {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/peers/kube-apiserver.sh"))
-            .arg("stop")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// Every regular file under `roots` (symlinks are not followed: each file is read once, where
 /// it really is).
 pub fn files_under(roots: &[&Path]) -> Vec<PathBuf> {
@@ -470,15 +320,6 @@ pub fn files_holding(roots: &[&Path], needles: &[Vec<u8>]) -> Vec<PathBuf> {
         .into_iter()
         .filter(|f| std::fs::read(f).is_ok_and(|data| needles.iter().any(|n| contains(&data, n))))
         .collect()
-}
-
-/// Polls until `f` is true.
-pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A RootTrustPolicy in Vault mode with the given `vault:` block (YAML flow mapping body).
@@ -544,7 +385,7 @@ pub fn vault_agent(
         args.extend_from_slice(&["--token-file", token.to_str().unwrap(), "--relay-ca", relay.to_str().unwrap()]);
     }
     args.extend_from_slice(extra);
-    crate::common::Proc::spawn(&format!("vault-agent-{cluster}"), dir, &args)
+    crate::common::spawn_meshca(&format!("vault-agent-{cluster}"), dir, &args)
 }
 
 /// A log without its ANSI colours.
@@ -563,11 +404,6 @@ pub fn plain(log: &str) -> String {
         }
     }
     out
-}
-
-/// A `status.json` (or any JSON file), `None` while it is missing or half-written.
-pub fn json_file(p: &Path) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
 }
 
 /// One numeric field of every cluster in `meshca up`'s `status.json`.
@@ -590,7 +426,7 @@ pub fn up_vault(
     timing: (&str, &str, &str),
 ) -> crate::common::Proc {
     let (ttl, ratio, interval) = timing;
-    crate::common::Proc::spawn(
+    crate::common::spawn_meshca(
         "up",
         dir,
         &[

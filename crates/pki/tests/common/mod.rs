@@ -2,13 +2,14 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use meshca_pki::{
     CaSigner, Cert, CsrPolicy, IntermediateParams, KeyAlgorithm, LeafParams, PrivateKey, RootParams, SpiffeId,
     TrustDomain, build_csr, verify_csr,
 };
+#[allow(unused_imports)] // not every test binary runs OpenSSL
+pub use meshca_testsupport::openssl;
 
 pub fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()
@@ -43,14 +44,6 @@ pub fn leaf(signer: &CaSigner, ns: &str, sa: &str, now: SystemTime) -> (PrivateK
     let issued =
         signer.sign_leaf(key.public_key_spki(), &LeafParams::workload(id, Duration::from_secs(3600)), now).unwrap();
     (key, issued.parse().unwrap())
-}
-
-/// Runs `openssl` in `dir`, returning (success, stdout+stderr).
-pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("the openssl CLI must be installed");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
 }
 
 pub fn write(dir: &Path, name: &str, data: impl AsRef<[u8]>) {
