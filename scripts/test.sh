@@ -1,23 +1,66 @@
 #!/usr/bin/env bash
-# Runs every test meshca has: formatting and lints, unit and property tests, OpenSSL interop, the
-# Istio interop harness, and the end-to-end tests with real processes and real peers (Vault,
-# kube-apiserver + etcd). Peers not given in the environment are built here first, once, and
-# cached outside the checkout (docs/peers.md; needs root for apt-get; cold ~25 min on 2 cores,
-# seconds afterwards):
-#   MESHCA_ISTIO_INTEROP       the Istio interop harness (interop/istio/build.sh)
-#   MESHCA_VAULT_BIN           Vault (scripts/peers/vault.sh build)
-#   MESHCA_KUBE_APISERVER_BIN  kube-apiserver 1.36 (scripts/peers/kube-apiserver.sh build; also
-#                              installs Debian's etcd, which the tests start themselves)
-#   MESHCA_PILOT_DISCOVERY_BIN istiod (interop/istio/istiod/run.sh build)
+# Runs every test meshca has, fastest first, so that a lint or unit failure shows in a minute:
+#
+#   1. the fast lane, no external peer: `cargo fmt --check`, clippy with warnings denied, the docs
+#      with warnings denied, `cargo check` of the fuzz crate (fuzz/), the unit, property and
+#      in-process tests of every crate and the integration tests of the library crates
+#      (OpenSSL interop, the directory store's crash tests);
+#   2. the external peers, built here once and cached outside the checkout (docs/peers.md; root for
+#      apt-get; cold ~25 min on 2 cores, seconds afterwards), unless the environment names them:
+#        MESHCA_ISTIO_INTEROP       the Istio interop harness (interop/istio/build.sh)
+#        MESHCA_VAULT_BIN           Vault (scripts/peers/vault.sh build)
+#        MESHCA_KUBE_APISERVER_BIN  kube-apiserver 1.36 (scripts/peers/kube-apiserver.sh build; also
+#                                   installs Debian's etcd, which the tests start themselves)
+#        MESHCA_PILOT_DISCOVERY_BIN istiod (interop/istio/istiod/run.sh build)
+#   3. the tests that run meshca's processes and the peers: the integration tests of the crates
+#      in END_TO_END below (Istio's own code, istiod, Vault, Kubernetes, `meshca up`, ...).
+#
+# `scripts/test.sh --fast` stops after step 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESHCA_PEERS_CACHE="${MESHCA_PEERS_CACHE:-/var/cache/meshca-peers}"
 SECONDS=0
+fast_only=
+case "${1:-}" in
+    "") ;;
+    --fast) fast_only=1 ;;
+    *) echo "usage: scripts/test.sh [--fast]" >&2; exit 2 ;;
+esac
+step() { echo "== $* (${SECONDS}s so far)" >&2; }
 
+# The crates whose integration tests (crates/<crate>/tests/*.rs) start meshca's processes or an
+# external peer; every other crate's integration tests belong in the fast lane.
+END_TO_END=(meshca kube)
+fast_tests=() e2e_tests=()
+for f in crates/*/tests/*.rs; do
+    crate=${f#crates/}; crate=${crate%%/*}
+    if [[ " ${END_TO_END[*]} " == *" $crate "* ]]; then e2e_tests+=(--test "$(basename "$f" .rs)"); else fast_tests+=(--test "$(basename "$f" .rs)"); fi
+done
+
+# ---- 1. the fast lane ------------------------------------------------------------------------
+# Each step selects the whole workspace, so every step reuses one build (a narrower package set
+# would resolve features differently and rebuild the dependency tree).
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo doc"
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked
+step "cargo check of the fuzz crate"
+cargo check --manifest-path fuzz/Cargo.toml --locked
+step "unit, property and in-process tests"
+cargo test --workspace --locked --lib --bins "${fast_tests[@]}"
+cargo test --workspace --locked --doc
+if [ -n "$fast_only" ]; then
+    echo "== the fast lane passed in ${SECONDS}s" >&2
+    exit 0
+fi
+
+# ---- 2. the external peers -------------------------------------------------------------------
 peer() { # VAR COMMAND...: run COMMAND (it prints the path last) unless VAR names a file already
     local var=$1; shift
     if [ -z "${!var:-}" ] || [ ! -e "${!var}" ]; then
-        echo "== $var: $*" >&2
+        step "$var: $*"
         local path; path=$("$@" | tail -n1)
         export "$var=$path"
     fi
@@ -30,7 +73,7 @@ peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build
 # (interop/istio/istiod/README.md; cold ~3-11 min, seconds afterwards).
 peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
 
-cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# ---- 3. the end-to-end tests -----------------------------------------------------------------
+step "end-to-end tests (${END_TO_END[*]})"
+cargo test --workspace --locked "${e2e_tests[@]}"
 echo "== all tests passed in ${SECONDS}s" >&2

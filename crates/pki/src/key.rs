@@ -329,7 +329,7 @@ impl PrivateKey {
         }
     }
 
-    /// Signs `msg` with this key's signature algorithm (see [`Self::signature_algorithm_der`]).
+    /// Signs `msg` with this key's signature algorithm (the one `signature_algorithm_der` names).
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError> {
         let rng = SystemRandom::new();
         match &self.inner {
