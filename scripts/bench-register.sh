@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Registration benchmark (DESIGN.md §3.5, docs/benchmarks.md): N simulated clusters register with
+# Registration benchmark (docs/architecture.md "Data flows", docs/benchmarks.md): N simulated clusters register with
 # one `meshca server` and issue their intermediates. Builds `meshca` and `register-load` in release
 # mode, starts `meshca server` on a free 127.0.0.1 port with a temporary data directory, runs the
 # load generator, prints the server's peak RSS (VmHWM) and CPU time, and stops the server.

@@ -5,6 +5,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // The shared vocabulary is also what the management plane's records and the Kubernetes status
+    // store: serde names are the variant names ("Ready", "PolicyInvalid"), as they were stored
+    // when these were strings.
+    let mut config = tonic_prost_build::configure();
+    for e in ["KeyAlgorithm", "IssueReason", "Phase", "AlertKind"] {
+        config =
+            config.enum_attribute(format!(".meshca.v1alpha1.{e}"), "#[derive(serde::Serialize, serde::Deserialize)]");
+    }
+    config.compile_fds(fds)?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use meshca_pki::{Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
 use meshca_proto::mgmt::registration_client::RegistrationClient;
 use meshca_proto::mgmt::{AgentIdentity as AgentIdentityMsg, RegisterRequest};
 use meshca_store::{ObjectKey, Precondition, Secret, Store};
-use meshca_tls::{Identity, SwappableCert, grpc};
+use meshca_tls::{ClientAuth, Identity, ServerTrust, SwappableCert, Versions, grpc};
 use rustls::ClientConfig;
 use rustls::client::ResolvesClientCert;
 
@@ -57,7 +57,7 @@ impl AgentIdentity {
             (RELAY, self.relay.to_pem().into_bytes()),
             (CLUSTER, self.cluster.clone().into_bytes()),
         ])
-        .label("app.kubernetes.io/managed-by", "meshca");
+        .label(meshca_store::labels::MANAGED_BY.0, meshca_store::labels::MANAGED_BY.1);
         store.put(key, &secret, Precondition::Any).await?;
         Ok(())
     }
@@ -88,20 +88,11 @@ impl AgentIdentity {
 
 /// A client config trusting `relay` for the server and presenting `client` (if any).
 pub fn client_config(relay: &RootSet, client: Option<Arc<SwappableCert>>) -> Result<ClientConfig, AgentError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for r in relay.iter() {
-        roots
-            .add(rustls_pki_types::CertificateDer::from(r.der().to_vec()))
-            .map_err(|e| AgentError::Identity(format!("relay CA: {e}")))?;
-    }
-    let builder = ClientConfig::builder_with_provider(meshca_tls::provider::get())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| AgentError::Identity(e.to_string()))?
-        .with_root_certificates(roots);
-    Ok(match client {
-        Some(c) => builder.with_client_cert_resolver(c as Arc<dyn ResolvesClientCert>),
-        None => builder.with_no_client_auth(),
-    })
+    let auth = match client {
+        Some(c) => ClientAuth::Resolver(c as Arc<dyn ResolvesClientCert>),
+        None => ClientAuth::None,
+    };
+    Ok(meshca_tls::client_config(ServerTrust::Roots(relay), auth, Versions::Tls13)?)
 }
 
 /// Registers with a bootstrap token: a fresh identity key, a CSR, and the relay CA given by the
@@ -124,6 +115,6 @@ pub async fn register(
             cluster: cluster.to_string(),
         })
         .await
-        .map_err(AgentError::from_status)?;
+        .map_err(AgentError::rpc("Register"))?;
     AgentIdentity::from_response(resp.into_inner(), key)
 }

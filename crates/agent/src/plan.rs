@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use meshca_proto::IssueReason;
+
 /// What the agent knows about the `cacerts` in service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Current {
@@ -32,41 +34,15 @@ pub struct Trust {
     pub grace_ratio: f64,
     /// Whether the policy covers this cluster.
     pub enrolled: bool,
-}
-
-/// Why the agent asks for an intermediate (sent to the issuer for its log).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// No usable `cacerts` yet.
-    Initial,
-    /// The renewal point was reached.
-    Renewal,
-    /// The policy generation changed.
-    PolicyChange,
-    /// The root set changed.
-    RootSetChange,
-    /// An operator asked (`meshca rotate`).
-    Forced,
-}
-
-impl Reason {
-    /// Wire form.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Initial => "initial",
-            Reason::Renewal => "renewal",
-            Reason::PolicyChange => "policy-change",
-            Reason::RootSetChange => "root-set-change",
-            Reason::Forced => "forced",
-        }
-    }
+    /// How often to report status.
+    pub report_interval: Duration,
 }
 
 /// The decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Ask now.
-    IssueNow(Reason),
+    IssueNow(IssueReason),
     /// Nothing to do until then.
     WaitUntil(SystemTime),
     /// Nothing to do until the management plane says something.
@@ -89,25 +65,25 @@ pub fn renew_at(c: &Current, grace: f64, jitter: f64) -> SystemTime {
 /// Decides what to do.
 pub fn decide(current: Option<&Current>, trust: Option<&Trust>, now: SystemTime, jitter: f64) -> Decision {
     match (current, trust) {
-        (None, Some(t)) if t.enrolled => Decision::IssueNow(Reason::Initial),
+        (None, Some(t)) if t.enrolled => Decision::IssueNow(IssueReason::Initial),
         (None, _) => Decision::Idle,
         // The policy no longer covers this cluster: keep what is in service, ask for nothing.
         (Some(_), Some(t)) if !t.enrolled => Decision::Idle,
         (Some(c), t) => {
             if let Some(t) = t {
                 if t.rotate_requests > c.rotate_handled {
-                    return Decision::IssueNow(Reason::Forced);
+                    return Decision::IssueNow(IssueReason::Forced);
                 }
                 if !t.roots_fingerprint.is_empty() && t.roots_fingerprint != c.roots_fingerprint {
-                    return Decision::IssueNow(Reason::RootSetChange);
+                    return Decision::IssueNow(IssueReason::RootSetChange);
                 }
                 if t.generation != c.generation {
-                    return Decision::IssueNow(Reason::PolicyChange);
+                    return Decision::IssueNow(IssueReason::PolicyChange);
                 }
             }
             let grace = trust.map(|t| t.grace_ratio).unwrap_or(DEFAULT_GRACE);
             let at = renew_at(c, grace, jitter);
-            if now >= at { Decision::IssueNow(Reason::Renewal) } else { Decision::WaitUntil(at) }
+            if now >= at { Decision::IssueNow(IssueReason::Renewal) } else { Decision::WaitUntil(at) }
         }
     }
 }
@@ -144,13 +120,14 @@ mod tests {
             rotate_requests: 0,
             grace_ratio: 0.2,
             enrolled: true,
+            report_interval: Duration::from_secs(30),
         }
     }
 
     #[test]
     fn renews_when_less_than_the_grace_ratio_remains() {
         assert_eq!(decide(Some(&current()), Some(&trust()), t(100), 0.0), Decision::WaitUntil(t(800)));
-        assert_eq!(decide(Some(&current()), Some(&trust()), t(800), 0.0), Decision::IssueNow(Reason::Renewal));
+        assert_eq!(decide(Some(&current()), Some(&trust()), t(800), 0.0), Decision::IssueNow(IssueReason::Renewal));
         // Jitter only ever moves renewal earlier, by at most a tenth of the window.
         assert_eq!(renew_at(&current(), 0.2, 0.999_999).duration_since(t(780)).unwrap_or_default().as_secs(), 0);
         // Without the management plane, the current cacerts is kept and renewal still planned.
@@ -162,14 +139,14 @@ mod tests {
         let c = current();
         let mut tr = trust();
         tr.generation = "g2".into();
-        assert_eq!(decide(Some(&c), Some(&tr), t(1), 0.0), Decision::IssueNow(Reason::PolicyChange));
+        assert_eq!(decide(Some(&c), Some(&tr), t(1), 0.0), Decision::IssueNow(IssueReason::PolicyChange));
         let mut tr = trust();
         tr.roots_fingerprint = "r2".into();
-        assert_eq!(decide(Some(&c), Some(&tr), t(1), 0.0), Decision::IssueNow(Reason::RootSetChange));
+        assert_eq!(decide(Some(&c), Some(&tr), t(1), 0.0), Decision::IssueNow(IssueReason::RootSetChange));
         let mut tr = trust();
         tr.rotate_requests = 1;
-        assert_eq!(decide(Some(&c), Some(&tr), t(1), 0.0), Decision::IssueNow(Reason::Forced));
-        assert_eq!(decide(None, Some(&trust()), t(1), 0.0), Decision::IssueNow(Reason::Initial));
+        assert_eq!(decide(Some(&c), Some(&tr), t(1), 0.0), Decision::IssueNow(IssueReason::Forced));
+        assert_eq!(decide(None, Some(&trust()), t(1), 0.0), Decision::IssueNow(IssueReason::Initial));
         assert_eq!(decide(None, None, t(1), 0.0), Decision::Idle);
         let mut out = trust();
         out.enrolled = false;

@@ -3,14 +3,13 @@
 //! management plane's issuer service, or Vault in the Vault mode.
 
 use meshca_pki::bundle::BundleFiles;
-use meshca_pki::name::NameAttr;
-use meshca_pki::{KeyAlgorithm, PrivateKey, build_csr};
+use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
+use meshca_proto::IssueReason;
 use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
 use meshca_proto::mgmt::{IssueIntermediateRequest, TrustState};
 use tonic::transport::Channel;
 
 use crate::AgentError;
-use crate::plan::Reason;
 
 /// A new intermediate: the four `cacerts` files (key included) and what to record about it.
 pub struct Obtained {
@@ -27,18 +26,36 @@ pub struct Request<'a> {
     /// Key algorithm the policy asks for.
     pub key_algorithm: KeyAlgorithm,
     /// Why.
-    pub reason: Reason,
+    pub reason: IssueReason,
     /// What the management plane last said: the policy's parameters (lifetime, and in Vault mode
     /// the policy's `vault` block) for sources that are not the management plane itself.
     pub trust: &'a TrustState,
 }
 
+/// Where an intermediate's key lives once written, as reported in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLocation {
+    /// In the store (a Secret or a directory).
+    Store,
+    /// Only in a memory-backed folder (Vault mode).
+    Memory,
+}
+
+impl KeyLocation {
+    /// The name status reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyLocation::Store => "store",
+            KeyLocation::Memory => "memory",
+        }
+    }
+}
+
 /// A source of cluster intermediates.
 #[async_trait::async_trait]
 pub trait IntermediateSource: Send + Sync {
-    /// Where the intermediate's key lives once written: `store` (a Secret or directory) or
-    /// `memory` (a memory-backed folder, in Vault mode). Reported in status.
-    fn key_location(&self) -> &'static str;
+    /// Where the intermediate's key lives once written.
+    fn key_location(&self) -> KeyLocation;
 
     /// Obtains a new intermediate. Implementations generate a fresh key for every call (or have
     /// the upstream generate it) and never write it anywhere themselves.
@@ -47,16 +64,9 @@ pub trait IntermediateSource: Send + Sync {
 
 /// The subject an agent puts in its CSR: informative only (the issuer decides the certificate's
 /// subject), but the management plane checks `L=` names the calling cluster.
-pub fn csr_for(key: &PrivateKey, cluster: &str) -> Result<String, AgentError> {
-    build_csr(
-        key,
-        &[
-            (NameAttr::Organization, "meshca"),
-            (NameAttr::CommonName, "meshca intermediate"),
-            (NameAttr::Locality, cluster),
-        ],
-    )
-    .map_err(|e| AgentError::Identity(e.to_string()))
+pub fn csr_for(key: &PrivateKey, organization: &str, cluster: &str) -> Result<String, AgentError> {
+    build_csr(key, &meshca_pki::profile::cluster_intermediate_subject(organization, cluster))
+        .map_err(|e| AgentError::Identity(e.to_string()))
 }
 
 /// The management plane's certificate issuer service.
@@ -67,32 +77,33 @@ pub struct ManagementSource {
 
 #[async_trait::async_trait]
 impl IntermediateSource for ManagementSource {
-    fn key_location(&self) -> &'static str {
-        "store"
+    fn key_location(&self) -> KeyLocation {
+        KeyLocation::Store
     }
 
     async fn obtain(&self, req: Request<'_>) -> Result<Obtained, AgentError> {
+        const CALL: &str = "IssueIntermediate";
         let key = PrivateKey::generate(req.key_algorithm).map_err(|e| AgentError::Identity(e.to_string()))?;
-        let csr = csr_for(&key, req.cluster)?;
+        let csr = csr_for(&key, meshca_policy::defaults::ORGANIZATION, req.cluster)?;
         let resp = self
             .issuer
             .clone()
-            .issue_intermediate(IssueIntermediateRequest { csr, reason: req.reason.as_str().into() })
+            .issue_intermediate(IssueIntermediateRequest { csr, reason: req.reason as i32 })
             .await
-            .map_err(AgentError::from_status)?
+            .map_err(AgentError::rpc(CALL))?
             .into_inner();
-        let mut chain_pem = resp.certificate.clone();
-        for c in &resp.chain {
-            chain_pem.push_str(c);
-        }
-        Ok(Obtained {
-            files: BundleFiles {
-                ca_cert: resp.certificate.into_bytes(),
-                ca_key: key.to_pkcs8_pem().as_bytes().to_vec().into(),
-                cert_chain: chain_pem.into_bytes(),
-                root_cert: resp.root_set.into_bytes(),
-            },
-            serial: resp.serial,
-        })
+        let bad = |what: &str, e: &dyn std::fmt::Display| AgentError::BadAnswer {
+            call: CALL,
+            reason: format!("{what}: {e}"),
+        };
+        let cert = Cert::from_pem(resp.certificate.as_bytes()).map_err(|e| bad("certificate", &e))?;
+        let chain = resp
+            .chain
+            .iter()
+            .map(|p| Cert::from_pem(p.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("chain", &e))?;
+        let roots = RootSet::from_pem(resp.root_set.as_bytes()).map_err(|e| bad("root set", &e))?;
+        Ok(Obtained { files: CaBundle::assemble(&key, &cert, &chain, &roots), serial: resp.serial })
     }
 }

@@ -5,7 +5,7 @@
 //!   watch is the API server's watch with a re-list when its resource version expires. The agent
 //!   writes `istio-system/cacerts` through it; the management plane keeps all of its state in it.
 //! - [`policy`]: the RootTrustPolicy custom resource — read and watched as the management plane's
-//!   [`meshca_mgmt::authority::PolicySource`], with a status subresource the leader writes.
+//!   [`meshca_mgmt::loader::PolicySource`], with a status subresource the leader writes.
 //! - [`lease`]: leader election with a `coordination.k8s.io/v1` Lease, so several `meshca server`
 //!   replicas run against one API server and only one signs.
 //! - [`tokenreview`]: the workload CA's caller authentication by TokenReview, as istiod does.
@@ -28,7 +28,7 @@ pub use kube::Client;
 
 /// Label meshca puts on every object it manages (the agent's `cacerts`, its identity, the
 /// management plane's records).
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshca");
+pub use meshca_store::labels::MANAGED_BY;
 
 /// The field manager name meshca writes with (server-side apply and `managedFields`).
 pub const FIELD_MANAGER: &str = "meshca";

@@ -15,7 +15,8 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use meshca_mgmt::MgmtError;
-use meshca_mgmt::authority::{Authority, PolicySource};
+use meshca_mgmt::authority::Authority;
+use meshca_mgmt::loader::PolicySource;
 use meshca_policy::{Policy, PolicyError, RootTrustPolicyDoc};
 use meshca_proto::mgmt::MeshStatus;
 use meshca_store::StoreError;
@@ -156,7 +157,10 @@ pub fn build_status(
                 "registered": c.registered,
                 "enrolled": c.enrolled,
                 "connected": c.connected,
-                "phase": if s.phase.is_empty() { if c.registered { "Waiting" } else { "NotRegistered" } } else { s.phase.as_str() },
+                "phase": match s.phase() {
+                    meshca_proto::Phase::Unspecified => if c.registered { "Waiting" } else { "NotRegistered" },
+                    p => p.name(),
+                },
                 "intermediateSerial": s.intermediate_serial,
                 "rootSetFingerprint": s.root_set_fingerprint,
                 "policyGeneration": s.policy_generation,
@@ -177,8 +181,8 @@ pub fn build_status(
         })
         .collect();
 
-    let accepted = match (&authority.error, &authority.warning) {
-        (Some(e), _) => ("False", "PolicyInvalid", e.clone()),
+    let accepted = match (authority.error(), &authority.warning) {
+        (Some(e), _) => ("False", "PolicyInvalid", e.to_string()),
         (None, Some(w)) => ("True", "AcceptedWithWarning", w.clone()),
         (None, None) => ("True", "Accepted", format!("{} CA loaded", st.ca_mode)),
     };
@@ -188,13 +192,13 @@ pub fn build_status(
         .filter(|c| {
             let s = c.status.clone().unwrap_or_default();
             !(c.registered
-                && s.phase == "Ready"
+                && s.phase() == meshca_proto::Phase::Ready
                 && s.policy_generation == st.policy_generation
                 && (st.root_set_fingerprint.is_empty() || s.root_set_fingerprint == st.root_set_fingerprint))
         })
         .map(|c| c.name.clone())
         .collect();
-    let ready = if authority.error.is_some() {
+    let ready = if authority.error().is_some() {
         ("False", "PolicyInvalid", "the policy's CA cannot sign".to_string())
     } else if covered.is_empty() {
         ("False", "NoClusters", "no cluster is registered under this policy yet".to_string())
@@ -244,14 +248,20 @@ mod tests {
     use meshca_proto::mgmt::{ClusterStatus, ClusterView};
 
     fn authority() -> Authority {
-        Authority {
-            policy: Policy::generated_default(std::time::Duration::from_secs(3600)),
-            signer: None,
-            roots: None,
-            generation: "g1".into(),
-            error: None,
-            warning: None,
-        }
+        use meshca_mgmt::authority::{Capability, Signing};
+        use meshca_pki::{CaSigner, KeyAlgorithm, PrivateKey, RootParams, RootSet};
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let signer = CaSigner::new_root(key, &RootParams::new("test"), at).unwrap();
+        let roots = RootSet::from_certs(vec![signer.cert().clone()]).unwrap();
+        let signing = Signing { signer: std::sync::Arc::new(signer), roots };
+        let mut a = Authority::new(
+            Policy::generated_default(std::time::Duration::from_secs(3600)),
+            Capability::Signing(std::sync::Arc::new(signing)),
+            None,
+        );
+        a.generation = "g1".into();
+        a
     }
 
     fn mesh(phase: &str) -> MeshStatus {
@@ -266,7 +276,7 @@ mod tests {
                 connected: true,
                 last_seen: 1_700_000_000,
                 status: Some(ClusterStatus {
-                    phase: phase.into(),
+                    phase: phase.parse::<meshca_proto::Phase>().unwrap() as i32,
                     intermediate_serial: "AB".into(),
                     intermediate_not_after: 1_700_003_600,
                     root_set_fingerprint: "sha256:r".into(),
@@ -303,8 +313,12 @@ mod tests {
         let s3 = build_status(&mesh("Ready"), &authority(), Some(3), &s2, t3);
         assert_eq!(s3, s2, "nothing changed, nothing to write");
 
-        let mut broken = authority();
-        broken.error = Some("spec.config.secretRef: secret meshca/x: not found".into());
+        let broken = Authority {
+            capability: meshca_mgmt::authority::Capability::Unavailable {
+                reason: "spec.config.secretRef: secret meshca/x: not found".into(),
+            },
+            ..authority()
+        };
         let s4 = build_status(&mesh("Ready"), &broken, Some(4), &s3, t3);
         assert_eq!(condition(&s4, "Accepted")["status"], "False");
         assert!(condition(&s4, "Accepted")["message"].as_str().unwrap().contains("spec.config.secretRef"));

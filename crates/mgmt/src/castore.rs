@@ -31,7 +31,7 @@ pub async fn load_or_create_root(
         (CERT_KEY, signer.cert().to_pem().into_bytes()),
         (KEY_KEY, signer.key().to_pkcs8_pem().as_bytes().to_vec()),
     ])
-    .label("app.kubernetes.io/managed-by", "meshca");
+    .label(meshca_store::labels::MANAGED_BY.0, meshca_store::labels::MANAGED_BY.1);
     match store.put(key, &secret, Precondition::Absent).await {
         Ok(_) => {
             tracing::info!(ca = %key, subject = %signer.cert().subject(), "created CA");

@@ -1,21 +1,34 @@
 //! meshca's management plane: it holds the mesh's root of trust (as the RootTrustPolicy says),
 //! registers clusters with single-use bootstrap tokens, runs the certificate issuer service that
 //! signs cluster intermediates, records what it issued, and answers operators.
+//!
+//! - [`authority`]: what the management plane can do under the policy in force
+//!   ([`authority::Capability`]: sign, leave it to Vault, or nothing and why); [`loader`] keeps it
+//!   current as the policy and its secrets change.
+//! - [`issuer`]: the certificate issuer as a domain service ([`issuer::Issuer::issue`]); the
+//!   gRPC layer ([`grpc`], [`registration`], [`operator`]) authenticates and translates.
+//! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
+//! - [`status`], [`metrics`]: what operators see; [`replica`]: several replicas, one leader.
+//! - [`server`]: the wiring, with every task supervised.
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod castore;
 pub mod error;
+pub mod grpc;
+pub mod issuer;
+pub mod loader;
 pub mod metrics;
+pub mod operator;
 pub mod ratelimit;
 pub mod records;
+pub mod registration;
 pub mod relay;
 pub mod replica;
 pub mod server;
-pub mod service;
 pub mod status;
 pub mod tokens;
 
 pub use error::MgmtError;
+pub use grpc::Settings;
 pub use server::{ServeWith, ServerOptions, serve, serve_with};
-pub use service::Settings;

@@ -2,9 +2,6 @@
 //! can watch expiries and the alert conditions without scraping a CLI. Rendered from a fresh
 //! status at every scrape.
 
-use std::sync::Arc;
-use std::time::SystemTime;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use meshca_proto::mgmt::MeshStatus;
@@ -12,6 +9,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::authority::Authority;
@@ -42,17 +40,9 @@ pub fn render(st: &MeshStatus) -> String {
             .set(st.upstream_intermediate_not_after);
     }
     let alerts = family(&mut r, "meshca_alerts", "Conditions that need a person, by kind");
-    for kind in [
-        "PolicyInvalid",
-        "PolicyWarning",
-        "RootExpiresWithinIntermediateLifetime",
-        "UpstreamIntermediateExpiring",
-        "IntermediateRenewalOverdue",
-        "IntermediateExpired",
-        "ClusterNotReporting",
-    ] {
-        let n = st.alerts.iter().filter(|a| a.kind == kind).count();
-        alerts.get_or_create(&vec![("kind".into(), kind.into())]).set(n as i64);
+    for kind in meshca_proto::AlertKind::ALL {
+        let n = st.alerts.iter().filter(|a| a.kind == *kind as i32).count();
+        alerts.get_or_create(&vec![("kind".into(), kind.name().into())]).set(n as i64);
     }
     let expiry = family(
         &mut r,
@@ -85,6 +75,8 @@ pub struct MetricsState {
     pub report_interval: std::time::Duration,
     /// Required bearer token.
     pub token: Option<Arc<String>>,
+    /// The time.
+    pub clock: meshca_clock::SharedClock,
 }
 
 /// `GET /metrics`.
@@ -102,7 +94,7 @@ pub async fn handler(
         );
     }
     let auth = s.authority.borrow().clone();
-    match status::collect(s.store.as_ref(), &auth, crate::tokens::unix(SystemTime::now()), s.report_interval).await {
+    match status::collect(s.store.as_ref(), &auth, meshca_clock::unix(s.clock.now()), s.report_interval).await {
         Ok(st) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)], render(&st)),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,6 +1,7 @@
 //! What the management plane persists, and where. Everything lives in the store (namespace
 //! [`NAMESPACE`]), so a replica holds no state of its own.
 
+use meshca_proto::{IssueReason, Phase};
 use meshca_store::{ObjectKey, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -93,8 +94,10 @@ pub struct IssuedRecord {
     pub not_after: i64,
     /// Unix seconds.
     pub issued_at: i64,
-    /// Why the agent asked.
-    pub reason: String,
+    /// Why the agent asked (stored by its name, `renewal`; a name this version does not know
+    /// reads back as `Unspecified`).
+    #[serde(with = "reason_name")]
+    pub reason: IssueReason,
     /// Policy generation it was issued under.
     pub policy_generation: String,
     /// SHA-256 of the certified public key (SubjectPublicKeyInfo DER), hex: a key is certified
@@ -127,8 +130,8 @@ pub struct IssuedLog {
 pub struct StatusRecord {
     /// Unix seconds when it was received.
     pub reported_at: i64,
-    /// "Ready", "Renewing", "Degraded", "Waiting".
-    pub phase: String,
+    /// The phase the agent reported.
+    pub phase: Phase,
     /// Serial of the intermediate in service.
     pub intermediate_serial: String,
     /// Unix seconds.
@@ -149,6 +152,27 @@ pub struct StatusRecord {
     pub next_renewal: i64,
     /// Agent version.
     pub agent_version: String,
+    /// Attempts in a row that failed.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+}
+
+/// An [`IssueReason`] by its name, as the issued log has always stored it.
+mod reason_name {
+    use meshca_proto::IssueReason;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(r: &IssueReason, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match r {
+            IssueReason::Unspecified => "unspecified",
+            other => other.name(),
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IssueReason, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(name.parse().unwrap_or(IssueReason::Unspecified))
+    }
 }
 
 #[cfg(test)]
@@ -161,5 +185,29 @@ mod tests {
         assert!(cluster("cluster-1").is_ok());
         assert!(cluster("../etc").is_err());
         assert!(status("UPPER").is_err());
+    }
+
+    #[test]
+    fn issued_records_keep_their_reason_names_and_tolerate_unknown_ones() {
+        let rec = IssuedRecord {
+            serial: "AB".into(),
+            not_after: 2,
+            issued_at: 1,
+            reason: IssueReason::PolicyChange,
+            policy_generation: "g".into(),
+            public_key_sha256: String::new(),
+            not_before: 0,
+            key_algorithm: String::new(),
+            issuer_fingerprint: String::new(),
+        };
+        let json = serde_json::to_string(&rec).expect("json");
+        assert!(json.contains(r#""reason":"policy-change""#), "{json}");
+        assert_eq!(serde_json::from_str::<IssuedRecord>(&json).expect("back"), rec);
+        let old = json.replace("policy-change", "from-a-newer-version");
+        assert_eq!(serde_json::from_str::<IssuedRecord>(&old).expect("tolerated").reason, IssueReason::Unspecified);
+        let status: StatusRecord =
+            serde_json::from_str(r#"{"reported_at":1,"phase":"Degraded","intermediate_serial":"","intermediate_not_after":0,"intermediate_not_before":0,"root_set_fingerprint":"","policy_generation":"","last_renewal":0,"last_error":"","key_location":"store","next_renewal":0,"agent_version":""}"#)
+                .expect("a record written when phases were strings");
+        assert_eq!(status.phase, Phase::Degraded);
     }
 }

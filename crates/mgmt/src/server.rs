@@ -1,10 +1,17 @@
 //! `meshca server`: wires the store, the authority loader, the relay CA and the gRPC services
 //! behind one TLS listener.
+//!
+//! Every task the server starts (the authority loader, the serving certificate's renewal, the
+//! metrics endpoint, the status publisher) runs in one `JoinSet` under one cancellation token:
+//! when the server stops, the token fires, long-lived trust streams end, in-flight calls drain,
+//! and each child is awaited, so nothing outlives [`serve_with`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use meshca_clock::SharedClock;
 
 use meshca_pki::{CsrPolicy, KeyAlgorithm, PrivateKey, build_csr, verify_csr};
 use meshca_policy::Policy;
@@ -17,13 +24,19 @@ use meshca_store::{Store, fsutil};
 use meshca_tls::{Identity, PeerPolicy, SpiffeVerifier, SwappableCert, grpc};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use crate::authority::{self, Authority, PolicySource};
+use crate::authority::{self, Authority};
 use crate::error::MgmtError;
+use crate::grpc::{IssuerService, Settings, Shared};
+use crate::issuer::Issuer;
+use crate::loader::{Loader, PolicySource, StorePolicy};
+use crate::operator::OperatorService;
 use crate::ratelimit::RateLimiter;
+use crate::registration::RegistrationService;
 use crate::relay::RelayCa;
 use crate::replica::{self, Leader};
-use crate::service::{IssuerService, OperatorService, RegistrationService, Settings, Shared};
 
 /// Largest gRPC message accepted (a CSR or a policy is a few KB).
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -84,17 +97,13 @@ pub mod creds {
         let cert = Cert::from_pem(&read(dir, CERT)?).map_err(|e| MgmtError::pki("operator certificate", e))?;
         let key = PrivateKey::from_pem(&read(dir, KEY)?).map_err(|e| MgmtError::pki("operator key", e))?;
         let relay = RootSet::from_pem(&read(dir, RELAY_CA)?).map_err(|e| MgmtError::pki("relay CA", e))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for r in relay.iter() {
-            roots
-                .add(rustls_pki_types::CertificateDer::from(r.der().to_vec()))
-                .map_err(|e| MgmtError::pki("relay CA", e))?;
-        }
         let id = meshca_tls::Identity::new(&cert, &[], &key);
-        rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .and_then(|b| b.with_root_certificates(roots).with_client_auth_cert(id.chain.clone(), id.key()))
-            .map_err(|e| MgmtError::pki("operator TLS configuration", e))
+        meshca_tls::client_config(
+            meshca_tls::ServerTrust::Roots(&relay),
+            meshca_tls::ClientAuth::Identity(id),
+            meshca_tls::Versions::Tls13,
+        )
+        .map_err(|e| MgmtError::pki("operator TLS configuration", e))
     }
 
     /// The management plane's `host:port` recorded beside the credentials.
@@ -137,16 +146,27 @@ fn write_operator_credentials(
     Ok(())
 }
 
-/// What Kubernetes mode adds to [`serve`]: where the policy comes from and, with several
-/// replicas, who leads. The default is the embedded single-replica server.
-#[derive(Default)]
+/// What Kubernetes mode adds to [`serve`], and the time it runs on. The default is the embedded
+/// single-replica server on the system clock.
 pub struct ServeWith {
     /// The policy's source; the store object `meshca/root-trust-policy` when `None`.
     pub policy_source: Option<Arc<dyn PolicySource>>,
     /// The leader election's view; `None` runs as the only replica (always the leader). See
     /// [`crate::replica`] for what followers do.
     pub leader: Option<watch::Receiver<Leader>>,
+    /// The clock.
+    pub clock: SharedClock,
 }
+
+impl Default for ServeWith {
+    fn default() -> Self {
+        ServeWith { policy_source: None, leader: None, clock: meshca_clock::system() }
+    }
+}
+
+/// How long a stopping server waits for its children (the metrics endpoint, the loader) once
+/// the gRPC server has drained.
+const CHILD_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the management plane until `shutdown` resolves. `on_bound` receives the bound address
 /// (useful with port 0).
@@ -159,7 +179,7 @@ pub async fn serve(
     serve_with(store, opts, ServeWith::default(), on_bound, shutdown).await
 }
 
-/// [`serve`] with a policy source and a leader election (Kubernetes mode). Returns
+/// [`serve`] with a policy source, a leader election (Kubernetes mode) and a clock. Returns
 /// [`MgmtError::LostLeadership`] when this replica led and lost its lease.
 pub async fn serve_with(
     store: Arc<dyn Store>,
@@ -169,48 +189,75 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), MgmtError> {
     meshca_tls::provider::install();
-    let now = SystemTime::now();
+    let clock = with.clock.clone();
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let result = run(store, opts, with, on_bound, shutdown, &cancel, &mut tasks).await;
+    // Whatever ended the server, its children end with it.
+    cancel.cancel();
+    let drained = tokio::time::timeout(CHILD_GRACE, async {
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "a management-plane task panicked");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(left = tasks.len(), "management-plane tasks did not stop in time; aborting them");
+        tasks.shutdown().await;
+    }
+    drop(clock);
+    result
+}
+
+async fn run(
+    store: Arc<dyn Store>,
+    opts: ServerOptions,
+    with: ServeWith,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), MgmtError> {
+    let clock = with.clock.clone();
+    let now = clock.now();
     let policy_source: Arc<dyn PolicySource> =
-        with.policy_source.clone().unwrap_or_else(|| Arc::new(authority::StorePolicy::new(store.clone())));
+        with.policy_source.clone().unwrap_or_else(|| Arc::new(StorePolicy::new(store.clone())));
     if let Some(text) = &opts.policy_yaml {
         // Like `meshca policy apply`: a policy whose CA cannot be loaded is refused before it
         // replaces the stored one.
         let trial = authority::load(store.as_ref(), Policy::from_yaml(text)?, now).await;
-        if let Some(e) = trial.error {
-            return Err(MgmtError::Pki(e));
+        if let Some(e) = trial.error() {
+            return Err(MgmtError::Pki(e.to_string()));
         }
         policy_source.apply(text).await?;
     }
     let relay = Arc::new(RelayCa::load_or_create(store.as_ref(), now).await?);
-    let authority: watch::Receiver<Arc<Authority>> = authority::spawn_loader_from(
+    let (loader, authority): (Loader, watch::Receiver<Arc<Authority>>) = Loader::start(
         store.clone(),
         policy_source.clone(),
         opts.default_policy.clone(),
+        clock.clone(),
         Duration::from_secs(30),
     )
     .await;
+    tasks.spawn(loader.run(cancel.child_token()));
 
     // Serving certificate from the relay CA, renewed at half life without a restart.
     let serving_ttl = Duration::from_secs(7 * 86400);
     let (cert, key) = relay.issue_serving(&opts.hostnames, serving_ttl, now)?;
     let swappable = SwappableCert::new(Identity::new(&cert, &[], &key).certified_key()?);
-    {
-        let relay = relay.clone();
-        let swappable = swappable.clone();
-        let names = opts.hostnames.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(serving_ttl / 2).await;
-                match relay
-                    .issue_serving(&names, serving_ttl, SystemTime::now())
-                    .and_then(|(c, k)| Ok(Identity::new(&c, &[], &k).certified_key()?))
-                {
-                    Ok(ck) => swappable.swap(ck),
-                    Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
-                }
-            }
-        });
-    }
+    tasks.spawn(renew_serving(
+        relay.clone(),
+        swappable.clone(),
+        opts.hostnames.clone(),
+        serving_ttl,
+        clock.clone(),
+        cancel.child_token(),
+    ));
     let verifier = SpiffeVerifier::new(
         relay.roots(),
         PeerPolicy::UriPrefix(format!("spiffe://{}/", meshca_proto::identity::RELAY_TRUST_DOMAIN)),
@@ -239,25 +286,36 @@ pub async fn serve_with(
             authority: authority.clone(),
             report_interval: opts.settings.report_interval,
             token: opts.metrics_token.clone().map(Arc::new),
+            clock: clock.clone(),
         };
         let app = axum::Router::new().route("/metrics", axum::routing::get(crate::metrics::handler)).with_state(state);
-        tokio::spawn(async move {
-            let _ = axum::serve(l, app).await;
+        let stop = cancel.child_token();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the metrics endpoint failed");
+            }
         });
     }
     let (nudge, _) = watch::channel(0u64);
+    let issuer = Issuer::new(
+        store.clone(),
+        authority.clone(),
+        RateLimiter::new(opts.issue_burst, opts.issue_per_minute, clock.clone()),
+        with.leader.clone(),
+    );
     let shared = Arc::new(Shared {
         store,
         relay,
         authority,
-        limiter: RateLimiter::new(opts.issue_burst, opts.issue_per_minute),
+        issuer,
         settings: opts.settings,
         nudge,
-        leader: with.leader.clone(),
         policy_source,
+        clock,
+        shutdown: cancel.clone(),
     });
     if with.policy_source.is_some() {
-        tokio::spawn(publish_status(shared.clone()));
+        tasks.spawn(publish_status(shared.clone(), with.leader.clone(), cancel.child_token()));
     }
     let router = tonic::transport::Server::builder()
         .add_service(
@@ -266,24 +324,56 @@ pub async fn serve_with(
         .add_service(CertificateIssuerServer::new(IssuerService(shared.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(OperatorServer::new(OperatorService(shared)).max_decoding_message_size(MAX_MESSAGE));
     let grpc_error = |e| MgmtError::Io { context: "gRPC server".into(), source: std::io::Error::other(e) };
+    // The server drains once `stop` fires: it cancels the token first, so the trust streams
+    // (which would otherwise hold their connections open for ever) end and the drain completes.
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+    let token = cancel.clone();
+    let leader = with.leader.clone();
+    let stop = async move {
+        match leader {
+            None => shutdown.await,
+            Some(leader) => tokio::select! {
+                _ = shutdown => {}
+                _ = replica::lost(leader) => { let _ = lost_tx.send(()); }
+            },
+        }
+        token.cancel();
+    };
     match with.leader {
         None => {
-            router.serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), shutdown).await.map_err(grpc_error)
+            router.serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), stop).await.map_err(grpc_error)?
         }
-        Some(leader) => {
-            let incoming = replica::incoming(listener, tls, leader.clone());
-            let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
-            let stop = async move {
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = replica::lost(leader) => { let _ = lost_tx.send(()); }
-                }
-            };
-            router.serve_with_incoming_shutdown(incoming, stop).await.map_err(grpc_error)?;
-            match lost_rx.await {
-                Ok(()) => Err(MgmtError::LostLeadership("the lease moved or could not be renewed in time".into())),
-                Err(_) => Ok(()),
-            }
+        Some(leader) => router
+            .serve_with_incoming_shutdown(replica::incoming(listener, tls, leader), stop)
+            .await
+            .map_err(grpc_error)?,
+    }
+    match lost_rx.await {
+        Ok(()) => Err(MgmtError::LostLeadership("the lease moved or could not be renewed in time".into())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Renews the serving certificate at half its life, until cancelled.
+async fn renew_serving(
+    relay: Arc<RelayCa>,
+    swappable: Arc<SwappableCert>,
+    names: Vec<String>,
+    ttl: Duration,
+    clock: SharedClock,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = clock.sleep(ttl / 2) => {}
+        }
+        match relay
+            .issue_serving(&names, ttl, clock.now())
+            .and_then(|(c, k)| Ok(Identity::new(&c, &[], &k).certified_key()?))
+        {
+            Ok(ck) => swappable.swap(ck),
+            Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
         }
     }
 }
@@ -291,12 +381,12 @@ pub async fn serve_with(
 /// Publishes the mesh's status through the policy source (in Kubernetes mode, the
 /// RootTrustPolicy's status subresource) every report interval and whenever the authority
 /// changes — on the leader only, so replicas do not fight over it.
-async fn publish_status(shared: Arc<Shared>) {
+async fn publish_status(shared: Arc<Shared>, leader: Option<watch::Receiver<Leader>>, cancel: CancellationToken) {
     let mut authority = shared.authority.clone();
     loop {
-        if replica::is_leader(shared.leader.as_ref()) {
+        if replica::is_leader(leader.as_ref()) {
             let auth = authority.borrow_and_update().clone();
-            let now = crate::tokens::unix(SystemTime::now());
+            let now = meshca_clock::unix(shared.clock.now());
             match crate::status::collect(shared.store.as_ref(), &auth, now, shared.settings.report_interval).await {
                 Ok(st) => {
                     if let Err(e) = shared.policy_source.publish_status(&st, &auth).await {
@@ -307,8 +397,9 @@ async fn publish_status(shared: Arc<Shared>) {
             }
         }
         tokio::select! {
+            _ = cancel.cancelled() => return,
             r = authority.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(shared.settings.report_interval) => {}
+            _ = shared.clock.sleep(shared.settings.report_interval) => {}
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use meshca_clock::unix;
+use meshca_proto::AlertKind;
 use meshca_proto::mgmt::{Alert, CertificateSummary, ClusterStatus, ClusterView, IssuedRecord, MeshStatus};
 use meshca_store::{Store, typed};
 
@@ -14,7 +16,7 @@ pub const CONNECTED_INTERVALS: i64 = 3;
 
 fn to_proto(s: &StatusRecord) -> ClusterStatus {
     ClusterStatus {
-        phase: s.phase.clone(),
+        phase: s.phase as i32,
         intermediate_serial: s.intermediate_serial.clone(),
         intermediate_not_after: s.intermediate_not_after,
         intermediate_not_before: s.intermediate_not_before,
@@ -25,6 +27,7 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
         key_location: s.key_location.clone(),
         next_renewal: s.next_renewal,
         agent_version: s.agent_version.clone(),
+        consecutive_failures: s.consecutive_failures,
     }
 }
 
@@ -70,7 +73,7 @@ pub async fn collect(
                     serial: r.serial.clone(),
                     not_after: r.not_after,
                     issued_at: r.issued_at,
-                    reason: r.reason.clone(),
+                    reason: r.reason as i32,
                     not_before: r.not_before,
                     key_algorithm: r.key_algorithm.clone(),
                     issuer_fingerprint: r.issuer_fingerprint.clone(),
@@ -79,18 +82,23 @@ pub async fn collect(
             name,
         });
     }
-    let (root_fp, root_not_after) = match &authority.roots {
-        Some(r) => (r.fingerprint(), crate::tokens::unix(r.earliest_expiry())),
+    let (root_fp, root_not_after) = match authority.roots() {
+        Some(r) => (r.fingerprint(), unix(r.earliest_expiry())),
         None => (String::new(), 0),
     };
     let alerts = alerts(now, authority, &clusters, report_interval);
     let mut roots: Vec<CertificateSummary> =
-        authority.roots.iter().flat_map(|r| r.iter()).map(|c| summary(c, None)).collect();
+        authority.roots().into_iter().flat_map(|r| r.iter()).map(|c| summary(c, None)).collect();
     roots.sort_by_key(|r| r.not_after);
     let upstream = authority.upstream();
     // The user's intermediate hangs under the root that signed it (by signature, not by name).
     let upstream_issuer = upstream.and_then(|u| {
-        authority.roots.iter().flat_map(|r| r.iter()).find(|r| u.verify_signed_by(r).is_ok()).map(|r| r.fingerprint())
+        authority
+            .roots()
+            .into_iter()
+            .flat_map(|r| r.iter())
+            .find(|r| u.verify_signed_by(r).is_ok())
+            .map(|r| r.fingerprint())
     });
     Ok(MeshStatus {
         trust_domain: authority.policy.trust_domain.to_string(),
@@ -98,12 +106,12 @@ pub async fn collect(
         root_set_fingerprint: root_fp,
         root_not_after,
         policy_generation: authority.generation.clone(),
-        policy_error: authority.error.clone().or_else(|| authority.warning.clone()).unwrap_or_default(),
+        policy_error: authority.error().map(str::to_string).or_else(|| authority.warning.clone()).unwrap_or_default(),
         clusters,
         alerts,
         now,
         upstream_intermediate_subject: authority.upstream().map(|c| c.subject()).unwrap_or_default(),
-        upstream_intermediate_not_after: authority.upstream().map(|c| crate::tokens::unix(c.not_after())).unwrap_or(0),
+        upstream_intermediate_not_after: authority.upstream().map(|c| unix(c.not_after())).unwrap_or(0),
         roots,
         upstream_intermediate: upstream.map(|u| summary(u, upstream_issuer)),
         root_rotation_threshold: root_rotation_threshold(authority).unwrap_or(0),
@@ -114,8 +122,8 @@ fn summary(c: &meshca_pki::Cert, issuer_fingerprint: Option<String>) -> Certific
     CertificateSummary {
         subject: c.subject(),
         serial: c.serial_hex(),
-        not_before: crate::tokens::unix(c.not_before()),
-        not_after: crate::tokens::unix(c.not_after()),
+        not_before: unix(c.not_before()),
+        not_after: unix(c.not_after()),
         fingerprint: c.fingerprint(),
         key_algorithm: c.key_kind().to_string(),
         issuer_fingerprint: issuer_fingerprint.unwrap_or_default(),
@@ -126,12 +134,12 @@ fn summary(c: &meshca_pki::Cert, issuer_fingerprint: Option<String>) -> Certific
 /// lifetime: from then on new intermediates are cut short, so the root should have been rotated.
 /// `None` without a root.
 pub fn root_rotation_threshold(authority: &Authority) -> Option<i64> {
-    let roots = authority.roots.as_ref()?;
-    Some(crate::tokens::unix(roots.earliest_expiry()) - authority.policy.intermediate.ttl.as_secs() as i64)
+    let roots = authority.roots()?;
+    Some(unix(roots.earliest_expiry()) - authority.policy.intermediate.ttl.as_secs() as i64)
 }
 
-fn alert(kind: &str, cluster: &str, message: String) -> Alert {
-    Alert { kind: kind.into(), cluster: cluster.into(), message }
+fn alert(kind: AlertKind, cluster: &str, message: String) -> Alert {
+    Alert { kind: kind as i32, cluster: cluster.into(), message }
 }
 
 /// Human form of a number of seconds.
@@ -153,24 +161,25 @@ pub fn human(secs: i64) -> String {
 /// The conditions that need a person:
 /// - the policy's CA cannot sign (`PolicyInvalid`) or a policy warning (`PolicyWarning`);
 /// - the root expires before an intermediate issued now would (`RootExpiresWithinIntermediateLifetime`);
+/// - the user's intermediate expires within its warning period (`UpstreamIntermediateExpiring`);
 /// - an intermediate past its renewal point and not renewed (`IntermediateRenewalOverdue`), or
 ///   expired (`IntermediateExpired`);
 /// - a registered cluster silent for more than [`CONNECTED_INTERVALS`] report intervals
 ///   (`ClusterNotReporting`).
 pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_interval: Duration) -> Vec<Alert> {
     let mut out = Vec::new();
-    if let Some(e) = &authority.error {
-        out.push(alert("PolicyInvalid", "", e.clone()));
+    if let Some(e) = authority.error() {
+        out.push(alert(AlertKind::PolicyInvalid, "", e.to_string()));
     }
     if let Some(w) = &authority.warning {
-        out.push(alert("PolicyWarning", "", w.clone()));
+        out.push(alert(AlertKind::PolicyWarning, "", w.clone()));
     }
     let ttl = authority.policy.intermediate.ttl.as_secs() as i64;
     if let Some(threshold) = root_rotation_threshold(authority) {
         let root_end = threshold + ttl;
         if now > threshold {
             out.push(alert(
-                "RootExpiresWithinIntermediateLifetime",
+                AlertKind::RootExpiresWithinIntermediateLifetime,
                 "",
                 format!(
                     "a root expires in {}, sooner than the intermediate lifetime ({}): new intermediates are cut short; plan a root rotation",
@@ -183,10 +192,10 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
     if let (Some(up), meshca_policy::CaMode::IntermediateRef { expiry_warning, .. }) =
         (authority.upstream(), &authority.policy.ca)
     {
-        let end = crate::tokens::unix(up.not_after());
+        let end = unix(up.not_after());
         if end - now <= expiry_warning.as_secs() as i64 {
             out.push(alert(
-                "UpstreamIntermediateExpiring",
+                AlertKind::UpstreamIntermediateExpiring,
                 "",
                 format!(
                     "your intermediate {} (spec.config.intermediateRef) expires in {}; meshca does not rotate it and clamps cluster intermediates to it — replace the secret with a new intermediate from the same root",
@@ -201,14 +210,14 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
     for c in clusters.iter().filter(|c| c.enrolled && c.registered) {
         match &c.status {
             None => out.push(alert(
-                "ClusterNotReporting",
+                AlertKind::ClusterNotReporting,
                 &c.name,
                 format!("{} is registered but has never reported", c.name),
             )),
             Some(s) => {
                 if now - c.last_seen > CONNECTED_INTERVALS * interval {
                     out.push(alert(
-                        "ClusterNotReporting",
+                        AlertKind::ClusterNotReporting,
                         &c.name,
                         format!("{} last reported {} ago", c.name, human(now - c.last_seen)),
                     ));
@@ -224,7 +233,7 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
                     if s.last_error.is_empty() { String::new() } else { format!("; last error: {}", s.last_error) };
                 if now >= s.intermediate_not_after {
                     out.push(alert(
-                        "IntermediateExpired",
+                        AlertKind::IntermediateExpired,
                         &c.name,
                         format!(
                             "{}'s intermediate {} expired {} ago{error}",
@@ -235,7 +244,7 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
                     ));
                 } else if now > due + slack {
                     out.push(alert(
-                        "IntermediateRenewalOverdue",
+                        AlertKind::IntermediateRenewalOverdue,
                         &c.name,
                         format!(
                             "{}'s intermediate {} expires in {} and has not been renewed{error}",
@@ -261,6 +270,8 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
 /// management intermediate) — empty when the management plane did not sign it (Vault mode).
 pub fn document(st: &MeshStatus) -> serde_json::Value {
     use serde_json::json;
+    // The zero value of an enum is "not known" and prints as empty.
+    let named = |n: &'static str| if n == "Unspecified" { "" } else { n };
     let cert = |c: &CertificateSummary| {
         json!({
             "subject": c.subject, "serial": c.serial, "notBefore": c.not_before, "notAfter": c.not_after,
@@ -291,7 +302,7 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
             let current = c.issued.iter().find(|r| !s.intermediate_serial.is_empty() && r.serial == s.intermediate_serial);
             json!({
                 "name": c.name, "registered": c.registered, "enrolled": c.enrolled, "connected": c.connected,
-                "lastSeen": c.last_seen, "phase": s.phase, "intermediateSerial": s.intermediate_serial,
+                "lastSeen": c.last_seen, "phase": named(s.phase().name()), "intermediateSerial": s.intermediate_serial,
                 "intermediateNotAfter": s.intermediate_not_after, "intermediateNotBefore": s.intermediate_not_before,
                 "intermediateCertNotBefore": current.map(|r| r.not_before).unwrap_or(0),
                 "keyAlgorithm": current.map(|r| r.key_algorithm.as_str()).unwrap_or(""),
@@ -301,11 +312,11 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 "keyLocation": s.key_location,
                 "issued": c.issued.iter().map(|r| json!({
                     "serial": r.serial, "notBefore": r.not_before, "notAfter": r.not_after, "issuedAt": r.issued_at,
-                    "reason": r.reason, "keyAlgorithm": r.key_algorithm, "issuerFingerprint": r.issuer_fingerprint,
+                    "reason": match r.reason() { meshca_proto::IssueReason::Unspecified => "unspecified", x => x.name() }, "keyAlgorithm": r.key_algorithm, "issuerFingerprint": r.issuer_fingerprint,
                 })).collect::<Vec<_>>(),
             })
         }).collect::<Vec<_>>(),
-        "alerts": st.alerts.iter().map(|a| json!({"kind": a.kind, "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
+        "alerts": st.alerts.iter().map(|a| json!({"kind": named(a.kind().name()), "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
     })
 }
 
@@ -333,7 +344,7 @@ mod tests {
             connected: true,
             last_seen: 1_990,
             status: Some(ClusterStatus {
-                phase: "Ready".into(),
+                phase: meshca_proto::Phase::Ready as i32,
                 intermediate_serial: serial.into(),
                 intermediate_not_before: 1_500,
                 intermediate_not_after: 4_000,
@@ -347,7 +358,7 @@ mod tests {
                     not_before: 1_380,
                     not_after: 4_000,
                     issued_at: 1_500,
-                    reason: "forced".into(),
+                    reason: meshca_proto::IssueReason::Forced as i32,
                     key_algorithm: "ECDSA P-384".into(),
                     issuer_fingerprint: issuer.into(),
                 },
@@ -356,7 +367,7 @@ mod tests {
                     not_before: 1_000,
                     not_after: 3_000,
                     issued_at: 1_120,
-                    reason: "initial".into(),
+                    reason: meshca_proto::IssueReason::Initial as i32,
                     key_algorithm: "ECDSA P-256".into(),
                     issuer_fingerprint: "fp-a".into(),
                 },
@@ -374,7 +385,7 @@ mod tests {
             root_rotation_threshold: 6_000,
             clusters: vec![cluster("cluster-1", "AA", "fp-b"), cluster("cluster-2", "BB", "fp-a")],
             alerts: vec![Alert {
-                kind: "ClusterNotReporting".into(),
+                kind: AlertKind::ClusterNotReporting as i32,
                 cluster: "cluster-2".into(),
                 message: "m".into(),
             }],
@@ -442,19 +453,22 @@ mod tests {
         let now = std::time::SystemTime::now();
         let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
         let authority = crate::authority::load(&store, policy, now).await;
-        let st = collect(&store, &authority, crate::tokens::unix(now), Duration::from_secs(5)).await.expect("status");
+        let st = collect(&store, &authority, unix(now), Duration::from_secs(5)).await.expect("status");
         assert_eq!(st.roots.len(), 1);
         let root = &st.roots[0];
-        let cert = authority.roots.as_ref().and_then(|r| r.iter().next()).expect("a root");
+        let cert = authority.roots().and_then(|r| r.iter().next()).expect("a root");
         assert_eq!(root.serial, cert.serial_hex());
         assert_eq!(root.fingerprint, cert.fingerprint());
-        assert_eq!(root.not_before, crate::tokens::unix(cert.not_before()));
+        assert_eq!(root.not_before, unix(cert.not_before()));
         assert_eq!(root.key_algorithm, "ECDSA P-256");
         assert_eq!(st.root_rotation_threshold, root.not_after - 3600);
         assert!(st.upstream_intermediate.is_none());
         // The alert fires exactly once the threshold is passed.
         let kinds = |at: i64| -> Vec<String> {
-            alerts(at, &authority, &[], Duration::from_secs(5)).into_iter().map(|a| a.kind).collect()
+            alerts(at, &authority, &[], Duration::from_secs(5))
+                .into_iter()
+                .map(|a| a.kind().name().to_string())
+                .collect()
         };
         assert!(kinds(st.root_rotation_threshold).is_empty());
         assert_eq!(kinds(st.root_rotation_threshold + 1), ["RootExpiresWithinIntermediateLifetime"]);

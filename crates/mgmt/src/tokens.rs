@@ -4,8 +4,9 @@
 //! Only a SHA-256 of the secret is stored. Consuming a token is a compare-and-swap on its record,
 //! so two agents racing with one token cannot both register.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
+use meshca_clock::unix;
 use meshca_store::typed;
 use meshca_store::{Precondition, Store, StoreError};
 
@@ -39,7 +40,7 @@ pub enum TokenError {
         asked: String,
     },
     /// Past its expiry.
-    #[error("bootstrap token {id} expired at {}; create a new one with `meshca cluster add`", meshca_pki::chain::rfc3339(UNIX_EPOCH + Duration::from_secs((*expired_at).max(0) as u64)))]
+    #[error("bootstrap token {id} expired at {}; create a new one with `meshca cluster add`", meshca_pki::chain::rfc3339(meshca_clock::from_unix(*expired_at)))]
     Expired {
         /// Token id.
         id: String,
@@ -79,11 +80,6 @@ fn random_string(n: usize) -> Result<String, MgmtError> {
 
 fn sha256_hex(s: &str) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s.as_bytes()))
-}
-
-/// Unix seconds.
-pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// How long a used or expired token's record is kept, so that a late retry is told "already
@@ -182,13 +178,14 @@ pub async fn consume(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshca_clock::Clock as _;
     use meshca_store::dir::DirStore;
 
     #[tokio::test]
     async fn tokens_are_single_use_expire_and_do_not_leak_whether_a_secret_was_close() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DirStore::open(dir.path()).expect("store");
-        let now = SystemTime::now();
+        let now = meshca_clock::ManualClock::at_2026().now();
         let t = create(&store, "cluster-1", Duration::from_secs(60), now).await.expect("create");
         assert_eq!(t.token.len(), 31);
         let (id, _) = parse(&t.token).expect("well formed");
@@ -219,7 +216,7 @@ mod tests {
     async fn old_used_and_expired_records_are_swept_and_current_ones_kept() {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DirStore::open(dir.path()).expect("store");
-        let t0 = SystemTime::now();
+        let t0 = meshca_clock::ManualClock::at_2026().now();
         let used = create(&store, "cluster-1", Duration::from_secs(3600), t0).await.expect("create");
         consume(&store, &used.token, None, t0).await.expect("ok").expect("registers");
         let expired = create(&store, "cluster-2", Duration::from_secs(60), t0).await.expect("create");

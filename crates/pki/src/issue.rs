@@ -1,4 +1,4 @@
-//! Issuing certificates: the root, cluster-intermediate and leaf profiles of DESIGN.md §3.3.
+//! Issuing certificates: the root, cluster-intermediate and leaf profiles of docs/architecture.md ("Certificate profiles").
 //!
 //! A [`CaSigner`] is a CA certificate, its key and its chain up to the root. It pre-encodes what
 //! every certificate it signs shares (issuer name, authority key identifier, signature algorithm),
@@ -148,7 +148,7 @@ impl IntermediateParams {
     pub fn cluster(organization: &str, cluster: &str, trust_domain: TrustDomain) -> Self {
         IntermediateParams {
             organization: organization.to_string(),
-            common_name: "meshca intermediate".to_string(),
+            common_name: crate::profile::INTERMEDIATE_COMMON_NAME.to_string(),
             cluster: cluster.to_string(),
             trust_domain,
             ttl: Duration::from_secs(30 * 24 * 3600),

@@ -1,5 +1,5 @@
-//! meshca's PKI core: keys, CSRs, the certificate profiles of DESIGN.md §3.3, chain verification,
-//! root sets and the Istio `cacerts` bundle.
+//! meshca's PKI core: keys, CSRs, the certificate profiles (`docs/architecture.md`, "Certificate
+//! profiles"), chain verification, root sets and the Istio `cacerts` bundle.
 //!
 //! This crate does no I/O and reads no clock: callers pass `now`. Everything here is therefore
 //! deterministic apart from key and serial randomness, and is tested without files or sockets.
@@ -13,6 +13,7 @@ mod der_util;
 pub mod issue;
 pub mod key;
 pub mod name;
+pub mod profile;
 pub mod rootset;
 pub mod spiffe;
 

@@ -14,3 +14,7 @@ pub mod mgmt {
 }
 
 pub mod identity;
+mod names;
+
+pub use mgmt::{AlertKind, IssueReason, Phase};
+pub use names::UnknownName;

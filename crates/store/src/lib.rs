@@ -1,5 +1,5 @@
 //! The store: namespaced secrets with a resource version, compare-and-swap updates, atomic
-//! multi-key writes and change notification (DESIGN.md §4).
+//! multi-key writes and change notification (docs/architecture.md, "Stores").
 //!
 //! Everything meshca persists goes through [`Store`]: `cacerts`, the management plane's root and
 //! registry, issued-serial records and status. Backends: [`dir::DirStore`] (the embedded default,
@@ -12,6 +12,7 @@
 pub mod conformance;
 pub mod dir;
 pub mod fsutil;
+pub mod labels;
 pub mod single;
 pub mod typed;
 

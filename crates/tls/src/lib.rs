@@ -1,6 +1,7 @@
 //! TLS plumbing shared by meshca's servers and clients.
 //!
 //! - [`provider`]: the one crypto provider (aws-lc-rs) for every rustls config in the process.
+//! - [`client`]: every client configuration (server trust, client identity, versions).
 //! - [`identity`]: a certificate chain and key as rustls wants them.
 //! - [`reload`]: a certificate that can be swapped while connections are accepted, so rotation
 //!   never needs a restart.
@@ -9,12 +10,14 @@
 //! - [`grpc`]: tonic over these rustls configs, with the peer certificate available to handlers.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod grpc;
 pub mod identity;
 pub mod provider;
 pub mod reload;
 pub mod spiffe;
 
+pub use client::{ClientAuth, ServerTrust, Versions, client_config};
 pub use identity::Identity;
 pub use reload::SwappableCert;
 pub use spiffe::{PeerPolicy, SpiffeVerifier};

@@ -17,12 +17,12 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use meshca_policy::VaultAuthDoc;
+use meshca_clock::SharedClock;
+use meshca_policy::VaultAuth;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::{VaultClient, VaultError};
@@ -166,30 +166,29 @@ impl AuthMethod {
     /// The method the policy's `vault.auth` block names. Secrets referenced by `secretRef`
     /// live in the management plane's store, which the agent cannot read: only the file forms
     /// work here (in Kubernetes, mount the secret as a file).
-    pub fn from_doc(doc: &VaultAuthDoc) -> Result<Self, VaultError> {
+    pub fn from_spec(auth: &VaultAuth) -> Result<Self, VaultError> {
         let cfg = |field: &str, message: &str| VaultError::Config {
             field: format!("spec.config.vault.auth.{field}"),
             message: message.to_string(),
         };
-        match (&doc.token, &doc.app_role, &doc.kubernetes) {
-            (Some(t), None, None) => match &t.token_file {
+        match auth {
+            VaultAuth::Token { token_file, .. } => match token_file {
                 Some(f) => Ok(AuthMethod::Token { token_file: PathBuf::from(f) }),
                 None => Err(cfg(
                     "token",
                     "meshca vault-agent reads the token from a file: set tokenFile (mount the secret as a file)",
                 )),
             },
-            (None, Some(a), None) => match &a.secret_id_file {
-                Some(f) => Ok(AuthMethod::app_role(a.mount_path.as_deref(), &a.role_id, Path::new(f))),
+            VaultAuth::AppRole { mount_path, role_id, secret_id_file, .. } => match secret_id_file {
+                Some(f) => Ok(AuthMethod::app_role(mount_path.as_deref(), role_id, Path::new(f))),
                 None => Err(cfg(
                     "appRole",
                     "meshca vault-agent reads the secret ID from a file: set secretIdFile (mount the secret as a file)",
                 )),
             },
-            (None, None, Some(k)) => {
-                Ok(AuthMethod::kubernetes(k.mount_path.as_deref(), &k.role, k.token_path.as_deref().map(Path::new)))
+            VaultAuth::Kubernetes { role, mount_path, token_path } => {
+                Ok(AuthMethod::kubernetes(mount_path.as_deref(), role, token_path.as_deref().map(Path::new)))
             }
-            _ => Err(cfg("", "exactly one of token, appRole, kubernetes must be set")),
         }
     }
 
@@ -321,7 +320,7 @@ struct Held {
     generation: u64,
     /// The lease granted at login (what renewals ask for again).
     granted: Duration,
-    renew_at: Option<Instant>,
+    renew_at: Option<SystemTime>,
 }
 
 enum Cmd {
@@ -337,9 +336,9 @@ pub struct Session {
 
 impl Session {
     /// Starts the session's task. Nothing is sent to Vault until the first [`Session::token`].
-    pub fn start(client: Arc<VaultClient>, method: AuthMethod) -> Session {
+    pub fn start(client: Arc<VaultClient>, method: AuthMethod, clock: SharedClock) -> Session {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run(client, method, rx));
+        tokio::spawn(run(client, method, rx, clock));
         Session { tx }
     }
 
@@ -358,14 +357,14 @@ impl Session {
     }
 }
 
-async fn run(client: Arc<VaultClient>, method: AuthMethod, mut rx: mpsc::Receiver<Cmd>) {
+async fn run(client: Arc<VaultClient>, method: AuthMethod, mut rx: mpsc::Receiver<Cmd>, clock: SharedClock) {
     let (kind, mount) = (method.kind(), method.mount().to_string());
     let mut held: Option<Held> = None;
     let mut generation = 0u64;
     // One place that turns a login result into the held token.
     let mut take = |lease: Lease, why: &str| {
         generation += 1;
-        let at = renew_after(&lease).map(|d| Instant::now() + d);
+        let at = renew_after(&lease).map(|d| clock.now() + d);
         tracing::info!(method = %kind, mount = %mount, lease_seconds = lease.lease.as_secs(), renewable = lease.renewable, "logged in to Vault ({why})");
         Held { token: lease.token, generation, granted: lease.lease, renew_at: at }
     };
@@ -395,12 +394,12 @@ async fn run(client: Arc<VaultClient>, method: AuthMethod, mut rx: mpsc::Receive
                     }
                 }
             },
-            _ = tokio::time::sleep_until(renew_at.unwrap_or_else(Instant::now)), if renew_at.is_some() => {
+            _ = clock.sleep_until(renew_at.unwrap_or(std::time::UNIX_EPOCH)), if renew_at.is_some() => {
                 let Some(h) = held.take() else { continue };
                 match renew(&client, &h.token, h.granted).await {
                     Ok(lease) if !renewal_capped(&lease, h.granted) => {
                         tracing::info!(method = %kind, mount = %mount, lease_seconds = lease.lease.as_secs(), "Vault token renewed");
-                        let at = renew_after(&lease).map(|d| Instant::now() + d);
+                        let at = renew_after(&lease).map(|d| clock.now() + d);
                         held = Some(Held { renew_at: at, ..h });
                     }
                     result => {
@@ -428,7 +427,6 @@ async fn run(client: Arc<VaultClient>, method: AuthMethod, mut rx: mpsc::Receive
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshca_policy::{VaultAppRoleDoc, VaultKubernetesDoc, VaultTokenDoc};
 
     #[test]
     fn credentials_never_print() {
@@ -441,30 +439,22 @@ mod tests {
 
     #[test]
     fn methods_from_the_policy() {
-        let doc = VaultAuthDoc {
-            kubernetes: Some(VaultKubernetesDoc { role: "meshca".into(), mount_path: None, token_path: None }),
-            ..Default::default()
-        };
-        let m = AuthMethod::from_doc(&doc).unwrap_or_else(|e| panic!("{e}"));
+        let m =
+            AuthMethod::from_spec(&VaultAuth::Kubernetes { role: "meshca".into(), mount_path: None, token_path: None })
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((m.kind(), m.mount()), (AuthKind::Kubernetes, "kubernetes"));
         assert!(matches!(&m, AuthMethod::Kubernetes { jwt_file, .. } if jwt_file == Path::new(DEFAULT_K8S_TOKEN_PATH)));
 
-        let doc = VaultAuthDoc {
-            app_role: Some(VaultAppRoleDoc {
-                mount_path: Some("/auth/ar/".into()),
-                role_id: "r".into(),
-                secret_id_ref: None,
-                secret_id_file: Some("/s".into()),
-            }),
-            ..Default::default()
+        let ar = VaultAuth::AppRole {
+            mount_path: Some("/auth/ar/".into()),
+            role_id: "r".into(),
+            secret_id_ref: None,
+            secret_id_file: Some("/s".into()),
         };
-        assert_eq!(AuthMethod::from_doc(&doc).map(|m| m.mount().to_string()).ok().as_deref(), Some("ar"));
+        assert_eq!(AuthMethod::from_spec(&ar).map(|m| m.mount().to_string()).ok().as_deref(), Some("ar"));
 
-        let doc = VaultAuthDoc {
-            token: Some(VaultTokenDoc { secret_ref: Some(Default::default()), token_file: None }),
-            ..Default::default()
-        };
-        let e = AuthMethod::from_doc(&doc).err().map(|e| e.to_string()).unwrap_or_default();
+        let token = VaultAuth::Token { secret_ref: Some(Default::default()), token_file: None };
+        let e = AuthMethod::from_spec(&token).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("spec.config.vault.auth.token") && e.contains("tokenFile"), "{e}");
     }
 

@@ -85,11 +85,12 @@ impl HttpClient {
         let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let tls = if https {
             let roots = load_roots(ca_file)?;
-            let mut config = rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("TLS configuration: {e}"))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let mut config = meshca_tls::client_config(
+                meshca_tls::ServerTrust::Store(roots),
+                meshca_tls::ClientAuth::None,
+                meshca_tls::Versions::Tls13And12,
+            )
+            .map_err(|e| format!("TLS configuration: {e}"))?;
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let name =
                 ServerName::try_from(host.clone()).map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;

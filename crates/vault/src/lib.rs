@@ -1,4 +1,4 @@
-//! meshca's Vault mode (RootTrustPolicy `spec.config.vault`, DESIGN.md §2): the root lives in
+//! meshca's Vault mode (RootTrustPolicy `spec.config.vault`; docs/architecture.md, "Root-of-trust modes"): the root lives in
 //! Vault, and beside each cluster's workload CA `meshca vault-agent` obtains the cluster
 //! intermediate from Vault's PKI engine and hands it over **in memory only**.
 //!
@@ -23,7 +23,7 @@ pub mod source;
 
 pub use auth::{AuthKind, AuthMethod, Secret, Session};
 pub use client::VaultClient;
-pub use source::{DeliveredConfig, Overrides, Settings, VaultSource};
+pub use source::{Overrides, Settings, VaultSource};
 
 /// Why something in Vault mode failed. No variant carries a token, secret ID or JWT: login
 /// failures name the auth method and its mount, and Vault's own messages are scrubbed of the

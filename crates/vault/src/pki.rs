@@ -349,7 +349,7 @@ pub async fn sign(
 ) -> Result<Signed, VaultError> {
     let body = json!({
         "csr": csr,
-        "common_name": "meshca intermediate",
+        "common_name": meshca_pki::profile::INTERMEDIATE_COMMON_NAME,
         "organization": want.organization,
         "locality": want.cluster,
         "uri_sans": format!("spiffe://{}", want.trust_domain),
@@ -389,7 +389,7 @@ pub async fn generate(
 ) -> Result<(PrivateKey, String), VaultError> {
     let (key_type, key_bits) = vault_key(want.key_algorithm);
     let body = json!({
-        "common_name": "meshca intermediate",
+        "common_name": meshca_pki::profile::INTERMEDIATE_COMMON_NAME,
         "organization": want.organization,
         "locality": want.cluster,
         "key_type": key_type,
@@ -441,7 +441,7 @@ mod tests {
 
     #[test]
     fn preflight_rules() {
-        let now = SystemTime::now();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
         let day = Duration::from_secs(86400);
         let root = issuer(KeyAlgorithm::EcdsaP256, 3650 * day, now);
         let pki = MountInfo { mount: "pki".into(), kind: "pki".into(), max_lease_ttl: 365 * day };

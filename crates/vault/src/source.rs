@@ -1,7 +1,8 @@
 //! [`VaultSource`]: cluster intermediates from Vault, for the agent's loop.
 //!
 //! The settings come from the policy's `vault` block, which the management plane delivers in
-//! `TrustState.vault_config_json` ([`DeliveredConfig`]); local [`Overrides`] (flags) win, for
+//! `TrustState.vault` (a `VaultConfig`, read back through the policy crate's own validation:
+//! [`meshca_policy::VaultDelivery::from_wire`]); local [`Overrides`] (flags) win, for
 //! development. On every request:
 //! 1. a token from the [`Session`] (logging in if needed);
 //! 2. the pre-flight checks ([`crate::pki::preflight`]);
@@ -18,28 +19,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use meshca_agent::AgentError;
-use meshca_agent::source::{IntermediateSource, Obtained, Request, csr_for};
+use meshca_agent::source::{IntermediateSource, KeyLocation, Obtained, Request, csr_for};
+use meshca_clock::SharedClock;
 use meshca_pki::{CaBundle, PrivateKey, RootSet};
-use meshca_policy::VaultDoc;
-use serde::{Deserialize, Serialize};
+use meshca_policy::VaultDelivery;
+use meshca_proto::mgmt::VaultConfig;
 
 use crate::VaultError;
 use crate::auth::{AuthMethod, Session};
 use crate::client::{DEFAULT_TIMEOUT, VaultClient};
 use crate::pki::{self, GeneratePath, SignPath, Want};
-
-/// What the management plane delivers in `TrustState.vault_config_json` in Vault mode.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeliveredConfig {
-    /// The mesh's trust domain (`spiffe://<td>` goes in the intermediate's URI SAN).
-    pub trust_domain: String,
-    /// `O=` of the intermediates.
-    #[serde(default)]
-    pub organization: String,
-    /// The policy's `spec.config.vault`, as written.
-    pub vault: VaultDoc,
-}
 
 /// Local settings that win over the delivered ones (`meshca vault-agent --vault-*` flags).
 #[derive(Debug, Clone, Default)]
@@ -86,17 +75,14 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Resolves the settings from the delivered JSON (may be empty) and the overrides.
-    pub fn resolve(delivered: &str, o: &Overrides) -> Result<Settings, VaultError> {
-        let delivered: Option<DeliveredConfig> = if delivered.trim().is_empty() {
-            None
-        } else {
-            Some(serde_json::from_str(delivered).map_err(|e| VaultError::Config {
-                field: "TrustState.vault_config_json".into(),
-                message: format!("the management plane sent Vault settings this agent cannot read: {e}"),
-            })?)
-        };
-        let doc = delivered.as_ref().map(|d| &d.vault);
+    /// Resolves the settings from what the management plane delivered (`None` outside Vault
+    /// mode) and the overrides.
+    pub fn resolve(delivered: Option<&VaultConfig>, o: &Overrides) -> Result<Settings, VaultError> {
+        let delivered = delivered.map(VaultDelivery::from_wire).transpose().map_err(|e| VaultError::Config {
+            field: e.field,
+            message: format!("from the management plane: {}", e.message),
+        })?;
+        let spec = delivered.as_ref().map(|d| &d.spec);
         let missing = |what: &str, flag: &str| VaultError::Config {
             field: format!("spec.config.vault.{what}"),
             message: format!(
@@ -107,41 +93,38 @@ impl Settings {
         let server = o
             .server
             .clone()
-            .or_else(|| doc.map(|d| d.server.clone()).filter(|s| !s.is_empty()))
+            .or_else(|| spec.map(|d| d.server.clone()))
             .ok_or_else(|| missing("server", "--vault-addr"))?;
         let ca_path = o
             .ca_path
             .clone()
-            .or_else(|| doc.map(|d| d.ca_path.clone()).filter(|s| !s.is_empty()))
+            .or_else(|| spec.map(|d| d.ca_path.clone()))
             .ok_or_else(|| missing("caPath", "--vault-ca-path"))?;
-        let csr_path = o.csr_path.clone().or_else(|| doc.and_then(|d| d.csr_path.clone())).filter(|s| !s.is_empty());
-        let auth = match (&o.auth, doc) {
+        let csr_path = o.csr_path.clone().or_else(|| spec.and_then(|d| d.csr_path.clone())).filter(|s| !s.is_empty());
+        let auth = match (&o.auth, spec) {
             (Some(a), _) => a.clone(),
-            (None, Some(d)) => AuthMethod::from_doc(&d.auth)?,
+            (None, Some(d)) => AuthMethod::from_spec(&d.auth)?,
             (None, None) => {
                 return Err(missing("auth", "a --vault-token-file / --vault-approle-* / --vault-k8s-* flag"));
             }
         };
         Ok(Settings {
             server,
-            ca_file: o
-                .ca_file
-                .clone()
-                .or_else(|| doc.and_then(|d| d.tls.as_ref()?.ca_file.as_ref().map(PathBuf::from))),
-            namespace: o.namespace.clone().or_else(|| doc.and_then(|d| d.namespace.clone())),
+            ca_file: o.ca_file.clone().or_else(|| spec.and_then(|d| d.tls_ca_file.as_ref().map(PathBuf::from))),
+            namespace: o.namespace.clone().or_else(|| spec.and_then(|d| d.namespace.clone())),
             sign: SignPath::parse(&ca_path)?,
             generate: csr_path.as_deref().map(GeneratePath::parse).transpose()?,
             auth,
             trust_domain: delivered
                 .as_ref()
-                .map(|d| d.trust_domain.clone())
+                .map(|d| d.trust_domain.to_string())
                 .or_else(|| o.trust_domain.clone())
-                .unwrap_or_else(|| "cluster.local".into()),
+                .unwrap_or_else(|| meshca_policy::defaults::TRUST_DOMAIN.into()),
             organization: delivered
                 .as_ref()
                 .map(|d| d.organization.clone())
                 .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "meshca".into()),
+                .unwrap_or_else(|| meshca_policy::defaults::ORGANIZATION.into()),
             timeout: o.timeout.unwrap_or(DEFAULT_TIMEOUT),
         })
     }
@@ -157,14 +140,15 @@ struct Active {
 /// The agent's source of intermediates in Vault mode. The key is reported as `memory`.
 pub struct VaultSource {
     overrides: Overrides,
+    clock: SharedClock,
     /// Replaced when the settings change (a new policy); never held across an await.
     active: Mutex<Option<Arc<Active>>>,
 }
 
 impl VaultSource {
-    /// A source with these local overrides.
-    pub fn new(overrides: Overrides) -> Self {
-        VaultSource { overrides, active: Mutex::new(None) }
+    /// A source with these local overrides, on `clock`.
+    pub fn new(overrides: Overrides, clock: SharedClock) -> Self {
+        VaultSource { overrides, clock, active: Mutex::new(None) }
     }
 
     fn active_for(&self, settings: Settings) -> Result<Arc<Active>, VaultError> {
@@ -178,7 +162,7 @@ impl VaultSource {
             settings.namespace.as_deref(),
             settings.timeout,
         )?);
-        let session = Session::start(client.clone(), settings.auth.clone());
+        let session = Session::start(client.clone(), settings.auth.clone(), self.clock.clone());
         tracing::info!(
             server = %settings.server,
             ca_path = %settings.sign.path,
@@ -195,7 +179,7 @@ impl VaultSource {
     /// Obtains an intermediate, with one fresh login if Vault refuses the token.
     pub async fn obtain_intermediate(
         &self,
-        delivered: &str,
+        delivered: Option<&VaultConfig>,
         want_cluster: &str,
         ttl: Duration,
         key_algorithm: meshca_pki::KeyAlgorithm,
@@ -213,7 +197,7 @@ impl VaultSource {
         let mut retried = false;
         loop {
             let (generation, token) = active.session.token().await?;
-            match once(&active, &token, &want).await {
+            match once(&active, &token, &want, self.clock.now()).await {
                 Err(e) if e.is_token_refused() && !retried => {
                     tracing::warn!(error = %e, "Vault refused the token; logging in afresh and retrying once");
                     active.session.refused(generation).await;
@@ -225,15 +209,15 @@ impl VaultSource {
     }
 }
 
-async fn once(active: &Active, token: &crate::Secret, want: &Want) -> Result<Obtained, VaultError> {
+async fn once(active: &Active, token: &crate::Secret, want: &Want, now: SystemTime) -> Result<Obtained, VaultError> {
     let s = &active.settings;
     let client = active.client.as_ref();
-    let issuer = pki::preflight(client, token, &s.sign, s.generate.as_ref(), want, SystemTime::now()).await?;
+    let issuer = pki::preflight(client, token, &s.sign, s.generate.as_ref(), want, now).await?;
     let (key, csr) = match &s.generate {
         None => {
             let key = PrivateKey::generate(want.key_algorithm)
                 .map_err(|e| VaultError::Config { field: "keyAlgorithm".into(), message: e.to_string() })?;
-            let csr = csr_for(&key, &want.cluster)
+            let csr = csr_for(&key, &want.organization, &want.cluster)
                 .map_err(|e| VaultError::Config { field: "csr".into(), message: e.to_string() })?;
             (key, csr)
         }
@@ -260,33 +244,54 @@ async fn once(active: &Active, token: &crate::Secret, want: &Want) -> Result<Obt
 
 #[async_trait::async_trait]
 impl IntermediateSource for VaultSource {
-    fn key_location(&self) -> &'static str {
-        "memory"
+    fn key_location(&self) -> KeyLocation {
+        KeyLocation::Memory
     }
 
     async fn obtain(&self, req: Request<'_>) -> Result<Obtained, AgentError> {
         let ttl = match req.trust.intermediate_ttl_seconds {
-            s if s > 0 => Duration::from_secs(s as u64),
-            _ => Duration::from_secs(720 * 3600),
+            s if s > 0 => Duration::from_secs(s.unsigned_abs()),
+            _ => meshca_policy::defaults::INTERMEDIATE_TTL,
         };
-        self.obtain_intermediate(&req.trust.vault_config_json, req.cluster, ttl, req.key_algorithm)
+        self.obtain_intermediate(req.trust.vault.as_ref(), req.cluster, ttl, req.key_algorithm)
             .await
-            .map_err(|e| AgentError::Upstream(e.to_string()))
+            .map_err(|e| AgentError::Upstream(Box::new(e)))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use meshca_pki::TrustDomain;
+    use meshca_policy::{VaultAuth, VaultSpec};
+
     use super::*;
 
-    const DELIVERED: &str = r#"{"trustDomain":"mesh.example","organization":"acme","vault":{
-        "server":"https://vault:8200","caPath":"pki/root/sign-intermediate","csrPath":null,"namespace":null,
-        "tls":{"caFile":"/etc/vault/ca.pem"},
-        "auth":{"token":null,"appRole":{"mountPath":null,"roleId":"r","secretIdRef":null,"secretIdFile":"/s"},"kubernetes":null}}}"#;
+    fn delivered(auth: VaultAuth) -> VaultConfig {
+        VaultDelivery {
+            trust_domain: TrustDomain::new("mesh.example").unwrap_or_else(|e| panic!("{e}")),
+            organization: "acme".into(),
+            spec: VaultSpec {
+                server: "https://vault:8200".into(),
+                ca_path: "pki/root/sign-intermediate".into(),
+                csr_path: None,
+                namespace: None,
+                tls_ca_file: Some("/etc/vault/ca.pem".into()),
+                auth,
+            },
+        }
+        .to_wire()
+    }
 
     #[test]
     fn settings_from_the_policy_and_the_flags() {
-        let s = Settings::resolve(DELIVERED, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
+        let approle = VaultAuth::AppRole {
+            mount_path: None,
+            role_id: "r".into(),
+            secret_id_ref: None,
+            secret_id_file: Some("/s".into()),
+        };
+        let d = delivered(approle);
+        let s = Settings::resolve(Some(&d), &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             (s.server.as_str(), s.trust_domain.as_str(), s.organization.as_str()),
             ("https://vault:8200", "mesh.example", "acme")
@@ -300,25 +305,21 @@ mod tests {
             csr_path: Some("pki_int/intermediate/generate/exported".into()),
             ..Default::default()
         };
-        let s = Settings::resolve(DELIVERED, &o).unwrap_or_else(|e| panic!("{e}"));
+        let s = Settings::resolve(Some(&d), &o).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.server, "http://127.0.0.1:8200");
         assert_eq!(s.generate.map(|g| g.mount), Some("pki_int".to_string()));
 
-        let e = Settings::resolve("", &Overrides::default()).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = Settings::resolve(None, &Overrides::default()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("not in Vault mode") && e.contains("--vault-addr"), "{e}");
     }
 
     #[test]
-    fn the_management_planes_json_reads_back() {
-        // The shape crates/mgmt/src/service.rs sends.
-        let doc: VaultDoc = serde_json::from_str(
-            r#"{"server":"http://v:8200","caPath":"pki/root/sign-intermediate",
-            "auth":{"token":{"tokenFile":"/t"}}}"#,
-        )
-        .unwrap_or_default();
-        let json =
-            serde_json::json!({ "trustDomain": "cluster.local", "organization": "meshca", "vault": doc }).to_string();
-        let s = Settings::resolve(&json, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
+    fn a_vault_block_the_policy_would_refuse_is_refused_on_arrival() {
+        let mut d = delivered(VaultAuth::Token { secret_ref: None, token_file: Some("/t".into()) });
+        let s = Settings::resolve(Some(&d), &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.auth, AuthMethod::Token { token_file: "/t".into() });
+        d.ca_path.clear();
+        let e = Settings::resolve(Some(&d), &Overrides::default()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.starts_with("spec.config.vault.caPath") && e.contains("from the management plane"), "{e}");
     }
 }

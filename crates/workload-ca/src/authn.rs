@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
+
+use meshca_clock::{SharedClock, from_unix, unix};
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -97,8 +99,35 @@ struct K8sName {
 struct Claims {
     sub: String,
     exp: u64,
+    nbf: Option<u64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<K8sClaim>,
+}
+
+/// The latest time a token may name (9999-12-31T23:59:59Z). A numeric claim past it is refused
+/// as malformed rather than carried into time arithmetic.
+pub const MAX_CLAIM_TIME: u64 = 253_402_300_799;
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 30;
+
+/// Checks a token's `exp` and `nbf` against `now`, every value range-checked first.
+pub fn check_times(exp: u64, nbf: Option<u64>, now: SystemTime) -> Result<SystemTime, AuthError> {
+    for (name, v) in [("exp", Some(exp)), ("nbf", nbf)] {
+        if let Some(v) = v
+            && v > MAX_CLAIM_TIME
+        {
+            return Err(AuthError::Rejected(format!("the {name} claim {v} is out of range")));
+        }
+    }
+    let now = u64::try_from(unix(now)).unwrap_or(0);
+    if exp.saturating_add(LEEWAY_SECS) <= now {
+        return Err(AuthError::Rejected("expired".into()));
+    }
+    if nbf.is_some_and(|n| n > now.saturating_add(LEEWAY_SECS)) {
+        return Err(AuthError::Rejected("not valid yet (nbf)".into()));
+    }
+    Ok(from_unix(i64::try_from(exp).unwrap_or(i64::MAX)))
 }
 
 struct Key {
@@ -113,6 +142,7 @@ pub struct JwtAuthenticator {
     issuer: String,
     audience: String,
     keys: Vec<Key>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
@@ -143,7 +173,17 @@ impl JwtAuthenticator {
         if keys.is_empty() {
             return Err(AuthError::Unavailable("the JWKS holds no usable EC or RSA key".into()));
         }
-        Ok(JwtAuthenticator { issuer: issuer.to_string(), audience: audience.to_string(), keys })
+        Ok(JwtAuthenticator {
+            issuer: issuer.to_string(),
+            audience: audience.to_string(),
+            keys,
+            clock: meshca_clock::system(),
+        })
+    }
+
+    /// The same verifier, checking expiry against `clock`.
+    pub fn with_clock(self, clock: SharedClock) -> Self {
+        JwtAuthenticator { clock, ..self }
     }
 
     fn verify(&self, token: &str) -> Result<Authenticated, AuthError> {
@@ -164,8 +204,10 @@ impl JwtAuthenticator {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.leeway = 30;
+        // Times are checked below against the injected clock, after a range check: jsonwebtoken
+        // would read the system clock itself.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         let mut last = None;
         for k in candidates {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
@@ -177,7 +219,8 @@ impl JwtAuthenticator {
                     {
                         return Err(AuthError::Rejected("the kubernetes.io claim disagrees with the subject".into()));
                     }
-                    return Ok(Authenticated { caller, expires_at: UNIX_EPOCH + Duration::from_secs(c.exp) });
+                    let expires_at = check_times(c.exp, c.nbf, self.clock.now())?;
+                    return Ok(Authenticated { caller, expires_at });
                 }
                 Err(e) => last = Some(e),
             }
@@ -213,12 +256,18 @@ pub struct CachingAuthenticator<A> {
     inner: A,
     max_entries: usize,
     cache: Mutex<HashMap<[u8; 32], Authenticated>>,
+    clock: SharedClock,
 }
 
 impl<A> CachingAuthenticator<A> {
     /// Wraps `inner`, keeping at most `max_entries` identities.
     pub fn new(inner: A, max_entries: usize) -> Self {
-        CachingAuthenticator { inner, max_entries, cache: Mutex::new(HashMap::new()) }
+        CachingAuthenticator { inner, max_entries, cache: Mutex::new(HashMap::new()), clock: meshca_clock::system() }
+    }
+
+    /// The same cache, expiring entries on `clock`.
+    pub fn with_clock(self, clock: SharedClock) -> Self {
+        CachingAuthenticator { clock, ..self }
     }
 }
 
@@ -236,7 +285,7 @@ fn token_key(token: &str, cluster_id: Option<&str>) -> [u8; 32] {
 impl<A: Authenticator> Authenticator for CachingAuthenticator<A> {
     async fn authenticate(&self, token: &str, cluster_id: Option<&str>) -> Result<Authenticated, AuthError> {
         let key = token_key(token, cluster_id);
-        let now = SystemTime::now();
+        let now = self.clock.now();
         if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && hit.expires_at > now
         {
@@ -260,8 +309,17 @@ mod tests {
     use super::*;
     use crate::idp::DemoIdp;
 
+    use std::time::Duration;
+
+    use meshca_clock::{Clock as _, ManualClock};
+
+    /// Tokens are minted and checked on one manual clock.
+    fn clock() -> ManualClock {
+        ManualClock::at_2026()
+    }
+
     fn now() -> SystemTime {
-        SystemTime::now()
+        clock().now()
     }
 
     #[test]
@@ -288,8 +346,9 @@ mod tests {
     #[tokio::test]
     async fn jwts_are_checked_for_key_issuer_audience_and_time() {
         let idp = DemoIdp::generate("https://idp.example").expect("idp");
-        let auth =
-            JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE).expect("jwks");
+        let auth = JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+            .expect("jwks")
+            .with_clock(clock().shared());
         let ok = idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
         let a = auth.authenticate(&ok, None).await.expect("valid");
         assert_eq!(a.caller, Caller { namespace: "default".into(), service_account: "sleep".into() });
@@ -322,7 +381,9 @@ mod tests {
     async fn the_cache_returns_the_same_identity_and_never_caches_failures() {
         let idp = DemoIdp::generate("https://idp.example").expect("idp");
         let auth = CachingAuthenticator::new(
-            JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE).expect("jwks"),
+            JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+                .expect("jwks")
+                .with_clock(clock().shared()),
             2,
         );
         let t = idp.mint("ns", "sa", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
@@ -330,5 +391,53 @@ mod tests {
         assert_eq!(auth.authenticate(&t, None).await.expect("cached"), a);
         assert!(auth.authenticate("garbage", None).await.is_err());
         assert!(auth.authenticate("garbage", None).await.is_err());
+    }
+
+    #[test]
+    fn token_times_are_range_checked_and_compared_with_leeway() {
+        let t = meshca_clock::unix(now()) as u64;
+        assert!(check_times(t + 60, None, now()).is_ok());
+        assert_eq!(check_times(t - 31, None, now()), Err(AuthError::Rejected("expired".into())));
+        assert!(check_times(t - 29, None, now()).is_ok(), "30 s of skew tolerated");
+        assert_eq!(check_times(t + 600, Some(t + 31), now()), Err(AuthError::Rejected("not valid yet (nbf)".into())));
+        for huge in [1u64 << 63, u64::MAX, MAX_CLAIM_TIME + 1] {
+            let e = check_times(huge, None, now()).expect_err("out of range");
+            assert!(
+                matches!(&e, AuthError::Rejected(m) if m.contains("exp claim") && m.contains("out of range")),
+                "{e}"
+            );
+            assert!(check_times(t + 60, Some(huge), now()).is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_with_a_huge_expiry_is_refused_not_a_panic() {
+        let idp = DemoIdp::generate("https://idp.example").expect("idp");
+        let auth = JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+            .expect("jwks")
+            .with_clock(clock().shared());
+        // 2^63 seconds: far past any SystemTime the platform can add.
+        let huge = idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(1 << 63), now()).expect("mint");
+        let e = auth.authenticate(&huge, None).await.expect_err("refused");
+        assert!(matches!(&e, AuthError::Rejected(m) if m.contains("out of range")), "{e}");
+    }
+
+    #[tokio::test]
+    async fn cached_identities_expire_with_their_token_on_the_clock() {
+        let clock = clock();
+        let idp = DemoIdp::generate("https://idp.example").expect("idp");
+        let auth = CachingAuthenticator::new(
+            JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+                .expect("jwks")
+                .with_clock(clock.shared()),
+            8,
+        )
+        .with_clock(clock.shared());
+        let t = idp.mint("ns", "sa", ISTIO_CA_AUDIENCE, Duration::from_secs(60), clock.now()).expect("mint");
+        assert!(auth.authenticate(&t, None).await.is_ok());
+        clock.advance(Duration::from_secs(59));
+        assert!(auth.authenticate(&t, None).await.is_ok(), "cached and still valid");
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(auth.authenticate(&t, None).await, Err(AuthError::Rejected("expired".into())));
     }
 }

@@ -4,15 +4,19 @@
 //! agent's memory-backed folder — and polled. A new bundle is validated exactly as istiod does
 //! (and must keep the root set a subset or superset of the current one) before it replaces the
 //! current one; requests in flight finish with the bundle they started with. An invalid bundle is
-//! refused loudly and the last good one stays in service.
+//! refused loudly and the last good one stays in service. A directory that cannot be *read*
+//! (out of file descriptors, permissions) is reported as exactly that — never mistaken for a
+//! missing bundle — and the last good bundle stays in service too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use meshca_clock::{SharedClock, unix};
 use meshca_pki::bundle::{self, BundleFiles, CaBundle};
 use meshca_pki::chain::rfc3339;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -48,16 +52,54 @@ fn digest(files: &BundleFiles) -> [u8; 32] {
     out
 }
 
-/// Reads the four files from `dir` (missing ones read as empty, which validation names).
-pub fn read_dir(dir: &Path) -> BundleFiles {
-    BundleFiles::from_lookup(|name| std::fs::read(dir.join(name)).ok())
+/// A `cacerts` file that exists but cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {path}: {source}")]
+pub struct ReadError {
+    /// The file.
+    pub path: String,
+    /// Why (e.g. "Too many open files").
+    #[source]
+    pub source: std::io::Error,
 }
 
-/// A refused bundle being tracked by [`CaHolder::poll`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pending {
-    digest: [u8; 32],
-    reported: bool,
+/// Reads the four `cacerts` files from `dir`, the way istiod reads a mounted Secret: through the
+/// `..data` symlinks. A missing file reads as empty (bundle validation then names it); any other
+/// failure is an error, so that running out of file descriptors is not taken for a missing file.
+pub fn read_cacerts_dir(dir: &Path) -> Result<BundleFiles, ReadError> {
+    let mut failure = None;
+    let files = BundleFiles::from_lookup(|name| {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                failure.get_or_insert(ReadError { path: path.display().to_string(), source });
+                None
+            }
+        }
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(files),
+    }
+}
+
+/// A refused (or unreadable) bundle being tracked by [`CaHolder::poll`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// Bad content with this digest, reported once it was seen twice.
+    Refused {
+        /// Its digest.
+        digest: [u8; 32],
+        /// Whether it was reported.
+        reported: bool,
+    },
+    /// The directory could not be read; reported once until it reads again.
+    Unreadable {
+        /// The error, as reported.
+        error: String,
+    },
 }
 
 /// The CA in service, shared by request handlers.
@@ -65,26 +107,34 @@ pub struct CaHolder {
     current: ArcSwap<CaState>,
     dir: PathBuf,
     metrics: Arc<Metrics>,
+    clock: SharedClock,
 }
 
 /// Why the initial load failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{dir}: {reason}")]
-pub struct LoadError {
-    /// The directory.
-    pub dir: String,
-    /// Why.
-    pub reason: String,
+pub enum LoadError {
+    /// The files could not be read.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The bundle is not one istiod would accept.
+    #[error("{dir}: {source}")]
+    Invalid {
+        /// The directory.
+        dir: String,
+        /// Why.
+        #[source]
+        source: meshca_pki::BundleError,
+    },
 }
 
 impl CaHolder {
-    /// Loads and validates the bundle in `dir`.
-    pub fn load(dir: &Path, metrics: Arc<Metrics>) -> Result<Arc<Self>, LoadError> {
-        let files = read_dir(dir);
-        let bundle = CaBundle::validate(&files, SystemTime::now())
-            .map_err(|e| LoadError { dir: dir.display().to_string(), reason: e.to_string() })?;
+    /// Loads and validates the bundle in `dir`, at the clock's time.
+    pub fn load(dir: &Path, metrics: Arc<Metrics>, clock: SharedClock) -> Result<Arc<Self>, LoadError> {
+        let files = read_cacerts_dir(dir)?;
+        let bundle = CaBundle::validate(&files, clock.now())
+            .map_err(|source| LoadError::Invalid { dir: dir.display().to_string(), source })?;
         let state = CaState::new(bundle, digest(&files));
-        let holder = Arc::new(CaHolder { current: ArcSwap::new(state), dir: dir.to_path_buf(), metrics });
+        let holder = Arc::new(CaHolder { current: ArcSwap::new(state), dir: dir.to_path_buf(), metrics, clock });
         holder.publish_gauges();
         Ok(holder)
     }
@@ -94,12 +144,15 @@ impl CaHolder {
         self.current.load_full()
     }
 
+    /// The clock the CA runs on.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
     fn publish_gauges(&self) {
         let st = self.current.load();
-        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
         self.metrics.root_expiry.set(unix(st.bundle.roots().earliest_expiry()));
-        let chain_end =
-            st.bundle.signer().chain().iter().map(|c| c.not_after()).min().unwrap_or(SystemTime::UNIX_EPOCH);
+        let chain_end = st.bundle.signer().chain().iter().map(|c| c.not_after()).min().unwrap_or(std::time::UNIX_EPOCH);
         self.metrics.chain_expiry.set(unix(chain_end));
     }
 
@@ -108,13 +161,28 @@ impl CaHolder {
     /// by file) is not reported until the same bad content is seen twice, and a bad bundle is
     /// reported once, not on every poll.
     pub fn poll(&self, pending: &mut Option<Pending>) -> bool {
-        let files = read_dir(&self.dir);
+        let files = match read_cacerts_dir(&self.dir) {
+            Ok(f) => f,
+            Err(e) => {
+                let error = e.to_string();
+                if !matches!(pending, Some(Pending::Unreadable { error: seen }) if *seen == error) {
+                    tracing::error!(
+                        %error,
+                        serving = %self.current.load().bundle.ca_cert().serial_hex(),
+                        "cannot read the cacerts directory; the last good bundle stays in service"
+                    );
+                    self.metrics.reload_failures.inc();
+                    *pending = Some(Pending::Unreadable { error });
+                }
+                return false;
+            }
+        };
         let d = digest(&files);
         if d == self.current.load().digest {
             *pending = None;
             return false;
         }
-        let result = CaBundle::validate(&files, SystemTime::now()).map_err(|e| e.to_string()).and_then(|b| {
+        let result = CaBundle::validate(&files, self.clock.now()).map_err(|e| e.to_string()).and_then(|b| {
             bundle::check_root_transition(self.current.load().bundle.roots(), b.roots()).map_err(|e| e.to_string())?;
             Ok(b)
         });
@@ -136,8 +204,8 @@ impl CaHolder {
             }
             Err(reason) => {
                 match pending {
-                    Some(p) if p.digest == d => {
-                        if !p.reported {
+                    Some(Pending::Refused { digest, reported }) if *digest == d => {
+                        if !*reported {
                             tracing::error!(
                                 dir = %self.dir.display(),
                                 %reason,
@@ -145,25 +213,28 @@ impl CaHolder {
                                 "REFUSED a new cacerts bundle; the last good one stays in service"
                             );
                             self.metrics.reload_failures.inc();
-                            p.reported = true;
+                            *reported = true;
                         }
                     }
-                    _ => *pending = Some(Pending { digest: d, reported: false }),
+                    _ => *pending = Some(Pending::Refused { digest: d, reported: false }),
                 }
                 false
             }
         }
     }
 
-    /// Polls forever, calling `on_reload` after each swap.
-    pub async fn watch(self: Arc<Self>, on_reload: impl Fn(&CaState) + Send + 'static) {
+    /// Polls until `cancel` fires, calling `on_reload` after each swap.
+    pub async fn watch(self: Arc<Self>, on_reload: impl Fn(&CaState) + Send + 'static, cancel: CancellationToken) {
         let mut pending = None;
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
             let me = self.clone();
-            let mut p = pending;
+            let mut p = pending.clone();
             let (swapped, p) = match tokio::task::spawn_blocking(move || {
                 let s = me.poll(&mut p);
                 (s, p)

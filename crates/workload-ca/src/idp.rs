@@ -113,7 +113,7 @@ impl DemoIdp {
             aud: vec![aud],
             iat: t,
             nbf: t,
-            exp: t + ttl.as_secs(),
+            exp: t.saturating_add(ttl.as_secs()),
             kubernetes: K8s { namespace, serviceaccount: Name { name: service_account } },
         };
         let mut header = Header::new(Algorithm::ES256);

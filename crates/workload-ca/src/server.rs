@@ -1,11 +1,18 @@
 //! `meshca workload-ca`: Istio's CA API over TLS, with a serving certificate issued from the
 //! cluster intermediate (so a stock Istio client trusting `root-cert.pem` can call it), and
 //! Prometheus metrics on a separate, token-protected HTTP port.
+//!
+//! The reload watcher, the serving certificate's renewal and the metrics endpoint run in one
+//! `JoinSet` under one cancellation token, and end with the server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use meshca_clock::SharedClock;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -44,6 +51,8 @@ pub struct Options {
     pub ttl: TtlPolicy,
     /// Requests per second before RESOURCE_EXHAUSTED (0: unlimited).
     pub max_per_second: u32,
+    /// The time.
+    pub clock: SharedClock,
 }
 
 /// Failures that stop the workload CA.
@@ -61,7 +70,11 @@ pub enum ServeError {
 }
 
 /// Issues the serving certificate from the CA in service.
-fn serving_identity(state: &CaState, td: &TrustDomain) -> Result<Arc<rustls::sign::CertifiedKey>, ServeError> {
+fn serving_identity(
+    state: &CaState,
+    td: &TrustDomain,
+    now: SystemTime,
+) -> Result<Arc<rustls::sign::CertifiedKey>, ServeError> {
     let signer = state.bundle.signer();
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| ServeError::Io(e.to_string()))?;
     let id = SpiffeId::workload(td, "istio-system", "istiod").map_err(|e| ServeError::Io(e.to_string()))?;
@@ -71,7 +84,7 @@ fn serving_identity(state: &CaState, td: &TrustDomain) -> Result<Arc<rustls::sig
         ttl: Duration::from_secs(24 * 3600),
     };
     let leaf = signer
-        .sign_leaf(key.public_key_spki(), &params, SystemTime::now())
+        .sign_leaf(key.public_key_spki(), &params, now)
         .and_then(|i| i.parse().map_err(meshca_pki::IssueError::from))
         .map_err(|e| ServeError::Io(format!("serving certificate: {e}")))?;
     // Send the intermediates, not the root: clients have it.
@@ -102,6 +115,9 @@ async fn metrics_handler(
     (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)], s.metrics.render())
 }
 
+/// How often the serving certificate is re-issued (it lives 24 h).
+const SERVING_RENEWAL: Duration = Duration::from_secs(12 * 3600);
+
 /// Runs until `shutdown`. `on_bound` gets the gRPC and metrics addresses.
 pub async fn serve(
     opts: Options,
@@ -110,24 +126,56 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     meshca_tls::provider::install();
-    let holder = CaHolder::load(&opts.cacerts_dir, metrics.clone())?;
-    let serving = SwappableCert::new(serving_identity(&holder.current(), &opts.trust_domain)?);
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let result = run(opts, metrics, on_bound, shutdown, &cancel, &mut tasks).await;
+    cancel.cancel();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "a workload-CA task panicked");
+        }
+    }
+    result
+}
+
+async fn run(
+    opts: Options,
+    metrics: Arc<Metrics>,
+    on_bound: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), ServeError> {
+    let clock = opts.clock.clone();
+    let holder = CaHolder::load(&opts.cacerts_dir, metrics.clone(), clock.clone())?;
+    let serving = SwappableCert::new(serving_identity(&holder.current(), &opts.trust_domain, clock.now())?);
 
     // Reload: new bundle -> new serving certificate; and renew the serving certificate at half life.
     {
         let on_reload = serving.clone();
         let td = opts.trust_domain.clone();
-        tokio::spawn(holder.clone().watch(move |state| match serving_identity(state, &td) {
-            Ok(ck) => on_reload.swap(ck),
-            Err(e) => tracing::error!(error = %e, "re-issuing the serving certificate failed"),
-        }));
+        let reload_clock = clock.clone();
+        tasks.spawn(holder.clone().watch(
+            move |state| match serving_identity(state, &td, reload_clock.now()) {
+                Ok(ck) => on_reload.swap(ck),
+                Err(e) => tracing::error!(error = %e, "re-issuing the serving certificate failed"),
+            },
+            cancel.child_token(),
+        ));
         let serving = serving.clone();
         let holder = holder.clone();
         let td = opts.trust_domain.clone();
-        tokio::spawn(async move {
+        let clock = clock.clone();
+        let stop = cancel.child_token();
+        tasks.spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
-                match serving_identity(&holder.current(), &td) {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = clock.sleep(SERVING_RENEWAL) => {}
+                }
+                match serving_identity(&holder.current(), &td, clock.now()) {
                     Ok(ck) => serving.swap(ck),
                     Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
                 }
@@ -145,31 +193,30 @@ pub async fn serve(
         TcpListener::bind(opts.listen).await.map_err(|e| ServeError::Io(format!("binding {}: {e}", opts.listen)))?;
     let addr = listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut metrics_addr = None;
     if let Some(m) = opts.metrics_listen {
         let l = TcpListener::bind(m).await.map_err(|e| ServeError::Io(format!("binding {m}: {e}")))?;
         metrics_addr = Some(l.local_addr().map_err(|e| ServeError::Io(e.to_string()))?);
         let state = MetricsState { metrics: metrics.clone(), token: opts.metrics_token.map(Arc::new) };
         let app = axum::Router::new().route("/metrics", get(metrics_handler)).with_state(state);
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(l, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
+        let stop = cancel.child_token();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the metrics endpoint failed");
+            }
         });
     }
     tracing::info!(%addr, metrics = ?metrics_addr, cacerts = %opts.cacerts_dir.display(), "workload CA listening");
     on_bound(addr, metrics_addr);
 
     let service = WorkloadCa::new(holder, opts.auth, opts.trust_domain, opts.ttl, metrics, opts.max_per_second);
-    let result = tonic::transport::Server::builder()
+    let token = cancel.clone();
+    tonic::transport::Server::builder()
         .add_service(IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), shutdown)
+        .serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), async move {
+            shutdown.await;
+            token.cancel();
+        })
         .await
-        .map_err(|e| ServeError::Io(format!("gRPC server: {e}")));
-    let _ = stop_tx.send(true);
-    result
+        .map_err(|e| ServeError::Io(format!("gRPC server: {e}")))
 }

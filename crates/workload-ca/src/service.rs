@@ -3,7 +3,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use meshca_pki::{CsrPolicy, LeafParams, SpiffeId, TrustDomain, verify_csr};
@@ -120,7 +120,7 @@ impl WorkloadCa {
         let issued = state
             .bundle
             .signer()
-            .sign_leaf(csr.public_key_spki(), &LeafParams::workload(id.clone(), ttl), SystemTime::now())
+            .sign_leaf(csr.public_key_spki(), &LeafParams::workload(id.clone(), ttl), self.ca.clock().now())
             .map_err(|e| {
                 self.metrics.sign_errors.inc();
                 tracing::error!(error = %e, %id, "signing failed");

@@ -1,6 +1,6 @@
 //! `register-load`: registers N simulated clusters against one `meshca server` and issues their
 //! intermediates, the way `meshca agent` does on its first start, and reports the rates and
-//! latencies (DESIGN.md §3.5; docs/benchmarks.md; `scripts/bench-register.sh` runs it).
+//! latencies (docs/architecture.md, "Data flows"; docs/benchmarks.md; `scripts/bench-register.sh` runs it).
 //!
 //! Phase 1 (timed on its own): N bootstrap tokens through the operator API, as
 //! `meshca cluster add` makes them.
@@ -23,8 +23,7 @@ use futures::StreamExt;
 use meshca_agent::identity::{AgentIdentity, client_config};
 use meshca_bench::{Latencies, cpu_times, io_counter, ms, status_kb};
 use meshca_mgmt::server::creds;
-use meshca_pki::name::NameAttr;
-use meshca_pki::{BundleFiles, CaBundle, KeyAlgorithm, PrivateKey, RootSet, build_csr};
+use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
 use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::registration_client::RegistrationClient;
@@ -160,10 +159,12 @@ async fn agent(ctx: &Ctx, cluster: &str, token: String) -> Result<Sample, Failur
         if !state.enrolled {
             return Err(Failure { step: "watch-trust", error: format!("{cluster} is not enrolled") });
         }
-        if state.key_algorithm != ctx.alg.as_str() {
+        let wanted = meshca_policy::key_algorithm_from_wire(state.key_algorithm)
+            .map_err(|e| Failure { step: "watch-trust", error: e.to_string() })?;
+        if wanted != ctx.alg {
             return Err(Failure {
                 step: "watch-trust",
-                error: format!("the policy wants {} intermediates, not {}", state.key_algorithm, ctx.alg.as_str()),
+                error: format!("the policy wants {wanted} intermediates, not {}", ctx.alg.as_str()),
             });
         }
         // Kept open until the intermediate is in hand, as the agent keeps it open.
@@ -172,34 +173,22 @@ async fn agent(ctx: &Ctx, cluster: &str, token: String) -> Result<Sample, Failur
 
     // The cluster intermediate: a fresh key and a CSR shaped like the agent's.
     let key = PrivateKey::generate(ctx.alg).map_err(fail("intermediate key"))?;
-    let csr = build_csr(
-        &key,
-        &[
-            (NameAttr::Organization, "meshca"),
-            (NameAttr::CommonName, "meshca intermediate"),
-            (NameAttr::Locality, cluster),
-        ],
-    )
-    .map_err(fail("intermediate CSR"))?;
+    let csr = meshca_agent::source::csr_for(&key, meshca_policy::defaults::ORGANIZATION, cluster)
+        .map_err(fail("intermediate CSR"))?;
     let t = Instant::now();
     let resp = issuer
-        .issue_intermediate(IssueIntermediateRequest { csr, reason: "initial".into() })
+        .issue_intermediate(IssueIntermediateRequest { csr, reason: meshca_proto::IssueReason::Initial as i32 })
         .await
         .map_err(status_fail("issue"))?
         .into_inner();
     let issue = t.elapsed();
 
     // Exactly the checks the agent makes before writing cacerts.
-    let mut chain_pem = resp.certificate.clone();
-    for c in &resp.chain {
-        chain_pem.push_str(c);
-    }
-    let files = BundleFiles {
-        ca_cert: resp.certificate.into_bytes(),
-        ca_key: key.to_pkcs8_pem().as_bytes().to_vec().into(),
-        cert_chain: chain_pem.into_bytes(),
-        root_cert: resp.root_set.into_bytes(),
-    };
+    let cert = Cert::from_pem(resp.certificate.as_bytes()).map_err(fail("certificate"))?;
+    let chain: Vec<Cert> =
+        resp.chain.iter().map(|p| Cert::from_pem(p.as_bytes())).collect::<Result<_, _>>().map_err(fail("chain"))?;
+    let roots = RootSet::from_pem(resp.root_set.as_bytes()).map_err(fail("root set"))?;
+    let files = CaBundle::assemble(&key, &cert, &chain, &roots);
     let bundle = CaBundle::validate(&files, SystemTime::now()).map_err(fail("validate"))?;
     let ca = bundle.ca_cert();
     if ca.serial_hex() != resp.serial {

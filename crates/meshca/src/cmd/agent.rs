@@ -82,11 +82,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = args.enrollment.options()?;
     opts.adopt_existing = args.adopt_existing;
     opts.backoff_max = args.max_backoff.0;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        super::ctrl_c().await;
-        let _ = tx.send(true);
-    });
-    meshca_agent::run(store, opts, rx).await?;
+    meshca_agent::run(store, opts, super::shutdown_token()).await?;
     Ok(())
 }

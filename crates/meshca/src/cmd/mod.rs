@@ -22,20 +22,7 @@ use meshca_pki::bundle::BundleFiles;
 /// validation reports by name.
 pub fn read_bundle_dir(dir: &Path) -> anyhow::Result<BundleFiles> {
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
-    let mut err = None;
-    let files = BundleFiles::from_lookup(|name| match std::fs::read(dir.join(name)) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            err.get_or_insert(anyhow::Error::new(e).context(format!("reading {}", dir.join(name).display())));
-            None
-        }
-    });
-    match err {
-        Some(e) => Err(e),
-        None => Ok(files),
-    }
-    .with_context(|| format!("reading cacerts from {}", dir.display()))
+    meshca_workload_ca::ca::read_cacerts_dir(dir).with_context(|| format!("reading cacerts from {}", dir.display()))
 }
 
 /// A duration flag: `90s`, `720h`, `1h30m`.
@@ -85,6 +72,17 @@ pub fn init_file_logging(path: &std::path::Path) -> anyhow::Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,rustls=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
     Ok(())
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+pub fn shutdown_token() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        ctrl_c().await;
+        t.cancel();
+    });
+    token
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

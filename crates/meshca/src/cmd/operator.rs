@@ -92,8 +92,9 @@ pub async fn cluster_add(a: ClusterAddArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The binary's wiring reads the wall clock; everything below takes it as a value.
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    meshca_clock::unix(SystemTime::now())
 }
 
 /// Output format.
@@ -175,10 +176,10 @@ pub fn render(st: &MeshStatus) -> String {
             "NotRegistered".to_string()
         } else if !c.enrolled {
             "NotEnrolled".into()
-        } else if s.phase.is_empty() {
+        } else if s.phase() == meshca_proto::Phase::Unspecified {
             "-".into()
         } else {
-            s.phase.clone()
+            s.phase().name().to_string()
         };
         rows.push(vec![
             c.name.clone(),
@@ -220,7 +221,7 @@ pub fn render(st: &MeshStatus) -> String {
     } else {
         out.push_str("\nALERTS (need a person)\n");
         for a in &st.alerts {
-            out.push_str(&format!("  {:<38} {}\n", a.kind, a.message));
+            out.push_str(&format!("  {:<38} {}\n", a.kind().name(), a.message));
         }
     }
     out

@@ -147,6 +147,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &r.policy_resource,
         ))),
         leader: Some(leader),
+        clock: meshca_clock::system(),
     };
     let result = meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await;
     if result.is_ok() {

@@ -112,12 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_others(state);
     opts.backoff_max = args.max_backoff.0;
     tracing::info!(memory_dir = %args.memory_dir.display(), filesystem = %backing, "cacerts goes only to this folder");
-    let source = Arc::new(VaultSource::new(args.overrides()));
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        super::ctrl_c().await;
-        let _ = tx.send(true);
-    });
-    meshca_agent::run_with(Arc::new(cacerts), opts, Some(source), rx).await?;
+    let source = Arc::new(VaultSource::new(args.overrides(), opts.clock.clone()));
+    meshca_agent::run_with(Arc::new(cacerts), opts, Some(source), super::shutdown_token()).await?;
     Ok(())
 }

@@ -125,6 +125,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         auth,
         ttl: TtlPolicy { default: a.default_ttl.0, max: a.max_ttl.0 },
         max_per_second: a.max_requests_per_second,
+        clock: meshca_clock::system(),
     };
     meshca_workload_ca::serve(
         opts,

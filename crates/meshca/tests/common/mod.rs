@@ -207,7 +207,7 @@ pub fn agent_at(
 /// Synchronous access to a directory store (a cluster's, or the management plane's
 /// `<data-dir>/store`) from a test, alongside the processes using it.
 pub struct StoreView {
-    rt: tokio::runtime::Runtime,
+    pub rt: tokio::runtime::Runtime,
     pub store: meshca_store::dir::DirStore,
 }
 

@@ -8,7 +8,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,13 +85,13 @@ pub(super) fn highest_data_dir_version(obj: &Path) -> Option<u64> {
 }
 
 /// Uniqueness, not secrecy: data directory names must never repeat, so that a reader's "did
-/// `..data` move?" check cannot be fooled by a reused name.
+/// `..data` move?" check cannot be fooled by a reused name. `RandomState` is seeded randomly per
+/// process (and stepped per call); the pid and a counter separate what it might not.
 fn random_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     format!("{:016x}", h.finish())
 }
 

@@ -1,4 +1,4 @@
-//! The directory backend: the embedded default store (DESIGN.md §4).
+//! The directory backend: the embedded default store (docs/architecture.md, "Stores").
 //!
 //! # Layout
 //!

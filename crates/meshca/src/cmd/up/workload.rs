@@ -7,6 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use meshca_clock::SharedClock;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
 use anyhow::{Context, anyhow};
 use meshca_pki::{Cert, KeyAlgorithm, PrivateKey, RootSet, SpiffeId, TrustDomain, build_csr};
 use meshca_proto::istio::IstioCertificateRequest;
@@ -46,6 +50,7 @@ pub struct Workload {
     pub counters: Arc<Counters>,
     /// NotAfter of the current leaf.
     pub leaf_not_after: Mutex<SystemTime>,
+    clock: SharedClock,
 }
 
 /// How to reach the workload's cluster CA.
@@ -58,6 +63,8 @@ pub struct CaEndpoint {
     pub root_file: std::path::PathBuf,
     /// The cluster name (sent as `clusterid`).
     pub cluster: String,
+    /// The time (tokens are minted on it).
+    pub clock: SharedClock,
     /// Issuer of the cluster's service-account tokens.
     pub idp: Arc<DemoIdp>,
 }
@@ -66,19 +73,16 @@ pub struct CaEndpoint {
 async fn fetch_leaf(ca: &CaEndpoint, id: &SpiffeId, ttl: Duration) -> anyhow::Result<(Identity, RootSet, Cert)> {
     let root_pem = std::fs::read(&ca.root_file).with_context(|| format!("reading {}", ca.root_file.display()))?;
     let roots = RootSet::from_pem(&root_pem).context("cluster root-cert.pem")?;
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots.iter() {
-        store.add(rustls::pki_types::CertificateDer::from(r.der().to_vec()))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let config = meshca_tls::client_config(
+        meshca_tls::ServerTrust::Roots(&roots),
+        meshca_tls::ClientAuth::None,
+        meshca_tls::Versions::Tls13And12,
+    )?;
     let channel = meshca_tls::grpc::channel(&ca.address, config, "istiod.istio-system.svc")?;
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
     let csr = build_csr(&key, &[])?;
     let (ns, sa) = id.workload_parts()?;
-    let token = ca.idp.mint(ns, sa, ISTIO_CA_AUDIENCE, Duration::from_secs(3600), SystemTime::now())?;
+    let token = ca.idp.mint(ns, sa, ISTIO_CA_AUDIENCE, Duration::from_secs(3600), ca.clock.now())?;
     let mut req =
         tonic::Request::new(IstioCertificateRequest { csr, validity_duration: ttl.as_secs() as i64, metadata: None });
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
@@ -98,13 +102,15 @@ async fn fetch_leaf(ca: &CaEndpoint, id: &SpiffeId, ttl: Duration) -> anyhow::Re
 }
 
 impl Workload {
-    /// Gets the first leaf and starts serving.
+    /// Gets the first leaf and starts serving and renewing, in `tasks` until `stop`.
     pub async fn start(
         cluster: &str,
         id: SpiffeId,
         td: &TrustDomain,
         ca: CaEndpoint,
         leaf_ttl: Duration,
+        tasks: &mut JoinSet<()>,
+        stop: &CancellationToken,
     ) -> anyhow::Result<Arc<Workload>> {
         let (identity, roots, leaf) =
             fetch_leaf(&ca, &id, leaf_ttl).await.with_context(|| format!("first leaf for {id}"))?;
@@ -119,10 +125,25 @@ impl Workload {
             verifier,
             counters: Arc::new(Counters::default()),
             leaf_not_after: Mutex::new(leaf.not_after()),
+            clock: ca.clock.clone(),
         });
         w.counters.leaves.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(w.clone().serve(listener));
-        tokio::spawn(w.clone().renew(ca, leaf_ttl, leaf));
+        let s = stop.clone();
+        let me = w.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = me.serve(listener) => {}
+            }
+        });
+        let s = stop.clone();
+        let me = w.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = me.renew(ca, leaf_ttl, leaf) => {}
+            }
+        });
         Ok(w)
     }
 
@@ -130,13 +151,10 @@ impl Workload {
     /// second while the current leaf is still valid. Like istio-agent, the lifetime is counted from
     /// when the leaf was received: NotBefore is backdated for clock skew.
     async fn renew(self: Arc<Self>, ca: CaEndpoint, ttl: Duration, mut leaf: Cert) {
-        let mut received = SystemTime::now();
+        let mut received = self.clock.now();
         loop {
             let life = leaf.not_after().duration_since(received).unwrap_or_default();
-            let half = received + life / 2;
-            if let Ok(wait) = half.duration_since(SystemTime::now()) {
-                tokio::time::sleep(wait).await;
-            }
+            self.clock.sleep_until(received + life / 2).await;
             loop {
                 match fetch_leaf(&ca, &self.id, ttl).await {
                     Ok((identity, roots, next)) => match identity.certified_key() {
@@ -148,7 +166,7 @@ impl Workload {
                             *self.leaf_not_after.lock().await = next.not_after();
                             self.counters.leaves.fetch_add(1, Ordering::Relaxed);
                             leaf = next;
-                            received = SystemTime::now();
+                            received = self.clock.now();
                             break;
                         }
                         Err(e) => tracing::warn!(id = %self.id, error = %e, "new leaf unusable"),
@@ -157,7 +175,7 @@ impl Workload {
                         tracing::warn!(id = %self.id, error = %e, "leaf renewal failed; retrying");
                     }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.clock.sleep(Duration::from_secs(1)).await;
             }
         }
     }
@@ -172,13 +190,11 @@ impl Workload {
     }
 
     fn client_config(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        Ok(Arc::new(
-            rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
-                .with_protocol_versions(&[&rustls::version::TLS13])?
-                .dangerous()
-                .with_custom_certificate_verifier(self.verifier.clone())
-                .with_client_cert_resolver(self.cert.clone()),
-        ))
+        Ok(Arc::new(meshca_tls::client_config(
+            meshca_tls::ServerTrust::Verifier(self.verifier.clone()),
+            meshca_tls::ClientAuth::Resolver(self.cert.clone()),
+            meshca_tls::Versions::Tls13,
+        )?))
     }
 
     async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -231,7 +247,7 @@ impl Workload {
 }
 
 /// Keeps `me` calling random workloads of other clusters every `interval`.
-pub async fn traffic(me: Arc<Workload>, peers: Vec<Arc<Workload>>, interval: Duration) {
+pub async fn traffic(me: Arc<Workload>, peers: Vec<Arc<Workload>>, interval: Duration, stop: CancellationToken) {
     let others: Vec<Arc<Workload>> = peers.into_iter().filter(|p| p.cluster != me.cluster).collect();
     if others.is_empty() {
         return;
@@ -251,6 +267,9 @@ pub async fn traffic(me: Arc<Workload>, peers: Vec<Arc<Workload>>, interval: Dur
                 *me.counters.last_error.lock().await = msg;
             }
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = me.clock.sleep(interval) => {}
+        }
     }
 }

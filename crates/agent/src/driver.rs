@@ -1,0 +1,549 @@
+//! The agent's driver: it observes (the trust stream, the `cacerts` object, the clock), asks the
+//! [`Runner`] what to do, does it, and tells the runner how it went. The decisions are all in
+//! [`crate::runner`] and [`crate::plan`]; here are only the effects.
+//!
+//! Tasks: the trust stream runs in a `JoinSet` beside the loop, under the same cancellation
+//! token; when the agent stops (shutdown, or a fatal error) both end before [`run_with`] returns.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use meshca_clock::{SharedClock, unix};
+use meshca_pki::bundle::{self, CaBundle};
+use meshca_pki::chain::rfc3339;
+use meshca_pki::{KeyAlgorithm, PrivateKey, build_csr};
+use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
+use meshca_proto::mgmt::{ClusterStatus, RenewIdentityRequest, TrustState, WatchTrustRequest};
+use meshca_store::{Precondition, Store};
+use meshca_tls::{SwappableCert, grpc};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::cacerts::{self, Held, Stamp};
+use crate::identity::{self, AgentIdentity};
+use crate::plan::{self, Trust};
+use crate::runner::{Effect, Note, Observation, Runner, RunnerConfig, Unwritten};
+use crate::source::{self, IntermediateSource, Obtained};
+use crate::{AgentError, AgentOptions, Failure, jitter};
+
+/// The trust stream's state, as the loop sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    /// The last trust state received (kept across disconnections).
+    pub trust: Option<TrustState>,
+    /// Whether the stream is up.
+    pub connected: bool,
+    /// Why it is not, when it is not.
+    pub error: String,
+}
+
+/// What the agent needs from the management plane besides intermediates: its status reports and
+/// its own identity. The gRPC implementation is [`GrpcControlPlane`]; in-process tests use their
+/// own.
+#[async_trait::async_trait]
+pub trait ControlPlane: Send + Sync {
+    /// Sends a status report.
+    async fn report(&self, status: ClusterStatus) -> Result<(), AgentError>;
+    /// Whether the agent's identity is at half life at `now`.
+    fn identity_due(&self, now: std::time::SystemTime) -> bool;
+    /// Renews the agent's identity.
+    async fn renew_identity(&self) -> Result<(), AgentError>;
+}
+
+/// The management plane over gRPC, with the agent's identity (stored, and swapped into the
+/// client's TLS configuration when renewed).
+pub struct GrpcControlPlane {
+    issuer: CertificateIssuerClient<Channel>,
+    store: Arc<dyn Store>,
+    identity_key: meshca_store::ObjectKey,
+    ident: std::sync::Mutex<Arc<AgentIdentity>>,
+    client_cert: Arc<SwappableCert>,
+}
+
+#[async_trait::async_trait]
+impl ControlPlane for GrpcControlPlane {
+    async fn report(&self, status: ClusterStatus) -> Result<(), AgentError> {
+        self.issuer.clone().report_status(status).await.map_err(AgentError::rpc("ReportStatus"))?;
+        Ok(())
+    }
+
+    fn identity_due(&self, now: std::time::SystemTime) -> bool {
+        self.ident.lock().unwrap_or_else(|p| p.into_inner()).needs_renewal(now)
+    }
+
+    async fn renew_identity(&self) -> Result<(), AgentError> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| AgentError::Identity(e.to_string()))?;
+        let csr = build_csr(&key, &[]).map_err(|e| AgentError::Identity(e.to_string()))?;
+        let resp = self
+            .issuer
+            .clone()
+            .renew_identity(RenewIdentityRequest { identity_csr: csr })
+            .await
+            .map_err(AgentError::rpc("RenewIdentity"))?;
+        let next = AgentIdentity::from_response(resp.into_inner(), key)?;
+        next.save(self.store.as_ref(), &self.identity_key).await?;
+        self.client_cert.swap(next.tls().certified_key()?);
+        tracing::info!(serial = %next.cert.serial_hex(), not_after = %rfc3339(next.cert.not_after()), "agent identity renewed");
+        *self.ident.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        Ok(())
+    }
+}
+
+/// What the agent's trust is, in planning terms.
+fn trust_of(t: &TrustState) -> Trust {
+    Trust {
+        generation: t.policy_generation.clone(),
+        roots_fingerprint: t.root_set_fingerprint.clone(),
+        rotate_requests: t.rotate_requests,
+        grace_ratio: if t.grace_period_ratio > 0.0 && t.grace_period_ratio < 1.0 {
+            t.grace_period_ratio
+        } else {
+            plan::DEFAULT_GRACE
+        },
+        enrolled: t.enrolled,
+        report_interval: std::time::Duration::from_secs(t.report_interval_seconds.max(0).unsigned_abs()),
+    }
+}
+
+/// An intermediate obtained and validated whose write failed: kept, and written again.
+struct Pending {
+    bundle: CaBundle,
+    files: meshca_pki::BundleFiles,
+    stamp: Stamp,
+    plan: Unwritten,
+}
+
+/// Obtains the agent's identity: the stored one, or a registration with the bootstrap token.
+async fn ensure_identity(
+    store: &dyn Store,
+    opts: &AgentOptions,
+    cancel: &CancellationToken,
+) -> Result<Option<AgentIdentity>, AgentError> {
+    if let Some(id) = AgentIdentity::load(store, &opts.identity).await? {
+        if id.cluster != opts.cluster {
+            return Err(AgentError::Identity(format!(
+                "the stored identity is for cluster {}, but this agent is for {}",
+                id.cluster, opts.cluster
+            )));
+        }
+        if opts.bootstrap_token.is_some() {
+            tracing::info!(cluster = %id.cluster, "already registered; the bootstrap token is not needed and was not used");
+        }
+        return Ok(Some(id));
+    }
+    let token = opts.bootstrap_token.as_deref().ok_or_else(|| {
+        AgentError::Identity("not registered yet: pass the bootstrap token printed by `meshca cluster add`".into())
+    })?;
+    let relay = opts.relay_ca.as_deref().ok_or_else(|| {
+        AgentError::Identity(
+            "not registered yet: pass the relay CA (`--relay-ca`) to verify the management plane".into(),
+        )
+    })?;
+    let mut attempt = 0;
+    loop {
+        match identity::register(&opts.server, &opts.server_name, relay, token, &opts.cluster).await {
+            Ok(id) => {
+                if id.cluster != opts.cluster {
+                    return Err(AgentError::Identity(format!(
+                        "the bootstrap token registers cluster {}, but this agent is for {}",
+                        id.cluster, opts.cluster
+                    )));
+                }
+                id.save(store, &opts.identity).await?;
+                tracing::info!(cluster = %id.cluster, serial = %id.cert.serial_hex(), "registered with the management plane");
+                return Ok(Some(id));
+            }
+            Err(e) if e.failure() != Failure::Refused => {
+                let wait = plan::backoff(attempt, opts.backoff_base, opts.backoff_max, jitter());
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in = ?wait, "management plane unreachable during registration");
+                tokio::select! {
+                    _ = opts.clock.sleep(wait) => {}
+                    _ = cancel.cancelled() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Keeps a WatchTrust stream open, reconnecting with backoff, and publishes its state.
+async fn watch_trust(
+    mut issuer: CertificateIssuerClient<Channel>,
+    opts: AgentOptions,
+    tx: watch::Sender<Link>,
+    cancel: CancellationToken,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let error = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = stream_once(&mut issuer, &tx, &mut attempt) => e,
+        };
+        if tx.borrow().connected {
+            tracing::warn!(%error, "lost the trust stream to the management plane; reconnecting");
+        }
+        tx.send_modify(|l| {
+            l.connected = false;
+            l.error = error.clone();
+        });
+        let wait = plan::backoff(attempt, opts.backoff_base, opts.backoff_max, jitter());
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = opts.clock.sleep(wait) => {}
+        }
+    }
+}
+
+/// One WatchTrust stream, until it fails; returns why.
+async fn stream_once(
+    issuer: &mut CertificateIssuerClient<Channel>,
+    tx: &watch::Sender<Link>,
+    attempt: &mut u32,
+) -> String {
+    let mut stream = match issuer.watch_trust(WatchTrustRequest {}).await {
+        Ok(resp) => resp.into_inner(),
+        Err(s) => return AgentError::rpc("WatchTrust")(s).to_string(),
+    };
+    loop {
+        match stream.next().await {
+            Some(Ok(state)) => {
+                *attempt = 0;
+                tx.send_modify(|l| {
+                    l.trust = Some(state);
+                    l.connected = true;
+                    l.error.clear();
+                });
+            }
+            Some(Err(s)) => return AgentError::rpc("WatchTrust")(s).to_string(),
+            None => return "management plane unreachable: the trust stream ended".into(),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` fires, with the management plane as the source of
+/// intermediates.
+pub async fn run(store: Arc<dyn Store>, opts: AgentOptions, shutdown: CancellationToken) -> Result<(), AgentError> {
+    run_with(store, opts, None, shutdown).await
+}
+
+/// Runs the agent with another source of intermediates (Vault mode); the management plane still
+/// supplies the policy's renewal parameters and receives the status.
+pub async fn run_with(
+    store: Arc<dyn Store>,
+    opts: AgentOptions,
+    custom: Option<Arc<dyn IntermediateSource>>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    meshca_tls::provider::install();
+    let Some(ident) = ensure_identity(store.as_ref(), &opts, &shutdown).await? else { return Ok(()) };
+    let client_cert = SwappableCert::new(ident.tls().certified_key()?);
+    let config = identity::client_config(&ident.relay, Some(client_cert.clone()))?;
+    let channel = grpc::channel(&opts.server, config, &opts.server_name)?;
+    let issuer = CertificateIssuerClient::new(channel);
+    let (link_tx, link_rx) = watch::channel(Link::default());
+    let cancel = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(watch_trust(issuer.clone(), opts.clone(), link_tx, cancel.clone()));
+    let source: Arc<dyn IntermediateSource> =
+        custom.unwrap_or_else(|| Arc::new(source::ManagementSource { issuer: issuer.clone() }));
+    let control = Arc::new(GrpcControlPlane {
+        issuer,
+        store: store.clone(),
+        identity_key: opts.identity.clone(),
+        ident: std::sync::Mutex::new(Arc::new(ident)),
+        client_cert,
+    });
+    let result = drive(store, &opts, source, control, link_rx, cancel.clone()).await;
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+/// The agent's loop on its own: what [`run_with`] runs once the identity and the connections
+/// are set up. `link` is the trust stream's state. Returns when `cancel` fires.
+pub async fn drive(
+    store: Arc<dyn Store>,
+    opts: &AgentOptions,
+    source: Arc<dyn IntermediateSource>,
+    control: Arc<dyn ControlPlane>,
+    link: watch::Receiver<Link>,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    let driver = Driver {
+        runner: Runner::new(
+            RunnerConfig {
+                backoff_base: opts.backoff_base,
+                backoff_max: opts.backoff_max,
+                adopt_existing: opts.adopt_existing,
+                cacerts: opts.cacerts.to_string(),
+            },
+            jitter(),
+        ),
+        clock: opts.clock.clone(),
+        store,
+        opts: opts.clone(),
+        control,
+        source,
+        held: Held::Absent,
+        pending: None,
+        logged: String::new(),
+    };
+    driver.run(link, cancel).await
+}
+
+struct Driver {
+    runner: Runner,
+    clock: SharedClock,
+    store: Arc<dyn Store>,
+    opts: AgentOptions,
+    control: Arc<dyn ControlPlane>,
+    source: Arc<dyn IntermediateSource>,
+    held: Held,
+    pending: Option<Pending>,
+    /// The last error logged, so a persisting condition is logged once, not on every pass.
+    logged: String,
+}
+
+impl Driver {
+    async fn run(mut self, mut link: watch::Receiver<Link>, cancel: CancellationToken) -> Result<(), AgentError> {
+        tracing::info!(cluster = %self.opts.cluster, cacerts = %self.opts.cacerts, "agent started");
+        let mut changes = self.store.watch(&self.opts.cacerts);
+        // The watch yields the current state first.
+        let first = changes.next().await.unwrap_or(Ok(None));
+        self.held = Held::classify(first, self.clock.now());
+        loop {
+            let l = link.borrow_and_update().clone();
+            let trust = l.trust.as_ref().map(trust_of);
+            let now = self.clock.now();
+            let step = self.runner.step(&Observation {
+                now,
+                held: &self.held,
+                unwritten: self.pending.as_ref().map(|p| &p.plan),
+                trust: trust.as_ref(),
+                connected: l.connected,
+                link_error: &l.error,
+                identity_due: self.control.identity_due(now),
+                jitter: jitter(),
+            });
+            match step.note {
+                Some(Note::Foreign) => {
+                    let msg = self.runner.last_error().to_string();
+                    self.log_once(tracing::Level::ERROR, "cacerts is not meshca's", &msg);
+                }
+                Some(Note::DueButUnreachable) => {
+                    let msg = self.runner.last_error().to_string();
+                    let keep = self.keep_text();
+                    self.log_once(
+                        tracing::Level::WARN,
+                        &format!("a new intermediate is due but the management plane is unreachable; {keep}; retrying with backoff"),
+                        &msg,
+                    );
+                }
+                None => {}
+            }
+            let mut again = false;
+            for effect in step.effects {
+                match effect {
+                    Effect::Issue(reason) => again |= self.issue(reason, l.trust.as_ref()).await,
+                    Effect::DropUnwritten => self.pending = None,
+                    Effect::RetryWrite => again |= self.retry_write().await,
+                    Effect::Reread => self.reread().await,
+                    Effect::RenewIdentity => self.renew_identity().await,
+                    Effect::Report => self.report().await,
+                }
+            }
+            if again {
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    tracing::info!("agent stopping; cacerts is left in place");
+                    return Ok(());
+                }
+                r = link.changed() => if r.is_err() { return Ok(()) },
+                change = changes.next() => self.observe(change),
+                _ = self.clock.sleep_until(step.wake) => {}
+            }
+        }
+    }
+
+    /// A change of the `cacerts` object; validated only when its version differs from the one
+    /// held (the agent's own writes come back through the watch too).
+    fn observe(
+        &mut self,
+        change: Option<Result<Option<meshca_store::Versioned<meshca_store::Secret>>, meshca_store::StoreError>>,
+    ) {
+        let Some(change) = change else { return };
+        if let (Ok(Some(v)), Some(held)) = (&change, self.held.version())
+            && &v.version == held
+        {
+            return;
+        }
+        self.held = Held::classify(change, self.clock.now());
+        match &self.held {
+            Held::OursInvalid { reason, .. } => {
+                tracing::warn!(%reason, "the current cacerts is no longer valid; replacing it");
+            }
+            Held::Foreign { .. } => {
+                tracing::warn!(cacerts = %self.opts.cacerts, "cacerts was replaced by another writer")
+            }
+            Held::Absent => tracing::warn!(cacerts = %self.opts.cacerts, "cacerts was deleted; writing a new one"),
+            _ => {}
+        }
+    }
+
+    fn log_once(&mut self, level: tracing::Level, msg: &str, error: &str) {
+        if self.logged == error {
+            return;
+        }
+        self.logged = error.to_string();
+        if level == tracing::Level::ERROR {
+            tracing::error!(error = %error, "{msg}");
+        } else {
+            tracing::warn!(error = %error, "{msg}");
+        }
+    }
+
+    fn keep_text(&self) -> String {
+        self.held
+            .current()
+            .map(|c| format!("keeping the current cacerts (valid until {})", rfc3339(c.not_after)))
+            .unwrap_or_else(|| "no cacerts yet".into())
+    }
+
+    /// Obtains, validates and writes a new intermediate. Returns whether to step again at once.
+    async fn issue(&mut self, reason: meshca_proto::IssueReason, trust: Option<&TrustState>) -> bool {
+        let Some(trust) = trust else { return false };
+        match self.obtain(reason, trust).await {
+            Ok(pending) => {
+                self.pending = Some(pending);
+                self.retry_write().await
+            }
+            Err(e) => {
+                let wait = self.runner.failed(e.to_string(), self.clock.now(), jitter());
+                // Every failed attempt is logged (they are spaced by the backoff), with how many
+                // in a row have failed, so an outage's progress can be followed.
+                let keep = self.keep_text();
+                let attempts = self.runner.failures();
+                tracing::warn!(error = %e, reason = %reason, attempts, retry_in = ?wait, "could not renew the intermediate; {keep}");
+                false
+            }
+        }
+    }
+
+    async fn obtain(&self, reason: meshca_proto::IssueReason, trust: &TrustState) -> Result<Pending, AgentError> {
+        let key_algorithm: KeyAlgorithm = meshca_policy::key_algorithm_from_wire(trust.key_algorithm)?;
+        let Obtained { files, serial } =
+            self.source.obtain(source::Request { cluster: &self.opts.cluster, key_algorithm, reason, trust }).await?;
+        let now = self.clock.now();
+        // Exactly the checks istiod makes, before anything is written.
+        let bundle = CaBundle::validate(&files, now).map_err(AgentError::BadBundle)?;
+        if let Some(old) = self.held.roots() {
+            bundle::check_root_transition(old, bundle.roots()).map_err(AgentError::RootTransition)?;
+        }
+        let stamp = Stamp {
+            cluster: self.opts.cluster.clone(),
+            generation: trust.policy_generation.clone(),
+            rotate_requests: trust.rotate_requests,
+            serial,
+            issued_at: now,
+        };
+        let plan = Unwritten { current: cacerts::planned(&bundle, &stamp) };
+        Ok(Pending { bundle, files, stamp, plan })
+    }
+
+    /// Writes the pending intermediate. Returns whether to step again at once.
+    async fn retry_write(&mut self) -> bool {
+        let Some(p) = self.pending.take() else { return false };
+        let secret = cacerts::secret(&p.files, &p.stamp);
+        let pre = match self.held.version() {
+            Some(v) => Precondition::Version(v.clone()),
+            None => Precondition::Absent,
+        };
+        match self.store.put(&self.opts.cacerts, &secret, pre).await {
+            Ok(version) => {
+                let ca = p.bundle.ca_cert();
+                tracing::info!(
+                    serial = %ca.serial_hex(),
+                    not_after = %rfc3339(ca.not_after()),
+                    "cacerts written"
+                );
+                self.runner.issued(self.clock.now());
+                self.held = cacerts::written(p.bundle, &p.stamp, version);
+                self.logged.clear();
+                true
+            }
+            Err(e) => {
+                let e = AgentError::Store(e);
+                let wait = self.runner.failed(e.to_string(), self.clock.now(), jitter());
+                let keep = self.keep_text();
+                let attempts = self.runner.failures();
+                tracing::warn!(error = %e, attempts, retry_in = ?wait, "writing cacerts failed; the intermediate obtained is kept and the write retried; {keep}");
+                // A conflict means someone else wrote: look again before the next attempt.
+                if matches!(e, AgentError::Store(meshca_store::StoreError::Conflict { .. })) {
+                    let read = self.store.get(&self.opts.cacerts).await;
+                    self.held = Held::classify(read, self.clock.now());
+                }
+                self.pending = Some(p);
+                false
+            }
+        }
+    }
+
+    async fn reread(&mut self) {
+        let read = self.store.get(&self.opts.cacerts).await;
+        match read {
+            Err(e) => {
+                let error = e.to_string();
+                let wait =
+                    self.runner.failed(format!("reading {}: {error}", self.opts.cacerts), self.clock.now(), jitter());
+                self.log_once(tracing::Level::WARN, &format!("reading cacerts failed; retrying in {wait:?}"), &error);
+                self.held = Held::Unreadable { error };
+            }
+            ok => {
+                self.runner.reread();
+                self.held = Held::classify(ok, self.clock.now());
+            }
+        }
+    }
+
+    async fn renew_identity(&mut self) {
+        match self.control.renew_identity().await {
+            Ok(()) => self.runner.identity_renewed(),
+            Err(e) => {
+                let wait = self.runner.identity_failed(self.clock.now(), jitter());
+                tracing::warn!(error = %e, retry_in = ?wait, "renewing the agent identity failed; will retry");
+            }
+        }
+    }
+
+    async fn report(&mut self) {
+        let r = &self.runner;
+        let mut st = ClusterStatus {
+            phase: r.phase() as i32,
+            last_error: r.last_error().to_string(),
+            last_renewal: r.last_renewal().map(unix).unwrap_or(0),
+            next_renewal: r.next_renewal().map(unix).unwrap_or(0),
+            key_location: self.source.key_location().as_str().into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            consecutive_failures: r.failures(),
+            ..Default::default()
+        };
+        // The lifetime start reported is the issuance time (NotBefore is backdated), so the
+        // management plane's overdue alerts plan with the same numbers as the agent.
+        if let Held::Ours { current, bundle, .. } = &self.held {
+            st.intermediate_serial = bundle.ca_cert().serial_hex();
+            st.intermediate_not_after = unix(current.not_after);
+            st.intermediate_not_before = unix(current.not_before);
+            st.root_set_fingerprint = current.roots_fingerprint.clone();
+            st.policy_generation = current.generation.clone();
+        }
+        if let Err(e) = self.control.report(st).await {
+            tracing::debug!(error = %e, "status report failed");
+        }
+    }
+}

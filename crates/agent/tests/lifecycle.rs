@@ -1,0 +1,303 @@
+//! The agent's loop in-process, on a manual clock: a real directory store in a temp dir, a real
+//! CA behind the intermediate source, and the management plane's side (trust state, status
+//! reports) played by the test. Hours of simulated time run in milliseconds; nothing sleeps.
+//!
+//! The management plane is not a real peer here on purpose: these tests are about the agent's
+//! decisions over time (renewal at the grace ratio, backoff during an outage, re-issue on a
+//! policy change, a failed write retried with the intermediate already obtained). The same loop
+//! against the real management plane over gRPC is tested end to end in
+//! `crates/meshca/tests/mgmt_agent.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use meshca_agent::driver::{ControlPlane, Link, drive};
+use meshca_agent::source::{IntermediateSource, KeyLocation, Obtained, Request};
+use meshca_agent::{AgentError, AgentOptions};
+use meshca_clock::{Clock, ManualClock};
+use meshca_pki::{
+    CaBundle, CaSigner, Cert, IntermediateParams, KeyAlgorithm, PrivateKey, RootParams, RootSet, TrustDomain,
+};
+use meshca_proto::mgmt::{ClusterStatus, TrustState};
+use meshca_proto::{IssueReason, Phase};
+use meshca_store::dir::DirStore;
+use meshca_store::{ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned, WatchStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A real CA that signs each request with a fresh key, and can be made to fail (an outage).
+struct RootSource {
+    root: CaSigner,
+    clock: ManualClock,
+    down: AtomicBool,
+    calls: Mutex<Vec<(SystemTime, IssueReason)>>,
+}
+
+#[async_trait::async_trait]
+impl IntermediateSource for RootSource {
+    fn key_location(&self) -> KeyLocation {
+        KeyLocation::Store
+    }
+
+    async fn obtain(&self, req: Request<'_>) -> Result<Obtained, AgentError> {
+        let now = self.clock.now();
+        self.calls.lock().unwrap().push((now, req.reason));
+        if self.down.load(Ordering::SeqCst) {
+            return Err(AgentError::Rpc {
+                call: "IssueIntermediate",
+                status: tonic::Status::unavailable("connection refused"),
+            });
+        }
+        let key = PrivateKey::generate(req.key_algorithm).unwrap();
+        let ttl = Duration::from_secs(req.trust.intermediate_ttl_seconds as u64);
+        let params = IntermediateParams {
+            ttl,
+            ..IntermediateParams::cluster("meshca", req.cluster, TrustDomain::new("cluster.local").unwrap())
+        };
+        let issued = self.root.sign_intermediate(key.public_key_spki(), &params, now).unwrap();
+        let cert: Cert = issued.parse().unwrap();
+        let roots = RootSet::from_certs(vec![self.root.cert().clone()]).unwrap();
+        Ok(Obtained {
+            files: CaBundle::assemble(&key, &cert, &[self.root.cert().clone()], &roots),
+            serial: issued.serial_hex,
+        })
+    }
+}
+
+/// The management plane's receiving end of status reports.
+#[derive(Default)]
+struct Reports(Mutex<Vec<ClusterStatus>>);
+
+#[async_trait::async_trait]
+impl ControlPlane for Reports {
+    async fn report(&self, status: ClusterStatus) -> Result<(), AgentError> {
+        self.0.lock().unwrap().push(status);
+        Ok(())
+    }
+    fn identity_due(&self, _now: SystemTime) -> bool {
+        false
+    }
+    async fn renew_identity(&self) -> Result<(), AgentError> {
+        Ok(())
+    }
+}
+
+/// A store whose writes fail while `full` is set, as on a full disk; reads pass through.
+///
+/// A stand-in for the failure only: the store under it is the real directory store. A full
+/// file system itself is exercised end to end on a small tmpfs.
+struct FullDisk {
+    inner: DirStore,
+    full: AtomicBool,
+    refused: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for FullDisk {
+    async fn get(&self, key: &ObjectKey) -> Result<Option<Versioned<Secret>>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &ObjectKey, s: &Secret, p: Precondition) -> Result<ResourceVersion, StoreError> {
+        if self.full.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Io { path: key.to_string(), source: std::io::Error::from_raw_os_error(28) });
+        }
+        self.inner.put(key, s, p).await
+    }
+    async fn delete(&self, key: &ObjectKey, p: Precondition) -> Result<(), StoreError> {
+        self.inner.delete(key, p).await
+    }
+    async fn list(&self, ns: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list(ns).await
+    }
+    fn watch(&self, key: &ObjectKey) -> WatchStream {
+        self.inner.watch(key)
+    }
+}
+
+const TTL: u64 = 1000;
+
+struct World {
+    _tmp: tempfile::TempDir,
+    clock: ManualClock,
+    source: Arc<RootSource>,
+    reports: Arc<Reports>,
+    store: Arc<FullDisk>,
+    link: watch::Sender<Link>,
+    cacerts: ObjectKey,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+fn trust(generation: &str) -> TrustState {
+    TrustState {
+        policy_generation: generation.into(),
+        enrolled: true,
+        grace_period_ratio: 0.2,
+        report_interval_seconds: 1,
+        key_algorithm: meshca_proto::mgmt::KeyAlgorithm::EcdsaP256 as i32,
+        intermediate_ttl_seconds: TTL as i64,
+        ..Default::default()
+    }
+}
+
+impl World {
+    async fn start() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at_2026();
+        let root_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let root = CaSigner::new_root(root_key, &RootParams::new("lifecycle"), clock.now()).unwrap();
+        let source = Arc::new(RootSource { root, clock: clock.clone(), down: false.into(), calls: Mutex::default() });
+        let reports = Arc::new(Reports::default());
+        let store = Arc::new(FullDisk {
+            inner: DirStore::open(tmp.path()).unwrap(),
+            full: false.into(),
+            refused: AtomicUsize::new(0),
+        });
+        let mut opts = AgentOptions::new("cluster-1", "unused:1").unwrap();
+        opts.clock = clock.shared();
+        opts.backoff_base = Duration::from_secs(1);
+        opts.backoff_max = Duration::from_secs(30);
+        let cacerts = opts.cacerts.clone();
+        let (link, rx) = watch::channel(Link { trust: Some(trust("g1")), connected: true, error: String::new() });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let (store, source, reports, cancel) =
+                (store.clone() as Arc<dyn Store>, source.clone(), reports.clone(), cancel.clone());
+            async move { drive(store, &opts, source, reports, rx, cancel).await }
+        });
+        let w = World { _tmp: tmp, clock, source, reports, store, link, cacerts, cancel, task };
+        w.until("the first cacerts", |w| w.calls().len() == 1 && w.serial().is_some()).await;
+        w
+    }
+
+    fn calls(&self) -> Vec<(SystemTime, IssueReason)> {
+        self.source.calls.lock().unwrap().clone()
+    }
+
+    fn serial(&self) -> Option<String> {
+        let dir = self.store.inner.object_path(&self.cacerts);
+        let cert = std::fs::read(dir.join("ca-cert.pem")).ok()?;
+        Some(Cert::from_pem(&cert).ok()?.serial_hex())
+    }
+
+    fn annotation(&self, key: &str) -> String {
+        let rt = tokio::runtime::Handle::current();
+        let v = tokio::task::block_in_place(|| rt.block_on(self.store.get(&self.cacerts))).unwrap().unwrap();
+        v.value.annotations.get(key).cloned().unwrap_or_default()
+    }
+
+    fn last_report(&self) -> ClusterStatus {
+        self.reports.0.lock().unwrap().last().cloned().unwrap_or_default()
+    }
+
+    /// Waits (in real time, bounded) until the agent has acted so that `f` holds.
+    async fn until(&self, what: &str, f: impl Fn(&World) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f(self) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Moves the clock and waits until the agent has taken a full step at the new time: its
+    /// status report for it (due every simulated second) comes after every other effect.
+    async fn advance(&self, d: Duration) {
+        let before = self.reports.0.lock().unwrap().len();
+        self.clock.advance(d);
+        self.until("a step after the clock moved", |w| w.reports.0.lock().unwrap().len() > before).await;
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_comes_at_the_grace_ratio_with_a_new_key_and_never_before() {
+    let w = World::start().await;
+    let first = w.serial().unwrap();
+    // 20 % of a 1000 s lifetime is 200 s; jitter may move renewal up to 20 s earlier.
+    for _ in 0..26 {
+        w.advance(Duration::from_secs(30)).await; // up to 780 s
+    }
+    assert_eq!(w.calls().len(), 1, "nothing before 780 s of 1000 s");
+    assert_eq!(w.serial().unwrap(), first);
+    assert_eq!(w.last_report().phase(), Phase::Ready);
+    w.advance(Duration::from_secs(21)).await; // 801 s
+    w.until("the renewal", |w| w.calls().len() == 2).await;
+    assert_eq!(w.calls()[1].1, IssueReason::Renewal);
+    w.until("the new cacerts", |w| w.serial().is_some_and(|s| s != first)).await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_backs_off_exponentially_keeps_cacerts_and_recovers() {
+    let w = World::start().await;
+    let first = w.serial().unwrap();
+    w.source.down.store(true, Ordering::SeqCst);
+    w.link.send_modify(|l| l.trust = Some(trust("g2")));
+    w.until("the first failed attempt", |w| w.calls().len() == 2).await;
+    // Ten simulated minutes, one second at a time.
+    for _ in 0..600 {
+        w.advance(Duration::from_secs(1)).await;
+    }
+    let attempts: Vec<SystemTime> = w.calls()[1..].iter().map(|c| c.0).collect();
+    let gaps: Vec<f64> = attempts.windows(2).map(|p| p[1].duration_since(p[0]).unwrap().as_secs_f64()).collect();
+    assert!(gaps.len() >= 20, "it keeps trying: {gaps:?}");
+    assert!(gaps[..4].windows(2).all(|g| g[1] >= g[0]), "the first retries grow: {gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= 31.0), "capped at 30 s (rounded to the 1 s steps): {gaps:?}");
+    assert!(gaps[gaps.len() - 5..].iter().all(|g| *g >= 15.0), "and stay near the cap: {gaps:?}");
+    assert_eq!(w.serial().unwrap(), first, "the current cacerts is kept throughout");
+    let r = w.last_report();
+    assert_eq!(r.phase(), Phase::Degraded);
+    assert!(r.last_error.contains("connection refused"), "{r:?}");
+    assert!(r.consecutive_failures >= 20, "{r:?}");
+
+    w.source.down.store(false, Ordering::SeqCst);
+    w.advance(Duration::from_secs(31)).await;
+    w.until("recovery", |w| w.serial().is_some_and(|s| s != first)).await;
+    w.advance(Duration::from_secs(1)).await;
+    let r = w.last_report();
+    assert_eq!((r.phase(), r.consecutive_failures, r.last_error.as_str()), (Phase::Ready, 0, ""));
+    assert_eq!(w.annotation(meshca_store::labels::ANN_GENERATION), "g2");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generation_or_an_operator_rotation_re_issues_at_once() {
+    let w = World::start().await;
+    w.link.send_modify(|l| l.trust = Some(trust("g2")));
+    w.until("the policy change", |w| w.calls().len() == 2).await;
+    assert_eq!(w.calls()[1].1, IssueReason::PolicyChange);
+    w.until("the new generation written", |w| w.annotation(meshca_store::labels::ANN_GENERATION) == "g2").await;
+    w.link.send_modify(|l| l.trust.as_mut().unwrap().rotate_requests = 1);
+    w.until("the forced rotation", |w| w.calls().len() == 3).await;
+    assert_eq!(w.calls()[2].1, IssueReason::Forced);
+    assert_eq!(w.calls()[2].0, w.calls()[1].0, "no time passed: it acted on the change, not a timer");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_keeps_the_intermediate_obtained_and_writes_it_later() {
+    let w = World::start().await;
+    let first = w.serial().unwrap();
+    w.store.full.store(true, Ordering::SeqCst);
+    w.link.send_modify(|l| l.trust = Some(trust("g2")));
+    w.until("the refused write", |w| w.store.refused.load(Ordering::SeqCst) >= 1).await;
+    for _ in 0..120 {
+        w.advance(Duration::from_secs(1)).await;
+    }
+    assert!(w.store.refused.load(Ordering::SeqCst) >= 5, "the write is retried");
+    assert_eq!(w.calls().len(), 2, "but only one intermediate was asked for");
+    assert_eq!(w.serial().unwrap(), first, "the current cacerts stays");
+    assert_eq!(w.last_report().phase(), Phase::Degraded);
+    w.store.full.store(false, Ordering::SeqCst);
+    w.advance(Duration::from_secs(31)).await;
+    w.until("the write", |w| w.serial().is_some_and(|s| s != first)).await;
+    assert_eq!(w.calls().len(), 2, "the intermediate written is the one obtained");
+    w.stop().await;
+}

@@ -1,0 +1,175 @@
+//! The management plane of `meshca up`: its policy for the chosen root-of-trust mode, and the
+//! server itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use meshca_clock::SharedClock;
+use meshca_mgmt::{ServerOptions, Settings};
+use meshca_policy::{Policy, VaultAuth, VaultSpec};
+use meshca_store::dir::DirStore;
+use meshca_store::{ObjectKey, Precondition, Store};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{Args, CaChoice, VaultArgs, abs};
+
+/// Name of the secret `up` keeps the user's intermediate in.
+const USER_INTERMEDIATE: &str = "user-intermediate";
+/// Files read from `--intermediate-from`.
+const INTERMEDIATE_FILES: [&str; 7] =
+    ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem", "tls.crt", "tls.key", "ca.crt"];
+
+/// Reads the user's intermediate folder as a secret; `None` when it holds none of the files.
+fn read_intermediate_dir(dir: &Path) -> Option<meshca_store::Secret> {
+    let entries: Vec<(String, Vec<u8>)> =
+        INTERMEDIATE_FILES.iter().filter_map(|n| std::fs::read(dir.join(n)).ok().map(|d| (n.to_string(), d))).collect();
+    (!entries.is_empty()).then(|| meshca_store::Secret::with_data(entries))
+}
+
+/// Copies the user's intermediate into the management store whenever the folder changes; the
+/// management plane validates it and, if good, moves every cluster to it.
+async fn follow_intermediate_dir(dir: PathBuf, store: Arc<DirStore>, clock: SharedClock, stop: CancellationToken) {
+    let Ok(key) = ObjectKey::new(meshca_policy::defaults::NAMESPACE, USER_INTERMEDIATE) else { return };
+    let mut last = read_intermediate_dir(&dir);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = clock.sleep(Duration::from_secs(1)) => {}
+        }
+        let now = read_intermediate_dir(&dir);
+        if now != last {
+            if let Some(secret) = &now {
+                match store.put(&key, secret, Precondition::Any).await {
+                    Ok(_) => {
+                        tracing::info!(dir = %dir.display(), "the user's intermediate changed; handed to the management plane")
+                    }
+                    Err(e) => tracing::error!(error = %e, "storing the user's intermediate failed"),
+                }
+            }
+            last = now;
+        }
+    }
+}
+
+/// The policy's `vault` block for `--ca vault`: a token from a file, the root at `<mount>`.
+fn vault_spec(v: &VaultArgs) -> anyhow::Result<VaultSpec> {
+    let server = v.vault_addr.clone().context("--vault-addr (or VAULT_ADDR) is required with --ca vault")?;
+    let token_file = v.vault_token_file.as_deref().context("--vault-token-file is required with --ca vault")?;
+    let mount = v.vault_mount.trim_matches('/');
+    let spec = VaultSpec {
+        server,
+        ca_path: format!("{mount}/root/sign-intermediate"),
+        csr_path: v
+            .vault_csr_mount
+            .as_deref()
+            .map(|m| format!("{}/intermediate/generate/exported", m.trim_matches('/'))),
+        namespace: None,
+        tls_ca_file: v.vault_ca_file.as_deref().map(abs),
+        auth: VaultAuth::Token { secret_ref: None, token_file: Some(abs(token_file)) },
+    };
+    // Through the policy's own validation, so `up` cannot run a block `policy apply` would refuse.
+    Ok(VaultSpec::from_doc(&spec.to_doc())?)
+}
+
+/// A running management plane.
+pub struct Started {
+    pub addr: SocketAddr,
+    pub store: Arc<DirStore>,
+    pub relay_ca: Vec<u8>,
+    /// Vault mode: the folder the clusters' memory-backed `cacerts` folders go in.
+    pub memory_root: Option<PathBuf>,
+}
+
+/// Starts the management plane for `a` under `dir`, its tasks in `tasks`.
+pub async fn start(
+    a: &Args,
+    dir: &Path,
+    clock: &SharedClock,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Started> {
+    let store = Arc::new(DirStore::open(dir.join("mgmt").join("store"))?);
+    let mut policy = Policy::generated_default(a.intermediate_ttl.0);
+    policy.trust_domain = a.trust_domain.clone();
+    policy.intermediate.grace_period_ratio = a.grace_ratio;
+    let mut memory_root = None;
+    match a.ca {
+        CaChoice::Generated => {}
+        CaChoice::ByoIntermediate => {
+            let from =
+                a.intermediate_from.clone().context("--intermediate-from is required with --ca byo-intermediate")?;
+            let secret = read_intermediate_dir(&from)
+                .with_context(|| format!("{} holds none of {}", from.display(), INTERMEDIATE_FILES.join(", ")))?;
+            store
+                .put(
+                    &ObjectKey::new(meshca_policy::defaults::NAMESPACE, USER_INTERMEDIATE)?,
+                    &secret,
+                    Precondition::Any,
+                )
+                .await?;
+            policy.ca = meshca_policy::CaMode::IntermediateRef {
+                secret: meshca_policy::SecretRef {
+                    namespace: meshca_policy::defaults::NAMESPACE.into(),
+                    name: USER_INTERMEDIATE.into(),
+                },
+                expiry_warning: meshca_policy::defaults::EXPIRY_WARNING,
+            };
+            let trial = meshca_mgmt::authority::load(store.as_ref(), policy.clone(), clock.now()).await;
+            if let Some(e) = trial.error() {
+                bail!("{e}");
+            }
+            tasks.spawn(follow_intermediate_dir(from, store.clone(), clock.clone(), stop.child_token()));
+        }
+        CaChoice::Vault => {
+            policy.ca = meshca_policy::CaMode::Vault(Box::new(vault_spec(&a.vault)?));
+            let stamp = meshca_clock::unix(clock.now());
+            memory_root = Some(a.vault.memory_dir_root.join(format!("meshca-up-{}-{stamp}", std::process::id())));
+        }
+    }
+    let opts = ServerOptions {
+        listen: "127.0.0.1:0".parse()?,
+        hostnames: vec!["localhost".into()],
+        policy_yaml: None,
+        default_policy: policy,
+        operator_dir: Some(dir.join("mgmt").join("operator")),
+        settings: Settings { report_interval: Duration::from_secs(5), ..Settings::default() },
+        issue_burst: 5,
+        issue_per_minute: 30.0,
+        metrics_listen: None,
+        metrics_token: None,
+    };
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let with = meshca_mgmt::ServeWith { clock: clock.clone(), ..Default::default() };
+    let server_store = store.clone();
+    let server_stop = stop.clone();
+    tasks.spawn(async move {
+        let result = meshca_mgmt::serve_with(
+            server_store,
+            opts,
+            with,
+            move |addr| {
+                let _ = addr_tx.send(addr);
+            },
+            server_stop.cancelled_owned(),
+        )
+        .await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "the management plane stopped");
+        }
+        let _ = done_tx.send(result);
+    });
+    let addr = match addr_rx.await {
+        Ok(a) => a,
+        Err(_) => {
+            let e = done_rx.await.ok().and_then(|r| r.err()).map(|e| e.to_string()).unwrap_or_default();
+            bail!("the management plane did not start: {e}");
+        }
+    };
+    let relay_ca = std::fs::read(dir.join("mgmt").join("operator").join("relay-ca.pem"))?;
+    Ok(Started { addr, store, relay_ca, memory_root })
+}

@@ -1,0 +1,34 @@
+//! `topology.json`: what scripts and other tools need to drive the demo.
+
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct Topology {
+    pub clusters: Vec<TopologyCluster>,
+    pub management_plane: TopologyMgmt,
+}
+
+#[derive(Serialize)]
+pub struct TopologyCluster {
+    pub name: String,
+    pub trust_domain: String,
+    pub cacerts_dir: String,
+    pub workload_ca: TopologyCa,
+    pub token_file: String,
+    pub jwt_issuer: String,
+}
+
+#[derive(Serialize)]
+pub struct TopologyCa {
+    pub address: String,
+    pub ca_file: String,
+    pub server_name: String,
+    pub metrics: String,
+    pub metrics_token_file: String,
+}
+
+#[derive(Serialize)]
+pub struct TopologyMgmt {
+    pub address: String,
+    pub credentials: String,
+}

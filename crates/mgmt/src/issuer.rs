@@ -1,0 +1,248 @@
+//! The certificate issuer as a domain service: [`Issuer::issue`] decides whether a cluster gets
+//! an intermediate for a CSR and signs it, with no gRPC in sight. The gRPC handler
+//! ([`crate::grpc`]) authenticates the caller, calls it, and maps [`Denied`] to a status in one
+//! place ([`Denied::into_status`]); in-process tests call it directly.
+//!
+//! The rules, in the order they are checked: the cluster is registered; the policy covers it;
+//! the management plane signs (not Vault, not a broken CA); the cluster is within its rate limit;
+//! the CSR proves possession of a key of the policy's algorithm and, if it names a cluster in
+//! `L=`, names the caller; this replica leads; the key was never certified before. The issued
+//! serial is recorded before the answer.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meshca_clock::unix;
+use meshca_pki::{CsrError, CsrPolicy, IntermediateParams, IssueError, verify_csr};
+use meshca_proto::IssueReason;
+use meshca_store::{Store, StoreError, typed};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::authority::{Authority, Capability};
+use crate::ratelimit::RateLimiter;
+use crate::records::{self, ClusterRecord, ISSUED_KEEP, IssuedLog, IssuedRecord};
+use crate::replica::Leader;
+
+/// A cluster intermediate, as handed to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The intermediate (PEM).
+    pub certificate: String,
+    /// The chain above it, issuer first, root last (PEM, one per element).
+    pub chain: Vec<String>,
+    /// The root set for `root-cert.pem` (PEM bundle).
+    pub root_set: String,
+    /// The policy generation it was issued under.
+    pub generation: String,
+    /// Serial, uppercase hex.
+    pub serial: String,
+    /// NotAfter, unix seconds.
+    pub not_after: i64,
+}
+
+/// Why the issuer said no. Each variant says what would make it say yes.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    /// No registration record for the caller's cluster.
+    #[error("cluster {0} is not registered")]
+    NotRegistered(String),
+    /// The policy does not cover the cluster.
+    #[error("cluster {cluster} is not covered by RootTrustPolicy {policy}")]
+    NotCovered {
+        /// The cluster.
+        cluster: String,
+        /// The policy's name.
+        policy: String,
+    },
+    /// Vault signs this mesh's intermediates.
+    #[error("this mesh's root lives in Vault: use `meshca vault-agent`")]
+    DelegatedToVault,
+    /// The policy's CA cannot be loaded.
+    #[error("{0}")]
+    CannotSign(String),
+    /// The cluster is over its issuance rate limit.
+    #[error("cluster {cluster} is over its issuance rate limit; retry in {}s", retry_after.as_secs().max(1))]
+    RateLimited {
+        /// The cluster.
+        cluster: String,
+        /// When a permit is back.
+        retry_after: Duration,
+    },
+    /// The CSR is refused.
+    #[error("intermediate CSR from {cluster}: {source}")]
+    BadCsr {
+        /// The cluster.
+        cluster: String,
+        /// What is wrong with it.
+        #[source]
+        source: CsrError,
+    },
+    /// The CSR names another cluster than the caller.
+    #[error("the CSR names cluster {named:?} but the caller is cluster {caller}")]
+    OtherCluster {
+        /// The cluster in the CSR's `L=`.
+        named: String,
+        /// The caller.
+        caller: String,
+    },
+    /// This replica does not hold the leader lease.
+    #[error("this management-plane replica does not hold the leader lease; retry (the leader answers)")]
+    NotLeader,
+    /// Signing failed (e.g. the signer expires before the intermediate would start).
+    #[error("cannot issue for {cluster}: {source}")]
+    Signing {
+        /// The cluster.
+        cluster: String,
+        /// Why.
+        #[source]
+        source: IssueError,
+    },
+    /// The key was certified before (a replayed CSR).
+    #[error("an intermediate for this key was already issued to {0}; send a CSR with a new key")]
+    KeyReused(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Denied {
+    /// The gRPC status for this denial: the one place where issuer decisions become codes.
+    pub fn into_status(self) -> Status {
+        let message = self.to_string();
+        match self {
+            Denied::NotRegistered(_) => Status::permission_denied(message),
+            Denied::NotCovered { .. } | Denied::DelegatedToVault | Denied::CannotSign(_) | Denied::Signing { .. } => {
+                Status::failed_precondition(message)
+            }
+            Denied::RateLimited { .. } => Status::resource_exhausted(message),
+            Denied::BadCsr { .. } => Status::invalid_argument(message),
+            Denied::OtherCluster { .. } => Status::permission_denied(message),
+            Denied::NotLeader => Status::unavailable(message),
+            Denied::KeyReused(_) => Status::already_exists(message),
+            Denied::Store(e) => {
+                tracing::error!(error = %e, "store failure while issuing");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+impl From<Denied> for Status {
+    fn from(d: Denied) -> Status {
+        d.into_status()
+    }
+}
+
+/// The certificate issuer.
+pub struct Issuer {
+    store: Arc<dyn Store>,
+    authority: watch::Receiver<Arc<Authority>>,
+    limiter: RateLimiter,
+    leader: Option<watch::Receiver<Leader>>,
+}
+
+impl Issuer {
+    /// An issuer over `store`, signing with the current `authority`, limited by `limiter`, and
+    /// (with replicas) only while `leader` says this replica leads.
+    pub fn new(
+        store: Arc<dyn Store>,
+        authority: watch::Receiver<Arc<Authority>>,
+        limiter: RateLimiter,
+        leader: Option<watch::Receiver<Leader>>,
+    ) -> Self {
+        Issuer { store, authority, limiter, leader }
+    }
+
+    /// Whether this replica may sign now.
+    pub fn leads(&self) -> bool {
+        crate::replica::is_leader(self.leader.as_ref())
+    }
+
+    /// Issues `cluster` an intermediate for `csr_pem` at `now`, or says why not.
+    pub async fn issue(
+        &self,
+        cluster: &str,
+        csr_pem: &str,
+        reason: IssueReason,
+        now: SystemTime,
+    ) -> Result<Issued, Denied> {
+        if typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster)?).await?.is_none() {
+            return Err(Denied::NotRegistered(cluster.to_string()));
+        }
+        let auth = self.authority.borrow().clone();
+        let policy = &auth.policy;
+        if !policy.clusters.covers(cluster) {
+            return Err(Denied::NotCovered { cluster: cluster.to_string(), policy: policy.name.clone() });
+        }
+        let signing = match &auth.capability {
+            Capability::Signing(s) => s.clone(),
+            Capability::Delegated(_) => return Err(Denied::DelegatedToVault),
+            Capability::Unavailable { reason } => return Err(Denied::CannotSign(reason.clone())),
+        };
+        if let Err(retry_after) = self.limiter.try_acquire(cluster) {
+            tracing::warn!(%cluster, "intermediate issuance rate-limited");
+            return Err(Denied::RateLimited { cluster: cluster.to_string(), retry_after });
+        }
+        let csr = verify_csr(csr_pem.as_bytes(), &CsrPolicy::exactly(policy.intermediate.key_algorithm.kind()))
+            .map_err(|source| Denied::BadCsr { cluster: cluster.to_string(), source })?;
+        if let Some(named) = csr.subject_locality()
+            && named != cluster
+        {
+            return Err(Denied::OtherCluster { named: named.to_string(), caller: cluster.to_string() });
+        }
+        let params = IntermediateParams {
+            ttl: policy.intermediate.ttl,
+            permitted_dns_domains: policy.intermediate.permitted_dns_domains.clone(),
+            ..IntermediateParams::cluster(&policy.intermediate.organization, cluster, policy.trust_domain.clone())
+        };
+        if !self.leads() {
+            return Err(Denied::NotLeader);
+        }
+        let issued = signing
+            .signer
+            .sign_intermediate(csr.public_key_spki(), &params, now)
+            .map_err(|source| Denied::Signing { cluster: cluster.to_string(), source })?;
+        let key_sha256 =
+            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
+        let record = IssuedRecord {
+            serial: issued.serial_hex.clone(),
+            not_after: unix(issued.not_after),
+            issued_at: unix(now),
+            reason,
+            policy_generation: auth.generation.clone(),
+            public_key_sha256: key_sha256.clone(),
+            not_before: unix(issued.not_before),
+            key_algorithm: csr.key_kind().to_string(),
+            issuer_fingerprint: signing.signer.cert().fingerprint(),
+        };
+        // Record before answering: nothing is handed out that the log does not show. The log is
+        // updated by compare-and-swap, so when two replicas race on the same request (a leader
+        // whose lease ran out mid-call and its successor), the second finds the first's record
+        // for this key and hands out nothing: a key is certified once.
+        let mut duplicate = false;
+        typed::update::<IssuedLog, _>(self.store.as_ref(), &records::issued(cluster)?, |cur| {
+            let mut log = cur.cloned().unwrap_or_default();
+            duplicate = log.records.iter().any(|r| r.public_key_sha256 == key_sha256);
+            if duplicate {
+                return None;
+            }
+            log.records.insert(0, record.clone());
+            log.records.truncate(ISSUED_KEEP);
+            Some(log)
+        })
+        .await?;
+        if duplicate {
+            return Err(Denied::KeyReused(cluster.to_string()));
+        }
+        tracing::info!(%cluster, serial = %record.serial, not_after = record.not_after, reason = %reason, "issued cluster intermediate");
+        Ok(Issued {
+            certificate: issued.to_pem(),
+            chain: signing.signer.chain_pems(),
+            root_set: signing.roots.to_pem(),
+            generation: auth.generation.clone(),
+            serial: record.serial,
+            not_after: record.not_after,
+        })
+    }
+}

@@ -1,0 +1,193 @@
+//! Keeps the [`Authority`] current: reloads when the policy or the secret it references changes
+//! (and every `resync` as a safety net). An invalid new policy is reported and the last valid
+//! one stays in force; a working CA is never dropped because its replacement cannot be loaded.
+//!
+//! The policy comes from a [`PolicySource`]: the store object `meshca/root-trust-policy`
+//! ([`StorePolicy`], the embedded default, written by `meshca policy apply`), or in Kubernetes
+//! mode the RootTrustPolicy custom resource (in `meshca-kube`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use meshca_clock::SharedClock;
+use meshca_policy::Policy;
+use meshca_store::Store;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::{self, Authority, Capability};
+use crate::error::MgmtError;
+use crate::records;
+
+/// Where the RootTrustPolicy comes from.
+#[async_trait::async_trait]
+pub trait PolicySource: Send + Sync + 'static {
+    /// The policy as written now, validated; `Ok(None)` when none is defined.
+    async fn read(&self) -> Result<Option<Policy>, MgmtError>;
+
+    /// Yields once at once, then whenever the policy may have changed. Spurious wake-ups are
+    /// fine (the loader re-reads and compares); missed changes are covered by its resync.
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()>;
+
+    /// Puts `text` in force (`meshca policy apply`, `meshca server --policy`). `text` has been
+    /// validated and its CA loaded already.
+    async fn apply(&self, text: &str) -> Result<(), MgmtError>;
+
+    /// Publishes the mesh's status where operators look for it. Called on the leader only.
+    async fn publish_status(
+        &self,
+        _status: &meshca_proto::mgmt::MeshStatus,
+        _authority: &Authority,
+    ) -> Result<(), MgmtError> {
+        Ok(())
+    }
+}
+
+/// Reads the policy stored in the store, validated. `Ok(None)` when none is stored.
+pub async fn stored_policy(store: &dyn Store) -> Result<Option<Policy>, MgmtError> {
+    let Some(v) = store.get(&records::policy()).await? else { return Ok(None) };
+    let text = v.value.get(records::POLICY_KEY).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+    Ok(Some(Policy::from_yaml(&text)?))
+}
+
+/// The policy kept in the management plane's own store (`meshca/root-trust-policy`).
+pub struct StorePolicy {
+    store: Arc<dyn Store>,
+}
+
+impl StorePolicy {
+    /// The policy in `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        StorePolicy { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl PolicySource for StorePolicy {
+    async fn read(&self) -> Result<Option<Policy>, MgmtError> {
+        stored_policy(self.store.as_ref()).await
+    }
+
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
+        self.store.watch(&records::policy()).map(|_| ()).boxed()
+    }
+
+    async fn apply(&self, text: &str) -> Result<(), MgmtError> {
+        let secret = meshca_store::Secret::with_data([(records::POLICY_KEY, text.as_bytes().to_vec())]);
+        self.store.put(&records::policy(), &secret, meshca_store::Precondition::Any).await?;
+        Ok(())
+    }
+}
+
+/// The loader: call [`Loader::start`] for the first authority and the receiver everyone reads,
+/// then run [`Loader::run`] as a supervised task.
+pub struct Loader {
+    store: Arc<dyn Store>,
+    source: Arc<dyn PolicySource>,
+    clock: SharedClock,
+    resync: Duration,
+    policy: Policy,
+    tx: watch::Sender<Arc<Authority>>,
+}
+
+impl Loader {
+    /// Loads the first authority: the source's policy, or `fallback` when it has none (or an
+    /// invalid one, which is logged).
+    pub async fn start(
+        store: Arc<dyn Store>,
+        source: Arc<dyn PolicySource>,
+        fallback: Policy,
+        clock: SharedClock,
+        resync: Duration,
+    ) -> (Loader, watch::Receiver<Arc<Authority>>) {
+        let policy = match source.read().await {
+            Ok(Some(p)) => p,
+            Ok(None) => fallback,
+            Err(e) => {
+                tracing::error!(error = %e, "stored policy is invalid; using the default until it is fixed");
+                fallback
+            }
+        };
+        let initial = authority::load(store.as_ref(), policy.clone(), clock.now()).await;
+        log_authority(&initial);
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        (Loader { store, source, clock, resync, policy, tx }, rx)
+    }
+
+    /// Reloads on every change until `cancel` fires or nobody reads the authority any more.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            let mut policy_watch = self.source.changes();
+            let mut secret_watch = match authority::referenced_secret(&self.policy) {
+                Some(k) => self.store.watch(&k),
+                None => Box::pin(futures::stream::pending()),
+            };
+            // Each watch yields the current state first; skip it.
+            let _ = policy_watch.next().await;
+            let _ = secret_watch.next().await;
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.tx.closed() => return,
+                _ = policy_watch.next() => {},
+                _ = secret_watch.next() => {},
+                _ = self.clock.sleep(self.resync) => {},
+            }
+            self.reload().await;
+        }
+    }
+
+    /// One reload: re-reads the policy and its CA and publishes the result if anything changed.
+    pub async fn reload(&mut self) {
+        let mut policy_error = None;
+        match self.source.read().await {
+            Ok(Some(p)) => self.policy = p,
+            Ok(None) => {}
+            Err(e) => policy_error = Some(e.to_string()),
+        }
+        let mut next = authority::load(self.store.as_ref(), self.policy.clone(), self.clock.now()).await;
+        let current = self.tx.borrow().clone();
+        if let (Capability::Unavailable { reason }, Capability::Signing(_)) = (&next.capability, &current.capability) {
+            // Never drop a working CA because its replacement cannot be loaded (a deleted or
+            // corrupt secret, a bad edit): keep signing with the last good one, loudly.
+            tracing::error!(error = %reason, "the policy's CA cannot be loaded; the last good CA stays in force");
+            let warning = format!("{reason}; the last good CA stays in force");
+            next = Authority { warning: Some(warning), ..(*current).clone() };
+        }
+        if let Some(e) = policy_error {
+            tracing::error!(error = %e, "new policy refused; the previous policy stays in force");
+            next.warning = Some(format!("the stored policy was refused and the previous one stays in force: {e}"));
+        }
+        if current.generation != next.generation
+            || current.error() != next.error()
+            || current.warning != next.warning
+            || current.policy != next.policy
+        {
+            log_authority(&next);
+            self.tx.send_replace(Arc::new(next));
+        }
+    }
+}
+
+fn log_authority(a: &Authority) {
+    match &a.capability {
+        Capability::Unavailable { reason } => {
+            tracing::error!(error = %reason, mode = a.policy.ca.name(), "the policy's CA cannot sign")
+        }
+        Capability::Signing(s) => tracing::info!(
+            mode = a.policy.ca.name(),
+            signer = %s.signer.cert().subject(),
+            generation = %a.generation,
+            "authority loaded"
+        ),
+        Capability::Delegated(d) => tracing::info!(
+            mode = a.policy.ca.name(),
+            vault = %d.spec.server,
+            generation = %a.generation,
+            "authority loaded: Vault signs the cluster intermediates"
+        ),
+    }
+    if let Some(w) = &a.warning {
+        tracing::warn!(warning = %w, "policy warning");
+    }
+}

@@ -1,0 +1,243 @@
+//! The management plane's domain services in-process, on a manual clock, over a real directory
+//! store in a temp dir: the issuer's rules (each denial and its gRPC status), its rate limit
+//! refilling with simulated time, bootstrap tokens expiring, and the authority loader keeping the
+//! last good CA. No sockets and no sleeping; the gRPC handlers are called as functions where the
+//! status a caller sees is the point. The same services over real mutual TLS are tested end to
+//! end in `crates/meshca/tests/mgmt_bad_input.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshca_clock::{Clock, ManualClock};
+use meshca_mgmt::authority::Capability;
+use meshca_mgmt::grpc::{Settings, Shared};
+use meshca_mgmt::issuer::{Denied, Issuer};
+use meshca_mgmt::loader::{Loader, PolicySource, StorePolicy};
+use meshca_mgmt::ratelimit::RateLimiter;
+use meshca_mgmt::records::{self, ClusterRecord, IssuedLog};
+use meshca_mgmt::registration::RegistrationService;
+use meshca_mgmt::relay::RelayCa;
+use meshca_mgmt::tokens;
+use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet, Usage, build_csr, verify_chain};
+use meshca_policy::Policy;
+use meshca_proto::IssueReason;
+use meshca_proto::mgmt::RegisterRequest;
+use meshca_proto::mgmt::registration_server::Registration;
+use meshca_store::dir::DirStore;
+use meshca_store::{Precondition, typed};
+use tokio::sync::watch;
+use tonic::Code;
+
+struct Plane {
+    _tmp: tempfile::TempDir,
+    clock: ManualClock,
+    store: Arc<DirStore>,
+    loader: Loader,
+    authority: watch::Receiver<Arc<meshca_mgmt::authority::Authority>>,
+    issuer: Issuer,
+}
+
+fn policy(extra: &str) -> String {
+    format!(
+        "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: mesh }}\nspec:\n  config:\n    generated: {{}}\n  intermediateCertOptions: {{ ttl: 1h }}\n{extra}"
+    )
+}
+
+impl Plane {
+    async fn start(policy_yaml: &str, burst: u32, per_minute: f64) -> Plane {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at_2026();
+        let store = Arc::new(DirStore::open(tmp.path()).unwrap());
+        let source = Arc::new(StorePolicy::new(store.clone()));
+        source.apply(policy_yaml).await.unwrap();
+        let fallback = Policy::generated_default(Duration::from_secs(3600));
+        let (loader, authority) =
+            Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+        let limiter = RateLimiter::new(burst, per_minute, clock.shared());
+        let issuer = Issuer::new(store.clone(), authority.clone(), limiter, None);
+        Plane { _tmp: tmp, clock, store, loader, authority, issuer }
+    }
+
+    async fn register(&self, cluster: &str) {
+        let rec = ClusterRecord { name: cluster.into(), registered_at: 1, ..Default::default() };
+        typed::put(self.store.as_ref(), &records::cluster(cluster).unwrap(), &rec, Precondition::Absent).await.unwrap();
+    }
+
+    async fn issue(&self, cluster: &str, csr: &str) -> Result<meshca_mgmt::issuer::Issued, Denied> {
+        self.issuer.issue(cluster, csr, IssueReason::Initial, self.clock.now()).await
+    }
+}
+
+fn csr(alg: KeyAlgorithm, cluster: &str) -> (PrivateKey, String) {
+    let key = PrivateKey::generate(alg).unwrap();
+    let csr = meshca_agent::source::csr_for(&key, "meshca", cluster).unwrap();
+    (key, csr)
+}
+
+#[tokio::test]
+async fn an_issued_intermediate_chains_to_the_root_and_is_recorded_before_the_answer() {
+    let p = Plane::start(&policy(""), 5, 6.0).await;
+    p.register("cluster-1").await;
+    let (key, csr) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
+    let issued = p.issue("cluster-1", &csr).await.unwrap();
+    let cert = Cert::from_pem(issued.certificate.as_bytes()).unwrap();
+    let chain: Vec<Cert> = issued.chain.iter().map(|c| Cert::from_pem(c.as_bytes()).unwrap()).collect();
+    let roots = RootSet::from_pem(issued.root_set.as_bytes()).unwrap();
+    verify_chain(&cert, &chain[..chain.len() - 1], &roots, p.clock.now(), Usage::Ca).unwrap();
+    CaBundle::validate(&CaBundle::assemble(&key, &cert, &chain, &roots), p.clock.now()).unwrap();
+    assert_eq!(cert.subject(), "L=cluster-1,CN=meshca intermediate,O=meshca");
+    assert_eq!(issued.generation, p.authority.borrow().generation);
+    let log = typed::get::<IssuedLog>(p.store.as_ref(), &records::issued("cluster-1").unwrap()).await.unwrap().unwrap();
+    assert_eq!(log.value.records[0].serial, issued.serial);
+    assert_eq!(log.value.records[0].reason, IssueReason::Initial);
+    assert_eq!(log.value.records[0].issued_at, meshca_clock::unix(p.clock.now()));
+}
+
+#[tokio::test]
+async fn every_denial_says_why_with_the_right_status() {
+    let p = Plane::start(&policy("  clusters: [cluster-1, cluster-2]\n"), 5, 6.0).await;
+    p.register("cluster-1").await;
+    p.register("cluster-9").await;
+    let code = |d: Denied| {
+        let s = d.into_status();
+        (s.code(), s.message().to_string())
+    };
+    let (_, good) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
+    let cases = [
+        (p.issue("cluster-2", &good).await, Code::PermissionDenied, "cluster cluster-2 is not registered"),
+        (p.issue("cluster-9", &good).await, Code::FailedPrecondition, "not covered by RootTrustPolicy mesh"),
+        (
+            p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP384, "cluster-1").1).await,
+            Code::InvalidArgument,
+            "intermediate CSR from cluster-1",
+        ),
+        (
+            p.issue("cluster-1", "not a csr").await,
+            Code::InvalidArgument,
+            "neither a PEM CERTIFICATE REQUEST nor a DER CSR",
+        ),
+        (
+            p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-2").1).await,
+            Code::PermissionDenied,
+            "names cluster \"cluster-2\"",
+        ),
+    ];
+    for (result, want, needle) in cases {
+        let (c, m) = code(result.expect_err(needle));
+        assert_eq!(c, want, "{m}");
+        assert!(m.contains(needle), "{needle:?} not in {m:?}");
+    }
+    // A replayed CSR gets nothing the second time: a key is certified once.
+    p.issue("cluster-1", &good).await.unwrap();
+    let (c, m) = code(p.issue("cluster-1", &good).await.expect_err("replay"));
+    assert_eq!(c, Code::AlreadyExists, "{m}");
+}
+
+#[tokio::test]
+async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
+    let p = Plane::start(&policy(""), 2, 6.0).await;
+    p.register("cluster-1").await;
+    p.register("cluster-2").await;
+    for _ in 0..2 {
+        p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
+    }
+    let d = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.expect_err("limited");
+    assert!(matches!(d, Denied::RateLimited { retry_after, .. } if retry_after == Duration::from_secs(10)), "{d}");
+    let s = d.into_status();
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(s.message().contains("retry in 10s"), "{}", s.message());
+    p.issue("cluster-2", &csr(KeyAlgorithm::EcdsaP256, "cluster-2").1).await.expect("a bucket of its own");
+    p.clock.advance(Duration::from_secs(9));
+    assert!(p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.is_err());
+    p.clock.advance(Duration::from_secs(1));
+    p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.expect("refilled after 10 s");
+}
+
+#[tokio::test]
+async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
+    let p = Plane::start(&policy(""), 5, 6.0).await;
+    let relay = Arc::new(RelayCa::load_or_create(p.store.as_ref(), p.clock.now()).await.unwrap());
+    let (nudge, _) = watch::channel(0);
+    let limiter = RateLimiter::new(5, 6.0, p.clock.shared());
+    let shared = Arc::new(Shared {
+        store: p.store.clone(),
+        relay,
+        authority: p.authority.clone(),
+        issuer: Issuer::new(p.store.clone(), p.authority.clone(), limiter, None),
+        settings: Settings::default(),
+        nudge,
+        policy_source: Arc::new(StorePolicy::new(p.store.clone())),
+        clock: p.clock.shared(),
+        shutdown: tokio_util::sync::CancellationToken::new(),
+    });
+    let service = RegistrationService(shared);
+    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
+    let identity_csr = || build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &[]).unwrap();
+    let request = |token: &str| {
+        tonic::Request::new(RegisterRequest {
+            bootstrap_token: token.into(),
+            identity_csr: identity_csr(),
+            cluster: "cluster-1".into(),
+        })
+    };
+    p.clock.advance(Duration::from_secs(61));
+    let s = service.register(request(&token.token)).await.expect_err("expired");
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert!(s.message().contains("expired at") && s.message().contains("meshca cluster add"), "{}", s.message());
+
+    let fresh = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
+    p.clock.advance(Duration::from_secs(59));
+    let id = service.register(request(&fresh.token)).await.expect("within its lifetime").into_inner();
+    assert_eq!(id.cluster, "cluster-1");
+    let s = service.register(request(&fresh.token)).await.expect_err("single use");
+    assert!(s.message().contains("already used"), "{}", s.message());
+}
+
+#[tokio::test]
+async fn a_refused_policy_changes_nothing_and_a_broken_secret_keeps_the_last_good_ca() {
+    let mut p = Plane::start(&policy(""), 5, 6.0).await;
+    let first = p.authority.borrow().clone();
+    assert!(matches!(first.capability, Capability::Signing(_)));
+
+    // A policy naming a secret that does not exist is stored (as a bad edit would be) but the
+    // loader keeps the last good CA in force and says why.
+    let source = StorePolicy::new(p.store.clone());
+    source.apply(&policy("").replace("generated: {}", "secretRef: { name: missing }")).await.unwrap();
+    p.loader.reload().await;
+    let now = p.authority.borrow().clone();
+    assert!(matches!(now.capability, Capability::Signing(_)), "still signing");
+    assert_eq!(now.generation, first.generation, "nothing for agents to react to");
+    assert!(now.warning.as_deref().unwrap_or("").contains("meshca/missing: not found"), "{:?}", now.warning);
+
+    // An unparsable one is refused outright: the previous policy stays, with a warning.
+    source.apply("kind: [").await.unwrap();
+    p.loader.reload().await;
+    let now = p.authority.borrow().clone();
+    assert_eq!(now.generation, first.generation);
+    assert!(now.warning.as_deref().unwrap_or("").contains("refused"), "{:?}", now.warning);
+
+    // A good change moves the generation: every cluster re-issues.
+    source.apply(&policy("").replace("ttl: 1h", "ttl: 2h")).await.unwrap();
+    p.loader.reload().await;
+    let now = p.authority.borrow().clone();
+    assert_ne!(now.generation, first.generation);
+    assert_eq!(now.policy.intermediate.ttl, Duration::from_secs(7200));
+    assert_eq!(now.warning, None);
+}
+
+#[tokio::test]
+async fn in_vault_mode_the_management_plane_signs_nothing() {
+    let vault = "  config:\n    vault: { server: 'https://vault:8200', caPath: pki/root/sign-intermediate, auth: { token: { tokenFile: /t } } }\n";
+    let text = policy("").replace("  config:\n    generated: {}\n", vault);
+    let p = Plane::start(&text, 5, 6.0).await;
+    p.register("cluster-1").await;
+    assert!(matches!(p.authority.borrow().capability, Capability::Delegated(_)));
+    let d = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.expect_err("vault");
+    assert!(matches!(d, Denied::DelegatedToVault), "{d}");
+    let rec = ClusterRecord { name: "cluster-1".into(), ..Default::default() };
+    let t = meshca_mgmt::grpc::trust_state(&p.authority.borrow(), &rec, &Settings::default());
+    let v = t.vault.expect("the Vault block is delivered");
+    assert_eq!((v.server.as_str(), v.ca_path.as_str()), ("https://vault:8200", "pki/root/sign-intermediate"));
+    assert!(t.root_set.is_empty(), "the root set comes from Vault's chain");
+}
