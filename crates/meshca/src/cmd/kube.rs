@@ -9,6 +9,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use meshca_kube::Connection;
 use meshca_store::{ObjectKey, Precondition, Store};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// How to reach the API server. Giving any of them switches the command to Kubernetes mode:
 /// its store is Secrets instead of a directory.
@@ -68,15 +70,25 @@ pub fn object_key(s: &str) -> anyhow::Result<ObjectKey> {
 
 /// Mirrors the Secret `key` into the directory `dir` (the kubelet's secret-volume layout, one
 /// atomic swap per change), for a workload CA running where no kubelet mounts `cacerts` for it.
-/// Returns once the first copy is in place.
-pub async fn mirror_secret(store: Arc<dyn Store>, key: ObjectKey, dir: PathBuf) -> anyhow::Result<()> {
+/// Returns once the first copy is in place, with the mirroring task, which runs until `cancel`
+/// fires; the caller owns it and awaits it on the way out.
+pub async fn mirror_secret(
+    store: Arc<dyn Store>,
+    key: ObjectKey,
+    dir: PathBuf,
+    cancel: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
     meshca_store::fsutil::create_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let local = meshca_store::single::SingleObjectDir::open(key.clone(), &dir)?;
     let mut watch = store.watch(&key);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut first = Some(first_tx);
-        while let Some(item) = watch.next().await {
+        loop {
+            let item = tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = watch.next() => match item { Some(i) => i, None => return },
+            };
             match item {
                 Ok(Some(v)) => match local.put(&key, &v.value, Precondition::Any).await {
                     Ok(_) => {
@@ -94,9 +106,14 @@ pub async fn mirror_secret(store: Arc<dyn Store>, key: ObjectKey, dir: PathBuf) 
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(300), first_rx)
-        .await
-        .context("no cacerts Secret appeared within 5 minutes")?
-        .context("the mirror stopped")?;
-    Ok(())
+    match tokio::time::timeout(Duration::from_secs(300), first_rx).await {
+        Ok(Ok(())) => Ok(task),
+        outcome => {
+            task.abort();
+            match outcome {
+                Err(_) => anyhow::bail!("no cacerts Secret appeared within 5 minutes"),
+                _ => anyhow::bail!("the mirror stopped"),
+            }
+        }
+    }
 }

@@ -111,11 +111,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             if a.cache_tokens { Arc::new(CachingAuthenticator::new(review, 100_000)) } else { Arc::new(review) }
         }
     };
-    if let Some(secret) = &a.cacerts_secret {
-        let client = client.clone().context("--cacerts-secret needs --kubeconfig, --kube-url or --in-cluster")?;
-        let store = Arc::new(meshca_kube::store::KubeStore::new(client));
-        super::kube::mirror_secret(store, super::kube::object_key(secret)?, a.cacerts.clone()).await?;
-    }
+    let stop_mirror = tokio_util::sync::CancellationToken::new();
+    let mirror = match &a.cacerts_secret {
+        Some(secret) => {
+            let client = client.clone().context("--cacerts-secret needs --kubeconfig, --kube-url or --in-cluster")?;
+            let store = Arc::new(meshca_kube::store::KubeStore::new(client));
+            let key = super::kube::object_key(secret)?;
+            Some(super::kube::mirror_secret(store, key, a.cacerts.clone(), stop_mirror.clone()).await?)
+        }
+        None => None,
+    };
     let opts = Options {
         cacerts_dir: a.cacerts,
         listen: a.listen,
@@ -127,7 +132,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         max_per_second: a.max_requests_per_second,
         clock: meshca_clock::system(),
     };
-    meshca_workload_ca::serve(
+    let served = meshca_workload_ca::serve(
         opts,
         Metrics::new(),
         |addr, metrics| {
@@ -138,6 +143,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         },
         super::ctrl_c(),
     )
-    .await?;
+    .await;
+    stop_mirror.cancel();
+    if let Some(m) = mirror {
+        let _ = m.await;
+    }
+    served?;
     Ok(())
 }
