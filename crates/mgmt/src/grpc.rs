@@ -17,7 +17,7 @@ use meshca_proto::mgmt::{
     ReportStatusResponse, TrustState, WatchTrustRequest, certificate_issuer_server::CertificateIssuer,
 };
 use meshca_proto::{IssueReason, Phase};
-use meshca_store::{Precondition, Store, typed};
+use meshca_store::{Store, typed};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::authority::{Authority, Capability};
 use crate::issuer::Issuer;
 use crate::loader::PolicySource;
-use crate::records::{self, ClusterRecord, StatusRecord};
+use crate::records::{self, ClusterRecord, IstiodRecord, StatusRecord};
 use crate::relay::RelayCa;
 
 /// Tunables of the services.
@@ -159,6 +159,7 @@ pub fn trust_state(auth: &Authority, rec: &ClusterRecord, settings: &Settings) -
             Capability::Delegated(d) => Some(d.to_wire()),
             _ => None,
         },
+        auto_restart_pods: auth.policy.auto_restart_pods,
     }
 }
 
@@ -261,24 +262,40 @@ impl CertificateIssuer for IssuerService {
             Ok(p) => p,
         };
         let clip = |t: &str| t.chars().take(1024).collect::<String>();
-        let rec = StatusRecord {
-            reported_at: unix(self.0.clock.now()),
-            phase,
-            intermediate_serial: clip(&s.intermediate_serial),
-            intermediate_not_after: s.intermediate_not_after,
-            intermediate_not_before: s.intermediate_not_before,
-            root_set_fingerprint: clip(&s.root_set_fingerprint),
-            policy_generation: clip(&s.policy_generation),
-            last_renewal: s.last_renewal,
-            last_error: clip(&s.last_error),
-            key_location: clip(&s.key_location),
-            next_renewal: s.next_renewal,
-            agent_version: clip(&s.agent_version),
-            consecutive_failures: s.consecutive_failures,
-        };
-        typed::put(self.0.store.as_ref(), &records::status(&cluster).map_err(internal)?, &rec, Precondition::Any)
-            .await
-            .map_err(internal)?;
+        let key = records::status(&cluster).map_err(internal)?;
+        let now = unix(self.0.clock.now());
+        let istiod = s.istiod.as_ref().map(|i| IstiodRecord::from_wire(i, clip));
+        // Two processes may report for one cluster (in Vault mode the agent reports istiod, the
+        // vault-agent sidecar the intermediate): each keeps what the other reported.
+        typed::update::<StatusRecord, _>(self.0.store.as_ref(), &key, |cur| {
+            let mut rec = match (s.istiod_only, cur) {
+                (true, Some(cur)) => cur.clone(),
+                _ => StatusRecord {
+                    phase,
+                    intermediate_serial: clip(&s.intermediate_serial),
+                    intermediate_not_after: s.intermediate_not_after,
+                    intermediate_not_before: s.intermediate_not_before,
+                    root_set_fingerprint: clip(&s.root_set_fingerprint),
+                    policy_generation: clip(&s.policy_generation),
+                    last_renewal: s.last_renewal,
+                    last_error: clip(&s.last_error),
+                    key_location: clip(&s.key_location),
+                    next_renewal: s.next_renewal,
+                    agent_version: clip(&s.agent_version),
+                    consecutive_failures: s.consecutive_failures,
+                    foreign_cacerts: s.foreign_cacerts,
+                    istiod: cur.and_then(|c| c.istiod.clone()),
+                    ..Default::default()
+                },
+            };
+            rec.reported_at = now;
+            if let Some(i) = &istiod {
+                rec.istiod = Some(i.clone());
+            }
+            Some(rec)
+        })
+        .await
+        .map_err(internal)?;
         Ok(Response::new(ReportStatusResponse {}))
     }
 }

@@ -1,7 +1,7 @@
 //! What the management plane persists, and where. Everything lives in the store (namespace
 //! [`NAMESPACE`]), so a replica holds no state of its own.
 
-use meshca_proto::{IssueReason, Phase};
+use meshca_proto::{IssueReason, IstiodState, Phase};
 use meshca_store::{ObjectKey, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -155,6 +155,55 @@ pub struct StatusRecord {
     /// Attempts in a row that failed.
     #[serde(default)]
     pub consecutive_failures: u32,
+    /// `cacerts` exists but is not meshca's (and adoption was not asked for).
+    #[serde(default)]
+    pub foreign_cacerts: bool,
+    /// What the agent did to istiod's Deployment, when it manages it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istiod: Option<IstiodRecord>,
+}
+
+/// What a cluster's agent reported about istiod's Deployment (`IstiodStatus` on the wire).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IstiodRecord {
+    /// Whether the agent could do what the policy asks.
+    pub state: IstiodState,
+    /// `namespace/name`.
+    pub deployment: String,
+    /// Why, when not wired.
+    pub message: String,
+    /// The intermediate serial istiod was last restarted for.
+    pub restarted_for_serial: String,
+    /// Unix seconds of that restart.
+    pub restarted_at: i64,
+    /// Whether the Vault agent sidecar is on the Deployment.
+    pub vault_sidecar: bool,
+}
+
+impl IstiodRecord {
+    /// From the wire, with its strings clipped by `clip`.
+    pub fn from_wire(w: &meshca_proto::mgmt::IstiodStatus, clip: impl Fn(&str) -> String) -> Self {
+        IstiodRecord {
+            state: w.state(),
+            deployment: clip(&w.deployment),
+            message: clip(&w.message),
+            restarted_for_serial: clip(&w.restarted_for_serial),
+            restarted_at: w.restarted_at,
+            vault_sidecar: w.vault_sidecar,
+        }
+    }
+
+    /// To the wire.
+    pub fn to_wire(&self) -> meshca_proto::mgmt::IstiodStatus {
+        meshca_proto::mgmt::IstiodStatus {
+            state: self.state as i32,
+            deployment: self.deployment.clone(),
+            message: self.message.clone(),
+            restarted_for_serial: self.restarted_for_serial.clone(),
+            restarted_at: self.restarted_at,
+            vault_sidecar: self.vault_sidecar,
+        }
+    }
 }
 
 /// An [`IssueReason`] by its name, as the issued log has always stored it.

@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use meshca_clock::unix;
-use meshca_proto::AlertKind;
+use meshca_proto::{AlertKind, IstiodState};
 use meshca_proto::mgmt::{Alert, CertificateSummary, ClusterStatus, ClusterView, IssuedRecord, MeshStatus};
 use meshca_store::{Store, typed};
 
 use crate::authority::Authority;
 use crate::error::MgmtError;
-use crate::records::{self, ClusterRecord, IssuedLog, StatusRecord};
+use crate::records::{self, ClusterRecord, IssuedLog, IstiodRecord, StatusRecord};
 
 /// A cluster is "connected" when it reported within this many report intervals.
 pub const CONNECTED_INTERVALS: i64 = 3;
@@ -28,6 +28,9 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
         next_renewal: s.next_renewal,
         agent_version: s.agent_version.clone(),
         consecutive_failures: s.consecutive_failures,
+        istiod: s.istiod.as_ref().map(IstiodRecord::to_wire),
+        istiod_only: false,
+        foreign_cacerts: s.foreign_cacerts,
     }
 }
 
@@ -165,7 +168,10 @@ pub fn human(secs: i64) -> String {
 /// - an intermediate past its renewal point and not renewed (`IntermediateRenewalOverdue`), or
 ///   expired (`IntermediateExpired`);
 /// - a registered cluster silent for more than [`CONNECTED_INTERVALS`] report intervals
-///   (`ClusterNotReporting`).
+///   (`ClusterNotReporting`);
+/// - a `cacerts` meshca did not write, left alone (`ForeignCacerts`);
+/// - an agent that may manage istiod but could not (`IstiodNotWired`: the Deployment is missing,
+///   RBAC forbids the patch, another field manager owns a field meshca would set).
 pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_interval: Duration) -> Vec<Alert> {
     let mut out = Vec::new();
     if let Some(e) = authority.error() {
@@ -215,6 +221,25 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
                 format!("{} is registered but has never reported", c.name),
             )),
             Some(s) => {
+                if s.foreign_cacerts {
+                    out.push(alert(
+                        AlertKind::ForeignCacerts,
+                        &c.name,
+                        format!(
+                            "{}'s cacerts was not written by meshca and is left alone: delete it, or start the agent with --adopt-existing",
+                            c.name
+                        ),
+                    ));
+                }
+                if let Some(i) = &s.istiod
+                    && !matches!(i.state(), IstiodState::Unspecified | IstiodState::Wired)
+                {
+                    out.push(alert(
+                        AlertKind::IstiodNotWired,
+                        &c.name,
+                        format!("{}: istiod Deployment {}: {}: {}", c.name, i.deployment, i.state(), i.message),
+                    ));
+                }
                 if now - c.last_seen > CONNECTED_INTERVALS * interval {
                     out.push(alert(
                         AlertKind::ClusterNotReporting,
@@ -309,7 +334,11 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 "issuerFingerprint": current.map(|r| r.issuer_fingerprint.as_str()).unwrap_or(""),
                 "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
                 "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
-                "keyLocation": s.key_location,
+                "keyLocation": s.key_location, "foreignCacerts": s.foreign_cacerts,
+                "istiod": s.istiod.as_ref().map(|i| json!({
+                    "state": named(i.state().name()), "deployment": i.deployment, "message": i.message,
+                    "restartedForSerial": i.restarted_for_serial, "restartedAt": i.restarted_at, "vaultSidecar": i.vault_sidecar,
+                })),
                 "issued": c.issued.iter().map(|r| json!({
                     "serial": r.serial, "notBefore": r.not_before, "notAfter": r.not_after, "issuedAt": r.issued_at,
                     "reason": match r.reason() { meshca_proto::IssueReason::Unspecified => "unspecified", x => x.name() }, "keyAlgorithm": r.key_algorithm, "issuerFingerprint": r.issuer_fingerprint,

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::mgmt::{AlertKind, IssueReason, Phase};
+use crate::mgmt::{AlertKind, IssueReason, IstiodState, Phase};
 
 /// A name that is not one of an enum's values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +75,16 @@ names!(AlertKind, "alert kind", {
     IntermediateRenewalOverdue => "IntermediateRenewalOverdue",
     IntermediateExpired => "IntermediateExpired",
     ClusterNotReporting => "ClusterNotReporting",
+    ForeignCacerts => "ForeignCacerts",
+    IstiodNotWired => "IstiodNotWired",
+});
+
+names!(IstiodState, "istiod state", {
+    Wired => "Wired",
+    NotFound => "NotFound",
+    Forbidden => "Forbidden",
+    Conflict => "Conflict",
+    Failed => "Failed",
 });
 
 names!(IssueReason, "issue reason", {
