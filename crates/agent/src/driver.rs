@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 
 use crate::cacerts::{self, Held, Stamp};
 use crate::identity::{self, AgentIdentity};
+use crate::istiod::{IstiodEffect, IstiodPlan};
 use crate::plan::{self, Trust};
 use crate::runner::{Effect, Note, Observation, Runner, RunnerConfig, Unwritten};
 use crate::source::{self, IntermediateSource, Obtained};
@@ -91,9 +92,12 @@ impl ControlPlane for GrpcControlPlane {
     }
 }
 
-/// What the agent's trust is, in planning terms.
-fn trust_of(t: &TrustState) -> Trust {
+/// What the agent's trust is, in planning terms, for an agent whose intermediates come from
+/// `source`.
+fn trust_of(t: &TrustState, source: &dyn IntermediateSource) -> Trust {
     Trust {
+        vault_delegated: t.vault.is_some() && !source.serves_vault_mode(),
+        auto_restart: t.auto_restart_pods,
         generation: t.policy_generation.clone(),
         roots_fingerprint: t.root_set_fingerprint.clone(),
         rotate_requests: t.rotate_requests,
@@ -273,16 +277,20 @@ pub async fn drive(
     link: watch::Receiver<Link>,
     cancel: CancellationToken,
 ) -> Result<(), AgentError> {
+    let mut runner = Runner::new(
+        RunnerConfig {
+            backoff_base: opts.backoff_base,
+            backoff_max: opts.backoff_max,
+            adopt_existing: opts.adopt_existing,
+            cacerts: opts.cacerts.to_string(),
+        },
+        jitter(),
+    );
+    if let Some(istiod) = &opts.istiod {
+        runner = runner.with_istiod(IstiodPlan::new(istiod.deployment(), opts.backoff_base, opts.backoff_max));
+    }
     let driver = Driver {
-        runner: Runner::new(
-            RunnerConfig {
-                backoff_base: opts.backoff_base,
-                backoff_max: opts.backoff_max,
-                adopt_existing: opts.adopt_existing,
-                cacerts: opts.cacerts.to_string(),
-            },
-            jitter(),
-        ),
+        runner,
         clock: opts.clock.clone(),
         store,
         opts: opts.clone(),
@@ -291,6 +299,7 @@ pub async fn drive(
         held: Held::Absent,
         pending: None,
         logged: String::new(),
+        own_writes: Default::default(),
     };
     driver.run(link, cancel).await
 }
@@ -306,7 +315,12 @@ struct Driver {
     pending: Option<Pending>,
     /// The last error logged, so a persisting condition is logged once, not on every pass.
     logged: String,
+    /// The versions of `cacerts` this agent wrote last (the newest is the one held).
+    own_writes: std::collections::VecDeque<meshca_store::ResourceVersion>,
 }
+
+/// How many of its own writes the agent remembers to recognise stale watch events.
+const OWN_WRITES_KEPT: usize = 8;
 
 impl Driver {
     async fn run(mut self, mut link: watch::Receiver<Link>, cancel: CancellationToken) -> Result<(), AgentError> {
@@ -317,7 +331,7 @@ impl Driver {
         self.held = Held::classify(first, self.clock.now());
         loop {
             let l = link.borrow_and_update().clone();
-            let trust = l.trust.as_ref().map(trust_of);
+            let trust = l.trust.as_ref().map(|t| trust_of(t, self.source.as_ref()));
             let now = self.clock.now();
             let step = self.runner.step(&Observation {
                 now,
@@ -353,8 +367,13 @@ impl Driver {
                     Effect::RetryWrite => again |= self.retry_write().await,
                     Effect::Reread => self.reread().await,
                     Effect::RenewIdentity => self.renew_identity().await,
-                    Effect::Report => self.report().await,
+                    Effect::Report => self.report(trust.as_ref()).await,
+                    Effect::Istiod(e) => again |= self.istiod(e).await,
                 }
+            }
+            if self.opts.once && matches!(self.held, Held::Ours { .. }) {
+                tracing::info!("cacerts is in place; stopping as asked (--once)");
+                return Ok(());
             }
             if again {
                 continue;
@@ -380,6 +399,13 @@ impl Driver {
         let Some(change) = change else { return };
         if let (Ok(Some(v)), Some(held)) = (&change, self.held.version())
             && &v.version == held
+        {
+            return;
+        }
+        // A read the watch began before one of this agent's own later writes can finish after
+        // it: an older version of ours is stale, not a change.
+        if let Ok(Some(v)) = &change
+            && self.own_writes.contains(&v.version)
         {
             return;
         }
@@ -473,6 +499,10 @@ impl Driver {
                     "cacerts written"
                 );
                 self.runner.issued(self.clock.now());
+                if self.own_writes.len() == OWN_WRITES_KEPT {
+                    self.own_writes.pop_front();
+                }
+                self.own_writes.push_back(version.clone());
                 self.held = cacerts::written(p.bundle, &p.stamp, version);
                 self.logged.clear();
                 true
@@ -521,7 +551,55 @@ impl Driver {
         }
     }
 
-    async fn report(&mut self) {
+    /// Reads or patches istiod's Deployment. Returns whether to step again at once.
+    async fn istiod(&mut self, effect: IstiodEffect) -> bool {
+        let Some(control) = self.opts.istiod.clone() else { return false };
+        let now = self.clock.now();
+        let outcome = match &effect {
+            IstiodEffect::Read => control.read().await.map(|found| {
+                if let Some(p) = self.runner.istiod_mut() {
+                    p.observed(now, found);
+                }
+            }),
+            IstiodEffect::Restart { serial } => control.restart(serial, now).await.map(|()| {
+                tracing::info!(deployment = %control.deployment(), %serial, "istiod restarted for the new intermediate");
+                if let Some(p) = self.runner.istiod_mut() {
+                    p.restarted(now, serial);
+                }
+            }),
+            IstiodEffect::Sidecar { present } => control.sidecar(*present).await.map(|()| {
+                let what = if *present { "added to" } else { "removed from" };
+                tracing::info!(deployment = %control.deployment(), "the Vault agent sidecar {what} istiod");
+                if let Some(p) = self.runner.istiod_mut() {
+                    p.sidecar_applied(*present);
+                }
+            }),
+        };
+        match outcome {
+            Ok(()) => {
+                // A change of state is worth reporting at once.
+                self.runner.report_now();
+                true
+            }
+            Err(problem) => {
+                let message = problem.to_string();
+                let wait =
+                    self.runner.istiod_mut().map(|p| p.failed(now, effect, problem, jitter())).unwrap_or_default();
+                self.log_once(
+                    tracing::Level::ERROR,
+                    &format!(
+                        "cannot wire istiod ({}); cacerts is unaffected; retrying in {wait:?}",
+                        control.deployment()
+                    ),
+                    &message,
+                );
+                self.runner.report_now();
+                false
+            }
+        }
+    }
+
+    async fn report(&mut self, trust: Option<&Trust>) {
         let r = &self.runner;
         let mut st = ClusterStatus {
             phase: r.phase() as i32,
@@ -531,6 +609,9 @@ impl Driver {
             key_location: self.source.key_location().as_str().into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             consecutive_failures: r.failures(),
+            foreign_cacerts: r.foreign(),
+            istiod: r.istiod().map(IstiodPlan::status),
+            istiod_only: trust.is_some_and(|t| t.vault_delegated),
             ..Default::default()
         };
         // The lifetime start reported is the issuance time (NotBefore is backdated), so the

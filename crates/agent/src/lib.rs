@@ -10,6 +10,8 @@
 //! - [`plan`]: when to ask for an intermediate, and why (pure).
 //! - [`runner`]: the lifecycle as a pure state machine: observations in, effects out.
 //! - [`driver`]: the async loop that observes, carries out the effects and reports back.
+//! - [`istiod`]: istiod's Deployment — restarts after `cacerts` changes, the Vault agent sidecar
+//!   (pure; the driver patches it through [`istiod::IstiodControl`]).
 //! - [`cacerts`]: the `cacerts` object held and written; [`identity`]: the agent's own
 //!   certificate; [`source`]: where intermediates come from (the management plane, or Vault).
 #![forbid(unsafe_code)]
@@ -17,6 +19,7 @@
 pub mod cacerts;
 pub mod driver;
 pub mod identity;
+pub mod istiod;
 pub mod plan;
 pub mod runner;
 pub mod source;
@@ -144,6 +147,11 @@ pub struct AgentOptions {
     pub backoff_max: Duration,
     /// The time.
     pub clock: SharedClock,
+    /// istiod's Deployment, when the agent manages it (restarts, the Vault agent sidecar).
+    pub istiod: Option<std::sync::Arc<dyn istiod::IstiodControl>>,
+    /// Stop once the first `cacerts` is written (the Vault agent's init container: istiod then
+    /// starts on it instead of a self-signed CA).
+    pub once: bool,
 }
 
 impl AgentOptions {
@@ -162,6 +170,8 @@ impl AgentOptions {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             clock: meshca_clock::system(),
+            istiod: None,
+            once: false,
         })
     }
 }

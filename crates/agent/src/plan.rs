@@ -36,6 +36,11 @@ pub struct Trust {
     pub enrolled: bool,
     /// How often to report status.
     pub report_interval: Duration,
+    /// Vault mode, and this agent does not talk to Vault: the vault-agent sidecar beside istiod
+    /// obtains the intermediates, this agent writes no `cacerts`.
+    pub vault_delegated: bool,
+    /// The policy's `autoRestartPods`.
+    pub auto_restart: bool,
 }
 
 /// The decision.
@@ -121,6 +126,8 @@ mod tests {
             grace_ratio: 0.2,
             enrolled: true,
             report_interval: Duration::from_secs(30),
+            vault_delegated: false,
+            auto_restart: false,
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use meshca_proto::{IssueReason, Phase};
 
 use crate::cacerts::Held;
+use crate::istiod::{IstiodEffect, IstiodPlan, Wants};
 use crate::plan::{self, Current, Decision, Trust};
 
 /// How long the driver sleeps at most before it looks again with nothing scheduled. Changes
@@ -62,7 +63,7 @@ pub struct Observation<'a> {
 }
 
 /// What the driver should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Obtain a new intermediate (new key) and write it.
     Issue(IssueReason),
@@ -76,6 +77,8 @@ pub enum Effect {
     RenewIdentity,
     /// Report status to the management plane.
     Report,
+    /// Read or patch istiod's Deployment ([`crate::istiod`]).
+    Istiod(IstiodEffect),
 }
 
 /// Something the operator should read about a step that did not act.
@@ -113,6 +116,8 @@ pub struct Runner {
     next_report: Option<SystemTime>,
     report_every: Duration,
     renewal_jitter: f64,
+    foreign: bool,
+    istiod: Option<IstiodPlan>,
 }
 
 impl Runner {
@@ -132,7 +137,30 @@ impl Runner {
             next_report: None,
             report_every: Duration::from_secs(30),
             renewal_jitter,
+            foreign: false,
+            istiod: None,
         }
+    }
+
+    /// This runner also manages istiod's Deployment.
+    pub fn with_istiod(mut self, plan: IstiodPlan) -> Self {
+        self.istiod = Some(plan);
+        self
+    }
+
+    /// The istiod part, when the agent manages istiod.
+    pub fn istiod(&self) -> Option<&IstiodPlan> {
+        self.istiod.as_ref()
+    }
+
+    /// The istiod part, to tell it how an effect went.
+    pub fn istiod_mut(&mut self) -> Option<&mut IstiodPlan> {
+        self.istiod.as_mut()
+    }
+
+    /// Whether `cacerts` was written by someone else and is left alone (last step).
+    pub fn foreign(&self) -> bool {
+        self.foreign
     }
 
     /// The phase, as reported.
@@ -172,9 +200,18 @@ impl Runner {
         let mut note = None;
         let mut wake = now + IDLE_WAKE;
         let backoff_over = self.retry_at.is_none_or(|at| now >= at);
+        self.foreign = false;
 
         match obs.held {
+            // Vault mode: the vault-agent sidecar beside istiod obtains intermediates into memory;
+            // this agent writes no cacerts and reports only istiod.
+            _ if obs.trust.is_some_and(|t| t.vault_delegated) => {
+                self.phase = Phase::Waiting;
+                self.last_error.clear();
+                self.next_renewal = None;
+            }
             Held::Foreign { .. } if !self.cfg.adopt_existing => {
+                self.foreign = true;
                 note = Some(Note::Foreign);
                 self.phase = Phase::Waiting;
                 self.last_error = format!(
@@ -268,6 +305,21 @@ impl Runner {
         if let Some(at) = self.identity_retry_at.filter(|_| obs.identity_due) {
             wake = wake.min(at.max(now));
         }
+        // istiod is planned once the management plane has said which mode the mesh is in, and
+        // not while `cacerts` is about to change (the restart is for what will be in service).
+        let changing = effects.iter().any(|e| matches!(e, Effect::Issue(_) | Effect::RetryWrite | Effect::Reread));
+        if let (Some(istiod), Some(t), false) = (&self.istiod, obs.trust, changing) {
+            let serial = match obs.held {
+                Held::Ours { bundle, .. } => Some(bundle.ca_cert().serial_hex()),
+                _ => None,
+            };
+            let wants = Wants { serial: serial.as_deref(), vault: t.vault_delegated, auto_restart: t.auto_restart };
+            let (effect, at) = istiod.step(now, wants);
+            match effect {
+                Some(e) => effects.push(Effect::Istiod(e)),
+                None => wake = wake.min(at),
+            }
+        }
         Step { effects, wake: wake.max(now), note }
     }
 
@@ -280,6 +332,11 @@ impl Runner {
         self.phase = Phase::Ready;
         // Tell the management plane at once.
         self.next_report = Some(now);
+    }
+
+    /// Report at the next step (something worth telling happened).
+    pub fn report_now(&mut self) {
+        self.next_report = None;
     }
 
     /// `cacerts` was read again successfully.
@@ -341,6 +398,8 @@ mod tests {
             grace_ratio: 0.2,
             enrolled: true,
             report_interval: Duration::from_secs(30),
+            vault_delegated: false,
+            auto_restart: false,
         }
     }
 

@@ -57,6 +57,13 @@ pub trait IntermediateSource: Send + Sync {
     /// Where the intermediate's key lives once written.
     fn key_location(&self) -> KeyLocation;
 
+    /// Whether this source obtains intermediates in Vault mode (the Vault agent). The
+    /// management plane signs nothing then, so an agent whose source it is leaves the
+    /// intermediates to the Vault agent.
+    fn serves_vault_mode(&self) -> bool {
+        false
+    }
+
     /// Obtains a new intermediate. Implementations generate a fresh key for every call (or have
     /// the upstream generate it) and never write it anywhere themselves.
     async fn obtain(&self, req: Request<'_>) -> Result<Obtained, AgentError>;

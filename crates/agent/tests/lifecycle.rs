@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use meshca_agent::driver::{ControlPlane, Link, drive};
+use meshca_agent::istiod::{IstiodControl, Observed, Problem};
 use meshca_agent::source::{IntermediateSource, KeyLocation, Obtained, Request};
 use meshca_agent::{AgentError, AgentOptions};
 use meshca_clock::{Clock, ManualClock};
@@ -143,10 +144,55 @@ fn trust(generation: &str) -> TrustState {
     }
 }
 
+/// istiod's Deployment as the agent sees it through [`IstiodControl`]: the restart record it
+/// keeps and every restart it gets. A stand-in for the API server, as the management plane is
+/// here: these tests are about when the agent restarts istiod over time. The real Deployment
+/// (server-side apply, field managers, RBAC) is tested against a real kube-apiserver in
+/// `crates/meshca/tests/kube_chart.rs`.
+#[derive(Debug, Default)]
+struct Istiod {
+    restarted_for: Mutex<Option<String>>,
+    restarts: Mutex<Vec<(SystemTime, String)>>,
+}
+
+#[async_trait::async_trait]
+impl IstiodControl for Istiod {
+    fn deployment(&self) -> String {
+        "istio-system/istiod".into()
+    }
+    async fn read(&self) -> Result<Option<Observed>, Problem> {
+        Ok(Some(Observed { restarted_for: self.restarted_for.lock().unwrap().clone(), sidecar: false }))
+    }
+    async fn restart(&self, serial: &str, at: SystemTime) -> Result<(), Problem> {
+        *self.restarted_for.lock().unwrap() = Some(serial.to_string());
+        self.restarts.lock().unwrap().push((at, serial.to_string()));
+        Ok(())
+    }
+    async fn sidecar(&self, _present: bool) -> Result<(), Problem> {
+        unreachable!("not in Vault mode")
+    }
+}
+
 impl World {
     async fn start() -> World {
-        let tmp = tempfile::tempdir().unwrap();
-        let clock = ManualClock::at_2026();
+        World::start_with(None, None, trust("g1")).await
+    }
+
+    /// Stops the agent and returns what its restart keeps: the store, and the time.
+    async fn kept(self) -> (tempfile::TempDir, ManualClock) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+        (self._tmp, self.clock)
+    }
+
+    /// An agent on the store in `tmp` (a new one when `None`), told `first`, managing `istiod`
+    /// if given.
+    async fn start_with(
+        istiod: Option<Arc<Istiod>>,
+        kept: Option<(tempfile::TempDir, ManualClock)>,
+        first: TrustState,
+    ) -> World {
+        let (tmp, clock) = kept.unwrap_or_else(|| (tempfile::tempdir().unwrap(), ManualClock::at_2026()));
         let root_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let root = CaSigner::new_root(root_key, &RootParams::new("lifecycle"), clock.now()).unwrap();
         let source = Arc::new(RootSource { root, clock: clock.clone(), down: false.into(), calls: Mutex::default() });
@@ -160,8 +206,9 @@ impl World {
         opts.clock = clock.shared();
         opts.backoff_base = Duration::from_secs(1);
         opts.backoff_max = Duration::from_secs(30);
+        opts.istiod = istiod.map(|i| i as Arc<dyn IstiodControl>);
         let cacerts = opts.cacerts.clone();
-        let (link, rx) = watch::channel(Link { trust: Some(trust("g1")), connected: true, error: String::new() });
+        let (link, rx) = watch::channel(Link { trust: Some(first), connected: true, error: String::new() });
         let cancel = CancellationToken::new();
         let task = tokio::spawn({
             let (store, source, reports, cancel) =
@@ -169,7 +216,8 @@ impl World {
             async move { drive(store, &opts, source, reports, rx, cancel).await }
         });
         let w = World { _tmp: tmp, clock, source, reports, store, link, cacerts, cancel, task };
-        w.until("the first cacerts", |w| w.calls().len() == 1 && w.serial().is_some()).await;
+        w.until("the first cacerts, reported", |w| w.serial().is_some() && !w.reports.0.lock().unwrap().is_empty())
+            .await;
         w
     }
 
@@ -214,6 +262,56 @@ impl World {
         self.cancel.cancel();
         self.task.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istiod_is_restarted_once_per_change_and_not_again_after_an_agent_restart() {
+    let istiod = Arc::new(Istiod::default());
+    let w = World::start_with(Some(istiod.clone()), None, trust("g1")).await;
+    let restarts = |i: &Istiod| i.restarts.lock().unwrap().clone();
+    let first = w.serial().unwrap();
+    w.until("the restart after the first cacerts", |_| restarts(&istiod).len() == 1).await;
+    assert_eq!(restarts(&istiod)[0], (w.clock.now(), first.clone()));
+    for _ in 0..5 {
+        w.advance(Duration::from_secs(30)).await;
+    }
+    assert_eq!(restarts(&istiod).len(), 1, "once for the first intermediate, not on every pass");
+    let r = w.last_report();
+    let st = r.istiod.as_ref().unwrap();
+    assert_eq!((st.state(), st.restarted_for_serial.as_str()), (meshca_proto::IstiodState::Wired, first.as_str()));
+
+    // A new intermediate: without autoRestartPods istiod (which reloads cacerts) is left alone ...
+    w.link.send_modify(|l| l.trust = Some(trust("g2")));
+    w.until("the second cacerts", |w| w.serial().is_some_and(|s| s != first)).await;
+    let second = w.serial().unwrap();
+    w.advance(Duration::from_secs(30)).await;
+    assert_eq!(restarts(&istiod).len(), 1, "autoRestartPods is off");
+    // ... with it, every change restarts istiod once.
+    w.link.send_modify(|l| {
+        let mut t = trust("g3");
+        t.auto_restart_pods = true;
+        l.trust = Some(t);
+    });
+    w.until("the third cacerts", |w| w.serial().is_some_and(|s| s != second)).await;
+    let third = w.serial().unwrap();
+    w.until("the restart for it", |_| restarts(&istiod).len() == 2).await;
+    assert_eq!(restarts(&istiod)[1].1, third);
+    for _ in 0..5 {
+        w.advance(Duration::from_secs(30)).await;
+    }
+    assert_eq!(restarts(&istiod).len(), 2);
+
+    // The agent restarts: it reads the record on the Deployment and restarts nothing.
+    let mut same = trust("g3");
+    same.auto_restart_pods = true;
+    let w = World::start_with(Some(istiod.clone()), Some(w.kept().await), same).await;
+    assert_eq!(w.serial().unwrap(), third);
+    for _ in 0..5 {
+        w.advance(Duration::from_secs(30)).await;
+    }
+    assert_eq!(restarts(&istiod).len(), 2, "no restart after the agent's own restart");
+    assert_eq!(w.calls().len(), 0, "and no new intermediate");
+    w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use meshca_clock::unix;
-use meshca_proto::{AlertKind, IstiodState};
 use meshca_proto::mgmt::{Alert, CertificateSummary, ClusterStatus, ClusterView, IssuedRecord, MeshStatus};
+use meshca_proto::{AlertKind, IstiodState};
 use meshca_store::{Store, typed};
 
 use crate::authority::Authority;

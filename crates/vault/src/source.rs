@@ -248,6 +248,10 @@ impl IntermediateSource for VaultSource {
         KeyLocation::Memory
     }
 
+    fn serves_vault_mode(&self) -> bool {
+        true
+    }
+
     async fn obtain(&self, req: Request<'_>) -> Result<Obtained, AgentError> {
         let ttl = match req.trust.intermediate_ttl_seconds {
             s if s > 0 => Duration::from_secs(s.unsigned_abs()),
