@@ -9,12 +9,15 @@
 //! - [`lease`]: leader election with a `coordination.k8s.io/v1` Lease, so several `meshca server`
 //!   replicas run against one API server and only one signs.
 //! - [`tokenreview`]: the workload CA's caller authentication by TokenReview, as istiod does.
+//! - [`istiod`]: istiod's Deployment, patched by the agent (restarts; the Vault agent sidecar).
 //!
 //! Only APIs that are GA in every supported Kubernetes version are used (core/v1 Secrets,
-//! coordination/v1 Leases, authentication/v1 TokenReview, apiextensions/v1 CRDs), and the tests
+//! coordination/v1 Leases, authentication/v1 TokenReview, apiextensions/v1 CRDs, apps/v1
+//! Deployments with server-side apply), and the tests
 //! run against a real API server (`scripts/peers/kube-apiserver.sh`, docs/kubernetes.md).
 #![forbid(unsafe_code)]
 
+pub mod istiod;
 pub mod lease;
 pub mod policy;
 pub mod store;

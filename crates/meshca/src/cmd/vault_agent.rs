@@ -19,9 +19,19 @@ pub struct Args {
     #[command(flatten)]
     enrollment: super::agent::Enrollment,
     /// Where the agent keeps its own identity (its relay-CA client certificate). Never holds the
-    /// cluster intermediate's key.
+    /// cluster intermediate's key. In Kubernetes mode the identity is the Secret
+    /// `--identity-secret` instead.
+    #[arg(long, required_unless_present_any = ["kubeconfig", "kube_url", "in_cluster"])]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    kube: super::kube::KubeArgs,
+    /// Kubernetes mode: the Secret the agent keeps its identity in (as the sidecar istiod's
+    /// agent adds, in istiod's namespace).
+    #[arg(long, value_name = "NAMESPACE/NAME", default_value = "istio-system/meshca-vault-agent-identity")]
+    identity_secret: String,
+    /// Stop once the first cacerts is written (the init container istiod waits for).
     #[arg(long)]
-    state_dir: PathBuf,
+    once: bool,
     /// The memory-backed folder for `cacerts` (tmpfs/ramfs; in Kubernetes an emptyDir with
     /// medium: Memory mounted at /etc/cacerts). The four files are written at its root.
     #[arg(long)]
@@ -105,8 +115,16 @@ impl Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     // First, before anything else: the key may only ever be written to memory.
     let backing = meshca_vault::memdir::prepare(&args.memory_dir, args.allow_disk_key)?;
-    let state = Arc::new(DirStore::open(&args.state_dir).context("opening the state directory")?);
     let mut opts = args.enrollment.options()?;
+    let state: Arc<dyn meshca_store::Store> = match (args.kube.client().await?, &args.state_dir) {
+        (Some(client), _) => {
+            opts.identity = super::kube::object_key(&args.identity_secret)?;
+            Arc::new(meshca_kube::store::KubeStore::new(client))
+        }
+        (None, Some(dir)) => Arc::new(DirStore::open(dir).context("opening the state directory")?),
+        (None, None) => anyhow::bail!("--state-dir is required outside Kubernetes mode"),
+    };
+    opts.once = args.once;
     let cacerts = SingleObjectDir::open(opts.cacerts.clone(), &args.memory_dir)
         .context("opening the memory-backed cacerts folder")?
         .with_others(state);
