@@ -62,8 +62,10 @@ start mgmt 0
 for i in $(seq 1 "$clusters"); do start "cluster-$i" "$i"; done
 
 # Management cluster: CRD, RBAC, the policy (its TTL as asked).
-sed "s/ttl: 720h/ttl: $ttl/" deploy/management/policy.yaml >"$dir/policy.yaml"
-"$apply" "$(url mgmt)" "$(ca mgmt)" "$(admin_file mgmt)" deploy/crds/roottrustpolicies.meshca.io.yaml deploy/management/rbac.yaml
+sed "s/\"ttl\":\"720h\"/\"ttl\":\"$ttl\"/" deploy/management/policy.yaml >"$dir/policy.yaml"
+# namespaces NAME...: a manifest creating them (what helm install --create-namespace and Istio do).
+namespaces() { for n in "$@"; do printf -- '---\napiVersion: v1\nkind: Namespace\nmetadata: { name: %s }\n' "$n"; done >"$dir/ns-$1.yaml"; echo "$dir/ns-$1.yaml"; }
+"$apply" "$(url mgmt)" "$(ca mgmt)" "$(admin_file mgmt)" "$(namespaces meshca)" deploy/crds/roottrustpolicies.meshca.io.yaml deploy/management/rbac.yaml
 sleep 2 # the new CRD is served within a moment
 "$apply" "$(url mgmt)" "$(ca mgmt)" "$(admin_file mgmt)" "$dir/policy.yaml"
 token mgmt meshca meshca-server >"$dir/meshca-server.token"
@@ -81,7 +83,7 @@ for _ in $(seq 1 100); do "$meshca" status --credentials "$dir/mgmt-1/operator" 
 
 for i in $(seq 1 "$clusters"); do
     c=cluster-$i
-    "$apply" "$(url "$c")" "$(ca "$c")" "$(admin_file "$c")" deploy/workload/rbac.yaml
+    "$apply" "$(url "$c")" "$(ca "$c")" "$(admin_file "$c")" "$(namespaces meshca-system istio-system)" deploy/workload/rbac.yaml
     token "$c" meshca-system meshca-agent >"$dir/$c-agent.token"
     token "$c" istio-system istiod >"$dir/$c-istiod.token"
     "$meshca" cluster add "$c" --credentials "$dir/mgmt-1/operator" --token-out "$dir/$c.bootstrap" --relay-ca-out "$dir/relay-ca.pem" >/dev/null

@@ -12,6 +12,7 @@
 #        MESHCA_KUBE_APISERVER_BIN  kube-apiserver 1.36 (scripts/peers/kube-apiserver.sh build; also
 #                                   installs Debian's etcd, which the tests start themselves)
 #        MESHCA_PILOT_DISCOVERY_BIN istiod (interop/istio/istiod/run.sh build)
+#        MESHCA_HELM_BIN            helm v4 (scripts/peers/helm.sh build), for the charts' tests
 #   3. the tests that run meshca's processes and the peers: the integration tests of the crates
 #      in END_TO_END below (Istio's own code, istiod, Vault, Kubernetes, `meshca up`, ...).
 #
@@ -72,6 +73,8 @@ peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build
 # Real istiod (pilot-discovery), for tests/istiod.rs, which finds it in the cache
 # (interop/istio/istiod/README.md; cold ~3-11 min, seconds afterwards).
 peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
+# helm v4 from the module proxy, for tests/kube_chart.rs (charts/, deploy/ rendered from them).
+peer MESHCA_HELM_BIN bash scripts/peers/helm.sh build
 
 # ---- 3. the end-to-end tests -----------------------------------------------------------------
 step "end-to-end tests (${END_TO_END[*]})"

@@ -172,6 +172,37 @@ pub fn build_status(
             if let Some(t) = rfc3339(c.last_seen) {
                 v["lastReported"] = json!(t);
             }
+            let mut conditions = Vec::new();
+            if s.foreign_cacerts {
+                conditions.push(json!({
+                    "type": "CacertsOwned", "status": "False", "reason": "ForeignCacerts",
+                    "message": "cacerts was not written by meshca and is left alone: delete it, or start the agent with --adopt-existing",
+                }));
+            }
+            if let Some(i) = &s.istiod {
+                let state = i.state();
+                if state != meshca_proto::IstiodState::Unspecified {
+                    let wired = state == meshca_proto::IstiodState::Wired;
+                    conditions.push(json!({
+                        "type": "IstiodWired", "status": if wired { "True" } else { "False" },
+                        "reason": state.name(), "message": if wired { format!("{} as the policy asks", i.deployment) } else { i.message.clone() },
+                    }));
+                }
+                let mut istiod = json!({
+                    "deployment": i.deployment, "state": state.name(), "message": i.message,
+                    "restartedForSerial": i.restarted_for_serial, "vaultSidecar": i.vault_sidecar,
+                });
+                if let Some(t) = rfc3339(i.restarted_at) {
+                    istiod["restartedAt"] = json!(t);
+                }
+                if let Some(o) = istiod.as_object_mut() {
+                    o.retain(|_, x| x.as_str() != Some(""));
+                }
+                v["istiod"] = istiod;
+            }
+            if !conditions.is_empty() {
+                v["conditions"] = json!(conditions);
+            }
             // Unset is absent, not "": a merge patch of "" reached the API server as null, which
             // the schema (type: string) refuses.
             if let Some(o) = v.as_object_mut() {
@@ -319,6 +350,26 @@ mod tests {
             },
             ..authority()
         };
+        let mut wiring = mesh("Ready");
+        if let Some(st) = wiring.clusters[0].status.as_mut() {
+            st.foreign_cacerts = true;
+            st.istiod = Some(meshca_proto::mgmt::IstiodStatus {
+                state: meshca_proto::IstiodState::Forbidden as i32,
+                deployment: "istio-system/istiod".into(),
+                message: "deployments.apps \"istiod\" is forbidden".into(),
+                ..Default::default()
+            });
+        }
+        let sw = build_status(&wiring, &authority(), Some(3), &s3, t3);
+        let kinds: Vec<(&Value, &Value)> =
+            sw["clusters"][0]["conditions"].as_array().unwrap().iter().map(|c| (&c["type"], &c["reason"])).collect();
+        assert_eq!(
+            kinds,
+            [(&json!("CacertsOwned"), &json!("ForeignCacerts")), (&json!("IstiodWired"), &json!("Forbidden"))]
+        );
+        assert_eq!(sw["clusters"][0]["istiod"]["state"], "Forbidden");
+        assert_eq!(sw["clusters"][0]["istiod"].get("restartedForSerial"), None, "empty strings are left out");
+
         let s4 = build_status(&mesh("Ready"), &broken, Some(4), &s3, t3);
         assert_eq!(condition(&s4, "Accepted")["status"], "False");
         assert!(condition(&s4, "Accepted")["message"].as_str().unwrap().contains("spec.config.secretRef"));

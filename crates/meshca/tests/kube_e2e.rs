@@ -66,7 +66,7 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
     // ---- Two workload clusters, each with deploy/workload/rbac.yaml and the agent's own token.
     let mut agents = Vec::new();
     for (name, api) in [("cluster-1", &c1), ("cluster-2", &c2)] {
-        api.apply_yaml(&manifest("workload/rbac.yaml")).await;
+        install_workload_rbac(api).await;
         api.apply_yaml(&manifest("workload/agent.yaml")).await;
         api.apply_yaml(&manifest("workload/workload-ca.yaml")).await;
         let token = sa_token_file(api, d, "meshca-system", "meshca-agent").await;

@@ -96,7 +96,7 @@ async fn a_follower_takes_over_when_the_leader_is_killed_and_renewals_continue()
     let mut agents = Vec::new();
     let mut seen = BTreeMap::new();
     for (name, api) in &clusters {
-        api.apply_yaml(&manifest("workload/rbac.yaml")).await;
+        install_workload_rbac(api).await;
         let agent_token = sa_token_file(api, d, "meshca-system", "meshca-agent").await;
         let (bootstrap, relay) = tokio::task::block_in_place(|| b.add_cluster(d, name));
         agents.push(kube_support::agent(d, name, &b.addr, &bootstrap, &relay, &kube_flags(api, &agent_token)));

@@ -1,6 +1,7 @@
 //! Helpers for the Kubernetes-mode end-to-end tests: real kube-apiservers (one per cluster, from
-//! `meshca_kube::testing`), the `deploy/` manifests applied as they are, and meshca processes
-//! running with the service-account tokens those manifests define.
+//! `meshca_kube::testing`), the `deploy/` manifests (rendered from the charts, and checked to be)
+//! applied as they are, and meshca processes running with the service-account tokens those
+//! manifests define.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -22,8 +23,22 @@ pub async fn cluster(dir: &Path, name: &str) -> ApiServer {
     ApiServer::start(&dir.join(format!("kube-{name}"))).await
 }
 
+/// Creates namespaces (what `helm install --create-namespace` and Istio's installer do).
+pub async fn namespaces(api: &ApiServer, names: &[&str]) {
+    for n in names {
+        api.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {n} }}\n")).await;
+    }
+}
+
+/// The workload cluster's namespaces and RBAC (deploy/workload/rbac.yaml).
+pub async fn install_workload_rbac(api: &ApiServer) {
+    namespaces(api, &["meshca-system", "istio-system"]).await;
+    api.apply_yaml(&manifest("workload/rbac.yaml")).await;
+}
+
 /// Installs the CRD and the management cluster's RBAC, and waits until the CRD is served.
 pub async fn install_management(api: &ApiServer) {
+    namespaces(api, &["meshca"]).await;
     api.apply_yaml(&manifest("crds/roottrustpolicies.meshca.io.yaml")).await;
     api.apply_yaml(&manifest("management/rbac.yaml")).await;
     // A new CRD takes a moment to be served.
