@@ -502,4 +502,43 @@ mod tests {
         assert!(kinds(st.root_rotation_threshold).is_empty());
         assert_eq!(kinds(st.root_rotation_threshold + 1), ["RootExpiresWithinIntermediateLifetime"]);
     }
+
+    #[tokio::test]
+    async fn a_foreign_cacerts_and_an_unwired_istiod_are_alerts_a_wired_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
+        let now = std::time::SystemTime::now();
+        let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
+        let authority = crate::authority::load(&store, policy, now).await;
+        let view = |foreign: bool, state: IstiodState| ClusterView {
+            name: "c1".into(),
+            registered: true,
+            enrolled: true,
+            connected: true,
+            last_seen: unix(now),
+            status: Some(ClusterStatus {
+                phase: meshca_proto::Phase::Waiting as i32,
+                foreign_cacerts: foreign,
+                istiod: Some(meshca_proto::mgmt::IstiodStatus {
+                    state: state as i32,
+                    deployment: "istio-system/istiod".into(),
+                    message: "forbidden".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let kinds = |v: ClusterView| -> Vec<String> {
+            alerts(unix(now), &authority, &[v], Duration::from_secs(5))
+                .into_iter()
+                .map(|a| a.kind().name().to_string())
+                .collect()
+        };
+        assert_eq!(kinds(view(true, IstiodState::Forbidden)), ["ForeignCacerts", "IstiodNotWired"]);
+        assert!(kinds(view(false, IstiodState::Wired)).is_empty());
+        assert!(kinds(view(false, IstiodState::Unspecified)).is_empty(), "an agent that does not manage istiod");
+        let a = alerts(unix(now), &authority, &[view(false, IstiodState::NotFound)], Duration::from_secs(5));
+        assert_eq!(a[0].message, "c1: istiod Deployment istio-system/istiod: NotFound: forbidden");
+    }
 }
