@@ -186,13 +186,14 @@ impl KubeIstiod {
             "metadata": { "name": self.name, "namespace": self.namespace },
             "spec": { "template": { "spec": {
                 "initContainers": [ sidecar.container(INIT, &self.namespace, true, run_as) ],
+                // istiod's container first: the merged list keeps its order, the sidecar after it.
                 "containers": [
-                    sidecar.container(SIDECAR, &self.namespace, false, run_as),
                     {
                         "name": self.container,
                         "env": [ { "name": "ROOT_CA_DIR", "value": ISTIOD_CACERTS } ],
                         "volumeMounts": [ { "name": CACERTS_VOLUME, "mountPath": ISTIOD_CACERTS, "readOnly": true } ],
                     },
+                    sidecar.container(SIDECAR, &self.namespace, false, run_as),
                 ],
                 "volumes": [
                     // In memory only: the intermediate's key never reaches a disk (docs/vault.md).

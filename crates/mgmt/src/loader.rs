@@ -119,13 +119,21 @@ impl Loader {
     pub async fn run(mut self, cancel: CancellationToken) {
         loop {
             let mut policy_watch = self.source.changes();
+            // Each watch yields the current state first; skip it, and reload instead: a change
+            // made after the last reload but before these watches began would otherwise be
+            // missed until the next resync (two policies applied in quick succession). A policy
+            // that references no secret (Vault mode) has no secret watch: waiting for its first
+            // item would wait forever, and no later policy would ever be loaded.
+            let _ = policy_watch.next().await;
             let mut secret_watch = match authority::referenced_secret(&self.policy) {
-                Some(k) => self.store.watch(&k),
+                Some(k) => {
+                    let mut w = self.store.watch(&k);
+                    let _ = w.next().await;
+                    w
+                }
                 None => Box::pin(futures::stream::pending()),
             };
-            // Each watch yields the current state first; skip it.
-            let _ = policy_watch.next().await;
-            let _ = secret_watch.next().await;
+            self.reload().await;
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = self.tx.closed() => return,
@@ -133,7 +141,6 @@ impl Loader {
                 _ = secret_watch.next() => {},
                 _ = self.clock.sleep(self.resync) => {},
             }
-            self.reload().await;
         }
     }
 
