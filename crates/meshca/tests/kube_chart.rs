@@ -406,7 +406,7 @@ async fn istiod_wiring(api: &ApiServer, d: &Path, kc: &Path) {
     let serial = eventually(Duration::from_secs(60), "cacerts", || cacerts_serial(api)).await;
     let restarted = eventually(Duration::from_secs(30), "istiod restarted", || async {
         let d = get_istiod(api).await;
-        template_annotations(&d).get("meshca.io/restarted-for").is_some().then_some(d)
+        template_annotations(&d).contains_key("meshca.io/restarted-for").then_some(d)
     })
     .await;
     let ann = template_annotations(&restarted);
