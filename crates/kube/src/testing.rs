@@ -237,41 +237,53 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<(), String> {
 
 /// Applies one object (as JSON) with `client`, for the kinds meshca's manifests use.
 pub async fn apply_value(client: &Client, value: serde_json::Value) -> Result<DynamicObject, kube::Error> {
-    {
-        let api_version = value["apiVersion"].as_str().unwrap().to_string();
-        let kind = value["kind"].as_str().unwrap().to_string();
-        let (group, version) = match api_version.split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (String::new(), api_version.clone()),
-        };
-        let (plural, namespaced) = match kind.as_str() {
-            "Namespace" => ("namespaces", false),
-            "ServiceAccount" => ("serviceaccounts", true),
-            "Secret" => ("secrets", true),
-            "Role" => ("roles", true),
-            "RoleBinding" => ("rolebindings", true),
-            "ClusterRole" => ("clusterroles", false),
-            "ClusterRoleBinding" => ("clusterrolebindings", false),
-            "CustomResourceDefinition" => ("customresourcedefinitions", false),
-            "RootTrustPolicy" => ("roottrustpolicies", true),
-            "Lease" => ("leases", true),
-            // Workloads are applied to prove they are valid; nothing runs them here.
-            "Deployment" => ("deployments", true),
-            "Service" => ("services", true),
-            "ConfigMap" => ("configmaps", true),
-            other => panic!("apply_value: kind {other} is not in the test table"),
-        };
-        let gvk = GroupVersionKind::gvk(&group, &version, &kind);
-        let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
-        let obj: DynamicObject = serde_json::from_value(value).unwrap();
-        let name = obj.metadata.name.clone().unwrap();
-        let api: Api<DynamicObject> = match (&obj.metadata.namespace, namespaced) {
-            (Some(ns), true) => Api::namespaced_with(client.clone(), ns, &ar),
-            (None, true) => Api::default_namespaced_with(client.clone(), &ar),
-            _ => Api::all_with(client.clone(), &ar),
-        };
-        api.patch(&name, &PatchParams::apply("meshca-test").force(), &Patch::Apply(&obj)).await
-    }
+    apply_with(client, value, &PatchParams::apply("meshca-test").force()).await
+}
+
+/// A server-side dry run of applying one object (validation, defaulting and admission; nothing
+/// is stored), for the kinds meshca's manifests and charts use.
+pub async fn dry_run_value(client: &Client, value: serde_json::Value) -> Result<DynamicObject, kube::Error> {
+    apply_with(client, value, &PatchParams::apply("meshca-test").dry_run()).await
+}
+
+async fn apply_with(
+    client: &Client,
+    value: serde_json::Value,
+    params: &PatchParams,
+) -> Result<DynamicObject, kube::Error> {
+    let api_version = value["apiVersion"].as_str().unwrap().to_string();
+    let kind = value["kind"].as_str().unwrap().to_string();
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (String::new(), api_version.clone()),
+    };
+    let (plural, namespaced) = match kind.as_str() {
+        "Namespace" => ("namespaces", false),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "Secret" => ("secrets", true),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "CustomResourceDefinition" => ("customresourcedefinitions", false),
+        "RootTrustPolicy" => ("roottrustpolicies", true),
+        "Lease" => ("leases", true),
+        // Workloads are applied to prove they are valid; nothing runs them here.
+        "Deployment" => ("deployments", true),
+        "Service" => ("services", true),
+        "ConfigMap" => ("configmaps", true),
+        other => panic!("apply_value: kind {other} is not in the test table"),
+    };
+    let gvk = GroupVersionKind::gvk(&group, &version, &kind);
+    let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+    let obj: DynamicObject = serde_json::from_value(value).unwrap();
+    let name = obj.metadata.name.clone().unwrap();
+    let api: Api<DynamicObject> = match (&obj.metadata.namespace, namespaced) {
+        (Some(ns), true) => Api::namespaced_with(client.clone(), ns, &ar),
+        (None, true) => Api::default_namespaced_with(client.clone(), &ar),
+        _ => Api::all_with(client.clone(), &ar),
+    };
+    api.patch(&name, params, &Patch::Apply(&obj)).await
 }
 
 impl ApiServer {

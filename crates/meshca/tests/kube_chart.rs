@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::rbac::v1::Role;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{Api, DynamicObject};
 use kube::{Client, ResourceExt};
 use kube_support::*;
 use meshca_kube::testing::ApiServer;
@@ -169,37 +169,27 @@ fn admin_kubeconfig(api: &ApiServer, d: &Path) -> PathBuf {
     p
 }
 
-fn resource_of(obj: &Value) -> (ApiResource, bool) {
-    let (group, version) = match obj["apiVersion"].as_str().unwrap().split_once('/') {
-        Some((g, v)) => (g, v),
-        None => ("", obj["apiVersion"].as_str().unwrap()),
-    };
-    let kind = obj["kind"].as_str().unwrap();
-    let (plural, namespaced) = match kind {
-        "ServiceAccount" => ("serviceaccounts", true),
-        "Role" => ("roles", true),
-        "RoleBinding" => ("rolebindings", true),
-        "ClusterRole" => ("clusterroles", false),
-        "ClusterRoleBinding" => ("clusterrolebindings", false),
-        "CustomResourceDefinition" => ("customresourcedefinitions", false),
-        "RootTrustPolicy" => ("roottrustpolicies", true),
-        "Deployment" => ("deployments", true),
-        "Service" => ("services", true),
-        other => panic!("a chart renders {other}, which this test does not know"),
-    };
-    (ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural), namespaced)
-}
-
 /// Server-side dry run of `obj` (validation, defaulting, admission; nothing stored).
 async fn dry_run(client: &Client, obj: &Value) -> Result<(), String> {
-    let (ar, namespaced) = resource_of(obj);
-    let o: DynamicObject = serde_json::from_value(obj.clone()).unwrap();
-    let api: Api<DynamicObject> = match (namespaced, o.metadata.namespace.as_deref()) {
-        (true, Some(ns)) => Api::namespaced_with(client.clone(), ns, &ar),
-        _ => Api::all_with(client.clone(), &ar),
-    };
-    let pp = PatchParams::apply("meshca-chart-test").dry_run();
-    api.patch(&o.name_any(), &pp, &Patch::Apply(&o)).await.map(drop).map_err(|e| e.to_string())
+    meshca_kube::testing::dry_run_value(client, obj.clone()).await.map(drop).map_err(|e| e.to_string())
+}
+
+/// `helm install|upgrade` of the cluster chart without the workload CA, with or without istiod
+/// management.
+fn cluster_chart(kubeconfig: &Path, verb: &str, manage_istiod: bool) {
+    let manage = format!("istiod.manage={manage_istiod}");
+    let args = [
+        verb,
+        "meshca",
+        "charts/meshca-cluster",
+        "-n",
+        "meshca-system",
+        "--set",
+        &manage,
+        "--set",
+        "workloadCA.enabled=false",
+    ];
+    helm_ok(Some(kubeconfig), &args);
 }
 
 fn rules(role: &Role) -> Value {
@@ -307,20 +297,7 @@ async fn helm_installs_upgrades_and_uninstalls_and_the_agent_wires_istiod() {
     eprintln!("management chart installed, upgraded and uninstalled in {:?}", t.elapsed());
 
     // ---- The cluster chart, with istiod management: the RBAC the agent below runs with.
-    helm_ok(
-        Some(&kc),
-        &[
-            "install",
-            "meshca",
-            "charts/meshca-cluster",
-            "-n",
-            "meshca-system",
-            "--set",
-            "istiod.manage=true",
-            "--set",
-            "workloadCA.enabled=false",
-        ],
-    );
+    cluster_chart(&kc, "install", true);
     let istiod_role = role(&admin, "istio-system", "meshca-agent-istiod").await.unwrap();
     assert_eq!(
         rules(&istiod_role),
@@ -529,10 +506,7 @@ async fn istiod_wiring(api: &ApiServer, d: &Path, kc: &Path) {
     eprintln!("Vault sidecar added, idempotent, removed: {:?}", t.elapsed());
 
     // ---- RBAC forbids the patch (the chart without istiod.manage): reported, cacerts still right.
-    helm_ok(
-        Some(kc),
-        &["upgrade", "meshca", "charts/meshca-cluster", "-n", "meshca-system", "--set", "workloadCA.enabled=false"],
-    );
+    cluster_chart(kc, "upgrade", false);
     assert!(role(&api.admin().await, "istio-system", "meshca-agent-istiod").await.is_none());
     tokio::task::block_in_place(|| policy("    generated: {}", "721h", true));
     let third = eventually(Duration::from_secs(60), "a third cacerts", || async {
@@ -556,20 +530,7 @@ async fn istiod_wiring(api: &ApiServer, d: &Path, kc: &Path) {
     assert!(!agent3.log_text().contains("panicked"));
 
     // ---- istiod's Deployment missing (or named differently): reported after the agent's read.
-    helm_ok(
-        Some(kc),
-        &[
-            "upgrade",
-            "meshca",
-            "charts/meshca-cluster",
-            "-n",
-            "meshca-system",
-            "--set",
-            "istiod.manage=true",
-            "--set",
-            "workloadCA.enabled=false",
-        ],
-    );
+    cluster_chart(kc, "upgrade", true);
     let admin = api.admin().await;
     Api::<Deployment>::namespaced(admin, "istio-system").delete("istiod", &Default::default()).await.unwrap();
     agent3.kill();
