@@ -117,6 +117,8 @@ pub struct Runner {
     report_every: Duration,
     renewal_jitter: f64,
     foreign: bool,
+    /// Whether the last step saw a valid meshca `cacerts` in service (what a failure leaves).
+    holds_current: bool,
     istiod: Option<IstiodPlan>,
 }
 
@@ -138,6 +140,7 @@ impl Runner {
             report_every: Duration::from_secs(30),
             renewal_jitter,
             foreign: false,
+            holds_current: false,
             istiod: None,
         }
     }
@@ -201,6 +204,7 @@ impl Runner {
         let mut wake = now + IDLE_WAKE;
         let backoff_over = self.retry_at.is_none_or(|at| now >= at);
         self.foreign = false;
+        self.holds_current = obs.held.current().is_some();
 
         match obs.held {
             // Vault mode: the vault-agent sidecar beside istiod obtains intermediates into memory;
@@ -353,6 +357,11 @@ impl Runner {
         self.failures = self.failures.saturating_add(1);
         self.retry_at = Some(now + wait);
         self.last_error = error;
+        // The attempt is over: until the retry, the cluster runs on what it has (or has none).
+        // Reports made in the same step as the failed attempt say so, not "Renewing".
+        if self.phase == Phase::Renewing {
+            self.phase = if self.holds_current { Phase::Degraded } else { Phase::Waiting };
+        }
         wait
     }
 
@@ -470,6 +479,11 @@ mod tests {
         assert_eq!(s.wake, t(790) + Duration::from_secs(10));
         let s = r.step(&obs(t(800), &held, Some(&tr), true));
         assert!(s.effects.contains(&Effect::Issue(IssueReason::Renewal)));
+        assert_eq!(r.phase(), Phase::Renewing);
+        // The attempt fails: the report that follows in the same step says Degraded, because the
+        // cluster runs on its current intermediate until the retry.
+        r.failed("Unavailable: connection refused".into(), t(800), 0.0);
+        assert_eq!(r.phase(), Phase::Degraded);
     }
 
     #[test]
