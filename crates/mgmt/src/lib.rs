@@ -8,12 +8,14 @@
 //! - [`issuer`]: the certificate issuer as a domain service ([`issuer::Issuer::issue`]); the
 //!   gRPC layer ([`grpc`], [`registration`], [`operator`]) authenticates and translates.
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
-//! - [`status`], [`metrics`]: what operators see; [`replica`]: several replicas, one leader.
+//! - [`status`], [`metrics`], [`dashboard`]: what operators see; [`replica`]: several replicas,
+//!   one leader.
 //! - [`server`]: the wiring, with every task supervised.
 #![forbid(unsafe_code)]
 
 pub mod authority;
 pub mod castore;
+pub mod dashboard;
 pub mod error;
 pub mod grpc;
 pub mod issuer;
@@ -29,6 +31,7 @@ pub mod server;
 pub mod status;
 pub mod tokens;
 
+pub use dashboard::DashboardListener;
 pub use error::MgmtError;
 pub use grpc::Settings;
 pub use server::{ServeWith, ServerOptions, serve, serve_with};

@@ -2,7 +2,7 @@
 //! behind one TLS listener.
 //!
 //! Every task the server starts (the authority loader, the serving certificate's renewal, the
-//! metrics endpoint, the status publisher) runs in one `JoinSet` under one cancellation token:
+//! metrics endpoint, the dashboard, the status publisher) runs in one `JoinSet` under one cancellation token:
 //! when the server stops, the token fires, long-lived trust streams end, in-flight calls drain,
 //! and each child is awaited, so nothing outlives [`serve_with`].
 
@@ -146,8 +146,8 @@ fn write_operator_credentials(
     Ok(())
 }
 
-/// What Kubernetes mode adds to [`serve`], and the time it runs on. The default is the embedded
-/// single-replica server on the system clock.
+/// What Kubernetes mode adds to [`serve`], the time it runs on, and the dashboard. The default is
+/// the embedded single-replica server on the system clock, without a dashboard.
 pub struct ServeWith {
     /// The policy's source; the store object `meshca/root-trust-policy` when `None`.
     pub policy_source: Option<Arc<dyn PolicySource>>,
@@ -156,11 +156,13 @@ pub struct ServeWith {
     pub leader: Option<watch::Receiver<Leader>>,
     /// The clock.
     pub clock: SharedClock,
+    /// The web dashboard's listener, when it is served.
+    pub dashboard: Option<crate::dashboard::DashboardListener>,
 }
 
 impl Default for ServeWith {
     fn default() -> Self {
-        ServeWith { policy_source: None, leader: None, clock: meshca_clock::system() }
+        ServeWith { policy_source: None, leader: None, clock: meshca_clock::system(), dashboard: None }
     }
 }
 
@@ -267,7 +269,7 @@ async fn run(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(meshca_tls::TlsError::from)?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(swappable);
+        .with_cert_resolver(swappable.clone());
     let tls = grpc::server_config_for_grpc(tls);
 
     let listener = TcpListener::bind(opts.listen).await.map_err(io(format!("binding {}", opts.listen)))?;
@@ -295,6 +297,17 @@ async fn run(
                 tracing::error!(error = %e, "the metrics endpoint failed");
             }
         });
+    }
+    if let Some(d) = with.dashboard {
+        let wiring = crate::dashboard::Wiring {
+            store: store.clone(),
+            authority: authority.clone(),
+            report_interval: opts.settings.report_interval,
+            clock: clock.clone(),
+            relay: relay.clone(),
+            serving: swappable.clone(),
+        };
+        crate::dashboard::spawn(d, wiring, cancel.child_token(), tasks)?;
     }
     let (nudge, _) = watch::channel(0u64);
     let issuer = Issuer::new(

@@ -43,6 +43,10 @@ pub struct Args {
     /// File with the bearer token required on /metrics.
     #[arg(long)]
     metrics_token_file: Option<PathBuf>,
+    /// Serve the web dashboard (HTTPS) on this address. It prints a login token at start; the
+    /// operator's client certificate also opens it.
+    #[arg(long)]
+    dashboard_addr: Option<SocketAddr>,
     #[command(flatten)]
     kube: super::kube::KubeArgs,
     #[command(flatten)]
@@ -117,12 +121,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         metrics_token,
     };
+    let dashboard = match args.dashboard_addr {
+        Some(addr) => {
+            let (listener, access) = super::dashboard::open(addr, &opts.hostnames).await?;
+            // Shown once, here; the server keeps only its digest.
+            eprintln!(
+                "dashboard on {}; log in with the operator's client certificate or open\n  {}\n(login token {}, valid until the server stops)",
+                access.url,
+                access.login_url(),
+                access.token.secret()
+            );
+            Some(listener)
+        }
+        None => None,
+    };
     let creds = args.data_dir.join("operator");
     let on_bound = move |addr| {
         eprintln!("management plane listening on {addr}; operator credentials in {}", creds.display());
     };
     let Some(client) = kube else {
-        meshca_mgmt::serve(store, opts, on_bound, super::ctrl_c()).await?;
+        let with = meshca_mgmt::ServeWith { dashboard, ..Default::default() };
+        meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await?;
         return Ok(());
     };
 
@@ -148,6 +167,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ))),
         leader: Some(leader),
         clock: meshca_clock::system(),
+        dashboard,
     };
     let result = meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await;
     if result.is_ok() {

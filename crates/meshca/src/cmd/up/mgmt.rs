@@ -82,6 +82,8 @@ pub struct Started {
     pub relay_ca: Vec<u8>,
     /// Vault mode: the folder the clusters' memory-backed `cacerts` folders go in.
     pub memory_root: Option<PathBuf>,
+    /// The dashboard's URL and login token.
+    pub dashboard: crate::cmd::dashboard::Access,
 }
 
 /// Starts the management plane for `a` under `dir`, its tasks in `tasks`.
@@ -130,9 +132,11 @@ pub async fn start(
             memory_root = Some(a.vault.memory_dir_root.join(format!("meshca-up-{}-{stamp}", std::process::id())));
         }
     }
+    let hostnames = vec!["localhost".to_string()];
+    let (dashboard_listener, dashboard) = crate::cmd::dashboard::open(a.dashboard_addr, &hostnames).await?;
     let opts = ServerOptions {
         listen: "127.0.0.1:0".parse()?,
-        hostnames: vec!["localhost".into()],
+        hostnames,
         policy_yaml: None,
         default_policy: policy,
         operator_dir: Some(dir.join("mgmt").join("operator")),
@@ -144,7 +148,8 @@ pub async fn start(
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let with = meshca_mgmt::ServeWith { clock: clock.clone(), ..Default::default() };
+    let with =
+        meshca_mgmt::ServeWith { clock: clock.clone(), dashboard: Some(dashboard_listener), ..Default::default() };
     let server_store = store.clone();
     let server_stop = stop.clone();
     tasks.spawn(async move {
@@ -171,5 +176,5 @@ pub async fn start(
         }
     };
     let relay_ca = std::fs::read(dir.join("mgmt").join("operator").join("relay-ca.pem"))?;
-    Ok(Started { addr, store, relay_ca, memory_root })
+    Ok(Started { addr, store, relay_ca, memory_root, dashboard })
 }

@@ -73,6 +73,10 @@ pub struct Args {
     /// Trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
+    /// Address of the web dashboard (HTTPS; a free port by default). Its URL and login token
+    /// are printed at start.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    dashboard_addr: std::net::SocketAddr,
     /// Where the mesh's root of trust comes from.
     #[arg(long, value_enum, default_value_t = CaChoice::Generated)]
     ca: CaChoice,
@@ -225,6 +229,12 @@ async fn run_topology(
     let credentials = abs(&dir.join("mgmt").join("operator"));
     say!("meshca up: {} clusters in {}", a.clusters, abs(dir));
     say!("  management plane  {}  (meshca status --credentials {credentials})", mgmt.addr);
+    say!("  dashboard         {}", mgmt.dashboard.login_url());
+    say!(
+        "                    (login token {}; the browser warns about the certificate: the management plane's relay CA, {}/relay-ca.pem, signed it)",
+        mgmt.dashboard.token.secret(),
+        credentials
+    );
 
     let mut topo = Vec::new();
     let mut runs: Vec<ClusterRun> = Vec::new();
@@ -240,8 +250,14 @@ async fn run_topology(
     for w in &workloads {
         say!("  workload  {:<45} {}  {}", w.id.to_string(), w.cluster, w.addr);
     }
-    let topology =
-        Topology { clusters: topo, management_plane: TopologyMgmt { address: mgmt.addr.to_string(), credentials } };
+    let topology = Topology {
+        clusters: topo,
+        management_plane: TopologyMgmt {
+            address: mgmt.addr.to_string(),
+            credentials,
+            dashboard: mgmt.dashboard.url.clone(),
+        },
+    };
     write(&dir.join("topology.json"), serde_json::to_string_pretty(&topology)?.as_bytes(), 0o644)?;
     say!("  topology  {}", abs(&dir.join("topology.json")));
     say!("  logs      {}", abs(log_file));

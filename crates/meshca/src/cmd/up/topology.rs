@@ -31,4 +31,6 @@ pub struct TopologyCa {
 pub struct TopologyMgmt {
     pub address: String,
     pub credentials: String,
+    /// The dashboard's URL (its login token is printed, not written).
+    pub dashboard: String,
 }

@@ -1,0 +1,99 @@
+//! HTTPS for the dashboard: tokio-rustls under axum, with the client's certificate (when it
+//! sent one) reaching the handlers as a [`Peer`].
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use futures::{Stream, StreamExt};
+use meshca_pki::{Cert, RootSet};
+use meshca_proto::identity::{Caller, RELAY_TRUST_DOMAIN};
+use meshca_tls::{PeerPolicy, SpiffeVerifier, TlsError};
+use rustls::server::ResolvesServerCert;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+
+/// The dashboard's TLS configuration: the management plane's serving certificate (`cert`), and
+/// an optional client certificate that must be an operator identity issued by the relay CA
+/// (`relay`). A browser without one connects and gets the login page; a certificate that is not
+/// an operator's (a cluster's agent, another CA) fails the handshake.
+pub fn server_config(
+    relay: &RootSet,
+    cert: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let operators =
+        SpiffeVerifier::new(relay, PeerPolicy::UriPrefix(format!("spiffe://{RELAY_TRUST_DOMAIN}/operator/")), false)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(operators)
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The operator named by the client certificate, when one was presented (the handshake
+    /// already checked it against the relay CA).
+    pub operator: Option<String>,
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client cannot hold
+/// up the others), as [`meshca_tls::grpc::tls_incoming`] does for the management plane's gRPC.
+pub struct TlsListener {
+    local: SocketAddr,
+    incoming: Pin<Box<dyn Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send>>,
+}
+
+impl TlsListener {
+    /// Serves TLS with `config` on `listener`.
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(TlsListener { local, incoming: Box::pin(meshca_tls::grpc::tls_incoming(listener, config)) })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(tls)) => {
+                    let (tcp, session) = tls.get_ref();
+                    let Ok(addr) = tcp.peer_addr() else { continue };
+                    let operator = session.peer_certificates().and_then(|c| c.first()).and_then(operator_name);
+                    return (tls, Peer { addr, operator });
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "dashboard connection failed"),
+                // The accept task ends only when this listener is dropped.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(Peer { addr: self.local, operator: None })
+    }
+}
+
+/// The operator a certificate names, if it names one.
+fn operator_name(der: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
+    let cert = Cert::from_der(der.to_vec()).ok()?;
+    cert.uri_sans().iter().find_map(|u| match Caller::from_uri(u) {
+        Some(Caller::Operator { name }) => Some(name),
+        _ => None,
+    })
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
