@@ -13,6 +13,7 @@
 #                                   installs Debian's etcd, which the tests start themselves)
 #        MESHCA_PILOT_DISCOVERY_BIN istiod (interop/istio/istiod/run.sh build)
 #        MESHCA_HELM_BIN            helm v4 (scripts/peers/helm.sh build), for the charts' tests
+#        MESHCA_CHROMIUM_BIN        Debian's Chromium, for the dashboard (scripts/peers/chromium.sh build)
 #   3. the tests that run meshca's processes and the peers: the integration tests of the crates
 #      in END_TO_END below (Istio's own code, istiod, Vault, Kubernetes, `meshca up`, ...).
 #
@@ -75,6 +76,8 @@ peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build
 peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
 # helm v4 from the module proxy, for tests/kube_chart.rs (charts/, deploy/ rendered from them).
 peer MESHCA_HELM_BIN bash scripts/peers/helm.sh build
+# Headless Chromium for the dashboard's browser tests (tests/dashboard.rs; an apt package).
+peer MESHCA_CHROMIUM_BIN bash scripts/peers/chromium.sh build
 
 # ---- 3. the end-to-end tests -----------------------------------------------------------------
 step "end-to-end tests (${END_TO_END[*]})"

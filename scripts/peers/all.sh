@@ -27,12 +27,14 @@ step "kube-apiserver + etcd" "$here/kube-apiserver.sh" build
 step "vault" "$here/vault.sh" build
 step "cfssl" "$here/cfssl.sh" install
 step "helm" "$here/helm.sh" build
+step "chromium" "$here/chromium.sh" build
 
 peers_log "kube-apiserver: $("$here/kube-apiserver.sh" path)"
 peers_log "etcd:           $(command -v etcd)"
 peers_log "vault:          $("$here/vault.sh" path)"
 peers_log "cfssl:          $("$here/cfssl.sh" path)"
 peers_log "helm:           $("$here/helm.sh" path)"
+peers_log "chromium:       $("$here/chromium.sh" path)"
 
 if [ -n "$smoke" ]; then
     "$here/smoke.sh"
