@@ -357,6 +357,8 @@ fn the_dashboard_of_meshca_up_shows_the_live_mesh_in_chromium() {
     wait_until(Duration::from_secs(10), "cluster-1's cacerts has the serial the page shows", || {
         cacerts_serial(&clusters[0]) == fresh
     });
+    let rotations: String = tab.eval("() => document.getElementById('rotations-panel').innerText");
+    assert!(rotations.contains("No root rotation in progress."), "no rootRotation, nothing odd: {rotations}");
     let history: String = tab.eval("() => document.getElementById('history').innerText");
     assert!(history.contains("forced"), "the forced issuance is in the history: {history}");
     tab.screenshot("body", &out.join("dashboard.png"));
@@ -490,8 +492,15 @@ fn two_hundred_clusters_stay_readable() {
     let token = meshca_dashboard::LoginToken::generate().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
+    let mut doc = synthetic_document(200, meshca_clock::unix(now));
+    // A root rotation in progress, as the management plane reports one once it rotates roots.
+    doc["rootRotation"] = serde_json::json!({
+        "phase": "Draining",
+        "waitingFor": "leaves signed under the old root to expire",
+        "drainUntil": meshca_clock::unix(now) + 3600,
+    });
     let dashboard = meshca_dashboard::Dashboard {
-        source: Arc::new(Fixed(synthetic_document(200, meshca_clock::unix(now)))),
+        source: Arc::new(Fixed(doc)),
         login: token.digest(),
         clock: meshca_clock::system(),
     };
@@ -517,6 +526,13 @@ fn two_hundred_clusters_stay_readable() {
          return [t.firstChild.nodeValue, t.querySelector('title').textContent]; }",
     );
     assert!(long[0].ends_with('…') && long[1].contains("prod-eu-west-17-payments"), "{long:?}");
+    // The root rotation: its phase among the five, and what it waits for.
+    let rotation: Vec<String> = tab.eval(
+        "() => [document.querySelector('#root-rotation li.current').textContent, \
+         document.getElementById('root-rotation').innerText]",
+    );
+    assert_eq!(rotation[0], "Draining");
+    assert!(rotation[1].contains("leaves signed under the old root to expire") && rotation[1].contains("drainUntil") && rotation[1].contains("(in "), "{rotation:?}");
     // Filtering by state narrows the tree and the timeline together.
     let degraded: usize =
         tab.eval("() => { document.querySelector('.chip[data-state=\"degraded\"]').click(); return document.querySelectorAll('[data-cluster]').length; }");

@@ -2,9 +2,9 @@
 //! behind one TLS listener.
 //!
 //! Every task the server starts (the authority loader, the serving certificate's renewal, the
-//! metrics endpoint, the dashboard, the status publisher) runs in one `JoinSet` under one cancellation token:
-//! when the server stops, the token fires, long-lived trust streams end, in-flight calls drain,
-//! and each child is awaited, so nothing outlives [`serve_with`].
+//! metrics endpoint, the dashboard, the status publisher) runs in one `JoinSet` under one
+//! cancellation token: when the server stops, the token fires, long-lived trust streams end,
+//! in-flight calls drain, and each child is awaited, so nothing outlives [`serve_with`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

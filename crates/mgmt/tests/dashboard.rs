@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use meshca_clock::{Clock, ManualClock};
 use meshca_dashboard::LoginToken;
-use meshca_mgmt::records::{self, ClusterRecord, StatusRecord};
+use meshca_mgmt::records::{self, ClusterRecord, IssuedLog, IssuedRecord, StatusRecord};
 use meshca_mgmt::relay::RelayCa;
 use meshca_mgmt::server::creds;
 use meshca_mgmt::{DashboardListener, ServeWith, ServerOptions, Settings};
@@ -139,6 +139,18 @@ impl Plane {
             ..Default::default()
         };
         typed::put(self.store.as_ref(), &records::status(name).unwrap(), &st, Precondition::Any).await.unwrap();
+        let issued = IssuedLog {
+            records: vec![IssuedRecord {
+                serial: "0A1B2C".into(),
+                not_after: now + 3000,
+                issued_at: now - 60,
+                reason: meshca_proto::IssueReason::Initial,
+                not_before: now - 180,
+                key_algorithm: "ECDSA P-256".into(),
+                ..Default::default()
+            }],
+        };
+        typed::put(self.store.as_ref(), &records::issued(name).unwrap(), &issued, Precondition::Any).await.unwrap();
     }
 }
 
@@ -403,6 +415,52 @@ async fn no_key_token_or_secret_reaches_the_page() {
         assert!(!body.contains("PRIVATE KEY"));
         for s in &secrets {
             assert!(!body.contains(s.as_str()), "a secret reached the page");
+        }
+    }
+}
+
+/// The page reads the status document by field name; a field renamed on one side only would
+/// leave the page silently blank. Every field the page reads is in the document the server makes
+/// (here with a reporting cluster and its issuance record, a silent one and its alert, and the
+/// root), and the page's script reads each of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_field_the_page_reads_is_in_the_document() {
+    let p = Plane::start().await;
+    p.add_cluster("cluster-1").await;
+    // Registered and never reported: an alert.
+    let rec = ClusterRecord { name: "cluster-2".into(), registered_at: 1, ..Default::default() };
+    typed::put(p.store.as_ref(), &records::cluster("cluster-2").unwrap(), &rec, Precondition::Absent).await.unwrap();
+    let cookie = cookie_of(&login(&p, p.token.secret(), &[]).await);
+    let doc: serde_json::Value =
+        serde_json::from_str(&get(&p, p.anonymous(), "/api/status", Some(&cookie)).await.body).unwrap();
+    let script = std::str::from_utf8(meshca_dashboard::assets::find("/app.js").unwrap().body).unwrap();
+    let fields: [(&str, &serde_json::Value, &[&str]); 6] = [
+        (
+            "document",
+            &doc,
+            &[
+                "trustDomain", "caMode", "rootSetFingerprint", "policyGeneration", "policyError", "now",
+                "rootNotAfter", "rootRotationThreshold", "roots", "upstreamIntermediate", "clusters", "alerts",
+            ],
+        ),
+        ("root", &doc["roots"][0], &["subject", "serial", "notBefore", "notAfter", "fingerprint", "keyAlgorithm"]),
+        (
+            "cluster",
+            &doc["clusters"][0],
+            &[
+                "name", "registered", "enrolled", "connected", "lastSeen", "phase", "intermediateSerial",
+                "intermediateNotAfter", "intermediateNotBefore", "intermediateCertNotBefore", "keyAlgorithm",
+                "issuerFingerprint", "lastRenewal", "nextRenewal", "lastError", "keyLocation", "issued",
+            ],
+        ),
+        ("issued record", &doc["clusters"][0]["issued"][0], &["serial", "notAfter", "issuedAt", "reason", "keyAlgorithm"]),
+        ("upstream", &doc["upstreamIntermediate"], &["subject", "notAfter"]),
+        ("alert", &doc["alerts"][0], &["kind", "cluster", "message"]),
+    ];
+    for (what, value, names) in fields {
+        for name in names {
+            assert!(value.get(name).is_some(), "the {what} has no {name:?}: {value}");
+            assert!(script.contains(&format!(".{name}")), "app.js does not read {what}.{name}");
         }
     }
 }
