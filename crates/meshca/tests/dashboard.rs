@@ -90,10 +90,11 @@ impl Chromium {
             &format!("--ignore-certificate-errors-spki-list={pin}"),
             "about:blank",
         ]);
-        let proc = Proc::spawn(cmd, "chromium", dir);
+        let mut proc = Proc::spawn(cmd, "chromium", dir);
         // Chromium writes its DevTools port and browser path here once it listens.
         let active = profile.path().join("DevToolsActivePort");
         let ws = wait_for(Duration::from_secs(30), "Chromium's DevTools port", || {
+            proc.assert_running();
             let text = std::fs::read_to_string(&active).ok()?;
             let mut lines = text.lines();
             let (port, path) = (lines.next()?, lines.next()?);
@@ -381,8 +382,9 @@ fn the_dashboard_of_meshca_up_shows_the_live_mesh_in_chromium() {
     up.wait_exit(Duration::from_secs(30));
 }
 
-/// A synthetic mesh of `n` clusters in every state, as the status document the server would
-/// make of it.
+/// A synthetic mesh of `n` clusters in every state, on your own intermediate (the management
+/// intermediate of bring-your-own-intermediate mode) under a root, as the status document the
+/// server would make of it.
 fn synthetic_document(n: usize, now: i64) -> Value {
     use meshca_proto::mgmt::{Alert, CertificateSummary, ClusterStatus, ClusterView, IssuedRecord, MeshStatus};
     use meshca_proto::{AlertKind, IssueReason, Phase};
@@ -394,6 +396,15 @@ fn synthetic_document(n: usize, now: i64) -> Value {
         fingerprint: "ab".repeat(32),
         key_algorithm: "ECDSA P-256".into(),
         issuer_fingerprint: String::new(),
+    };
+    let upstream = CertificateSummary {
+        subject: "CN=Example Corp Issuing CA 7,OU=PKI,O=Example Corp".into(),
+        serial: "7A11".repeat(10),
+        not_before: now - 3600,
+        not_after: now + 2 * 365 * 86400,
+        fingerprint: "cd".repeat(32),
+        key_algorithm: "ECDSA P-384".into(),
+        issuer_fingerprint: root.fingerprint.clone(),
     };
     let life = 30 * 86400;
     let clusters = (1..=n)
@@ -442,14 +453,17 @@ fn synthetic_document(n: usize, now: i64) -> Value {
                     issued_at,
                     reason: IssueReason::Renewal as i32,
                     key_algorithm: "ECDSA P-256".into(),
-                    issuer_fingerprint: root.fingerprint.clone(),
+                    issuer_fingerprint: upstream.fingerprint.clone(),
                 }],
             }
         })
         .collect();
     let st = MeshStatus {
         trust_domain: "cluster.local".into(),
-        ca_mode: "generated".into(),
+        ca_mode: "intermediateRef".into(),
+        upstream_intermediate_subject: upstream.subject.clone(),
+        upstream_intermediate_not_after: upstream.not_after,
+        upstream_intermediate: Some(upstream),
         root_set_fingerprint: format!("sha256:{}", root.fingerprint),
         root_not_after: root.not_after,
         root_rotation_threshold: root.not_after - life,
@@ -516,7 +530,17 @@ fn two_hundred_clusters_stay_readable() {
     );
     let layout: Layout = tab.eval(LAYOUT);
     eprintln!("{layout:?}");
-    assert_eq!(layout.rows, 201, "a timeline row per certificate: the root and 200 intermediates");
+    assert_eq!(
+        layout.rows, 202,
+        "a timeline row per certificate: the root, the management intermediate, 200 clusters'"
+    );
+    // The tree: root → the management intermediate → the clusters it signed.
+    let tree: Vec<String> = tab.eval(
+        "() => [document.querySelector('#tree .tier.upstream [data-cert]').dataset.cert, \
+         document.querySelector('#tree .group-head').textContent]",
+    );
+    assert_eq!(tree[0], format!("upstream:{}", "cd".repeat(32)));
+    assert!(tree[1].starts_with("signed by the management intermediate CN=Example Corp Issuing CA 7"), "{tree:?}");
     assert!(layout.row_height >= 20.0, "rows stay readable: {layout:?}");
     assert!(layout.timeline_scrolls, "200 rows scroll inside the timeline: {layout:?}");
     assert_readable(&layout, "200 clusters");
@@ -532,7 +556,12 @@ fn two_hundred_clusters_stay_readable() {
          document.getElementById('root-rotation').innerText]",
     );
     assert_eq!(rotation[0], "Draining");
-    assert!(rotation[1].contains("leaves signed under the old root to expire") && rotation[1].contains("drainUntil") && rotation[1].contains("(in "), "{rotation:?}");
+    assert!(
+        rotation[1].contains("leaves signed under the old root to expire")
+            && rotation[1].contains("drainUntil")
+            && rotation[1].contains("(in "),
+        "{rotation:?}"
+    );
     // Filtering by state narrows the tree and the timeline together.
     let degraded: usize =
         tab.eval("() => { document.querySelector('.chip[data-state=\"degraded\"]').click(); return document.querySelectorAll('[data-cluster]').length; }");
