@@ -221,8 +221,9 @@ mod tests {
     fn sessions_are_bounded_and_expired_ones_go_first() {
         let sessions = Sessions::new(Duration::from_secs(60));
         let first = sessions.open(t(0)).expect("session");
+        // Every later one expires after the first (opened at t(1) to t(29)).
         for i in 1..MAX_SESSIONS as u64 + 5 {
-            sessions.open(t(i % 30)).expect("session");
+            sessions.open(t(1 + i % 29)).expect("session");
         }
         assert_eq!(sessions.len(), MAX_SESSIONS);
         assert!(!sessions.check(&first.id, t(1)), "the one closest to expiry was dropped");
