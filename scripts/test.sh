@@ -81,5 +81,5 @@ peer MESHCA_CHROMIUM_BIN bash scripts/peers/chromium.sh build
 
 # ---- 3. the end-to-end tests -----------------------------------------------------------------
 step "end-to-end tests (${END_TO_END[*]})"
-cargo test --workspace --locked "${e2e_tests[@]}"
+cargo test --workspace --locked --no-fail-fast "${e2e_tests[@]}"
 echo "== all tests passed in ${SECONDS}s" >&2
