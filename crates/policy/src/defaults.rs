@@ -18,3 +18,10 @@ pub const GRACE_PERIOD_RATIO: f64 = 0.2;
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(720 * 3600);
 /// Istio's own serving names, which a DNS name constraint must permit or istiod cannot serve.
 pub const ISTIOD_SERVING_NAMES: [&str; 2] = ["istiod.istio-system.svc", "localhost"];
+/// `rootRotation.triggerRatio` when omitted: rotate a generated root with a fifth of its
+/// lifetime left, like the intermediates' grace ratio.
+pub const ROOT_ROTATION_TRIGGER_RATIO: f64 = 0.2;
+/// `rootRotation.maxLeafLifetime` when omitted: Istio's default workload certificate lifetime.
+pub const MAX_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// `rootRotation.skew` when omitted.
+pub const ROOT_ROTATION_SKEW: Duration = Duration::from_secs(300);

@@ -55,6 +55,28 @@ pub struct SpecDoc {
     /// Restart istiod pods after a rotation (for real istiod without hot reload).
     #[serde(default)]
     pub auto_restart_pods: bool,
+    /// How root rotations run (every CA mode).
+    #[serde(default)]
+    pub root_rotation: RootRotationDoc,
+}
+
+/// `spec.rootRotation`: when a generated root is rotated, and the leaf lifetimes the rotation's
+/// waits are computed from (docs/root-rotation.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RootRotationDoc {
+    /// Generated mode: start a rotation when less than this fraction of the root's lifetime
+    /// remains; in (0, 1), 0.2 by default.
+    #[serde(default)]
+    pub trigger_ratio: Option<f64>,
+    /// The longest lifetime of any workload leaf in the mesh (istiod's or the workload CA's
+    /// maximum); `24h` by default (Istio's default workload certificate lifetime).
+    #[serde(default)]
+    pub max_leaf_lifetime: Option<String>,
+    /// Allowance for clock skew and propagation (a Secret reaching istiod's mount, a reload);
+    /// `5m` by default, `0s` allowed.
+    #[serde(default)]
+    pub skew: Option<String>,
 }
 
 /// `spec.config`: exactly one of the four modes.

@@ -20,11 +20,12 @@ pub mod validate;
 pub mod vault;
 
 pub use doc::{
-    ConfigDoc, GeneratedDoc, IntermediateCertOptionsDoc, IntermediateRefDoc, Metadata, RootTrustPolicyDoc, SecretRef,
-    SpecDoc, VaultAppRoleDoc, VaultAuthDoc, VaultDoc, VaultKubernetesDoc, VaultTlsDoc, VaultTokenDoc,
+    ConfigDoc, GeneratedDoc, IntermediateCertOptionsDoc, IntermediateRefDoc, Metadata, RootRotationDoc,
+    RootTrustPolicyDoc, SecretRef, SpecDoc, VaultAppRoleDoc, VaultAuthDoc, VaultDoc, VaultKubernetesDoc, VaultTlsDoc,
+    VaultTokenDoc,
 };
 pub use generation::{SignerMaterial, generation, key_algorithm_from_wire, key_algorithm_to_wire};
-pub use validate::{CaMode, ClusterSelector, IntermediateOptions, Policy, is_cluster_name};
+pub use validate::{CaMode, ClusterSelector, IntermediateOptions, Policy, RootRotationOptions, is_cluster_name};
 pub use vault::{VaultAuth, VaultDelivery, VaultSpec};
 
 /// Istio's own serving names, which a DNS name constraint must permit or istiod cannot serve.
@@ -130,6 +131,37 @@ spec:
         assert_eq!(e.field, "policy");
         let e = Policy::from_yaml(&GOOD.replace("trustDomain", "trustDomian")).expect_err("unknown field");
         assert!(e.message.contains("trustDomian"), "{e}");
+    }
+
+    #[test]
+    fn root_rotation_settings_default_to_istios_leaf_lifetime_and_are_checked() {
+        let p = Policy::from_yaml(GOOD).expect("valid");
+        assert_eq!(p.root_rotation, RootRotationOptions::default());
+        assert_eq!(p.root_rotation.trigger_ratio, 0.2);
+        assert_eq!(p.root_rotation.max_leaf_lifetime, Duration::from_secs(24 * 3600));
+        assert_eq!(p.root_rotation.skew, Duration::from_secs(300));
+        let text = format!("{GOOD}  rootRotation: {{ triggerRatio: 0.5, maxLeafLifetime: 30s, skew: 0s }}\n");
+        let p = Policy::from_yaml(&text).expect("valid");
+        assert_eq!(
+            p.root_rotation,
+            RootRotationOptions {
+                trigger_ratio: 0.5,
+                max_leaf_lifetime: Duration::from_secs(30),
+                skew: Duration::ZERO
+            }
+        );
+        for (body, field) in [
+            ("triggerRatio: 1", "spec.rootRotation.triggerRatio"),
+            ("triggerRatio: 0", "spec.rootRotation.triggerRatio"),
+            ("maxLeafLifetime: 0s", "spec.rootRotation.maxLeafLifetime"),
+            ("maxLeafLifetime: forever", "spec.rootRotation.maxLeafLifetime"),
+            ("skew: soon", "spec.rootRotation.skew"),
+        ] {
+            let e = Policy::from_yaml(&format!("{GOOD}  rootRotation: {{ {body} }}\n")).expect_err(body);
+            assert_eq!(e.field, field, "{body}: {e}");
+        }
+        let e = Policy::from_yaml(&format!("{GOOD}  rootRotation: {{ ratio: 0.3 }}\n")).expect_err("unknown key");
+        assert!(e.message.contains("ratio"), "{e}");
     }
 
     #[test]

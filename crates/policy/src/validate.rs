@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use meshca_pki::{KeyAlgorithm, TrustDomain};
 
-use crate::doc::{RootTrustPolicyDoc, SecretRef};
+use crate::doc::{RootRotationDoc, RootTrustPolicyDoc, SecretRef};
 use crate::vault::VaultSpec;
 use crate::{API_VERSION, KIND, PolicyError, defaults, duration, err};
 
@@ -79,6 +79,49 @@ pub struct IntermediateOptions {
     pub permitted_dns_domains: Vec<String>,
 }
 
+/// How root rotations run (`spec.rootRotation`). The waits of a rotation follow from these:
+/// after every cluster trusts both roots, half of `max_leaf_lifetime` plus `skew` (every
+/// workload has renewed, so has learned the new root); after every cluster signs under the new
+/// root, `max_leaf_lifetime` plus `skew` (every leaf under the old root has expired).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RootRotationOptions {
+    /// Generated mode: rotate when less than this fraction of the root's lifetime remains; in
+    /// (0, 1).
+    pub trigger_ratio: f64,
+    /// The longest lifetime of any leaf in the mesh.
+    pub max_leaf_lifetime: Duration,
+    /// Allowance for clock skew and propagation delays.
+    pub skew: Duration,
+}
+
+impl Default for RootRotationOptions {
+    fn default() -> Self {
+        RootRotationOptions {
+            trigger_ratio: defaults::ROOT_ROTATION_TRIGGER_RATIO,
+            max_leaf_lifetime: defaults::MAX_LEAF_LIFETIME,
+            skew: defaults::ROOT_ROTATION_SKEW,
+        }
+    }
+}
+
+impl RootRotationOptions {
+    fn from_doc(d: &RootRotationDoc) -> Result<Self, PolicyError> {
+        let trigger_ratio = d.trigger_ratio.unwrap_or(defaults::ROOT_ROTATION_TRIGGER_RATIO);
+        if !(trigger_ratio > 0.0 && trigger_ratio < 1.0) {
+            return Err(err("spec.rootRotation.triggerRatio", format!("{trigger_ratio} is outside (0, 1)")));
+        }
+        let max_leaf_lifetime =
+            parse_duration("spec.rootRotation.maxLeafLifetime", &d.max_leaf_lifetime, defaults::MAX_LEAF_LIFETIME)?;
+        let skew = match &d.skew {
+            None => defaults::ROOT_ROTATION_SKEW,
+            Some(s) => duration::parse(s).ok_or_else(|| {
+                err("spec.rootRotation.skew", format!("{s:?} is not a duration (examples: 5m, 30s, 0s)"))
+            })?,
+        };
+        Ok(RootRotationOptions { trigger_ratio, max_leaf_lifetime, skew })
+    }
+}
+
 /// A validated RootTrustPolicy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -96,6 +139,8 @@ pub struct Policy {
     pub intermediate: IntermediateOptions,
     /// Restart istiod after a rotation.
     pub auto_restart_pods: bool,
+    /// How root rotations run.
+    pub root_rotation: RootRotationOptions,
 }
 
 fn parse_duration(field: &str, v: &Option<String>, default: Duration) -> Result<Duration, PolicyError> {
@@ -235,6 +280,7 @@ impl Policy {
             ca,
             intermediate,
             auto_restart_pods: spec.auto_restart_pods,
+            root_rotation: RootRotationOptions::from_doc(&spec.root_rotation)?,
         })
     }
 
@@ -258,6 +304,7 @@ impl Policy {
                 permitted_dns_domains: Vec::new(),
             },
             auto_restart_pods: false,
+            root_rotation: RootRotationOptions::default(),
         }
     }
 }
