@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // store: serde names are the variant names ("Ready", "PolicyInvalid"), as they were stored
     // when these were strings.
     let mut config = tonic_prost_build::configure();
-    for e in ["KeyAlgorithm", "IssueReason", "Phase", "AlertKind", "IstiodState"] {
+    for e in ["KeyAlgorithm", "IssueReason", "Phase", "AlertKind", "IstiodState", "RotationPhase"] {
         config =
             config.enum_attribute(format!(".meshca.v1alpha1.{e}"), "#[derive(serde::Serialize, serde::Deserialize)]");
     }

@@ -90,8 +90,17 @@ impl RootSet {
     /// `sha256:<hex>` over the sorted SHA-256 fingerprints of the roots; equal sets have equal
     /// fingerprints whatever their order.
     pub fn fingerprint(&self) -> String {
-        let mut fps: Vec<String> = self.roots.iter().map(Cert::fingerprint).collect();
-        fps.sort();
+        let fps: Vec<String> = self.roots.iter().map(Cert::fingerprint).collect();
+        RootSet::fingerprint_of(fps.iter().map(String::as_str))
+    }
+
+    /// The [`RootSet::fingerprint`] of the set of roots whose certificate fingerprints
+    /// ([`Cert::fingerprint`]) are `fps`, without the certificates: what a root set holding them
+    /// will report.
+    pub fn fingerprint_of<'a>(fps: impl Iterator<Item = &'a str>) -> String {
+        let mut fps: Vec<&str> = fps.collect();
+        fps.sort_unstable();
+        fps.dedup();
         format!("sha256:{}", der_util::sha256_hex(fps.join("\n").as_bytes()))
     }
 

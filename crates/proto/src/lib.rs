@@ -16,5 +16,5 @@ pub mod mgmt {
 pub mod identity;
 mod names;
 
-pub use mgmt::{AlertKind, IssueReason, IstiodState, Phase};
+pub use mgmt::{AlertKind, IssueReason, IstiodState, Phase, RotationPhase};
 pub use names::UnknownName;

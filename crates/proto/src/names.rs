@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::mgmt::{AlertKind, IssueReason, IstiodState, Phase};
+use crate::mgmt::{AlertKind, IssueReason, IstiodState, Phase, RotationPhase};
 
 /// A name that is not one of an enum's values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,7 @@ names!(AlertKind, "alert kind", {
     ClusterNotReporting => "ClusterNotReporting",
     ForeignCacerts => "ForeignCacerts",
     IstiodNotWired => "IstiodNotWired",
+    RootRotationStalled => "RootRotationStalled",
 });
 
 names!(IstiodState, "istiod state", {
@@ -85,6 +86,14 @@ names!(IstiodState, "istiod state", {
     Forbidden => "Forbidden",
     Conflict => "Conflict",
     Failed => "Failed",
+});
+
+names!(RotationPhase, "rotation phase", {
+    Idle => "Idle",
+    Distributing => "Distributing",
+    Switching => "Switching",
+    Draining => "Draining",
+    Retiring => "Retiring",
 });
 
 names!(IssueReason, "issue reason", {
@@ -109,6 +118,9 @@ mod tests {
         }
         for r in IssueReason::ALL {
             assert_eq!(r.name().parse::<IssueReason>(), Ok(*r));
+        }
+        for r in RotationPhase::ALL {
+            assert_eq!(r.name().parse::<RotationPhase>(), Ok(*r));
         }
         let e = "Broken".parse::<Phase>().expect_err("not a phase");
         assert!(e.to_string().contains("Ready"), "{e}");
