@@ -46,6 +46,18 @@ pub async fn load_or_create_root(
     }
 }
 
+/// A CA as a secret in meshca's own layout: `ca-cert.pem`, `ca-key.pem` (0600 like every key
+/// the store writes), and `cert-chain.pem` (the certificate up to the root), which
+/// [`signer_from_secret`] reads back.
+pub fn secret_from_signer(signer: &CaSigner) -> Secret {
+    Secret::with_data([
+        (CERT_KEY, signer.cert().to_pem().into_bytes()),
+        (KEY_KEY, signer.key().to_pkcs8_pem().as_bytes().to_vec()),
+        ("cert-chain.pem", signer.chain_pems().concat().into_bytes()),
+    ])
+    .label(meshca_store::labels::MANAGED_BY.0, meshca_store::labels::MANAGED_BY.1)
+}
+
 /// The key pairs a CA secret may use: meshca's / Istio's (`ca-cert.pem`, `ca-key.pem`) or
 /// Kubernetes TLS (`tls.crt`, `tls.key`). An optional chain above the certificate comes from
 /// `cert-chain.pem` (Istio layout: the certificate first) and `root-cert.pem`, or `ca.crt` (TLS

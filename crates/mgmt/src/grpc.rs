@@ -11,12 +11,12 @@ use std::time::Duration;
 use futures::Stream;
 use meshca_clock::{SharedClock, unix};
 use meshca_pki::Cert;
+use meshca_proto::IssueReason;
 use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
     AgentIdentity, ClusterStatus, IssueIntermediateRequest, IssueIntermediateResponse, RenewIdentityRequest,
     ReportStatusResponse, TrustState, WatchTrustRequest, certificate_issuer_server::CertificateIssuer,
 };
-use meshca_proto::{IssueReason, Phase};
 use meshca_store::{Store, typed};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::authority::{Authority, Capability};
 use crate::issuer::Issuer;
 use crate::loader::PolicySource;
-use crate::records::{self, ClusterRecord, IstiodRecord, StatusRecord};
+use crate::records::{self, ClusterRecord, StatusRecord};
 use crate::relay::RelayCa;
 
 /// Tunables of the services.
@@ -72,6 +72,10 @@ pub struct Shared {
     pub clock: SharedClock,
     /// Fires when the server shuts down: long-lived streams end with it.
     pub shutdown: CancellationToken,
+    /// Bumped on every status report, so barriers waiting on reports look again at once.
+    pub reported: watch::Sender<u64>,
+    /// Operator requests to the root rotation.
+    pub rotation: crate::rotation::RotationHandle,
 }
 
 /// Refuses a call that signs or rotates on a replica that does not hold the lease. Followers
@@ -251,51 +255,17 @@ impl CertificateIssuer for IssuerService {
         let cluster = agent(&request)?;
         self.0.registered(&cluster).await?;
         let s = request.into_inner();
-        let phase = match Phase::try_from(s.phase) {
-            Ok(Phase::Unspecified) | Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "phase {} is not one of {}",
-                    s.phase,
-                    Phase::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
-                )));
-            }
-            Ok(p) => p,
-        };
-        let clip = |t: &str| t.chars().take(1024).collect::<String>();
-        let key = records::status(&cluster).map_err(internal)?;
         let now = unix(self.0.clock.now());
-        let istiod = s.istiod.as_ref().map(|i| IstiodRecord::from_wire(i, clip));
+        StatusRecord::phase_of(&s).map_err(Status::invalid_argument)?;
+        let key = records::status(&cluster).map_err(internal)?;
         // Two processes may report for one cluster (in Vault mode the agent reports istiod, the
         // vault-agent sidecar the intermediate): each keeps what the other reported.
         typed::update::<StatusRecord, _>(self.0.store.as_ref(), &key, |cur| {
-            let mut rec = match (s.istiod_only, cur) {
-                (true, Some(cur)) => cur.clone(),
-                _ => StatusRecord {
-                    phase,
-                    intermediate_serial: clip(&s.intermediate_serial),
-                    intermediate_not_after: s.intermediate_not_after,
-                    intermediate_not_before: s.intermediate_not_before,
-                    root_set_fingerprint: clip(&s.root_set_fingerprint),
-                    policy_generation: clip(&s.policy_generation),
-                    last_renewal: s.last_renewal,
-                    last_error: clip(&s.last_error),
-                    key_location: clip(&s.key_location),
-                    next_renewal: s.next_renewal,
-                    agent_version: clip(&s.agent_version),
-                    consecutive_failures: s.consecutive_failures,
-                    foreign_cacerts: s.foreign_cacerts,
-                    istiod: cur.and_then(|c| c.istiod.clone()),
-                    ..Default::default()
-                },
-            };
-            rec.reported_at = now;
-            if let Some(i) = &istiod {
-                rec.istiod = Some(i.clone());
-            }
-            Some(rec)
+            StatusRecord::after_report(cur, &s, now).ok()
         })
         .await
         .map_err(internal)?;
+        self.0.reported.send_modify(|n| *n = n.wrapping_add(1));
         Ok(Response::new(ReportStatusResponse {}))
     }
 }

@@ -8,13 +8,19 @@
 //! - [`issuer`]: the certificate issuer as a domain service ([`issuer::Issuer::issue`]); the
 //!   gRPC layer ([`grpc`], [`registration`], [`operator`]) authenticates and translates.
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
+//! - [`rotation`]: root rotation, gated on every cluster's reports ([`convergence`], the
+//!   reusable barrier); its controller turns the loader's authority into the *effective* one
+//!   (the signer and root set of the rotation's phase) that everything else reads.
 //! - [`status`], [`metrics`], [`dashboard`]: what operators see; [`replica`]: several replicas,
 //!   one leader.
 //! - [`server`]: the wiring, with every task supervised.
 #![forbid(unsafe_code)]
+// `status::document` builds one large `json!` literal (its per-cluster object has many fields).
+#![recursion_limit = "256"]
 
 pub mod authority;
 pub mod castore;
+pub mod convergence;
 pub mod dashboard;
 pub mod error;
 pub mod grpc;
@@ -27,6 +33,7 @@ pub mod records;
 pub mod registration;
 pub mod relay;
 pub mod replica;
+pub mod rotation;
 pub mod server;
 pub mod status;
 pub mod tokens;

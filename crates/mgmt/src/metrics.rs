@@ -30,6 +30,46 @@ pub fn render(st: &MeshStatus) -> String {
     family(&mut r, "meshca_root_expiry_timestamp_seconds", "NotAfter of the earliest-expiring root")
         .get_or_create(&none)
         .set(st.root_not_after);
+    let per_root = family(
+        &mut r,
+        "meshca_root_cert_expiry_timestamp_seconds",
+        "NotAfter of each root of the root set clusters trust (both roots during a root rotation)",
+    );
+    for root in &st.roots {
+        per_root
+            .get_or_create(&vec![
+                ("subject".into(), root.subject.clone()),
+                ("fingerprint".into(), root.fingerprint.clone()),
+            ])
+            .set(root.not_after);
+    }
+    let rotation = st.root_rotation.clone().unwrap_or_default();
+    let phase = match rotation.phase() {
+        meshca_proto::RotationPhase::Unspecified => meshca_proto::RotationPhase::Idle,
+        p => p,
+    };
+    let phases = family(
+        &mut r,
+        "meshca_root_rotation_phase",
+        "1 for the phase the root rotation is in (Idle when none is in progress), 0 for the others",
+    );
+    for p in meshca_proto::RotationPhase::ALL {
+        phases.get_or_create(&vec![("phase".into(), p.name().into())]).set(i64::from(*p == phase));
+    }
+    family(
+        &mut r,
+        "meshca_root_rotation_phase_since_timestamp_seconds",
+        "When the root rotation entered its current phase (0: never rotated)",
+    )
+    .get_or_create(&none)
+    .set(rotation.phase_since);
+    family(
+        &mut r,
+        "meshca_root_rotation_next_step_timestamp_seconds",
+        "The earliest time the root rotation's next step can happen (0: it waits for clusters, or none runs)",
+    )
+    .get_or_create(&none)
+    .set(rotation.next_step_at);
     let up = family(
         &mut r,
         "meshca_upstream_intermediate_expiry_timestamp_seconds",

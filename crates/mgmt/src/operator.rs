@@ -8,7 +8,7 @@ use meshca_clock::unix;
 use meshca_policy::Policy;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, ApplyPolicyResponse, BootstrapToken, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus,
-    RotateRequest, RotateResponse, operator_server::Operator,
+    RotateRequest, RotateResponse, RotateRootRequest, RotateRootResponse, operator_server::Operator,
 };
 use meshca_store::typed;
 use tonic::{Request, Response, Status};
@@ -122,5 +122,32 @@ impl Operator for OperatorService {
                 return Err(Status::deadline_exceeded("the policy was stored but has not been loaded yet"));
             }
         }
+    }
+
+    async fn rotate_root(&self, request: Request<RotateRootRequest>) -> Result<Response<RotateRootResponse>, Status> {
+        use crate::rotation::RotateError;
+        let who = operator(&request)?;
+        require_leader(&self.0)?;
+        let abort = request.into_inner().abort;
+        let result = if abort { self.0.rotation.abort().await } else { self.0.rotation.start().await };
+        let r = result.map_err(|e| match e {
+            RotateError::InProgress { .. } | RotateError::NotInProgress | RotateError::Abort(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+            RotateError::NotGenerated(_) | RotateError::CannotStart(_) => Status::failed_precondition(e.to_string()),
+            RotateError::NotLeader | RotateError::Stopped => Status::unavailable(e.to_string()),
+            RotateError::Store(_) => internal(e),
+        })?;
+        let message = if abort {
+            format!("root rotation {} aborted: every cluster returns to the old root (now {})", r.id, r.phase.name())
+        } else {
+            format!(
+                "root rotation {} started: every cluster is to trust the old and the new root ({})",
+                r.id,
+                r.phase.name()
+            )
+        };
+        tracing::info!(operator = %who, rotation = %r.id, abort, "root rotation requested");
+        Ok(Response::new(RotateRootResponse { phase: r.phase as i32, message }))
     }
 }

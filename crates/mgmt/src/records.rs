@@ -161,6 +161,18 @@ pub struct StatusRecord {
     /// What the agent did to istiod's Deployment, when it manages it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub istiod: Option<IstiodRecord>,
+    /// SHA-256 fingerprint of the root its intermediate chains to. Empty in older records.
+    #[serde(default)]
+    pub chain_root_fingerprint: String,
+    /// SHA-256 fingerprint of its intermediate's issuer. Empty in older records.
+    #[serde(default)]
+    pub intermediate_issuer_fingerprint: String,
+    /// Unix seconds when the `cacerts` part of the record (everything but `istiod`) was last
+    /// reported: an istiod-only report (Vault mode) refreshes `reported_at` but says nothing new
+    /// about `cacerts`, and a root rotation's barrier must not take it for news. 0 in older
+    /// records (read as `reported_at`).
+    #[serde(default)]
+    pub cacerts_reported_at: i64,
 }
 
 /// What a cluster's agent reported about istiod's Deployment (`IstiodStatus` on the wire).
@@ -206,6 +218,67 @@ impl IstiodRecord {
     }
 }
 
+impl StatusRecord {
+    /// The phase a report states; a report without a valid one is refused.
+    pub fn phase_of(s: &meshca_proto::mgmt::ClusterStatus) -> Result<Phase, String> {
+        match Phase::try_from(s.phase) {
+            Ok(Phase::Unspecified) | Err(_) => Err(format!(
+                "phase {} is not one of {}",
+                s.phase,
+                Phase::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+            )),
+            Ok(p) => Ok(p),
+        }
+    }
+
+    /// The record after a report `s` received at `now` (unix seconds), given the stored one.
+    /// Free-form fields are cut to 1024 characters. Two processes may report for one cluster (in
+    /// Vault mode the agent reports istiod, the vault-agent sidecar the intermediate): an
+    /// istiod-only report keeps everything else as it was, including when `cacerts` was last
+    /// reported; a full report keeps the istiod part it does not carry.
+    pub fn after_report(
+        current: Option<&StatusRecord>,
+        s: &meshca_proto::mgmt::ClusterStatus,
+        now: i64,
+    ) -> Result<StatusRecord, String> {
+        let phase = StatusRecord::phase_of(s)?;
+        let clip = |t: &str| t.chars().take(1024).collect::<String>();
+        let mut rec = match (s.istiod_only, current) {
+            (true, Some(cur)) => cur.clone(),
+            _ => StatusRecord {
+                phase,
+                intermediate_serial: clip(&s.intermediate_serial),
+                intermediate_not_after: s.intermediate_not_after,
+                intermediate_not_before: s.intermediate_not_before,
+                root_set_fingerprint: clip(&s.root_set_fingerprint),
+                policy_generation: clip(&s.policy_generation),
+                last_renewal: s.last_renewal,
+                last_error: clip(&s.last_error),
+                key_location: clip(&s.key_location),
+                next_renewal: s.next_renewal,
+                agent_version: clip(&s.agent_version),
+                consecutive_failures: s.consecutive_failures,
+                foreign_cacerts: s.foreign_cacerts,
+                istiod: current.and_then(|c| c.istiod.clone()),
+                chain_root_fingerprint: clip(&s.chain_root_fingerprint),
+                intermediate_issuer_fingerprint: clip(&s.intermediate_issuer_fingerprint),
+                cacerts_reported_at: now,
+                ..Default::default()
+            },
+        };
+        rec.reported_at = now;
+        if let Some(i) = &s.istiod {
+            rec.istiod = Some(IstiodRecord::from_wire(i, clip));
+        }
+        Ok(rec)
+    }
+
+    /// When what the record says about `cacerts` was reported.
+    pub fn cacerts_at(&self) -> i64 {
+        if self.cacerts_reported_at > 0 { self.cacerts_reported_at } else { self.reported_at }
+    }
+}
+
 /// An [`IssueReason`] by its name, as the issued log has always stored it.
 mod reason_name {
     use meshca_proto::IssueReason;
@@ -234,6 +307,26 @@ mod tests {
         assert!(cluster("cluster-1").is_ok());
         assert!(cluster("../etc").is_err());
         assert!(status("UPPER").is_err());
+    }
+
+    #[test]
+    fn an_istiod_only_report_is_no_news_about_cacerts() {
+        use meshca_proto::mgmt::ClusterStatus;
+        let full = ClusterStatus {
+            phase: Phase::Ready as i32,
+            root_set_fingerprint: "sha256:ab".into(),
+            chain_root_fingerprint: "b".into(),
+            ..Default::default()
+        };
+        let rec = StatusRecord::after_report(None, &full, 100).expect("valid");
+        assert_eq!((rec.reported_at, rec.cacerts_at()), (100, 100));
+        let istiod_only = ClusterStatus { phase: Phase::Ready as i32, istiod_only: true, ..Default::default() };
+        let after = StatusRecord::after_report(Some(&rec), &istiod_only, 200).expect("valid");
+        assert_eq!(after.reported_at, 200, "the cluster is connected");
+        assert_eq!(after.cacerts_at(), 100, "but its cacerts was last reported at 100");
+        assert_eq!(after.chain_root_fingerprint, "b");
+        let bad = ClusterStatus { phase: 0, ..Default::default() };
+        assert!(StatusRecord::after_report(None, &bad, 1).is_err());
     }
 
     #[test]

@@ -238,7 +238,7 @@ async fn run(
         policy_source.apply(text).await?;
     }
     let relay = Arc::new(RelayCa::load_or_create(store.as_ref(), now).await?);
-    let (loader, authority): (Loader, watch::Receiver<Arc<Authority>>) = Loader::start(
+    let (loader, base): (Loader, watch::Receiver<Arc<Authority>>) = Loader::start(
         store.clone(),
         policy_source.clone(),
         opts.default_policy.clone(),
@@ -247,6 +247,19 @@ async fn run(
     )
     .await;
     tasks.spawn(loader.run(cancel.child_token()));
+    // The root rotation turns the policy's authority into the one in force for its phase; the
+    // issuer, the trust streams, status and metrics all read the effective one.
+    let (reported, reported_rx) = watch::channel(0u64);
+    let (controller, authority, rotation) = crate::rotation::Controller::start(
+        store.clone(),
+        base,
+        clock.clone(),
+        with.leader.clone(),
+        opts.settings.report_interval,
+        reported_rx,
+    )
+    .await;
+    tasks.spawn(controller.run(cancel.child_token()));
 
     // Serving certificate from the relay CA, renewed at half life without a restart.
     let serving_ttl = Duration::from_secs(7 * 86400);
@@ -326,6 +339,8 @@ async fn run(
         policy_source,
         clock,
         shutdown: cancel.clone(),
+        reported,
+        rotation,
     });
     if with.policy_source.is_some() {
         tasks.spawn(publish_status(shared.clone(), with.leader.clone(), cancel.child_token()));

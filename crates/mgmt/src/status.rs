@@ -31,6 +31,8 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
         istiod: s.istiod.as_ref().map(IstiodRecord::to_wire),
         istiod_only: false,
         foreign_cacerts: s.foreign_cacerts,
+        chain_root_fingerprint: s.chain_root_fingerprint.clone(),
+        intermediate_issuer_fingerprint: s.intermediate_issuer_fingerprint.clone(),
     }
 }
 
@@ -89,7 +91,12 @@ pub async fn collect(
         Some(r) => (r.fingerprint(), unix(r.earliest_expiry())),
         None => (String::new(), 0),
     };
-    let alerts = alerts(now, authority, &clusters, report_interval);
+    let mut alerts = alerts(now, authority, &clusters, report_interval);
+    let journal = crate::rotation::controller::read_journal(store).await?.value;
+    let reports = crate::convergence::reports(store, &authority.policy, now, report_interval).await?;
+    let (root_rotation, stalled) =
+        crate::rotation::describe(&journal, &reports, &authority.policy, now, report_interval);
+    alerts.extend(stalled);
     let mut roots: Vec<CertificateSummary> =
         authority.roots().into_iter().flat_map(|r| r.iter()).map(|c| summary(c, None)).collect();
     roots.sort_by_key(|r| r.not_after);
@@ -118,6 +125,7 @@ pub async fn collect(
         roots,
         upstream_intermediate: upstream.map(|u| summary(u, upstream_issuer)),
         root_rotation_threshold: root_rotation_threshold(authority).unwrap_or(0),
+        root_rotation: Some(root_rotation),
     })
 }
 
@@ -333,6 +341,7 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 "keyAlgorithm": current.map(|r| r.key_algorithm.as_str()).unwrap_or(""),
                 "issuerFingerprint": current.map(|r| r.issuer_fingerprint.as_str()).unwrap_or(""),
                 "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
+                "chainRootFingerprint": s.chain_root_fingerprint,
                 "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
                 "keyLocation": s.key_location, "foreignCacerts": s.foreign_cacerts,
                 "istiod": s.istiod.as_ref().map(|i| json!({
@@ -346,6 +355,38 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
             })
         }).collect::<Vec<_>>(),
         "alerts": st.alerts.iter().map(|a| json!({"kind": named(a.kind().name()), "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
+        "rootRotation": root_rotation_document(st.root_rotation.as_ref(), &cert),
+    })
+}
+
+/// `rootRotation` in [`document`]: the phase by name (`Idle` when none is in progress), since
+/// when, the two roots, what it waits for, and every phase change.
+fn root_rotation_document(
+    r: Option<&meshca_proto::mgmt::RootRotation>,
+    cert: &dyn Fn(&CertificateSummary) -> serde_json::Value,
+) -> serde_json::Value {
+    use serde_json::json;
+    let Some(r) = r else { return json!({ "phase": "Idle" }) };
+    let phase = match r.phase() {
+        meshca_proto::RotationPhase::Unspecified => "Idle",
+        p => p.name(),
+    };
+    let mut converged: Vec<(&String, &i64)> = r.converged.iter().collect();
+    converged.sort();
+    json!({
+        "phase": phase,
+        "phaseSince": r.phase_since,
+        "id": r.id,
+        "startedAt": r.started_at,
+        "trigger": r.trigger,
+        "aborted": r.aborted,
+        "from": r.from.as_ref().map(cert),
+        "to": r.to.as_ref().map(cert),
+        "nextStepAt": r.next_step_at,
+        "waitingFor": r.waiting.iter().map(|w| json!({"cluster": w.cluster, "reason": w.reason})).collect::<Vec<_>>(),
+        "converged": converged.into_iter().map(|(c, at)| json!({"cluster": c, "since": at})).collect::<Vec<_>>(),
+        "transitions": r.transitions.iter().map(|t| json!({"phase": t.phase().name(), "at": t.at, "note": t.note})).collect::<Vec<_>>(),
+        "note": r.note,
     })
 }
 

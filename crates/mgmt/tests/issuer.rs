@@ -159,6 +159,16 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     let p = Plane::start(&policy(""), 5, 6.0).await;
     let relay = Arc::new(RelayCa::load_or_create(p.store.as_ref(), p.clock.now()).await.unwrap());
     let (nudge, _) = watch::channel(0);
+    let (reported, reported_rx) = watch::channel(0);
+    let (_controller, _, rotation) = meshca_mgmt::rotation::Controller::start(
+        p.store.clone(),
+        p.authority.clone(),
+        p.clock.shared(),
+        None,
+        Duration::from_secs(30),
+        reported_rx,
+    )
+    .await;
     let limiter = RateLimiter::new(5, 6.0, p.clock.shared());
     let shared = Arc::new(Shared {
         store: p.store.clone(),
@@ -170,6 +180,8 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
         policy_source: Arc::new(StorePolicy::new(p.store.clone())),
         clock: p.clock.shared(),
         shutdown: tokio_util::sync::CancellationToken::new(),
+        reported,
+        rotation,
     });
     let service = RegistrationService(shared);
     let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
