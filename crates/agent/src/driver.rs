@@ -622,6 +622,11 @@ impl Driver {
             st.intermediate_not_before = unix(current.not_before);
             st.root_set_fingerprint = current.roots_fingerprint.clone();
             st.policy_generation = current.generation.clone();
+            // What a root rotation's barrier checks: the root this cluster signs under, and
+            // the certificate that signed its intermediate.
+            let signer = bundle.signer();
+            st.chain_root_fingerprint = signer.root().fingerprint();
+            st.intermediate_issuer_fingerprint = signer.chain().get(1).map(|c| c.fingerprint()).unwrap_or_default();
         }
         if let Err(e) = self.control.report(st).await {
             tracing::debug!(error = %e, "status report failed");

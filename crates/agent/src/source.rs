@@ -6,7 +6,7 @@ use meshca_pki::bundle::BundleFiles;
 use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
 use meshca_proto::IssueReason;
 use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
-use meshca_proto::mgmt::{IssueIntermediateRequest, TrustState};
+use meshca_proto::mgmt::{IssueIntermediateRequest, IssueIntermediateResponse, TrustState};
 use tonic::transport::Channel;
 
 use crate::AgentError;
@@ -99,18 +99,22 @@ impl IntermediateSource for ManagementSource {
             .await
             .map_err(AgentError::rpc(CALL))?
             .into_inner();
-        let bad = |what: &str, e: &dyn std::fmt::Display| AgentError::BadAnswer {
-            call: CALL,
-            reason: format!("{what}: {e}"),
-        };
-        let cert = Cert::from_pem(resp.certificate.as_bytes()).map_err(|e| bad("certificate", &e))?;
-        let chain = resp
-            .chain
-            .iter()
-            .map(|p| Cert::from_pem(p.as_bytes()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("chain", &e))?;
-        let roots = RootSet::from_pem(resp.root_set.as_bytes()).map_err(|e| bad("root set", &e))?;
-        Ok(Obtained { files: CaBundle::assemble(&key, &cert, &chain, &roots), serial: resp.serial })
+        obtained(&key, resp)
     }
+}
+
+/// The `cacerts` files for `key` and the issuer's answer (not yet validated).
+pub fn obtained(key: &PrivateKey, resp: IssueIntermediateResponse) -> Result<Obtained, AgentError> {
+    const CALL: &str = "IssueIntermediate";
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| AgentError::BadAnswer { call: CALL, reason: format!("{what}: {e}") };
+    let cert = Cert::from_pem(resp.certificate.as_bytes()).map_err(|e| bad("certificate", &e))?;
+    let chain = resp
+        .chain
+        .iter()
+        .map(|p| Cert::from_pem(p.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("chain", &e))?;
+    let roots = RootSet::from_pem(resp.root_set.as_bytes()).map_err(|e| bad("root set", &e))?;
+    Ok(Obtained { files: CaBundle::assemble(key, &cert, &chain, &roots), serial: resp.serial })
 }

@@ -238,7 +238,7 @@ pub fn build_status(
     } else {
         ("False", "ClustersNotReady", format!("not ready under the current policy generation: {}", lagging.join(", ")))
     };
-    let conditions: Vec<Value> = [("Accepted", accepted), ("Ready", ready)]
+    let mut conditions: Vec<Value> = [("Accepted", accepted), ("Ready", ready)]
         .into_iter()
         .map(|(kind, (status, reason, message))| {
             let before = previous["conditions"]
@@ -256,6 +256,8 @@ pub fn build_status(
             })
         })
         .collect();
+    let (rotation, condition) = root_rotation(st, previous, generation, now);
+    conditions.push(condition);
 
     let mut status = json!({
         "observedGeneration": generation,
@@ -269,7 +271,79 @@ pub fn build_status(
     if let Some(t) = rfc3339(st.root_not_after) {
         status["rootNotAfter"] = json!(t);
     }
+    status["rootRotation"] = rotation;
     status
+}
+
+/// `status.rootRotation` and the `RootRotation` condition: `True` while a rotation runs, its
+/// reason the phase (`Idle` when none), its `lastTransitionTime` when that phase began — every
+/// phase change is a transition operators watch (`kubectl wait --for=condition=RootRotation=False`
+/// waits for the end of a rotation).
+fn root_rotation(st: &MeshStatus, previous: &Value, generation: Option<i64>, now: Timestamp) -> (Value, Value) {
+    let r = st.root_rotation.clone().unwrap_or_default();
+    let phase = match r.phase() {
+        meshca_proto::RotationPhase::Unspecified => meshca_proto::RotationPhase::Idle,
+        p => p,
+    };
+    let running = phase != meshca_proto::RotationPhase::Idle;
+    let waiting: Vec<String> = r
+        .waiting
+        .iter()
+        .map(|w| if w.cluster.is_empty() { w.reason.clone() } else { format!("{}: {}", w.cluster, w.reason) })
+        .collect();
+    let message = if running {
+        let what = if waiting.is_empty() { "its next step".to_string() } else { waiting.join("; ") };
+        format!(
+            "root rotation {} is {}{}; waiting for {what}",
+            r.id,
+            phase.name(),
+            if r.aborted { " (aborted)" } else { "" }
+        )
+    } else if r.note.is_empty() {
+        "no root rotation in progress".to_string()
+    } else {
+        r.note.clone()
+    };
+    let before = previous["conditions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == "RootRotation"))
+        .filter(|c| c["reason"] == phase.name())
+        .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_string));
+    let since = rfc3339(r.phase_since).or(before).unwrap_or_else(|| now.to_string());
+    let condition = json!({
+        "type": "RootRotation",
+        "status": if running { "True" } else { "False" },
+        "reason": phase.name(),
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": generation,
+    });
+    let mut rotation = json!({ "phase": phase.name() });
+    if let Some(t) = rfc3339(r.phase_since) {
+        rotation["phaseSince"] = json!(t);
+    }
+    if running {
+        rotation["id"] = json!(r.id);
+        rotation["aborted"] = json!(r.aborted);
+        rotation["trigger"] = json!(r.trigger);
+        if let Some(t) = rfc3339(r.started_at) {
+            rotation["startedAt"] = json!(t);
+        }
+        if let Some(f) = &r.from {
+            rotation["fromRoot"] = json!(f.fingerprint);
+        }
+        if let Some(t) = &r.to {
+            rotation["toRoot"] = json!(t.fingerprint);
+        }
+        rotation["waitingFor"] = json!(waiting);
+        rotation["transitions"] = json!(
+            r.transitions
+                .iter()
+                .filter_map(|t| Some(json!({"phase": t.phase().name(), "at": rfc3339(t.at)?, "note": t.note})))
+                .collect::<Vec<_>>()
+        );
+    }
+    (rotation, condition)
 }
 
 #[cfg(test)]
@@ -369,6 +443,44 @@ mod tests {
         );
         assert_eq!(sw["clusters"][0]["istiod"]["state"], "Forbidden");
         assert_eq!(sw["clusters"][0]["istiod"].get("restartedForSerial"), None, "empty strings are left out");
+
+        assert_eq!(condition(&s3, "RootRotation")["status"], "False");
+        assert_eq!(condition(&s3, "RootRotation")["reason"], "Idle");
+        assert_eq!(s3["rootRotation"]["phase"], "Idle");
+
+        // A rotation in Switching since t2: the condition says so, with the phase's start as its
+        // transition time, and the journal of phase changes is in the status.
+        let mut rotating = mesh("Ready");
+        rotating.root_rotation = Some(meshca_proto::mgmt::RootRotation {
+            phase: meshca_proto::RotationPhase::Switching as i32,
+            phase_since: 1_700_000_200,
+            started_at: 1_700_000_100,
+            id: "r1".into(),
+            waiting: vec![meshca_proto::mgmt::RotationWait {
+                cluster: "c1".into(),
+                reason: "an intermediate under B".into(),
+            }],
+            transitions: vec![
+                meshca_proto::mgmt::RotationTransition {
+                    phase: meshca_proto::RotationPhase::Distributing as i32,
+                    at: 1_700_000_100,
+                    note: "started".into(),
+                },
+                meshca_proto::mgmt::RotationTransition {
+                    phase: meshca_proto::RotationPhase::Switching as i32,
+                    at: 1_700_000_200,
+                    note: "barrier".into(),
+                },
+            ],
+            ..Default::default()
+        });
+        let s5 = build_status(&rotating, &authority(), Some(3), &s3, t3);
+        let c = condition(&s5, "RootRotation");
+        assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("Switching")));
+        assert_eq!(c["lastTransitionTime"], t2.to_string());
+        assert!(c["message"].as_str().unwrap().contains("c1: an intermediate under B"), "{c}");
+        assert_eq!(s5["rootRotation"]["transitions"][1]["phase"], "Switching");
+        assert_eq!(s5["rootRotation"]["transitions"][0]["at"], t1.to_string());
 
         let s4 = build_status(&mesh("Ready"), &broken, Some(4), &s3, t3);
         assert_eq!(condition(&s4, "Accepted")["status"], "False");

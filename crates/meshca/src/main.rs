@@ -38,7 +38,8 @@ enum Command {
     Cluster(ClusterCmd),
     /// Show every cluster's intermediate, trust and health, and the alerts that need a person.
     Status(cmd::operator::StatusArgs),
-    /// Ask clusters to re-issue their intermediate now.
+    /// Ask clusters to re-issue their intermediate now, or (`meshca rotate root`) rotate the
+    /// mesh's root.
     Rotate(cmd::operator::RotateArgs),
     /// Manage the RootTrustPolicy.
     #[command(subcommand)]

@@ -259,7 +259,7 @@ fn sample_traffic_survives_three_rotations_with_zero_failed_handshakes() {
     let d = tmp.path();
     let started = Instant::now();
     let mut up =
-        Up::start(d, &["--intermediate-ttl", "45s", "--leaf-ttl", "20s", "--grace-ratio", "0.5", "--duration", "100s"]);
+        Up::start(d, &["--intermediate-ttl", "45s", "--leaf-ttl", "40s", "--grace-ratio", "0.5", "--duration", "100s"]);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // A leaf from cluster-1's current intermediate ...

@@ -27,7 +27,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub struct CaState {
     /// The validated bundle.
     pub bundle: CaBundle,
-    /// PEMs returned after the leaf: the signing certificate up to the root.
+    /// PEMs returned after the leaf, one element each: the signing certificate and every CA
+    /// above it below the root, then — as the last element — the whole root set
+    /// (`root-cert.pem`, one PEM block per root). Workloads learn the roots they trust from the
+    /// last element (istio-agent does), so during a root rotation they learn both roots; outside
+    /// one the last element is the one root, as before.
     pub chain_pems: Vec<String>,
     /// Digest of the files it was loaded from.
     pub digest: [u8; 32],
@@ -35,7 +39,10 @@ pub struct CaState {
 
 impl CaState {
     fn new(bundle: CaBundle, digest: [u8; 32]) -> Arc<Self> {
-        let chain_pems = bundle.signer().chain_pems();
+        let mut chain_pems = bundle.signer().chain_pems();
+        // The chain ends with the root it was issued under, which the root set contains.
+        chain_pems.pop();
+        chain_pems.push(bundle.roots().to_pem());
         Arc::new(CaState { bundle, chain_pems, digest })
     }
 }

@@ -9,7 +9,7 @@ use meshca_mgmt::server::creds;
 use meshca_mgmt::status::{document, human};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus, RotateRequest,
+    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus, RotateRequest, RotateRootRequest,
 };
 use meshca_store::fsutil;
 use tonic::transport::Channel;
@@ -148,6 +148,7 @@ pub fn render(st: &MeshStatus) -> String {
             human(st.root_not_after - n)
         ));
     }
+    out.push_str(&render_rotation(st));
     if !st.upstream_intermediate_subject.is_empty() {
         out.push_str(&format!(
             "upstream    {} · expires {} ({} left)\n",
@@ -227,6 +228,55 @@ pub fn render(st: &MeshStatus) -> String {
     out
 }
 
+/// The root rotation lines of the status table: the phase and since when, the two roots, what
+/// it waits for, and each cluster's convergence in the current phase.
+fn render_rotation(st: &MeshStatus) -> String {
+    let Some(r) = &st.root_rotation else { return String::new() };
+    let n = st.now;
+    let mut out = String::new();
+    let phase = r.phase();
+    if matches!(phase, meshca_proto::RotationPhase::Idle | meshca_proto::RotationPhase::Unspecified) {
+        if !r.note.is_empty() {
+            out.push_str(&format!("rotation    Idle · {}\n", r.note));
+        }
+        return out;
+    }
+    out.push_str(&format!(
+        "rotation    {}{} since {} ({} ago) · started {} ({}) · id {}\n",
+        phase.name(),
+        if r.aborted { " (aborted: returning to A)" } else { "" },
+        time(r.phase_since),
+        human(n - r.phase_since),
+        time(r.started_at),
+        r.trigger,
+        r.id
+    ));
+    for (label, c) in [("A (old)", &r.from), ("B (new)", &r.to)] {
+        if let Some(c) = c {
+            out.push_str(&format!(
+                "            {label}  {} · {} · expires {}\n",
+                c.subject,
+                short(&c.fingerprint, 16),
+                time(c.not_after)
+            ));
+        }
+    }
+    for w in &r.waiting {
+        if w.cluster.is_empty() {
+            out.push_str(&format!("            waiting {}\n", w.reason));
+        } else {
+            out.push_str(&format!("            waiting for {}: {}\n", w.cluster, w.reason));
+        }
+    }
+    let mut converged: Vec<(&String, &i64)> = r.converged.iter().collect();
+    converged.sort();
+    if !converged.is_empty() {
+        let list: Vec<String> = converged.iter().map(|(c, at)| format!("{c} ({} ago)", human(n - **at))).collect();
+        out.push_str(&format!("            converged {}\n", list.join(", ")));
+    }
+    out
+}
+
 /// `meshca status`.
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&a.creds).await?;
@@ -243,15 +293,44 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
 
 /// Arguments of `meshca rotate`.
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct RotateArgs {
-    /// The cluster to rotate now; every cluster when omitted.
+    #[command(subcommand)]
+    what: Option<RotateWhat>,
+    /// The cluster whose intermediate to re-issue now; every cluster when omitted. (A cluster
+    /// literally named `root`: `meshca rotate -- root`.)
     cluster: Option<String>,
     #[command(flatten)]
     creds: Creds,
 }
 
-/// `meshca rotate`.
+#[derive(clap::Subcommand)]
+enum RotateWhat {
+    /// Rotate the mesh's root: every cluster moves to a new generated root through the
+    /// convergence-gated phases, without a failed handshake (docs/root-rotation.md).
+    Root(RotateRootArgs),
+}
+
+/// Arguments of `meshca rotate root`.
+#[derive(clap::Args)]
+struct RotateRootArgs {
+    /// Abort the rotation in progress instead: every cluster returns to the old root (any phase
+    /// before Retiring).
+    #[arg(long)]
+    abort: bool,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca rotate [CLUSTER]`, `meshca rotate root [--abort]`.
 pub async fn rotate(a: RotateArgs) -> anyhow::Result<()> {
+    if let Some(RotateWhat::Root(r)) = a.what {
+        let mut client = connect(&r.creds).await?;
+        let resp = client.rotate_root(RotateRootRequest { abort: r.abort }).await.map_err(status_err)?.into_inner();
+        println!("{}", resp.message);
+        println!("follow it with `meshca status` (phase, what it waits for)");
+        return Ok(());
+    }
     let mut client = connect(&a.creds).await?;
     let r =
         client.rotate(RotateRequest { cluster: a.cluster.unwrap_or_default() }).await.map_err(status_err)?.into_inner();

@@ -361,16 +361,22 @@ pub struct ChainFiles {
     pub leaf: PathBuf,
     /// The elements between the leaf and the last one (the intermediates), concatenated.
     pub middle: PathBuf,
-    /// The last element: the root.
+    /// The last element: the root set (one root, or both during a root rotation).
     pub root: PathBuf,
 }
 
-/// Writes `chain` (leaf first, root last) as `dir/<name>-leaf.pem`, `-middle.pem`, `-root.pem`.
+/// Writes `chain` (leaf first, root set last) as `dir/<name>-leaf.pem`, `-middle.pem`,
+/// `-root.pem`. Every element holds one certificate, except the last, which is the root set
+/// the workload is to trust (several roots during a root rotation).
 pub fn write_chain(dir: &Path, name: &str, chain: &[String]) -> ChainFiles {
     assert!(chain.len() >= 3, "a leaf, at least one intermediate and the root; got {} element(s)", chain.len());
     for (i, pem) in chain.iter().enumerate() {
         let n = meshca_pki::Cert::parse_pem_bundle(pem.as_bytes()).unwrap_or_else(|e| panic!("element {i}: {e}")).len();
-        assert_eq!(n, 1, "element {i} must hold exactly one certificate");
+        if i + 1 < chain.len() {
+            assert_eq!(n, 1, "element {i} must hold exactly one certificate");
+        } else {
+            meshca_pki::RootSet::from_pem(pem.as_bytes()).unwrap_or_else(|e| panic!("the last element: {e}"));
+        }
     }
     let files = ChainFiles {
         leaf: dir.join(format!("{name}-leaf.pem")),

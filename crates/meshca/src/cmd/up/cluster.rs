@@ -92,7 +92,8 @@ pub async fn start(
         metrics_token: Some(metrics_token),
         trust_domain: a.trust_domain.clone(),
         auth,
-        ttl: TtlPolicy::default(),
+        // No leaf outlives --leaf-ttl: the root rotation's waits are computed from it.
+        ttl: TtlPolicy { default: a.leaf_ttl.0, max: a.leaf_ttl.0 },
         max_per_second: 0,
         clock: clock.clone(),
     };

@@ -98,6 +98,16 @@ pub async fn start(
     let mut policy = Policy::generated_default(a.intermediate_ttl.0);
     policy.trust_domain = a.trust_domain.clone();
     policy.intermediate.grace_period_ratio = a.grace_ratio;
+    if let meshca_policy::CaMode::Generated { ttl, .. } = &mut policy.ca {
+        *ttl = a.root_ttl.0;
+    }
+    // The workload CAs of `up` issue leaves of exactly --leaf-ttl (and no longer: see
+    // cluster.rs), so that is the longest leaf a root rotation waits for.
+    policy.root_rotation = meshca_policy::RootRotationOptions {
+        trigger_ratio: a.root_rotation_ratio,
+        max_leaf_lifetime: a.leaf_ttl.0,
+        skew: a.rotation_skew.0,
+    };
     let mut memory_root = None;
     match a.ca {
         CaChoice::Generated => {}

@@ -64,6 +64,18 @@ pub struct Args {
     /// Renew intermediates when less than this fraction of their lifetime remains.
     #[arg(long, default_value_t = 0.2)]
     grace_ratio: f64,
+    /// Lifetime of the generated root (e.g. 10m to watch it rotate by itself: a rotation starts
+    /// when less than --root-rotation-ratio of it remains).
+    #[arg(long, default_value = "87600h")]
+    root_ttl: DurationArg,
+    /// Start a root rotation when less than this fraction of the generated root's lifetime
+    /// remains (the policy's rootRotation.triggerRatio).
+    #[arg(long, default_value_t = 0.2)]
+    root_rotation_ratio: f64,
+    /// The root rotation's allowance for skew and propagation (rootRotation.skew); its waits are
+    /// half the leaf lifetime plus this, then the leaf lifetime plus this.
+    #[arg(long, default_value = "5s")]
+    rotation_skew: DurationArg,
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long)]
     duration: Option<DurationArg>,
@@ -191,6 +203,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     if !(a.grace_ratio > 0.0 && a.grace_ratio < 1.0) {
         bail!("--grace-ratio must be in (0, 1)");
+    }
+    if !(a.root_rotation_ratio > 0.0 && a.root_rotation_ratio < 1.0) {
+        bail!("--root-rotation-ratio must be in (0, 1)");
     }
     let clock = meshca_clock::system();
     let dir = match &a.dir {

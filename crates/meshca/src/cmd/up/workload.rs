@@ -93,11 +93,14 @@ async fn fetch_leaf(ca: &CaEndpoint, id: &SpiffeId, ttl: Duration) -> anyhow::Re
         .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?;
     let pems = resp.into_inner().cert_chain;
     anyhow::ensure!(pems.len() >= 2, "the CA returned {} certificate(s)", pems.len());
-    let certs = pems.iter().map(|p| Cert::from_pem(p.as_bytes())).collect::<Result<Vec<_>, _>>()?;
+    // Leaf first, then one CA per element; the last element is the root set to trust (both
+    // roots during a root rotation), which is how the workload learns a new root.
+    let (last, certs) = pems.split_last().context("an empty chain")?;
+    let certs = certs.iter().map(|p| Cert::from_pem(p.as_bytes())).collect::<Result<Vec<_>, _>>()?;
     let leaf = certs[0].clone();
     anyhow::ensure!(leaf.uri_sans() == [id.to_string()], "the leaf carries {:?}, not {id}", leaf.uri_sans());
-    let root_set = RootSet::from_pem(pems[pems.len() - 1].as_bytes())?;
-    let intermediates = &certs[1..certs.len() - 1];
+    let root_set = RootSet::from_pem(last.as_bytes())?;
+    let intermediates = &certs[1..];
     Ok((Identity::new(&leaf, intermediates, &key), root_set, leaf))
 }
 
