@@ -37,6 +37,7 @@ use meshca_proto::mgmt::{ClusterStatus, IssueIntermediateResponse};
 use meshca_proto::{AlertKind, RotationPhase};
 use meshca_store::dir::DirStore;
 use meshca_store::{ObjectKey, Precondition, Store, typed};
+use meshca_testsupport::rotation;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -166,11 +167,7 @@ impl ControlPlane for Wire {
 /// One cacerts version as written, for the barrier checks.
 #[derive(Debug, Clone)]
 struct Seen {
-    cluster: String,
-    /// The fingerprints of the roots in root-cert.pem, in file order.
-    roots: Vec<String>,
-    /// The root its intermediate chains to.
-    chain_root: String,
+    held: rotation::Held,
     /// root-cert.pem as written.
     root_pem: Vec<u8>,
 }
@@ -316,9 +313,11 @@ impl Mesh {
                 let b = CaBundle::validate(&files, clock.now())
                     .unwrap_or_else(|e| panic!("{cluster}: invalid cacerts: {e}"));
                 seen.lock().unwrap().push(Seen {
-                    cluster: cluster.clone(),
-                    roots: b.roots().iter().map(Cert::fingerprint).collect(),
-                    chain_root: b.signer().root().fingerprint(),
+                    held: rotation::Held {
+                        cluster: cluster.clone(),
+                        roots: b.roots().iter().map(Cert::fingerprint).collect(),
+                        chain_root: b.signer().root().fingerprint(),
+                    },
                     root_pem: files.root_cert.clone(),
                 });
             }
@@ -423,89 +422,31 @@ impl Mesh {
         meshca_mgmt::status::collect(self.plane().store.as_ref(), &auth, self.now(), REPORT).await.unwrap()
     }
 
-    /// Checks the barrier on every cacerts version written so far, and that every
-    /// root-cert.pem went {A} → {A, B} → {B} (A's PEM bytes first in {A, B}, B's bytes alone in
-    /// {B}), each write a subset or superset of the one before.
-    fn check_barrier(&self, a: &str, b: &str) {
+    /// Checks the barrier on every cacerts version written so far, for a rotation from `a`
+    /// ending on `to` (`a`'s rotation to B, or its abort back to `a`), and that every two-root
+    /// root-cert.pem is `a`'s PEM bytes followed by the other's (Istio's byte-wise subset check
+    /// before 1.30 needs the old root's bytes first).
+    fn check_barrier(&self, a: &str, to: &str) {
         let seen = self.seen.lock().unwrap().clone();
-        let both =
-            |s: &Seen| s.roots.len() == 2 && s.roots.contains(&a.to_string()) && s.roots.contains(&b.to_string());
-        let mut last_both_missing: BTreeMap<&str, bool> = BTreeMap::new();
-        for (i, s) in seen.iter().enumerate() {
-            // Nobody signs under B unless every cluster already trusts B (as of this write).
-            if s.chain_root == b && s.roots.len() == 2 {
-                for c in &self.clusters {
-                    // (A cluster with no cacerts yet has nothing to break.)
-                    let latest = seen[..=i].iter().rev().find(|x| x.cluster == c.name);
-                    assert!(
-                        latest.is_none_or(|x| x.roots.contains(&b.to_string())),
-                        "{} signs under B while {} does not trust B: {:#?}",
-                        s.cluster,
-                        c.name,
-                        &seen[..=i]
-                    );
-                }
-            }
-            // Nobody drops A unless every cluster signs under B.
-            if s.roots == [b.to_string()] {
-                for c in &self.clusters {
-                    let latest = seen[..i].iter().rev().find(|x| x.cluster == c.name);
-                    assert!(
-                        latest.is_none_or(|x| x.chain_root == b),
-                        "{} dropped A while {} does not sign under B: {:#?}",
-                        s.cluster,
-                        c.name,
-                        &seen[..=i]
-                    );
-                }
-            }
-            if both(s) {
-                // A's PEM first, then B's: what Istio's byte-wise subset check needs.
-                let text = String::from_utf8(s.root_pem.clone()).unwrap();
-                let certs = Cert::parse_pem_bundle(text.as_bytes()).unwrap();
-                assert_eq!(certs[0].fingerprint(), a, "{}: A first in {{A, B}}", s.cluster);
-                assert!(text.starts_with(&certs[0].to_pem()), "{}: A's PEM bytes first", s.cluster);
-            }
-            last_both_missing.insert(&s.cluster, !both(s));
-        }
-        // Each cluster's root-cert.pem: a subset or superset of its previous one, every time.
-        for c in &self.clusters {
-            let mine: Vec<&Seen> = seen.iter().filter(|s| s.cluster == c.name).collect();
-            for w in mine.windows(2) {
-                let (x, y) = (&w[0].roots, &w[1].roots);
-                assert!(
-                    x.iter().all(|r| y.contains(r)) || y.iter().all(|r| x.contains(r)),
-                    "{}: root set {x:?} -> {y:?} breaks the subset rule",
-                    c.name
-                );
-            }
+        let names: Vec<String> = self.clusters.iter().map(|c| c.name.clone()).collect();
+        let from = if to == a {
+            seen.iter().flat_map(|s| s.held.roots.clone()).find(|r| r != a).unwrap()
+        } else {
+            a.to_string()
+        };
+        rotation::check_barrier(&seen.iter().map(|s| s.held.clone()).collect::<Vec<_>>(), &names, &from, to);
+        for s in seen.iter().filter(|s| s.held.roots.len() == 2) {
+            let text = String::from_utf8(s.root_pem.clone()).unwrap();
+            let first = &Cert::parse_pem_bundle(text.as_bytes()).unwrap()[0];
+            assert_eq!(first.fingerprint(), a, "{}: the old root first", s.held.cluster);
+            assert!(text.starts_with(&first.to_pem()), "{}: PEM bytes as written", s.held.cluster);
         }
     }
 
     /// The distinct root sets (as A/B letters) each cluster's root-cert.pem went through.
     fn root_set_history(&self, a: &str, b: &str) -> BTreeMap<String, Vec<String>> {
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for s in self.seen.lock().unwrap().iter() {
-            let name: String = s
-                .roots
-                .iter()
-                .map(|r| {
-                    if r == a {
-                        "A"
-                    } else if r == b {
-                        "B"
-                    } else {
-                        "?"
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("");
-            let h = out.entry(s.cluster.clone()).or_default();
-            if h.last() != Some(&name) {
-                h.push(name);
-            }
-        }
-        out
+        let seen: Vec<_> = self.seen.lock().unwrap().iter().map(|s| s.held.clone()).collect();
+        rotation::root_set_history(&seen, a, b)
     }
 }
 
@@ -539,7 +480,7 @@ async fn through_distributing(m: &Mesh) -> i64 {
     // One report interval short of the gate: nothing moves, whatever the reports say.
     m.advance_to(gate - 30).await;
     assert_eq!(m.phase(), RotationPhase::Distributing);
-    assert!(m.seen.lock().unwrap().iter().all(|s| s.chain_root == r.from.fingerprint), "nobody signs under B yet");
+    assert!(m.seen.lock().unwrap().iter().all(|s| s.held.chain_root == r.from.fingerprint), "nobody signs under B yet");
     m.advance_to(gate).await;
     m.until("Switching", |m| m.phase() != RotationPhase::Distributing).await;
     let r = m.journal().rotation.unwrap();
@@ -615,7 +556,7 @@ async fn a_stopped_agent_stalls_the_rotation_with_an_alert_naming_it_until_it_re
     // Two simulated days: nothing advances, nobody signs under B, and status says why.
     m.advance(Duration::from_secs(48 * HOUR)).await;
     assert_eq!(m.phase(), RotationPhase::Distributing);
-    assert!(m.seen.lock().unwrap().iter().all(|s| s.chain_root == a));
+    assert!(m.seen.lock().unwrap().iter().all(|s| s.held.chain_root == a));
     let st = m.status().await;
     let stalled: Vec<_> = st.alerts.iter().filter(|x| x.kind() == AlertKind::RootRotationStalled).collect();
     assert_eq!(stalled.len(), 1, "{:?}", st.alerts);
@@ -645,7 +586,7 @@ async fn an_abort_in_switching_returns_every_cluster_to_a_through_a_drain_of_b()
     let r = m.plane().rotation.start().await.expect("start");
     let b = r.to.fingerprint.clone();
     through_distributing(&m).await;
-    m.until("a cluster to sign under B", |m| m.seen.lock().unwrap().iter().any(|s| s.chain_root == b)).await;
+    m.until("a cluster to sign under B", |m| m.seen.lock().unwrap().iter().any(|s| s.held.chain_root == b)).await;
     let r = m.plane().rotation.abort().await.expect("abort");
     assert!(r.aborted);
     assert_eq!(r.phase, RotationPhase::Switching);
@@ -669,12 +610,10 @@ async fn an_abort_in_switching_returns_every_cluster_to_a_through_a_drain_of_b()
     m.until("B's key to be destroyed", |m| !m.has_object("root-ca-next")).await;
     let note = m.status().await.root_rotation.unwrap().note;
     assert!(note.contains("aborted"), "{note}");
-    // The reverse barrier: nobody dropped B while a cluster still signed under it.
-    let seen = m.seen.lock().unwrap().clone();
-    let first_both = seen.iter().position(|s| s.roots.len() == 2).unwrap();
-    let first_a_only = first_both + seen[first_both..].iter().position(|s| s.roots == [a.clone()]).unwrap();
-    let last_under_b = seen.iter().rposition(|s| s.chain_root == b).unwrap();
-    assert!(last_under_b < first_a_only, "{seen:#?}");
+    // Forward, nobody signed under B before everyone trusted it; back, nobody dropped B while a
+    // cluster still signed under it.
+    m.check_barrier(&a, &b);
+    m.check_barrier(&a, &a);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,7 +630,7 @@ async fn an_abort_in_distributing_drops_b_at_once_since_nobody_signs_under_it() 
     for (cluster, history) in m.root_set_history(&a, &b) {
         assert_eq!(history, ["A", "AB", "A"], "{cluster}");
     }
-    assert!(m.seen.lock().unwrap().iter().all(|s| s.chain_root == a));
+    assert!(m.seen.lock().unwrap().iter().all(|s| s.held.chain_root == a));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,7 +702,9 @@ async fn a_generated_root_rotates_by_itself_when_less_than_the_ratio_of_its_life
     let m = Mesh::start(1, &yaml).await;
     let a = root_fp(&m);
     let root = m.plane().authority.borrow().roots().unwrap().iter().next().unwrap().clone();
-    let due = unix(root.not_before()) + (unix(root.not_after()) - unix(root.not_before())) / 2;
+    // Half of the 240 h it was made for (NotBefore is backdated 2 min for skew, not lifetime).
+    let made = unix(root.not_before()) + 120;
+    let due = made + (unix(root.not_after()) - made) / 2;
     m.advance(Duration::from_secs((due - 60 - m.now()) as u64)).await;
     assert_eq!(m.phase(), RotationPhase::Idle, "more than half its life left");
     m.advance(Duration::from_secs(120)).await;

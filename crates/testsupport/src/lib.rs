@@ -1,15 +1,16 @@
 //! Helpers shared by meshca's tests — the unit and integration tests of every crate, and the
 //! harnesses of `meshca_kube::testing` — so that each exists once: polling ([`wait`]), loopback
 //! ports that do not race ([`ports`]), the OpenSSL CLI ([`openssl`](mod@openssl)), child
-//! processes that log to a file and die with the test ([`process`]), and the external peers the
-//! tests run against ([`peers`]). Not part of meshca (`publish = false`); no meshca crate is a
-//! dependency, so every crate's tests can use it.
+//! processes that log to a file and die with the test ([`process`]), the external peers the
+//! tests run against ([`peers`]), and the root rotation's barrier ([`rotation`]). Not part of
+//! meshca (`publish = false`); no meshca crate is a dependency, so every crate's tests can use it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod openssl;
 pub mod peers;
 pub mod ports;
 pub mod process;
+pub mod rotation;
 pub mod wait;
 
 use std::path::{Path, PathBuf};

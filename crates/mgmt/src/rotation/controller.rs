@@ -334,7 +334,9 @@ impl Controller {
             if let CaMode::Generated { .. } = base.policy.ca
                 && !j.history.first().is_some_and(|h| h.aborted && h.from == established.fingerprint)
                 && plan::expiry_due(
-                    unix(base_root.not_before()),
+                    // meshca made this root and backdated its NotBefore for clock skew; its
+                    // lifetime counts from when it was made, as `generated.ttl` says.
+                    unix(base_root.not_before() + meshca_pki::issue::BACKDATE),
                     unix(base_root.not_after()),
                     base.policy.root_rotation.trigger_ratio,
                     unix(now),

@@ -17,6 +17,10 @@ use super::workload::Workload;
 pub struct Summary {
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
+    /// Leaf requests of the sample workloads that failed.
+    pub leaves_failed: u64,
+    /// The root rotation's phase (`Idle` when none is in progress).
+    pub root_rotation: String,
     pub clusters: Vec<ClusterSummary>,
     pub running_seconds: u64,
 }
@@ -28,6 +32,7 @@ pub struct ClusterSummary {
     pub intermediate_not_after: String,
     pub intermediate_rotations: u64,
     pub leaves_issued: u64,
+    pub leaves_failed: u64,
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
     pub last_error: String,
@@ -45,14 +50,20 @@ pub fn short(s: &str) -> String {
     s.chars().take(12).collect()
 }
 
-/// The current numbers, noting intermediate rotations since the last call.
+/// The current numbers, noting intermediate rotations since the last call; the root rotation's
+/// phase as the management plane's journal (in `mgmt_store`) says.
 pub async fn collect(
     runs: &mut [ClusterRun],
     workloads: &[Arc<Workload>],
+    mgmt_store: &dyn meshca_store::Store,
     started: Instant,
     now: SystemTime,
 ) -> Summary {
-    let mut s = Summary { running_seconds: started.elapsed().as_secs(), ..Default::default() };
+    let root_rotation = match meshca_mgmt::rotation::controller::read_journal(mgmt_store).await {
+        Ok(j) => j.value.rotation.map(|r| r.phase.name().to_string()).unwrap_or_else(|| "Idle".into()),
+        Err(e) => format!("unknown ({e})"),
+    };
+    let mut s = Summary { running_seconds: started.elapsed().as_secs(), root_rotation, ..Default::default() };
     for r in runs.iter_mut() {
         let mut c = ClusterSummary { name: r.name.clone(), ..Default::default() };
         if let Ok(files) = meshca_workload_ca::ca::read_cacerts_dir(&r.cacerts)
@@ -71,6 +82,7 @@ pub async fn collect(
             c.handshakes_ok += w.counters.ok.load(Ordering::Relaxed);
             c.handshakes_failed += w.counters.failed.load(Ordering::Relaxed);
             c.leaves_issued += w.counters.leaves.load(Ordering::Relaxed);
+            c.leaves_failed += w.counters.leaves_failed.load(Ordering::Relaxed);
             let e = w.counters.last_error.lock().await.clone();
             if !e.is_empty() {
                 c.last_error = e;
@@ -78,13 +90,20 @@ pub async fn collect(
         }
         s.handshakes_ok += c.handshakes_ok;
         s.handshakes_failed += c.handshakes_failed;
+        s.leaves_failed += c.leaves_failed;
         s.clusters.push(c);
     }
     s
 }
 
 pub fn print_status(s: &Summary) {
-    say!("[{:>5}s] handshakes ok {}  failed {}", s.running_seconds, s.handshakes_ok, s.handshakes_failed);
+    say!(
+        "[{:>5}s] handshakes ok {}  failed {}  root rotation {}",
+        s.running_seconds,
+        s.handshakes_ok,
+        s.handshakes_failed,
+        s.root_rotation
+    );
     for c in &s.clusters {
         say!(
             "         {}  intermediate {} (until {}, {} rotations)  leaves {}  ok {}  failed {}{}",

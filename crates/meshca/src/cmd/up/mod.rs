@@ -291,10 +291,10 @@ async fn run_topology(
     tokio::pin!(ctrl_c);
     let summary = loop {
         tokio::select! {
-            _ = &mut ctrl_c => break collect(&mut runs, &workloads, started, clock.now()).await,
+            _ = &mut ctrl_c => break collect(&mut runs, &workloads, mgmt.store.as_ref(), started, clock.now()).await,
             _ = tick.tick() => {}
         }
-        let s = collect(&mut runs, &workloads, started, clock.now()).await;
+        let s = collect(&mut runs, &workloads, mgmt.store.as_ref(), started, clock.now()).await;
         write(&dir.join("status.json"), serde_json::to_string_pretty(&s)?.as_bytes(), 0o644)?;
         if last_print.elapsed() >= Duration::from_secs(10)
             || s.handshakes_failed > 0 && last_print.elapsed() >= Duration::from_secs(2)

@@ -32,6 +32,8 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Leaves obtained (first one included).
     pub leaves: AtomicU64,
+    /// Leaf requests that failed (each retried a second later while the current leaf lasts).
+    pub leaves_failed: AtomicU64,
     /// The last failure, for the display.
     pub last_error: Mutex<String>,
 }
@@ -175,6 +177,7 @@ impl Workload {
                         Err(e) => tracing::warn!(id = %self.id, error = %e, "new leaf unusable"),
                     },
                     Err(e) => {
+                        self.counters.leaves_failed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(id = %self.id, error = %e, "leaf renewal failed; retrying");
                     }
                 }
