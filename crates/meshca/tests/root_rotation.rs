@@ -14,180 +14,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use common::rotation::*;
 use common::*;
 use meshca_pki::Cert;
 use meshca_testsupport::rotation::{Held, check_barrier, root_set_history};
-use serde_json::Value;
 
 const CLUSTERS: [&str; 3] = ["cluster-1", "cluster-2", "cluster-3"];
 /// Generous: a rotation with 30 s leaves takes about a minute on an idle machine.
 const ROTATION: Duration = Duration::from_secs(360);
-
-/// Every distinct `cacerts` version each cluster held, polled from outside.
-struct CacertsLog {
-    stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Vec<(Held, Vec<u8>)>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl CacertsLog {
-    /// Polls each cluster's directory store (`<cacerts_dir>/../..`) every 50 ms.
-    fn start(up: &Value) -> CacertsLog {
-        let clusters: Vec<(String, PathBuf)> = up["clusters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                let dir = PathBuf::from(c["cacerts_dir"].as_str().unwrap());
-                (c["name"].as_str().unwrap().to_string(), dir.parent().unwrap().parent().unwrap().to_path_buf())
-            })
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let seen: Arc<Mutex<Vec<(Held, Vec<u8>)>>> = Arc::default();
-        let (s, log) = (stop.clone(), seen.clone());
-        let thread = std::thread::spawn(move || {
-            let views: Vec<(String, StoreView)> =
-                clusters.iter().map(|(n, d)| (n.clone(), StoreView::open(d))).collect();
-            while !s.load(Ordering::SeqCst) {
-                for (name, view) in &views {
-                    let Some(secret) = view.get("istio-system", "cacerts") else { continue };
-                    let roots_pem = secret.get("root-cert.pem").unwrap_or_default().to_vec();
-                    let chain = Cert::parse_pem_bundle(secret.get("cert-chain.pem").unwrap_or_default()).unwrap();
-                    let held = Held {
-                        cluster: name.clone(),
-                        roots: Cert::parse_pem_bundle(&roots_pem).unwrap().iter().map(Cert::fingerprint).collect(),
-                        chain_root: chain.last().unwrap().fingerprint(),
-                    };
-                    let mut log = log.lock().unwrap();
-                    if log.iter().rev().find(|(h, _)| &h.cluster == name) != Some(&(held.clone(), roots_pem.clone())) {
-                        log.push((held, roots_pem));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        CacertsLog { stop, seen, thread: Some(thread) }
-    }
-
-    fn held(&self) -> Vec<Held> {
-        self.seen.lock().unwrap().iter().map(|(h, _)| h.clone()).collect()
-    }
-
-    fn latest(&self, cluster: &str) -> Option<Held> {
-        self.held().into_iter().rev().find(|h| h.cluster == cluster)
-    }
-
-    /// Each distinct root-cert.pem of `cluster`, in order, as the subjects OpenSSL lists.
-    fn openssl_root_sets(&self, d: &Path, cluster: &str) -> Vec<Vec<String>> {
-        let files: Vec<Vec<u8>> =
-            self.seen.lock().unwrap().iter().filter(|(h, _)| h.cluster == cluster).map(|(_, p)| p.clone()).collect();
-        let mut out: Vec<Vec<String>> = Vec::new();
-        for (i, pem) in files.iter().enumerate() {
-            let f = d.join(format!("{cluster}-roots-{i}.pem"));
-            std::fs::write(&f, pem).unwrap();
-            let (ok, text) = openssl(d, &["storeutl", "-noout", "-certs", "-text", f.to_str().unwrap()]);
-            assert!(ok, "{text}");
-            let subjects: Vec<String> =
-                text.lines().filter_map(|l| l.trim().strip_prefix("Subject: ").map(str::to_string)).collect();
-            if out.last() != Some(&subjects) {
-                out.push(subjects);
-            }
-        }
-        out
-    }
-}
-
-impl Drop for CacertsLog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// `meshca status -o json`.
-fn status(creds: &str) -> Value {
-    let (ok, out, err) = run(&["status", "-o", "json", "--credentials", creds]);
-    assert!(ok, "meshca status: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-fn phase(st: &Value) -> String {
-    st["rootRotation"]["phase"].as_str().unwrap().to_string()
-}
-
-/// `meshca rotate root [--abort]`; its stdout.
-fn rotate_root(creds: &str, abort: bool) -> String {
-    let mut args = vec!["rotate", "root", "--credentials", creds];
-    if abort {
-        args.push("--abort");
-    }
-    let (ok, out, err) = run(&args);
-    assert!(ok, "meshca {args:?}: {out}{err}");
-    out
-}
-
-/// A leaf from `cluster`'s workload CA for an OpenSSL key, its chain written for OpenSSL.
-struct Leaf {
-    key: PathBuf,
-    files: ChainFiles,
-    chain: Vec<String>,
-}
-
-impl Leaf {
-    fn get(up: &Value, d: &Path, cluster: &str, name: &str) -> Leaf {
-        let c = up["clusters"].as_array().unwrap().iter().find(|c| c["name"] == cluster).unwrap();
-        let ca = &c["workload_ca"];
-        let token = std::fs::read_to_string(c["token_file"].as_str().unwrap()).unwrap();
-        let csr = openssl_csr(d, name, OpensslKey::P256, &[]);
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let chain = rt.block_on(async {
-            let mut client = ca_client(
-                ca["address"].as_str().unwrap(),
-                Path::new(ca["ca_file"].as_str().unwrap()),
-                ca["server_name"].as_str().unwrap(),
-            );
-            create_certificate(&mut client, csr_request(&csr, Some(token.trim()), Some(cluster), 0)).await.unwrap()
-        });
-        Leaf { key: d.join(format!("{name}.key")), files: write_chain(d, name, &chain), chain }
-    }
-
-    /// The root its intermediate was issued under, by fingerprint.
-    fn chain_root(&self, roots: &[Cert]) -> String {
-        let int = Cert::from_pem(self.chain[1].as_bytes()).unwrap();
-        roots.iter().find(|r| int.verify_signed_by(r).is_ok()).map(Cert::fingerprint).unwrap_or_default()
-    }
-
-    /// The roots in the last element (what the workload learns to trust).
-    fn trusted(&self) -> Vec<Cert> {
-        Cert::parse_pem_bundle(self.chain.last().unwrap().as_bytes()).unwrap()
-    }
-
-    fn party(&self) -> TlsParty<'_> {
-        TlsParty { chain: &self.files, key: &self.key, trust: &self.files.root }
-    }
-}
-
-/// Stops `meshca up` with Ctrl-C and checks its summary: not one failed handshake or leaf
-/// request of the sample workloads, and plenty of successful ones.
-fn stop_and_check(mut proc: Proc, dir: &Path) -> Value {
-    proc.signal("INT");
-    let status = proc.wait_exit(Duration::from_secs(30));
-    let log = std::fs::read_to_string(dir.join("meshca-up.log")).unwrap_or_default();
-    assert!(status.success(), "meshca up: {status}\n{}\n{log}", proc.log_text());
-    let summary = json_file(&dir.join("summary.json")).expect("summary.json");
-    eprintln!("summary.json: {summary:#}");
-    assert_eq!(summary["handshakes_failed"], 0, "{summary:#}\n{log}");
-    assert_eq!(summary["leaves_failed"], 0, "{summary:#}\n{log}");
-    assert!(summary["handshakes_ok"].as_u64().unwrap() > 300, "{summary:#}");
-    summary
-}
 
 #[test]
 fn an_operators_rotation_completes_and_an_aborted_one_returns_to_the_old_root_with_zero_failed_handshakes() {
@@ -326,4 +163,122 @@ fn the_generated_root_rotates_by_itself_when_its_lifetime_runs_low_with_zero_fai
         assert_eq!(h, ["A", "AB", "B"], "{cluster}");
     }
     stop_and_check(proc, &d.join("up"));
+}
+
+/// The management plane SIGKILLed in each phase (directory store) and started again on the same
+/// address and data: the rotation resumes from its journal, with the same phase, convergence
+/// times and deadlines. An agent stopped during Distributing stalls the rotation with an alert
+/// naming it, and no cluster switches until it is back. (Agents are paused with SIGSTOP to hold
+/// the short Switching and Retiring phases open long enough to kill the management plane in them.)
+/// No cacerts written at any point breaks the barrier.
+#[test]
+fn a_killed_management_plane_resumes_every_phase_and_a_stopped_agent_stalls_the_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // 10 s leaves, 1 s skew: Distributing waits 6 s after the last cluster, Draining 11 s.
+    let policy = write_file(
+        d,
+        "policy.yaml",
+        &policy_yaml("    generated: {}", "{ ttl: 1h }").replace(
+            "  intermediateCertOptions",
+            "  rootRotation: { maxLeafLifetime: 10s, skew: 1s }\n  intermediateCertOptions",
+        ),
+    );
+    let port = Ports::one();
+    let args = ["--policy", policy.to_str().unwrap()];
+    let mut m = Mgmt::start_on(d, &port, &args);
+    let creds = m.creds();
+    let mut agents = Vec::new();
+    for c in CLUSTERS {
+        let (token, relay) = m.add_cluster(d, c);
+        agents.push(agent(d, &m, c, Some(&token), Some(&relay), &[]));
+    }
+    for c in CLUSTERS {
+        wait_for(Duration::from_secs(60), "first cacerts", || valid_bundle(&cacerts_dir(d, c)).ok());
+    }
+    let log = CacertsLog::of_stores(CLUSTERS.iter().map(|c| (c.to_string(), d.join(c))).collect());
+    let names: Vec<String> = CLUSTERS.map(String::from).to_vec();
+    wait_until(Duration::from_secs(30), "the log to see every cluster", || {
+        CLUSTERS.iter().all(|c| log.latest(c).is_some())
+    });
+    let a = log.latest("cluster-1").unwrap().roots[0].clone();
+    let restart = |m: &mut Mgmt| {
+        m.proc.kill();
+        *m = Mgmt::start_on(d, &port, &args);
+    };
+
+    // ---- Distributing, with cluster-3's agent stopped: a stall, with an alert naming it ----
+    agents[2].kill();
+    rotate_root(&creds, false);
+    let st = status(&creds);
+    let b = st["rootRotation"]["to"]["fingerprint"].as_str().unwrap().to_string();
+    let id = st["rootRotation"]["id"].as_str().unwrap().to_string();
+    let alert = wait_for(Duration::from_secs(60), "a stall alert naming cluster-3", || {
+        stalled_alert(&status(&creds), "cluster-3")
+    });
+    assert!(alert.contains("cluster-3") && alert.contains("{A, B}") && alert.contains("not reporting"), "{alert}");
+    let st = status(&creds);
+    assert_eq!(phase(&st), "Distributing");
+    assert_eq!(st["rootRotation"]["waitingFor"][0]["cluster"], "cluster-3", "{st:#}");
+    // SIGKILL in Distributing; it comes back knowing the same rotation.
+    let before = st["rootRotation"].clone();
+    restart(&mut m);
+    let st = status(&creds);
+    assert_eq!(st["rootRotation"]["id"], id.as_str());
+    assert_eq!(st["rootRotation"]["transitions"], before["transitions"]);
+    assert_eq!(phase(&st), "Distributing");
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(phase(&status(&creds)), "Distributing", "still stalled after the learning wait would be over");
+    assert!(log.held().iter().all(|h| h.chain_root == a), "nobody signs under B while cluster-3 lacks it");
+    agents[2] = agent(d, &m, "cluster-3", None, None, &[]);
+
+    // ---- Switching, held open by pausing cluster-2's agent once it has converged ----
+    wait_until(Duration::from_secs(60), "cluster-2 to trust {A, B}", || {
+        log.latest("cluster-2").is_some_and(|h| h.roots.len() == 2)
+    });
+    wait_until(Duration::from_secs(30), "cluster-2's convergence to be recorded", || {
+        status(&creds)["rootRotation"]["converged"].as_array().unwrap().iter().any(|c| c["cluster"] == "cluster-2")
+    });
+    agents[1].signal("STOP");
+    wait_until(Duration::from_secs(60), "Switching", || phase(&status(&creds)) == "Switching");
+    let before = status(&creds)["rootRotation"].clone();
+    restart(&mut m);
+    let st = status(&creds);
+    assert_eq!(phase(&st), "Switching");
+    assert_eq!(st["rootRotation"]["transitions"], before["transitions"]);
+    agents[1].signal("CONT");
+
+    // ---- Draining: killed as it waits for A's leaves; the deadline survives ----
+    wait_until(Duration::from_secs(60), "Draining", || phase(&status(&creds)) == "Draining");
+    let st = status(&creds);
+    let deadline = st["rootRotation"]["nextStepAt"].as_i64().unwrap();
+    // Pause cluster-1's agent so that Retiring waits for it, then kill the management plane.
+    agents[0].signal("STOP");
+    restart(&mut m);
+    let st = status(&creds);
+    assert_eq!(phase(&st), "Draining");
+    assert_eq!(st["rootRotation"]["nextStepAt"].as_i64().unwrap(), deadline, "the same drain deadline");
+
+    // ---- Retiring, held open by the paused agent ----
+    wait_until(Duration::from_secs(60), "Retiring", || phase(&status(&creds)) == "Retiring");
+    restart(&mut m);
+    assert_eq!(phase(&status(&creds)), "Retiring");
+    agents[0].signal("CONT");
+    wait_until(ROTATION, "the rotation to complete", || {
+        phase(&status(&creds)) == "Idle"
+            && CLUSTERS.iter().all(|c| log.latest(c).is_some_and(|h| h.roots == [b.clone()]))
+    });
+    let st = status(&creds);
+    assert!(st["alerts"].as_array().unwrap().iter().all(|a| a["kind"] != "RootRotationStalled"), "{st:#}");
+    check_barrier(&log.held(), &names, &a, &b);
+    for (cluster, h) in root_set_history(&log.held(), &a, &b) {
+        assert_eq!(h, ["A", "AB", "B"], "{cluster}");
+    }
+    // One journal through four restarts: each phase entered once.
+    let store = StoreView::mgmt(&m);
+    let journal = store.record("meshca", "root-rotation").unwrap();
+    let phases: Vec<&str> =
+        journal["history"][0]["transitions"].as_array().unwrap().iter().map(|t| t["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["Distributing", "Switching", "Draining", "Retiring"]);
+    drop(agents);
 }

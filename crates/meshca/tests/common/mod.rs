@@ -2,6 +2,9 @@
 //! CLI, and polling (the generic parts from `meshca_testsupport`).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod rotation;
+pub mod user_pki;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -240,6 +243,12 @@ impl StoreView {
     pub fn list(&self, ns: &str) -> Vec<String> {
         use meshca_store::Store;
         self.rt.block_on(self.store.list(ns)).unwrap()
+    }
+
+    /// Writes an object whatever its version (an operator replacing a secret's contents).
+    pub fn put(&self, ns: &str, name: &str, secret: &meshca_store::Secret) {
+        use meshca_store::{Precondition, Store};
+        self.rt.block_on(self.store.put(&Self::key(ns, name), secret, Precondition::Any)).unwrap();
     }
 
     /// Creates an object (it must not exist yet).
