@@ -4,7 +4,11 @@
 //! `meshca up` cluster's agent keeps fresh. It proves that istiod starts in plug-in CA mode, signs
 //! a workload certificate over its CA gRPC API (Istio's own CA client, a TokenRequest token checked
 //! by istiod with a TokenReview) whose chain is leaf ← meshca's intermediate ← meshca's root, and
-//! after `meshca rotate` reloads the new intermediate without a restart and signs with it.
+//! after `meshca rotate` reloads the new intermediate without a restart and signs with it. Then,
+//! with `ISTIO_MULTIROOT_MESH=true`, `meshca rotate root` takes `root-cert.pem` from {A} to
+//! {A, B} to {B} and the intermediate from A to B: istiod accepts every step without a restart
+//! (and refuses none), and Istio's own CA client gets a leaf chaining to A, then to B, each answer
+//! carrying the roots of its phase.
 //! Everything is real; nothing is mocked. See `interop/istio/istiod/README.md`.
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +17,7 @@ use std::process::Command;
 use meshca_testsupport::{Ports, repo};
 
 #[test]
-fn real_istiod_signs_from_meshcas_intermediate_and_follows_a_rotation_without_a_restart() {
+fn real_istiod_signs_from_meshcas_intermediate_and_follows_intermediate_and_root_rotations_without_a_restart() {
     // The 9 ports run.sh uses (etcd, API server, istiod's listeners), held until it is done:
     // neither istiod nor etcd can bind port 0 and say which port it got.
     let ports = Ports::reserve(9);
@@ -28,8 +32,15 @@ fn real_istiod_signs_from_meshcas_intermediate_and_follows_a_rotation_without_a_
     eprintln!("{stderr}");
     assert!(out.status.success(), "istiod check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("OK istiod"), "no OK line:\n{stdout}");
+    assert!(stdout.contains("root rotation {A} -> {A,B} -> {B} followed without restart"), "{stdout}");
+    assert!(!stderr.contains("Updating new ROOT-CA not supported"), "istiod refused a root-set step:\n{stderr}");
     // The log lines istiod itself printed, as run.sh relays them.
-    for line in ["Use local CA certificate", "Added cacerts files watcher", "newly added intermediate CA"] {
+    for line in [
+        "Use local CA certificate",
+        "Added cacerts files watcher",
+        "newly added intermediate CA",
+        "Updating new ROOT-CA",
+    ] {
         assert!(stderr.contains(line), "istiod did not log {line:?}:\n{stderr}");
     }
 }

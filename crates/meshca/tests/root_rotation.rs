@@ -196,7 +196,7 @@ fn a_killed_management_plane_resumes_every_phase_and_a_stopped_agent_stalls_the_
     for c in CLUSTERS {
         wait_for(Duration::from_secs(60), "first cacerts", || valid_bundle(&cacerts_dir(d, c)).ok());
     }
-    let log = CacertsLog::of_stores(CLUSTERS.iter().map(|c| (c.to_string(), d.join(c))).collect());
+    let log = CacertsLog::of_dirs(CLUSTERS.iter().map(|c| (c.to_string(), cacerts_dir(d, c))).collect());
     let names: Vec<String> = CLUSTERS.map(String::from).to_vec();
     wait_until(Duration::from_secs(30), "the log to see every cluster", || {
         CLUSTERS.iter().all(|c| log.latest(c).is_some())

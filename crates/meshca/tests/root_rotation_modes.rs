@@ -60,7 +60,7 @@ fn replacing_your_own_root_runs_the_rotation_after_the_new_root_is_checked() {
         let (token, relay) = m.add_cluster(d, c);
         agents.push(agent(d, &m, c, Some(&token), Some(&relay), &[]));
     }
-    let log = CacertsLog::of_stores(CLUSTERS.iter().map(|c| (c.to_string(), d.join(c))).collect());
+    let log = CacertsLog::of_dirs(CLUSTERS.iter().map(|c| (c.to_string(), cacerts_dir(d, c))).collect());
     wait_until(Duration::from_secs(60), "every cluster under A", || {
         CLUSTERS.iter().all(|c| log.latest(c).is_some_and(|h| h.roots == [a.clone()]))
     });

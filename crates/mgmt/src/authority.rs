@@ -28,14 +28,25 @@ pub struct Signing {
     pub roots: RootSet,
 }
 
+/// Vault signs cluster intermediates: what each cluster's `meshca vault-agent` is told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delegation {
+    /// The Vault block to use (the policy's; during a root rotation, the mount of the phase).
+    pub delivery: VaultDelivery,
+    /// The root set clusters are to write, when the management plane knows it (it reads the
+    /// mount's root for root rotations); otherwise each cluster takes the root Vault's chain
+    /// ends at.
+    pub roots: Option<RootSet>,
+}
+
 /// What the management plane can do under the policy in force.
 #[derive(Debug, Clone)]
 pub enum Capability {
     /// It signs cluster intermediates itself.
     Signing(Arc<Signing>),
     /// Vault signs them, asked by each cluster's `meshca vault-agent`; the management plane
-    /// delivers the policy's Vault block and tracks status.
-    Delegated(Box<VaultDelivery>),
+    /// delivers the Vault block and tracks status.
+    Delegated(Box<Delegation>),
     /// It cannot sign: the policy's CA cannot be loaded. `reason` names the policy field.
     Unavailable {
         /// Why.
@@ -65,7 +76,18 @@ impl Authority {
                 &policy,
                 SignerMaterial::Local { signer: &s.signer.cert().fingerprint(), roots: &s.roots.fingerprint() },
             ),
-            Capability::Delegated(_) => meshca_policy::generation(&policy, SignerMaterial::Vault),
+            Capability::Delegated(d) => {
+                // The mount actually used (not the policy's during a root rotation) and the root
+                // set shape the intermediate.
+                let mut shaped = policy.clone();
+                shaped.ca = CaMode::Vault(Box::new(d.delivery.spec.clone()));
+                let roots = d.roots.as_ref().map(RootSet::fingerprint);
+                let material = match &roots {
+                    Some(r) => SignerMaterial::VaultRoots { roots: r },
+                    None => SignerMaterial::Vault,
+                };
+                meshca_policy::generation(&shaped, material)
+            }
             Capability::Unavailable { .. } => meshca_policy::generation(&policy, SignerMaterial::Unavailable),
         };
         Authority { policy, capability, generation, warning }
@@ -79,10 +101,14 @@ impl Authority {
         }
     }
 
-    /// The root set clusters trust, when the management plane knows it (not in Vault mode, where
-    /// each cluster learns it from Vault's chain).
+    /// The root set clusters trust, when the management plane knows it (in Vault mode once it
+    /// has read the mount's root; until then each cluster learns it from Vault's chain).
     pub fn roots(&self) -> Option<&RootSet> {
-        self.signing().map(|s| &s.roots)
+        match &self.capability {
+            Capability::Signing(s) => Some(&s.roots),
+            Capability::Delegated(d) => d.roots.as_ref(),
+            Capability::Unavailable { .. } => None,
+        }
     }
 
     /// Why the policy's CA cannot sign, if it cannot.
@@ -175,7 +201,7 @@ pub async fn load(store: &dyn Store, policy: Policy, now: SystemTime) -> Authori
                 organization: policy.intermediate.organization.clone(),
                 spec: (**spec).clone(),
             };
-            return Authority::new(policy, Capability::Delegated(Box::new(delivery)), None);
+            return Authority::new(policy, Capability::Delegated(Box::new(Delegation { delivery, roots: None })), None);
         }
     };
     let capability = loaded

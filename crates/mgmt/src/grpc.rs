@@ -160,7 +160,7 @@ pub fn trust_state(auth: &Authority, rec: &ClusterRecord, settings: &Settings) -
         key_algorithm: meshca_policy::key_algorithm_to_wire(auth.policy.intermediate.key_algorithm) as i32,
         intermediate_ttl_seconds: i64::try_from(auth.policy.intermediate.ttl.as_secs()).unwrap_or(i64::MAX),
         vault: match &auth.capability {
-            Capability::Delegated(d) => Some(d.to_wire()),
+            Capability::Delegated(d) => Some(d.delivery.to_wire()),
             _ => None,
         },
         auto_restart_pods: auth.policy.auto_restart_pods,

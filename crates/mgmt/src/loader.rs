@@ -189,7 +189,7 @@ fn log_authority(a: &Authority) {
         ),
         Capability::Delegated(d) => tracing::info!(
             mode = a.policy.ca.name(),
-            vault = %d.spec.server,
+            vault = %d.delivery.spec.server,
             generation = %a.generation,
             "authority loaded: Vault signs the cluster intermediates"
         ),

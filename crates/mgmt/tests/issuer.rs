@@ -253,3 +253,22 @@ async fn in_vault_mode_the_management_plane_signs_nothing() {
     assert_eq!((v.server.as_str(), v.ca_path.as_str()), ("https://vault:8200", "pki/root/sign-intermediate"));
     assert!(t.root_set.is_empty(), "the root set comes from Vault's chain");
 }
+
+/// The running loader follows a policy change in Vault mode (which references no secret to
+/// watch) at once, not at its next resync: the clock does not move here.
+#[tokio::test]
+async fn in_vault_mode_the_running_loader_follows_a_policy_change() {
+    let vault = "  config:\n    vault: { server: 'https://vault:8200', caPath: pki/root/sign-intermediate, auth: { token: { tokenFile: /t } } }\n";
+    let text = policy("").replace("  config:\n    generated: {}\n", vault);
+    let p = Plane::start(&text, 5, 6.0).await;
+    let mut rx = p.authority.clone();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let loader = tokio::spawn(p.loader.run(cancel.clone()));
+    StorePolicy::new(p.store.clone()).apply(&text.replace("caPath: pki/", "caPath: pki2/")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|a| matches!(&a.capability, Capability::Delegated(d) if d.delivery.spec.ca_path == "pki2/root/sign-intermediate")))
+        .await
+        .expect("the new policy is loaded without waiting for a resync")
+        .unwrap();
+    cancel.cancel();
+    loader.await.unwrap();
+}

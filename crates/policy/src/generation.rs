@@ -21,6 +21,12 @@ pub enum SignerMaterial<'a> {
     },
     /// Vault signs; its address and paths are part of the policy digest already.
     Vault,
+    /// Vault signs, and the management plane knows the root set clusters are to trust (always
+    /// once it has read the mount's root; during a root rotation the set of its phase).
+    VaultRoots {
+        /// Fingerprint of the root set.
+        roots: &'a str,
+    },
     /// Nothing can sign (the policy's CA cannot be loaded).
     Unavailable,
 }
@@ -64,6 +70,7 @@ pub fn generation(policy: &Policy, signer: SignerMaterial<'_>) -> String {
     let material = match signer {
         SignerMaterial::Local { signer, roots } => format!("local|{signer}|{roots}"),
         SignerMaterial::Vault => "vault".to_string(),
+        SignerMaterial::VaultRoots { roots } => format!("vault|{roots}"),
         SignerMaterial::Unavailable => "unavailable".to_string(),
     };
     sha256_hex(&format!("generation/1\n{}\n{material}", policy.intermediate_digest()), 10)
@@ -122,11 +129,12 @@ mod tests {
         let c = generation(&p, SignerMaterial::Local { signer: "s1", roots: "r2" });
         let v = generation(&p, SignerMaterial::Vault);
         let u = generation(&p, SignerMaterial::Unavailable);
-        for g in [&a, &b, &c, &v, &u] {
+        let vr = generation(&p, SignerMaterial::VaultRoots { roots: "r1" });
+        for g in [&a, &b, &c, &v, &u, &vr] {
             assert_eq!(g.len(), 20);
             assert!(g.bytes().all(|b| b.is_ascii_hexdigit()));
         }
-        let all = [&a, &b, &c, &v, &u];
+        let all = [&a, &b, &c, &v, &u, &vr];
         for (i, x) in all.iter().enumerate() {
             for y in &all[i + 1..] {
                 assert_ne!(x, y);

@@ -215,6 +215,30 @@ fn certs_from(v: &Value, path: &str) -> Result<Vec<Cert>, VaultError> {
     Ok(out)
 }
 
+/// The root Vault signs under at `spec`'s `caPath`: the end of its issuer's chain. Read without
+/// a token (the issuer endpoint is unauthenticated), so the management plane can learn a mount's
+/// root before any cluster signs under it (root rotation).
+pub async fn signing_root(spec: &meshca_policy::VaultSpec) -> Result<Cert, VaultError> {
+    let client = VaultClient::new(
+        &spec.server,
+        spec.tls_ca_file.as_deref().map(std::path::Path::new),
+        spec.namespace.as_deref(),
+        crate::client::DEFAULT_TIMEOUT,
+    )?;
+    let issuer = read_issuer(&client, &SignPath::parse(&spec.ca_path)?).await?;
+    let root = issuer.root().clone();
+    if !root.is_self_issued() {
+        return Err(VaultError::Preflight(format!(
+            "the chain of {} ends at {}, which is not a root (issued by {}); configure the mount's full CA chain              (`vault write {}/config/ca` or an issuer with its chain)",
+            spec.ca_path,
+            root.subject(),
+            root.issuer(),
+            spec.ca_path.split("/root/").next().unwrap_or(&spec.ca_path)
+        )));
+    }
+    Ok(root)
+}
+
 /// Reads the issuing CA (and its chain) the sign path uses.
 pub async fn read_issuer(client: &VaultClient, sign: &SignPath) -> Result<Issuer, VaultError> {
     let path = sign.issuer_path();

@@ -180,6 +180,7 @@ impl VaultSource {
     pub async fn obtain_intermediate(
         &self,
         delivered: Option<&VaultConfig>,
+        roots: Option<&RootSet>,
         want_cluster: &str,
         ttl: Duration,
         key_algorithm: meshca_pki::KeyAlgorithm,
@@ -197,7 +198,7 @@ impl VaultSource {
         let mut retried = false;
         loop {
             let (generation, token) = active.session.token().await?;
-            match once(&active, &token, &want, self.clock.now()).await {
+            match once(&active, &token, &want, roots, self.clock.now()).await {
                 Err(e) if e.is_token_refused() && !retried => {
                     tracing::warn!(error = %e, "Vault refused the token; logging in afresh and retrying once");
                     active.session.refused(generation).await;
@@ -209,7 +210,16 @@ impl VaultSource {
     }
 }
 
-async fn once(active: &Active, token: &crate::Secret, want: &Want, now: SystemTime) -> Result<Obtained, VaultError> {
+/// One request. `roots` is the root set the management plane says clusters trust (both roots
+/// during a root rotation): written as `root-cert.pem` if it holds the root Vault's chain ends
+/// at; without it, that root alone.
+async fn once(
+    active: &Active,
+    token: &crate::Secret,
+    want: &Want,
+    roots: Option<&RootSet>,
+    now: SystemTime,
+) -> Result<Obtained, VaultError> {
     let s = &active.settings;
     let client = active.client.as_ref();
     let issuer = pki::preflight(client, token, &s.sign, s.generate.as_ref(), want, now).await?;
@@ -229,7 +239,18 @@ async fn once(active: &Active, token: &crate::Secret, want: &Want, now: SystemTi
         return Err(bad("the certificate Vault returned is not for the key in the CSR".into()));
     }
     let root = signed.chain_above.last().cloned().ok_or_else(|| bad("no chain above the intermediate".into()))?;
-    let roots = RootSet::from_certs(vec![root]).map_err(|e| bad(e.to_string()))?;
+    let roots = match roots {
+        Some(set) if set.contains(&root) => set.clone(),
+        Some(set) => {
+            return Err(bad(format!(
+                "Vault signed under {} ({}), which is not in the root set the management plane says to trust ({});                  was the mount's root replaced in place?",
+                root.subject(),
+                root.fingerprint(),
+                set.fingerprint()
+            )));
+        }
+        None => RootSet::from_certs(vec![root]).map_err(|e| bad(e.to_string()))?,
+    };
     let files = CaBundle::assemble(&key, &signed.cert, &signed.chain_above, &roots);
     let serial = signed.cert.serial_hex();
     tracing::info!(
@@ -257,7 +278,14 @@ impl IntermediateSource for VaultSource {
             s if s > 0 => Duration::from_secs(s.unsigned_abs()),
             _ => meshca_policy::defaults::INTERMEDIATE_TTL,
         };
-        self.obtain_intermediate(req.trust.vault.as_ref(), req.cluster, ttl, req.key_algorithm)
+        let roots = if req.trust.root_set.is_empty() {
+            None
+        } else {
+            let set = RootSet::from_pem(req.trust.root_set.as_bytes())
+                .map_err(|e| AgentError::BadAnswer { call: "WatchTrust", reason: format!("root set: {e}") })?;
+            Some(set)
+        };
+        self.obtain_intermediate(req.trust.vault.as_ref(), roots.as_ref(), req.cluster, ttl, req.key_algorithm)
             .await
             .map_err(|e| AgentError::Upstream(Box::new(e)))
     }

@@ -12,6 +12,10 @@
 #      leaf <- meshca's current intermediate <- meshca's root
 #   5. `meshca rotate`: the agent swaps in a new intermediate (same root); istiod must pick it up
 #      without a restart, and the next cert must be signed by the new intermediate
+#   6. `meshca rotate root` (istiod runs with ISTIO_MULTIROOT_MESH=true): root-cert.pem goes
+#      {A} -> {A, B} -> {B} and the intermediate moves from A to B; istiod accepts every step
+#      without a restart ("Updating new ROOT-CA", never "not supported"), and Istio's CA client
+#      gets a leaf chaining to A, then to B, each answer carrying the roots of its phase
 #
 # `run.sh build` only builds (or finds cached) pilot-discovery and the kube-apiserver and prints
 # pilot-discovery's path.
@@ -139,7 +143,9 @@ kube -X POST "$KUBE_URL/api/v1/namespaces/demo/serviceaccounts/sleep/token" \
     die "TokenRequest for demo/sleep failed"
 
 # ---- 3. meshca: one cluster whose agent keeps cacerts fresh ---------------------------------------
-nice -n 10 "$MESHCA" up --clusters 1 --dir "$W/mesh" --duration 1h --call-interval 10s >"$W/meshca-up.log" 2>&1 &
+# 20 s leaves and 2 s of skew: a root rotation takes well under a minute (10 s + 22 s of waits).
+nice -n 10 "$MESHCA" up --clusters 1 --dir "$W/mesh" --duration 1h --call-interval 10s --leaf-ttl 20s \
+    --rotation-skew 2s >"$W/meshca-up.log" 2>&1 &
 meshca_pid=$!
 for _ in $(seq 60); do [ -f "$W/mesh/topology.json" ] && break; kill -0 $meshca_pid 2>/dev/null || break; sleep 1; done
 [ -f "$W/mesh/topology.json" ] || { tail -n 20 "$W/meshca-up.log" >&2; die "meshca up wrote no topology.json"; }
@@ -155,7 +161,7 @@ P_HTTPS=$((PORT_BASE + 7)) P_CTRLZ=$((PORT_BASE + 8))
 mkdir -p "$W/istiod"
 (
     cd "$W/istiod" # istiod resolves ./etc/..., ./var/... relative to its working directory
-    exec env ROOT_CA_DIR="$CACERTS" POD_NAMESPACE=istio-system POD_NAME=istiod-local \
+    exec env ROOT_CA_DIR="$CACERTS" POD_NAMESPACE=istio-system POD_NAME=istiod-local ISTIO_MULTIROOT_MESH=true \
         PILOT_CERT_PROVIDER=istiod ISTIOD_CUSTOM_HOST=istiod.istio-system.svc \
         KUBECONFIG="$W/kubeconfig" \
         "$PD" discovery --kubeconfig "$W/kubeconfig" --clusterID Kubernetes \
@@ -211,6 +217,82 @@ kill -0 "$istiod_pid" 2>/dev/null || die "istiod exited after the rotation"
 
 request "$W/cert2" || die "istiod refused the CSR after rotation (log: $W/istiod.log)"
 issuer_is_current "$W/cert2" "after rotation"
+
+# ---- 6. root rotation: {A} -> {A, B} -> {B}, istiod following without a restart ---------------------
+count() { grep -c "$1" "$W/istiod.log" || true; }
+reloaded() { count "Istiod has detected the newly added intermediate CA"; }
+roots_in_file() { # PEM: the sha256 fingerprints of its certificates, in order
+    local i=1 c
+    while c=$(nth_cert "$1" $i) && [ -n "$c" ]; do echo "$c" | fp; i=$((i + 1)); done
+}
+chain_root() { roots_in_file "$CACERTS/cert-chain.pem" | tail -n1; }
+# The roots an answer carries: every self-signed certificate after the leaf and the intermediate.
+answer_roots() { # OUTDIR
+    local i=3 c
+    while c=$(nth_cert "$1/chain.pem" $i) && [ -n "$c" ]; do
+        [ "$(echo "$c" | openssl x509 -noout -subject -nameopt RFC2253 | cut -d= -f2-)" = \
+            "$(echo "$c" | openssl x509 -noout -issuer -nameopt RFC2253 | cut -d= -f2-)" ] && echo "$c" | fp
+        i=$((i + 1))
+    done | sort -u | tr '\n' ' '
+}
+chains_to() { # OUTDIR ROOT_FP LABEL: the leaf verifies against that root alone
+    local want=$2 only="$1/only-root.pem" i=1 c
+    : >"$only"
+    while c=$(nth_cert "$CACERTS/root-cert.pem" $i) && [ -n "$c" ]; do
+        [ "$(echo "$c" | fp)" = "$want" ] && echo "$c" >"$only"
+        i=$((i + 1))
+    done
+    [ -s "$only" ] || die "$3: root $want is not in root-cert.pem"
+    openssl verify -CAfile "$only" -untrusted "$1/chain.pem" "$1/leaf.pem" >/dev/null ||
+        die "$3: the leaf does not chain to root $want"
+}
+wait_reload() { # COUNT_BEFORE LABEL
+    for _ in $(seq 60); do [ "$(reloaded)" -gt "$1" ] && return 0; sleep 1; done
+    die "$2: istiod did not reload cacerts within 60s"
+}
+rootA=$root1
+r0=$(reloaded)
+"$MESHCA" rotate root --credentials "$OPERATOR" >"$W/rotate-root.log" 2>&1 || { cat "$W/rotate-root.log" >&2; die "meshca rotate root failed"; }
+for _ in $(seq 60); do [ "$(roots_in_file "$CACERTS/root-cert.pem" | wc -l)" = 2 ] && break; sleep 1; done
+mapfile -t both < <(roots_in_file "$CACERTS/root-cert.pem")
+[ "${#both[@]}" = 2 ] || die "root-cert.pem did not become {A, B} within 60s"
+[ "${both[0]}" = "$rootA" ] || die "root-cert.pem {A, B} does not start with A"
+rootB=${both[1]}
+[ "$(chain_root)" = "$rootA" ] || die "Distributing: the intermediate is not under A"
+wait_reload "$r0" "Distributing"
+request "$W/cert3" || die "istiod refused the CSR in Distributing (log: $W/istiod.log)"
+issuer_is_current "$W/cert3" "Distributing"
+chains_to "$W/cert3" "$rootA" "Distributing"
+[ "$(answer_roots "$W/cert3")" = "$(printf '%s\n' "$rootA" "$rootB" | sort | tr '\n' ' ')" ] ||
+    die "Distributing: the answer carries roots $(answer_roots "$W/cert3"), not {A, B}"
+log "Distributing: istiod accepted {A, B} and signs under A; its answer carries A and B"
+
+r1=$(reloaded)
+for _ in $(seq 120); do [ "$(chain_root)" = "$rootB" ] && break; sleep 1; done
+[ "$(chain_root)" = "$rootB" ] || die "the intermediate did not move under B within 120s"
+wait_reload "$r1" "Switching"
+request "$W/cert4" || die "istiod refused the CSR in Switching (log: $W/istiod.log)"
+issuer_is_current "$W/cert4" "Switching"
+chains_to "$W/cert4" "$rootB" "Switching"
+[ "$(answer_roots "$W/cert4")" = "$(printf '%s\n' "$rootA" "$rootB" | sort | tr '\n' ' ')" ] ||
+    die "Switching: the answer carries roots $(answer_roots "$W/cert4"), not {A, B}"
+log "Switching: istiod signs under B; its answer still carries A and B"
+
+r2=$(reloaded)
+for _ in $(seq 120); do [ "$(roots_in_file "$CACERTS/root-cert.pem")" = "$rootB" ] && break; sleep 1; done
+[ "$(roots_in_file "$CACERTS/root-cert.pem")" = "$rootB" ] || die "root-cert.pem did not become {B} within 120s"
+wait_reload "$r2" "Retiring"
+request "$W/cert5" || die "istiod refused the CSR after the rotation (log: $W/istiod.log)"
+issuer_is_current "$W/cert5" "after the root rotation"
+chains_to "$W/cert5" "$rootB" "after the root rotation"
+[ "$(answer_roots "$W/cert5")" = "$rootB " ] || die "after the rotation: the answer carries roots $(answer_roots "$W/cert5"), not {B}"
+kill -0 "$istiod_pid" 2>/dev/null || die "istiod exited during the root rotation"
+[ "$(count 'Updating new ROOT-CA not supported')" = 0 ] || die "istiod refused a root-set step (log: $W/istiod.log)"
+[ "$(count 'Multi root is disabled')" = 0 ] || die "istiod ran without ISTIO_MULTIROOT_MESH"
+[ $(($(count 'Updating new ROOT-CA') - $(count 'Updating new ROOT-CA not supported'))) -ge 2 ] ||
+    die "istiod did not log both root-set steps ('Updating new ROOT-CA')"
+log "Retiring: istiod accepted {B} and its answers carry B alone"
+
 log "istiod log lines:"
-grep -E "Use local CA certificate|Added cacerts files watcher|Update Istiod cacerts|newly added intermediate CA" "$W/istiod.log" >&2
-echo "OK istiod $ISTIO_VERSION (kube-apiserver $(kube "$KUBE_URL/version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])')): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart"
+grep -E "Use local CA certificate|Added cacerts files watcher|Update Istiod cacerts|Updating new ROOT-CA|newly added intermediate CA" "$W/istiod.log" >&2
+echo "OK istiod $ISTIO_VERSION (kube-apiserver $(kube "$KUBE_URL/version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])')): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart; root rotation {A} -> {A,B} -> {B} followed without restart (A $rootA, B $rootB)"

@@ -1,5 +1,5 @@
 //! Watching a root rotation from outside: every `cacerts` version each cluster held (polled from
-//! its directory store), and the operator's view of the rotation (`meshca status -o json`,
+//! its directory), and the operator's view of the rotation (`meshca status -o json`,
 //! `meshca rotate root`).
 
 use std::path::{Path, PathBuf};
@@ -12,9 +12,18 @@ use meshca_testsupport::rotation::Held;
 use serde_json::Value;
 
 use super::{
-    ChainFiles, OpensslKey, Proc, StoreView, TlsParty, ca_client, create_certificate, csr_request, json_file, openssl,
+    ChainFiles, OpensslKey, Proc, TlsParty, ca_client, create_certificate, csr_request, json_file, openssl,
     openssl_csr, run, write_chain,
 };
+
+/// `root-cert.pem` and `cert-chain.pem` of the version `dir/..data` names now; `None` when there
+/// is none yet, or when the version went away while it was read.
+fn read_version(dir: &Path) -> Option<(Vec<u8>, Vec<u8>)> {
+    let data = dir.join(std::fs::read_link(dir.join("..data")).ok()?);
+    let roots = std::fs::read(data.join("root-cert.pem")).ok()?;
+    let chain = std::fs::read(data.join("cert-chain.pem")).ok()?;
+    (!roots.is_empty() && !chain.is_empty()).then_some((roots, chain))
+}
 
 /// Every distinct `cacerts` version each cluster held, polled from outside.
 pub struct CacertsLog {
@@ -24,33 +33,29 @@ pub struct CacertsLog {
 }
 
 impl CacertsLog {
-    /// Polls each cluster of `meshca up`'s topology (its store is `<cacerts_dir>/../..`).
+    /// Polls each cluster of `meshca up`'s topology (its `cacerts_dir`).
     pub fn start(up: &Value) -> CacertsLog {
         let clusters: Vec<(String, PathBuf)> = up["clusters"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| {
-                let dir = PathBuf::from(c["cacerts_dir"].as_str().unwrap());
-                (c["name"].as_str().unwrap().to_string(), dir.parent().unwrap().parent().unwrap().to_path_buf())
-            })
+            .map(|c| (c["name"].as_str().unwrap().to_string(), PathBuf::from(c["cacerts_dir"].as_str().unwrap())))
             .collect();
-        CacertsLog::of_stores(clusters)
+        CacertsLog::of_dirs(clusters)
     }
 
-    /// Polls each cluster's directory store (`(name, store root)`) every 50 ms.
-    pub fn of_stores(clusters: Vec<(String, PathBuf)>) -> CacertsLog {
+    /// Polls each cluster's `cacerts` directory (`(name, dir)`) every 50 ms. A directory store's
+    /// object and a memory folder are laid out the same way (the kubelet's): the four files are
+    /// read from the data directory `..data` names, so they always belong to one version.
+    pub fn of_dirs(clusters: Vec<(String, PathBuf)>) -> CacertsLog {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Arc<Mutex<Vec<(Held, Vec<u8>)>>> = Arc::default();
         let (s, log) = (stop.clone(), seen.clone());
         let thread = std::thread::spawn(move || {
-            let views: Vec<(String, StoreView)> =
-                clusters.iter().map(|(n, d)| (n.clone(), StoreView::open(d))).collect();
             while !s.load(Ordering::SeqCst) {
-                for (name, view) in &views {
-                    let Some(secret) = view.get("istio-system", "cacerts") else { continue };
-                    let roots_pem = secret.get("root-cert.pem").unwrap_or_default().to_vec();
-                    let chain = Cert::parse_pem_bundle(secret.get("cert-chain.pem").unwrap_or_default()).unwrap();
+                for (name, dir) in &clusters {
+                    let Some((roots_pem, chain_pem)) = read_version(dir) else { continue };
+                    let chain = Cert::parse_pem_bundle(&chain_pem).unwrap();
                     let held = Held {
                         cluster: name.clone(),
                         roots: Cert::parse_pem_bundle(&roots_pem).unwrap().iter().map(Cert::fingerprint).collect(),

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use meshca_clock::{SharedClock, from_unix, unix};
 use meshca_pki::{CaSigner, Cert, PrivateKey, RootParams, RootSet};
-use meshca_policy::{CaMode, Policy};
+use meshca_policy::{CaMode, Policy, VaultDelivery, VaultDoc, VaultSpec};
 use meshca_proto::RotationPhase;
 use meshca_store::{ObjectKey, Precondition, ResourceVersion, Store, StoreError, Versioned, typed};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{Anchor, Journal, Rotation, SignerRef, Transition, Trigger, objects};
 use super::plan::{self, Gates, Next, Roots, Signer};
-use crate::authority::{Authority, Capability, Signing};
+use crate::authority::{Authority, Capability, Delegation, Signing};
 use crate::castore;
 use crate::convergence;
 use crate::records;
@@ -33,6 +33,8 @@ use crate::replica::{self, Leader};
 const POLL: Duration = Duration::from_secs(5);
 /// How soon it retries after a store failure.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long a Vault mount's root, once read, is taken as known.
+const VAULT_ROOT_CACHE: Duration = Duration::from_secs(60);
 
 /// The journal's object.
 pub fn journal_key() -> ObjectKey {
@@ -137,6 +139,8 @@ pub struct Controller {
     reported: watch::Receiver<u64>,
     commands: mpsc::Receiver<Command>,
     cache: HashMap<String, Loaded>,
+    /// Vault mounts' roots as last read, and when.
+    vault_roots: HashMap<String, (SystemTime, Result<Cert, String>)>,
     /// The last problem logged, so a lasting one is logged once.
     logged: String,
 }
@@ -171,6 +175,7 @@ impl Controller {
             reported,
             commands: crx,
             cache: HashMap::new(),
+            vault_roots: HashMap::new(),
             logged: String::new(),
         };
         c.pass().await;
@@ -309,29 +314,48 @@ impl Controller {
         read_journal(self.store.as_ref()).await
     }
 
-    /// No rotation in progress: adopt the policy's root on first sight, keep the copy of a
-    /// user's CA current, and start a rotation when the generated root is due or the policy now
-    /// names another root.
+    /// No rotation in progress: adopt the policy's root on first sight, keep the established
+    /// anchor current (a user's CA renewed under the same root, another Vault mount of the same
+    /// root), and start a rotation when the generated root is due or the policy now names another
+    /// root.
     async fn idle(&mut self, j: &mut Journal, base: &Authority, now: SystemTime) -> Result<(), String> {
-        let Some(signing) = base.signing() else { return Ok(()) };
-        let base_root = signing.signer.root().clone();
+        let base_root = match &base.capability {
+            Capability::Signing(s) => s.signer.root().clone(),
+            Capability::Delegated(d) => match self.vault_root(&d.delivery.spec).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.log_once(format!("reading the root of the policy's Vault mount failed: {e}"));
+                    return Ok(());
+                }
+            },
+            Capability::Unavailable { .. } => return Ok(()),
+        };
         let base_fp = base_root.fingerprint();
         let Some(established) = j.established.clone() else {
-            j.established = Some(self.anchor_for_base(base, signing).await?);
+            j.established = Some(self.anchor_for_base(base, &base_root, objects::ESTABLISHED_COPY).await?);
             tracing::info!(root = %base_root.subject(), fingerprint = %base_fp, "root rotation: the mesh's root is established");
             return Ok(());
         };
         if established.fingerprint == base_fp {
             j.declined = None;
-            // Your root / your intermediate: the copy follows the CA the policy names (a renewed
-            // intermediate under the same root is an ordinary re-issue, not a rotation).
-            if let SignerRef::Stored { object } = &established.signer
-                && object == objects::ESTABLISHED_COPY
-                && self.stored(object).await.map(|s| s.cert() != signing.signer.cert()).unwrap_or(true)
-            {
-                self.copy(objects::ESTABLISHED_COPY, &signing.signer).await?;
+            match (&established.signer, &base.capability) {
+                // Your root / your intermediate: the copy follows the CA the policy names (a
+                // renewed intermediate under the same root is an ordinary re-issue).
+                (SignerRef::Stored { object }, Capability::Signing(s))
+                    if object == objects::ESTABLISHED_COPY
+                        && self.stored(object).await.map(|c| c.cert() != s.signer.cert()).unwrap_or(true) =>
+                {
+                    self.copy(objects::ESTABLISHED_COPY, &s.signer).await?;
+                }
+                // Vault: another mount (or another login) for the same root.
+                (SignerRef::Vault { spec }, Capability::Delegated(d)) if **spec != d.delivery.spec.to_doc() => {
+                    if let Some(e) = j.established.as_mut() {
+                        e.signer = SignerRef::Vault { spec: Box::new(d.delivery.spec.to_doc()) };
+                    }
+                }
+                _ => {}
             }
-            if let CaMode::Generated { .. } = base.policy.ca
+            if let (CaMode::Generated { .. }, Capability::Signing(_)) = (&base.policy.ca, &base.capability)
                 && !j.history.first().is_some_and(|h| h.aborted && h.from == established.fingerprint)
                 && plan::expiry_due(
                     // meshca made this root and backdated its NotBefore for clock skew; its
@@ -351,44 +375,57 @@ impl Controller {
         if j.declined.as_deref() == Some(base_fp.as_str()) {
             return Ok(());
         }
+        if let (SignerRef::Vault { spec }, Capability::Delegated(d)) = (&established.signer, &base.capability)
+            && same_mount(spec, &d.delivery.spec)
+        {
+            // The old root cannot be signed under any more: nothing safe to do but say so.
+            self.log_once(format!(
+                "the root of Vault mount {} was replaced in place ({} -> {}); intermediates it signs no longer chain \
+                 to the root clusters trust. Put the new root in another mount (or issuer) and point the policy at it: \
+                 meshca then rotates the mesh to it",
+                d.delivery.spec.ca_path, established.fingerprint, base_fp
+            ));
+            return Ok(());
+        }
         // The policy names another root: rotate to it, once it has been checked.
         if let Err(why) = check_new_root(&base_root, &established, &Gates::of(&base.policy), now) {
             self.log_once(format!("the policy names a new root that cannot be rotated to: {why}"));
             return Ok(());
         }
-        let to = match &base.policy.ca {
-            CaMode::Generated { .. } => Anchor {
-                root_pem: base_root.to_pem(),
-                fingerprint: base_fp,
-                signer: SignerRef::Stored { object: records::root_ca().name().to_string() },
-            },
-            _ => {
-                self.copy(objects::NEXT_COPY, &signing.signer).await?;
-                Anchor {
-                    root_pem: base_root.to_pem(),
-                    fingerprint: base_fp,
-                    signer: SignerRef::Stored { object: objects::NEXT_COPY.into() },
-                }
-            }
-        };
+        let to = self.anchor_for_base(base, &base_root, objects::NEXT_COPY).await?;
         let r = start(Trigger::Policy, established, to, unix(now));
         tracing::info!(rotation = %r.id, "root rotation started: the policy names a new root");
         j.rotation = Some(r);
         Ok(())
     }
 
-    /// The anchor for the policy's CA as it is now: the generated root in place, or a copy of the
-    /// user's CA.
-    async fn anchor_for_base(&mut self, base: &Authority, signing: &Signing) -> Result<Anchor, String> {
-        let root = signing.signer.root();
-        let signer = match &base.policy.ca {
-            CaMode::Generated { .. } => SignerRef::Stored { object: records::root_ca().name().to_string() },
-            _ => {
-                self.copy(objects::ESTABLISHED_COPY, &signing.signer).await?;
-                SignerRef::Stored { object: objects::ESTABLISHED_COPY.into() }
+    /// The anchor for the policy's CA as it is now, under `root`: the generated root in place, a
+    /// copy of the user's CA (in `meshca/<copy_to>`), or the policy's Vault mount.
+    async fn anchor_for_base(&mut self, base: &Authority, root: &Cert, copy_to: &str) -> Result<Anchor, String> {
+        let signer = match (&base.policy.ca, &base.capability) {
+            (_, Capability::Delegated(d)) => SignerRef::Vault { spec: Box::new(d.delivery.spec.to_doc()) },
+            (CaMode::Generated { .. }, _) => SignerRef::Stored { object: records::root_ca().name().to_string() },
+            (_, Capability::Signing(s)) => {
+                self.copy(copy_to, &s.signer).await?;
+                SignerRef::Stored { object: copy_to.into() }
             }
+            (_, Capability::Unavailable { reason }) => return Err(reason.clone()),
         };
         Ok(Anchor { root_pem: root.to_pem(), fingerprint: root.fingerprint(), signer })
+    }
+
+    /// The root Vault signs under at `spec`'s mount, read at most once a minute.
+    async fn vault_root(&mut self, spec: &VaultSpec) -> Result<Cert, String> {
+        let key = mount_key(&spec.server, &spec.ca_path, spec.namespace.as_deref());
+        let now = self.clock.now();
+        if let Some((at, r)) = self.vault_roots.get(&key)
+            && now.duration_since(*at).unwrap_or_default() < VAULT_ROOT_CACHE
+        {
+            return r.clone();
+        }
+        let r = meshca_vault::pki::signing_root(spec).await.map_err(|e| e.to_string());
+        self.vault_roots.insert(key, (now, r.clone()));
+        r
     }
 
     /// Writes a copy of `signer` (certificate chain and key) to `meshca/<name>`.
@@ -534,22 +571,46 @@ impl Controller {
         Ok(signer)
     }
 
-    /// The CA of `anchor`, checked to be under its root.
-    async fn signer_of(&mut self, anchor: &Anchor) -> Result<Arc<CaSigner>, String> {
+    /// What signs under `anchor` — its CA, checked to be under its root, or its Vault mount —
+    /// with `roots` as the root set clusters are to write.
+    async fn capability_of(&mut self, anchor: &Anchor, roots: RootSet, policy: &Policy) -> Capability {
+        let unavailable = |reason: String| Capability::Unavailable { reason: format!("root rotation: {reason}") };
         match &anchor.signer {
-            SignerRef::Stored { object } => {
-                let s = self.stored(object).await?;
-                if s.root().fingerprint() != anchor.fingerprint {
-                    return Err(format!(
-                        "meshca/{object} holds a CA under {} ({}), not under the root the rotation expects ({})",
-                        s.root().subject(),
-                        s.root().fingerprint(),
-                        anchor.fingerprint
-                    ));
-                }
-                Ok(s)
-            }
-            SignerRef::Vault { .. } => Err("Vault-signed roots are not rotated by this management plane".into()),
+            SignerRef::Stored { object } => match self.stored(object).await {
+                Err(reason) => unavailable(reason),
+                Ok(s) if s.root().fingerprint() != anchor.fingerprint => unavailable(format!(
+                    "meshca/{object} holds a CA under {} ({}), not under the root the rotation expects ({})",
+                    s.root().subject(),
+                    s.root().fingerprint(),
+                    anchor.fingerprint
+                )),
+                Ok(signer) => Capability::Signing(Arc::new(Signing { signer, roots })),
+            },
+            SignerRef::Vault { spec } => match VaultSpec::from_doc(spec) {
+                Err(e) => unavailable(format!("the Vault block in the journal: {e}")),
+                Ok(spec) => Capability::Delegated(Box::new(Delegation {
+                    delivery: VaultDelivery {
+                        trust_domain: policy.trust_domain.clone(),
+                        organization: policy.intermediate.organization.clone(),
+                        spec,
+                    },
+                    roots: Some(roots),
+                })),
+            },
+        }
+    }
+
+    /// The fingerprint of the root the policy's CA is under, when it can be known: `None` when
+    /// it cannot sign. A Vault mount is read (at most once a minute) only when it is not the
+    /// established one.
+    async fn policy_root(&mut self, base: &Authority, est: &Anchor) -> Option<Result<String, String>> {
+        match &base.capability {
+            Capability::Signing(s) => Some(Ok(s.signer.root().fingerprint())),
+            Capability::Delegated(d) => match &est.signer {
+                SignerRef::Vault { spec } if same_mount(spec, &d.delivery.spec) => Some(Ok(est.fingerprint.clone())),
+                _ => Some(self.vault_root(&d.delivery.spec).await.map(|c| c.fingerprint())),
+            },
+            Capability::Unavailable { .. } => None,
         }
     }
 
@@ -570,37 +631,46 @@ impl Controller {
                 };
                 (signer_anchor, roots, None)
             }
-            (None, Some(est)) => {
-                let base_fp = base.signing().map(|s| s.signer.root().fingerprint());
-                match base_fp {
-                    // The policy's CA is the established one (or cannot sign): it rules as is.
-                    None => return (*base).clone(),
-                    Some(fp) if fp == est.fingerprint => return (*base).clone(),
-                    Some(fp) => {
-                        let note = if j.declined.as_deref() == Some(fp.as_str()) {
-                            format!(
-                                "the policy names root {fp}, but its rotation was aborted: the mesh stays on root {} until \
-                                 the policy names another root (or the old one again)",
-                                est.fingerprint
-                            )
-                        } else {
-                            format!(
-                                "the policy names root {fp}; the mesh stays on root {} until a rotation to it can start",
-                                est.fingerprint
-                            )
-                        };
-                        (est.clone(), vec![est.root_pem.clone()], Some(note))
-                    }
+            (None, Some(est)) => match self.policy_root(&base, est).await {
+                // The policy's CA cannot sign: the loader's authority says why.
+                None => return (*base).clone(),
+                // The policy's CA is the established one: it rules, with the established root set
+                // (which a Vault-mode authority does not know by itself).
+                Some(Ok(fp)) if fp == est.fingerprint => {
+                    let Capability::Delegated(d) = &base.capability else { return (*base).clone() };
+                    let Ok(roots) = roots_of(std::slice::from_ref(&est.root_pem)) else { return (*base).clone() };
+                    let d = Delegation { delivery: d.delivery.clone(), roots: Some(roots) };
+                    return Authority::new(
+                        base.policy.clone(),
+                        Capability::Delegated(Box::new(d)),
+                        base.warning.clone(),
+                    );
                 }
-            }
+                Some(policy_root) => {
+                    let note = match policy_root {
+                        Err(e) => format!(
+                            "the root of the policy's Vault mount cannot be read ({e}); the mesh stays on root {} until \
+                             it can",
+                            est.fingerprint
+                        ),
+                        Ok(fp) if j.declined.as_deref() == Some(fp.as_str()) => format!(
+                            "the policy names root {fp}, but its rotation was aborted: the mesh stays on root {} until \
+                             the policy names another root (or the old one again)",
+                            est.fingerprint
+                        ),
+                        Ok(fp) => format!(
+                            "the policy names root {fp}; the mesh stays on root {} until a rotation to it can start",
+                            est.fingerprint
+                        ),
+                    };
+                    (est.clone(), vec![est.root_pem.clone()], Some(note))
+                }
+            },
             (None, None) => return (*base).clone(),
         };
-        let capability = match self.signer_of(&signer_anchor).await {
+        let capability = match roots_of(&roots) {
+            Ok(roots) => self.capability_of(&signer_anchor, roots, &base.policy).await,
             Err(reason) => Capability::Unavailable { reason: format!("root rotation: {reason}") },
-            Ok(signer) => match roots_of(&roots) {
-                Ok(roots) => Capability::Signing(Arc::new(Signing { signer, roots })),
-                Err(reason) => Capability::Unavailable { reason: format!("root rotation: {reason}") },
-            },
         };
         let warning = match (note, &base.warning) {
             (Some(n), Some(w)) => Some(format!("{n}; {w}")),
@@ -636,7 +706,12 @@ impl Controller {
         if j.value.established.is_none()
             && let Some(signing) = base.signing()
         {
-            j.value.established = Some(self.anchor_for_base(&base, signing).await.map_err(RotateError::CannotStart)?);
+            let root = signing.signer.root().clone();
+            j.value.established = Some(
+                self.anchor_for_base(&base, &root, objects::ESTABLISHED_COPY)
+                    .await
+                    .map_err(RotateError::CannotStart)?,
+            );
         }
         let r = self.start_generated(&j.value, &base.policy, Trigger::Operator, now).await?;
         j.value.rotation = Some(r.clone());
@@ -681,6 +756,17 @@ pub fn start(trigger: Trigger, from: Anchor, to: Anchor, now: i64) -> Rotation {
             note: format!("started ({}): every cluster is to trust {{A, B}}", trigger.name()),
         }],
     }
+}
+
+/// What identifies a Vault mount's signer (not how one logs in).
+fn mount_key(server: &str, ca_path: &str, namespace: Option<&str>) -> String {
+    format!("{}|{}|{}", server.trim_end_matches('/'), ca_path.trim_matches('/'), namespace.unwrap_or(""))
+}
+
+/// Whether the Vault block `doc` signs at the same mount (and issuer) as `spec`.
+fn same_mount(doc: &VaultDoc, spec: &VaultSpec) -> bool {
+    mount_key(&doc.server, &doc.ca_path, doc.namespace.as_deref())
+        == mount_key(&spec.server, &spec.ca_path, spec.namespace.as_deref())
 }
 
 /// The root set of these root PEMs, in this order.
