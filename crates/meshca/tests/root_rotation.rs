@@ -83,7 +83,7 @@ fn an_operators_rotation_completes_and_an_aborted_one_returns_to_the_old_root_wi
     for c in CLUSTERS {
         let sets = log.openssl_root_sets(d, c);
         assert_eq!(sets.len(), 3, "{c}: {sets:?}");
-        assert_eq!(sets[0], [a_subject.clone()], "{c}");
+        assert_eq!(sets[0], std::slice::from_ref(&a_subject), "{c}");
         assert_eq!(sets[1][0], a_subject, "{c}: A first");
         assert!(sets[1][1].starts_with("O=meshca, CN=meshca Root CA 20"), "{c}: {sets:?}");
         assert_eq!(sets[2], [sets[1][1].clone()], "{c}: B alone");
@@ -93,7 +93,7 @@ fn an_operators_rotation_completes_and_an_aborted_one_returns_to_the_old_root_wi
     let ca_file = PathBuf::from(up["clusters"][2]["workload_ca"]["ca_file"].as_str().unwrap());
     let (ok, out) = openssl_verify_leaf(d, &fresh.files, &ca_file);
     assert!(ok, "{out}");
-    assert_eq!(fresh.trusted().iter().map(Cert::fingerprint).collect::<Vec<_>>(), [b.clone()]);
+    assert_eq!(fresh.trusted().iter().map(Cert::fingerprint).collect::<Vec<_>>(), std::slice::from_ref(&b));
     let st = status(&creds);
     assert!(st["rootRotation"]["note"].as_str().unwrap().contains("completed"), "{st:#}");
     assert_eq!(st["roots"].as_array().unwrap().len(), 1);

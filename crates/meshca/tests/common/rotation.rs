@@ -25,10 +25,13 @@ fn read_version(dir: &Path) -> Option<(Vec<u8>, Vec<u8>)> {
     (!roots.is_empty() && !chain.is_empty()).then_some((roots, chain))
 }
 
+/// The versions seen, with each `root-cert.pem` as written.
+type Seen = Arc<Mutex<Vec<(Held, Vec<u8>)>>>;
+
 /// Every distinct `cacerts` version each cluster held, polled from outside.
 pub struct CacertsLog {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Vec<(Held, Vec<u8>)>>>,
+    seen: Seen,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -49,7 +52,7 @@ impl CacertsLog {
     /// read from the data directory `..data` names, so they always belong to one version.
     pub fn of_dirs(clusters: Vec<(String, PathBuf)>) -> CacertsLog {
         let stop = Arc::new(AtomicBool::new(false));
-        let seen: Arc<Mutex<Vec<(Held, Vec<u8>)>>> = Arc::default();
+        let seen: Seen = Arc::default();
         let (s, log) = (stop.clone(), seen.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
