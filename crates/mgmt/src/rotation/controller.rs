@@ -468,13 +468,10 @@ impl Controller {
                 "the mesh's current root is not established yet; retry shortly".into(),
             ));
         };
-        let params = RootParams {
-            ttl: *ttl,
-            ..RootParams {
-                common_name: format!("{organization} Root CA {}", meshca_pki::chain::rfc3339(now)),
-                ..RootParams::new(organization)
-            }
-        };
+        // The policy's lifetime, and a name that tells the new root from the old one.
+        let mut params = RootParams::new(organization);
+        params.ttl = *ttl;
+        params.common_name = format!("{organization} Root CA {}", meshca_pki::chain::rfc3339(now));
         let key =
             PrivateKey::generate(*key_algorithm).map_err(|e| RotateError::CannotStart(format!("root key: {e}")))?;
         let next = CaSigner::new_root(key, &params, now).map_err(|e| RotateError::CannotStart(format!("root: {e}")))?;
@@ -533,14 +530,14 @@ impl Controller {
         Ok(())
     }
 
-    /// Deletes the CA objects no longer referenced once a rotation is over (the new root's
-    /// prepared object after promotion, or after an abort; in generated mode an aborted new
-    /// root's key is destroyed here).
+    /// Deletes the CA objects no longer referenced once a rotation is over: the new root's
+    /// prepared object after its promotion, or after an abort (in generated mode an aborted new
+    /// root's key is destroyed here), and the copy of a user's CA the mesh no longer uses.
     async fn cleanup(&mut self, j: &Journal) {
         let referenced = |name: &str| {
             j.established.as_ref().is_some_and(|a| a.signer == SignerRef::Stored { object: name.to_string() })
         };
-        for name in [objects::GENERATED_NEXT, objects::NEXT_COPY] {
+        for name in [objects::GENERATED_NEXT, objects::NEXT_COPY, objects::ESTABLISHED_COPY] {
             if referenced(name) {
                 continue;
             }
