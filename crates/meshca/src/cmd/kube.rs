@@ -68,13 +68,18 @@ pub fn object_key(s: &str) -> anyhow::Result<ObjectKey> {
 
 /// Mirrors the Secret `key` into the directory `dir` (the kubelet's secret-volume layout, one
 /// atomic swap per change), for a workload CA running where no kubelet mounts `cacerts` for it.
-/// Returns once the first copy is in place.
-pub async fn mirror_secret(store: Arc<dyn Store>, key: ObjectKey, dir: PathBuf) -> anyhow::Result<()> {
+/// Returns once the first copy is in place, with the mirroring task (the caller owns it: it ends
+/// when the handle is aborted, when the caller stops).
+pub async fn mirror_secret(
+    store: Arc<dyn Store>,
+    key: ObjectKey,
+    dir: PathBuf,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     meshca_store::fsutil::create_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let local = meshca_store::single::SingleObjectDir::open(key.clone(), &dir)?;
     let mut watch = store.watch(&key);
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut first = Some(first_tx);
         while let Some(item) = watch.next().await {
             match item {
@@ -94,9 +99,10 @@ pub async fn mirror_secret(store: Arc<dyn Store>, key: ObjectKey, dir: PathBuf) 
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(300), first_rx)
-        .await
-        .context("no cacerts Secret appeared within 5 minutes")?
-        .context("the mirror stopped")?;
-    Ok(())
+    let first = tokio::time::timeout(Duration::from_secs(300), first_rx).await;
+    if first.is_err() || first.as_ref().is_ok_and(|r| r.is_err()) {
+        task.abort();
+    }
+    first.context("no cacerts Secret appeared within 5 minutes")?.context("the mirror stopped")?;
+    Ok(task)
 }

@@ -93,7 +93,8 @@ pub async fn start(
         trust_domain: a.trust_domain.clone(),
         auth,
         ttl: TtlPolicy::default(),
-        max_per_second: 0,
+        limits: meshca_workload_ca::service::Limits::default(),
+        serve: meshca_serve::ServeConfig::default(),
         clock: clock.clone(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
