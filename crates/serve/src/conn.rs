@@ -5,10 +5,11 @@
 //! operator), then that identity. Caps: one per address bucket, one per identity bucket, one for
 //! everything (sized under the open-file limit, see [`crate::fd`]). A connection is *idle* while
 //! it has no call in flight (one still in its handshake is idle since it arrived); a busy one is
-//! never shed. When a new connection would go over a cap, the oldest idle connection of that
-//! bucket (or, for the global cap, of all) is shed to make room; with none idle, the new one is
-//! refused. So a flood of idle sockets can delay a real caller by one handshake at most, and a
-//! caller with calls in flight is never cut off by a flood.
+//! never shed. When a new connection would go over its bucket's cap, that bucket's oldest idle
+//! connection is shed to make room; over the total cap, the oldest idle connection of the
+//! fullest bucket (a flood's addresses, not a light caller's single connection); with none idle,
+//! the new one is refused. So a flood of idle sockets sheds itself, a light caller is never the
+//! one shed for it, and a caller with calls in flight is never cut off.
 //!
 //! Registry decisions are pure over the entries' state (tested here without sockets); the server
 //! ([`crate::server`]) does the closing.
@@ -105,6 +106,8 @@ pub struct Entry {
     forwarded: AtomicBool,
     /// Fires when the server wants it closed (shed, idle, stopping).
     close: CancellationToken,
+    /// Fires once its socket is closed (its descriptor is free again).
+    gone: CancellationToken,
     epoch: Instant,
 }
 
@@ -133,6 +136,16 @@ impl Entry {
     /// The token that fires when the server wants it closed.
     pub fn close_token(&self) -> &CancellationToken {
         &self.close
+    }
+
+    /// Says its socket is closed.
+    pub fn set_gone(&self) {
+        self.gone.cancel();
+    }
+
+    /// Completes once its socket is closed.
+    pub async fn gone(&self) {
+        self.gone.cancelled().await
     }
 }
 
@@ -222,6 +235,20 @@ impl Registry {
             .map(|s| s.entry.id)
     }
 
+    /// The victim for the total cap: the oldest idle connection of the bucket holding the most
+    /// connections (among buckets with one idle). A flood from a few addresses then sheds its own
+    /// connections, never the one connection of a light caller; among equals, the oldest goes.
+    fn heaviest_oldest_idle(&self, except: Option<u64>) -> Option<u64> {
+        self.slots
+            .values()
+            .filter(|s| !s.leaving && Some(s.entry.id) != except && s.entry.is_idle())
+            .max_by_key(|s| {
+                let held = self.per_bucket.get(&s.bucket).copied().unwrap_or(0);
+                (held, std::cmp::Reverse((s.entry.idle_since(), s.entry.id)))
+            })
+            .map(|s| s.entry.id)
+    }
+
     fn weight(entry: &Entry) -> usize {
         if entry.forwarded.load(Ordering::Acquire) { 2 } else { 1 }
     }
@@ -269,7 +296,7 @@ impl Registry {
         }
         if self.caps.total > 0 {
             while self.held + weight > self.caps.total {
-                let Some(victim) = self.oldest_idle(None, except) else { return Err("total") };
+                let Some(victim) = self.heaviest_oldest_idle(except) else { return Err("total") };
                 shed.extend(self.evict(victim));
             }
         }
@@ -295,6 +322,7 @@ impl Registry {
             idle_since: AtomicU64::new(0),
             forwarded: AtomicBool::new(kind == Kind::Forwarded),
             close: CancellationToken::new(),
+            gone: CancellationToken::new(),
             epoch: self.epoch,
         });
         entry.stamp(now);
@@ -414,6 +442,22 @@ mod tests {
         assert_eq!(shed.len(), 1, "the newest idle one goes when it is the only idle one");
         let _g3 = v.call();
         assert!(matches!(r.admit(addr(7, 1), Kind::Direct, t0 + Duration::from_secs(5)), Admit::No { cap: "total" }));
+    }
+
+    #[test]
+    fn over_the_total_cap_the_fullest_address_pays_not_a_light_caller() {
+        let mut r = Registry::new(Caps { total: 4, per_peer: 10, per_identity: 10 });
+        let t0 = Instant::now();
+        // A light caller's one connection is the oldest idle one of all...
+        let (light, _) = yes(r.admit(addr(1, 1), Kind::Direct, t0));
+        let mut flood = Vec::new();
+        for i in 0..3u16 {
+            flood.push(yes(r.admit(addr(9, i), Kind::Direct, t0 + Duration::from_secs(1 + u64::from(i)))).0);
+        }
+        // ...yet a new connection sheds the flood's oldest, not it.
+        let (_n, shed) = yes(r.admit(addr(9, 99), Kind::Direct, t0 + Duration::from_secs(9)));
+        assert_eq!(shed, vec![flood[0].id]);
+        assert!(!light.close_token().is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]

@@ -93,8 +93,8 @@ impl Default for ServeConfig {
     }
 }
 
-/// How long a connection shed to make room (it had no call in flight) has, after its GOAWAY,
-/// before it is closed outright.
+/// How long a connection that got a GOAWAY (idle, or shed while a call raced in) has before it is
+/// closed outright.
 const SHED_GRACE: Duration = Duration::from_secs(1);
 /// Largest header block accepted (a bearer token is a few KB).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -165,11 +165,25 @@ struct Ctx {
     exec: OwnedExecutor,
     stopping: CancellationToken,
     shed_log: Mutex<Throttled>,
+    /// Failed handshakes, throttled per distinct error (a flood of one kind of garbage logs
+    /// once per interval; a new kind of failure is logged at once).
+    handshake_log: Mutex<std::collections::HashMap<String, Throttled>>,
 }
 
 impl Ctx {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn log_handshake_failure(&self, peer: SocketAddr, error: &std::io::Error) {
+        let text = error.to_string();
+        let mut logs = self.handshake_log.lock().unwrap_or_else(|p| p.into_inner());
+        if logs.len() >= 64 && !logs.contains_key(&text) {
+            logs.clear();
+        }
+        if let Some(suppressed) = logs.entry(text).or_insert_with(Throttled::new).hit() {
+            tracing::info!(%peer, error = %error, suppressed, "TLS handshake failed");
+        }
     }
 
     fn count_shed(&self, shed: &[Arc<Entry>], why: &str) {
@@ -254,6 +268,7 @@ impl GrpcServer {
             exec: OwnedExecutor { tracker: streams.clone(), cancel: streams_cancel.clone() },
             stopping: CancellationToken::new(),
             shed_log: Mutex::new(Throttled::new()),
+            handshake_log: Mutex::new(std::collections::HashMap::new()),
         });
         let mut conns = JoinSet::new();
         let mut exhausted_log = Throttled::new();
@@ -278,6 +293,7 @@ impl GrpcServer {
                             if let Some(v) = &victim {
                                 ctx.metrics.closed(CloseReason::Shed);
                                 ctx.count_shed(std::slice::from_ref(v), what.explain());
+                                wait_gone(std::slice::from_ref(v)).await;
                             }
                             if let Some(suppressed) = exhausted_log.hit() {
                                 tracing::error!(
@@ -322,6 +338,9 @@ impl GrpcServer {
                         ctx.metrics.closed(CloseReason::Shed);
                     }
                     ctx.count_shed(&shed, "at a connection cap");
+                    // Accept nothing more until their descriptors are free: a flood arriving
+                    // faster than the shed tasks run must not push the process past its limit.
+                    wait_gone(&shed).await;
                     entry
                 }
                 Admit::No { cap } => {
@@ -373,6 +392,18 @@ impl GrpcServer {
     }
 }
 
+/// How long the accept loop waits for a shed connection to close (its task normally does so as
+/// soon as it runs; one that raced into a call gets a GOAWAY and [`SHED_GRACE`] instead).
+const SHED_WAIT: Duration = Duration::from_millis(250);
+
+/// Waits (bounded by [`SHED_WAIT`] in all) until the shed connections have closed their sockets.
+async fn wait_gone(shed: &[Arc<Entry>]) {
+    if shed.is_empty() {
+        return;
+    }
+    let _ = tokio::time::timeout(SHED_WAIT, futures::future::join_all(shed.iter().map(|e| e.gone()))).await;
+}
+
 fn report_panic(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done
         && e.is_panic()
@@ -388,15 +419,18 @@ async fn forwarded(forward: BoxFuture<'static, ()>, entry: Arc<Entry>, ctx: Arc<
         _ = ctx.stopping.cancelled() => ctx.metrics.closed(CloseReason::Stopping),
         _ = entry.close_token().cancelled() => {}
     }
+    entry.set_gone();
     ctx.registry().remove(entry.id);
     ctx.metrics.open.dec();
 }
 
 /// One served connection, from TLS to close.
 async fn connection(tcp: TcpStream, entry: Arc<Entry>, ctx: Arc<Ctx>) {
+    // The socket is dropped when `serve_connection` returns.
     if let Some(reason) = serve_connection(tcp, &entry, &ctx).await {
         ctx.metrics.closed(reason);
     }
+    entry.set_gone();
     ctx.registry().remove(entry.id);
     ctx.metrics.open.dec();
 }
@@ -408,7 +442,7 @@ async fn serve_connection(tcp: TcpStream, entry: &Arc<Entry>, ctx: &Ctx) -> Opti
         r = tokio::time::timeout(ctx.cfg.handshake_timeout, ctx.acceptor.accept(tcp)) => match r {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                ctx.log_handshake_failure(peer, &e);
                 return Some(CloseReason::HandshakeFailed);
             }
             Err(_) => {
@@ -467,9 +501,12 @@ async fn serve_connection(tcp: TcpStream, entry: &Arc<Entry>, ctx: &Ctx) -> Opti
                 }
                 return counted_here(closing);
             }
+            // (The guard is read when the loop goes round; the preface may have come since.)
             _ = tokio::time::sleep_until(preface_deadline), if closing.is_none() && !preface.load(Ordering::Acquire) => {
-                tracing::debug!(%peer, timeout = ?ctx.cfg.preface_timeout, "no HTTP/2 preface in time; closing");
-                return Some(CloseReason::PrefaceTimeout);
+                if !preface.load(Ordering::Acquire) {
+                    tracing::debug!(%peer, timeout = ?ctx.cfg.preface_timeout, "no HTTP/2 preface in time; closing");
+                    return Some(CloseReason::PrefaceTimeout);
+                }
             }
             _ = tokio::time::sleep_until(idle_deadline), if closing.is_none() => {
                 if entry.is_idle() && entry.idle_since() + ctx.cfg.idle_timeout <= Instant::now() {
@@ -479,8 +516,13 @@ async fn serve_connection(tcp: TcpStream, entry: &Arc<Entry>, ctx: &Ctx) -> Opti
                 }
             }
             _ = entry.close_token().cancelled(), if closing.is_none() => {
+                // Shed to free its descriptor: it was idle when chosen, so it is closed at once
+                // (already counted by whoever shed it) — unless a call raced in since, which
+                // then gets a GOAWAY and a moment to finish.
+                if entry.is_idle() {
+                    return None;
+                }
                 conn.as_mut().graceful_shutdown();
-                // Already counted as shed by whoever shed it.
                 closing = Some((CloseReason::Shed, Instant::now() + SHED_GRACE));
             }
             _ = ctx.stopping.cancelled(), if closing.is_none() => {
