@@ -526,9 +526,14 @@ async fn serve_connection(tcp: TcpStream, entry: &Arc<Entry>, ctx: &Ctx) -> Opti
                 closing = Some((CloseReason::Shed, Instant::now() + SHED_GRACE));
             }
             _ = ctx.stopping.cancelled(), if closing.is_none() => {
+                // Nothing can be in flight before the preface: close it now rather than wait for
+                // a preface that may never come.
+                if !preface.load(Ordering::Acquire) {
+                    return Some(CloseReason::Stopping);
+                }
                 conn.as_mut().graceful_shutdown();
-                // The server's own drain deadline bounds this one.
-                closing = Some((CloseReason::Stopping, Instant::now() + ctx.cfg.drain_timeout));
+                // The server's own drain deadline ends this one (and says so); this is a backstop.
+                closing = Some((CloseReason::Stopping, Instant::now() + ctx.cfg.drain_timeout + SHED_GRACE));
             }
             _ = tokio::time::sleep_until(hard_deadline.unwrap_or_else(Instant::now)), if hard_deadline.is_some() => {
                 return counted_here(closing);
