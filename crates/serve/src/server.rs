@@ -98,6 +98,12 @@ impl Default for ServeConfig {
 const SHED_GRACE: Duration = Duration::from_secs(1);
 /// Largest header block accepted (a bearer token is a few KB).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// HTTP/2 flow-control windows: how much request data a client may send before the server has
+/// read it, per call (HTTP/2's own default) and per connection (hyper's defaults are 1 MiB each).
+/// meshca's requests are a few KB (64 KiB at most for the workload CA), so this costs nothing,
+/// and it bounds what a connection can make the server buffer to 256 KiB.
+const STREAM_WINDOW: u32 = 65_535;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
 /// The HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`) is this long.
 const PREFACE_LEN: u64 = 24;
 
@@ -480,6 +486,8 @@ async fn serve_connection(tcp: TcpStream, entry: &Arc<Entry>, ctx: &Ctx) -> Opti
         .timer(TokioTimer::new())
         .max_concurrent_streams(ctx.cfg.max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_LIST)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(ctx.cfg.keepalive_interval)
         .keep_alive_timeout(ctx.cfg.keepalive_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
