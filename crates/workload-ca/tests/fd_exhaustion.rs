@@ -29,8 +29,12 @@ fn write_intermediate(root: &CaSigner, roots: &RootSet, dir: &Path) -> String {
 #[test]
 fn out_of_descriptors_the_last_good_bundle_stays_and_the_error_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    let root = CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("t"), SystemTime::now())
-        .unwrap();
+    let root = CaSigner::new_root(
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        &RootParams::new("t"),
+        SystemTime::now(),
+    )
+    .unwrap();
     let roots = RootSet::from_certs(vec![root.cert().clone()]).unwrap();
     let first = write_intermediate(&root, &roots, dir.path());
     let metrics = Metrics::new();

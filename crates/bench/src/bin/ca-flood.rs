@@ -88,7 +88,8 @@ fn channel_from(source: Ipv4Addr, args: &Args) -> anyhow::Result<Channel> {
 }
 
 fn request(csr: &str, token: Option<&str>) -> anyhow::Result<tonic::Request<IstioCertificateRequest>> {
-    let mut req = tonic::Request::new(IstioCertificateRequest { csr: csr.into(), validity_duration: 3600, metadata: None });
+    let mut req =
+        tonic::Request::new(IstioCertificateRequest { csr: csr.into(), validity_duration: 3600, metadata: None });
     if let Some(t) = token {
         req.metadata_mut().insert("authorization", format!("Bearer {t}").parse()?);
     }
@@ -151,7 +152,13 @@ async fn real_workload(
     Ok(())
 }
 
-async fn flooder(args: Arc<Args>, bad: Arc<String>, csr: String, flood: Arc<Flood>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+async fn flooder(
+    args: Arc<Args>,
+    bad: Arc<String>,
+    csr: String,
+    flood: Arc<Flood>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let mut client = IstioCertificateServiceClient::new(channel_from(args.flood_source, &args)?);
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -264,7 +271,10 @@ async fn main() -> anyhow::Result<()> {
         (after.1 - before.1) as f64 / secs,
         flood.other.load(Ordering::Relaxed)
     );
-    println!("  real workloads kept {:.1}% of their quiet rate", 100.0 * flood_rate / quiet_rate.max(f64::MIN_POSITIVE));
+    println!(
+        "  real workloads kept {:.1}% of their quiet rate",
+        100.0 * flood_rate / quiet_rate.max(f64::MIN_POSITIVE)
+    );
     if under.failed.load(Ordering::Relaxed) > 0 || quiet.failed.load(Ordering::Relaxed) > 0 {
         bail!("real requests failed");
     }
