@@ -28,7 +28,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use meshca_mgmt::replica::Leader;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::{FIELD_MANAGER, api_status};
 
@@ -90,25 +92,61 @@ struct Observed {
     at: Instant,
 }
 
-/// Starts the election; the receiver always holds the current view. The task runs until the
-/// receiver and its clones are dropped.
-pub fn spawn(client: Client, config: ElectionConfig) -> watch::Receiver<Leader> {
-    let (tx, rx) = watch::channel(Leader::Unknown);
-    tokio::spawn(run(Api::namespaced(client, &config.namespace), config, tx));
-    rx
+/// A running election: its view, and the task that keeps it (owned: [`Election::stop`] ends it).
+pub struct Election {
+    view: watch::Receiver<Leader>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    client: Client,
+    config: ElectionConfig,
 }
 
-async fn run(api: Api<Lease>, cfg: ElectionConfig, tx: watch::Sender<Leader>) {
+/// Starts the election; [`Election::view`] always holds the current view.
+pub fn spawn(client: Client, config: ElectionConfig) -> Election {
+    let (tx, view) = watch::channel(Leader::Unknown);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(Api::namespaced(client.clone(), &config.namespace), config.clone(), tx, stop.clone()));
+    Election { view, stop, task, client, config }
+}
+
+impl Election {
+    /// The view the management plane acts on.
+    pub fn view(&self) -> watch::Receiver<Leader> {
+        self.view.clone()
+    }
+
+    /// Ends the election (no more renewals or takeovers) and, if this replica holds the lease,
+    /// gives it up so a follower takes over at its next look instead of after the lease duration.
+    /// Call it once the server has stopped signing (after `serve_with` returned). Bounded: the
+    /// release gets at most `retry_period` (the lease then simply expires as after a crash).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.task.await
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "the leader election task panicked");
+        }
+        let bound = self.config.retry_period.max(Duration::from_secs(1));
+        if tokio::time::timeout(bound, release(self.client, &self.config)).await.is_err() {
+            tracing::warn!(lease = %self.config.name, "releasing the leader lease timed out; it will expire instead");
+        }
+    }
+}
+
+async fn run(api: Api<Lease>, cfg: ElectionConfig, tx: watch::Sender<Leader>, stop: CancellationToken) {
     let mut observed: Option<Observed> = None;
     let mut last_error = String::new();
     loop {
-        if tx.is_closed() {
+        if tx.is_closed() || stop.is_cancelled() {
             return;
         }
         let started = Instant::now();
         // A call that hangs must not stall the election: a leader's claim runs out by itself
         // (`Leader::Me { until }`), and a follower must get to look again.
-        let attempt = tokio::time::timeout(cfg.renew_deadline, step(&api, &cfg, &mut observed, started)).await;
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = tokio::time::timeout(cfg.renew_deadline, step(&api, &cfg, &mut observed, started)) => a,
+        };
         let result = attempt.unwrap_or_else(|_| Err(format!("no answer within {:?}", cfg.renew_deadline)));
         let wake = match result {
             Ok((view, wake)) => {
@@ -141,7 +179,10 @@ async fn run(api: Api<Lease>, cfg: ElectionConfig, tx: watch::Sender<Leader>) {
                 started + cfg.retry_period
             }
         };
-        tokio::time::sleep_until(wake).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
     }
 }
 
@@ -266,8 +307,9 @@ async fn write(api: &Api<Lease>, mut lease: Lease, cfg: &ElectionConfig, acquire
 }
 
 /// Gives the lease up (on a clean shutdown) so a follower takes over at once instead of after
-/// the lease duration. Only if this replica still holds it.
-pub async fn release(client: Client, cfg: &ElectionConfig) {
+/// the lease duration. Only if this replica still holds it; the election must be stopped first,
+/// or it would take the released lease right back ([`Election::stop`] does both, in order).
+async fn release(client: Client, cfg: &ElectionConfig) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else { return };
     let spec = lease.spec.get_or_insert_with(Default::default);

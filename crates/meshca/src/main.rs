@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         cmd::init_logging(cli.log_format);
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Command::Server(a) => cmd::server::run(a).await,
             Command::Agent(a) => cmd::agent::run(a).await,
@@ -88,5 +88,9 @@ fn main() -> anyhow::Result<()> {
             Command::Inspect(a) => cmd::inspect::run(a),
             Command::Verify(a) => cmd::verify::run(a),
         }
-    })
+    });
+    // Every server has stopped its own tasks by now; a blocking call still running (a file read on
+    // a hung mount) must not keep the process from exiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

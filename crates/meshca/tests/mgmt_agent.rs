@@ -152,6 +152,90 @@ fn agents_ride_out_a_management_plane_outage_and_a_restart_without_a_new_token()
     assert_eq!(log.matches("registered with the management plane").count(), 1, "registered once only:\n{log}");
 }
 
+/// TLS to the management plane at `addr`, trusting the relay CA in `relay`, offering HTTP/2.
+async fn tls_to(addr: &str, relay: &std::path::Path) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let roots = meshca_pki::RootSet::from_pem(&std::fs::read(relay).unwrap()).unwrap();
+    let mut config = meshca_tls::client_config(
+        meshca_tls::ServerTrust::Roots(&roots),
+        meshca_tls::ClientAuth::None,
+        meshca_tls::Versions::Tls13,
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS with the management plane")
+}
+
+/// SIGTERM with a connected agent (its WatchTrust stream open) and, beside it, two hostile
+/// clients: one that finished TLS but never sends its HTTP/2 preface, one whose `Register` call
+/// sent its headers but never its body (a call in flight that never ends). Before, either kept a
+/// stopping server alive for ever, and the agent's open stream kept it running until SIGKILL.
+/// The server exits cleanly within `--shutdown-grace` plus the 2 s its own tasks get, the hostile
+/// call cut at the deadline; the agent notices at once, keeps its cacerts valid, and when the
+/// server is started again on the same address it reconnects and keeps renewing.
+#[test]
+fn sigterm_with_a_connected_agent_stops_the_server_in_time_and_the_agent_reconnects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let policy = short_policy(d, "30s", 0.5);
+    let port = Ports::one();
+    let mut m = Mgmt::start_on(d, &port, &["--policy", policy.to_str().unwrap(), "--shutdown-grace", "3s"]);
+    let (t1, relay) = m.add_cluster(d, "cluster-1");
+    let a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
+    let first = wait_for(Duration::from_secs(30), "cacerts", || valid_bundle(&cacerts_dir(d, "cluster-1")).ok());
+    wait_for(Duration::from_secs(30), "the agent to be connected", || {
+        status_cluster(&m.status_json(), "cluster-1").filter(|c| c["connected"] == true).map(|_| ())
+    });
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_silent, _body, answer) = rt.block_on(async {
+        let silent = tls_to(&m.addr, &relay).await;
+        let io = hyper_util::rt::TokioIo::new(tls_to(&m.addr, &relay).await);
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        let (body, frames) =
+            futures::channel::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(1);
+        let request = http::Request::post("https://localhost/meshca.v1alpha1.Registration/Register")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::StreamBody::new(frames))
+            .unwrap();
+        let answer = tokio::spawn(sender.send_request(request));
+        (silent, body, answer)
+    });
+
+    m.proc.signal("TERM");
+    let sent = Instant::now();
+    let status = m.proc.wait_exit(Duration::from_secs(3 + 2 + 5));
+    eprintln!("meshca server exited {:?} after SIGTERM ({status})", sent.elapsed());
+    assert!(status.success(), "a clean exit: {status}\n{}", m.proc.log_text());
+    let log = m.proc.log_text();
+    assert!(log.contains("stopping: no new connections"), "{log}");
+    assert!(log.contains("calls still in flight at the end of the drain"), "the half-sent call was cut: {log}");
+    let cut = rt.block_on(answer).unwrap();
+    assert!(cut.is_err() || cut.is_ok_and(|r| r.headers().get("grpc-status").is_some()), "the hostile call got an end");
+    wait_for(Duration::from_secs(10), "the agent to notice", || {
+        a1.log_text().contains("lost the trust stream").then_some(())
+    });
+    let kept = valid_bundle(&cacerts_dir(d, "cluster-1")).expect("cacerts stays valid while the server is down");
+    assert_eq!(kept.ca_cert().serial_hex(), first.ca_cert().serial_hex());
+
+    // Back on the same address: the agent reconnects on its own and keeps renewing.
+    let m2 = Mgmt::start_on(d, &port, &[]);
+    wait_for(Duration::from_secs(60), "a renewal through the restarted server", || {
+        valid_bundle(&cacerts_dir(d, "cluster-1"))
+            .ok()
+            .filter(|b| b.ca_cert().serial_hex() != first.ca_cert().serial_hex())
+    });
+    wait_for(Duration::from_secs(30), "the agent to be connected again", || {
+        status_cluster(&m2.status_json(), "cluster-1").filter(|c| c["connected"] == true).map(|_| ())
+    });
+}
+
 #[test]
 fn a_foreign_cacerts_is_left_alone_unless_adoption_is_asked_for() {
     let tmp = tempfile::tempdir().unwrap();

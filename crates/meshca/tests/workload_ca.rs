@@ -333,38 +333,240 @@ fn hostile_callers_get_the_right_status_and_no_certificate() {
     wca.assert_running();
 }
 
-/// Under `--max-requests-per-second 2`, a burst of 20 concurrent requests is partly answered
-/// RESOURCE_EXHAUSTED (and never with another error); once the burst is over the server serves
-/// again.
+/// The attack: an anonymous client floods the workload CA with requests carrying no token or a
+/// forged one, over 16 connections from one address (127.0.0.2), while a real workload on
+/// another address (127.0.0.1) keeps asking for certificates. With the default limits (no flag
+/// given), every one of the real workload's requests is answered with a certificate; the flood
+/// is answered RESOURCE_EXHAUSTED with a retry hint once its address's pre-authentication budget
+/// is spent, so only that budget's worth of its tokens is ever verified (the authentication
+/// failure counter says so); and the real identity's issuance budget is untouched by it.
 #[test]
-fn a_burst_over_the_rate_limit_is_answered_resource_exhausted() {
+fn an_anonymous_flood_beside_a_real_workload_leaves_the_workload_served() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cacerts = demo_cacerts(d);
     let idp = DemoIdp::generate(ISSUER).unwrap();
-    let mut wca = WorkloadCa::start(d, "workload-ca", &cacerts, &idp, &["--max-requests-per-second", "2"]);
-    let csr = openssl_csr(d, "burst", OpensslKey::P256, &[]);
+    let wca = WorkloadCa::start(d, "workload-ca", &cacerts, &idp, &["--metrics-listen", "127.0.0.1:0"]);
+    let csr = openssl_csr(d, "flood", OpensslKey::P256, &[]);
     let token = sleep_token(&idp);
+    let forged = sleep_token(&DemoIdp::generate(ISSUER).unwrap());
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_rt = rt.enter();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (unauthenticated, exhausted, other) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let flood_start = Instant::now();
+    let flood: Vec<_> = (0..16)
+        .map(|_| {
+            let mut c = ca_client_from(attacker, &wca.addr, &wca.root_file, "istiod.istio-system.svc");
+            let (csr, forged) = (csr.clone(), forged.clone());
+            let (stop, unauthenticated, exhausted, other) =
+                (stop.clone(), unauthenticated.clone(), exhausted.clone(), other.clone());
+            rt.spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Relaxed) {
+                    n += 1;
+                    // Every other request with no token at all, the rest with a forged one.
+                    let token = (!n.is_multiple_of(2)).then_some(forged.as_str());
+                    match create_certificate(&mut c, csr_request(&csr, token, None, 0)).await {
+                        Err(s) if s.code() == Code::Unauthenticated => unauthenticated.fetch_add(1, Relaxed),
+                        Err(s) if s.code() == Code::ResourceExhausted => {
+                            assert!(meshca_serve::pushback::retry_after(&s).is_some(), "no retry hint: {s:?}");
+                            exhausted.fetch_add(1, Relaxed)
+                        }
+                        r => {
+                            other.lock().unwrap().push(format!("{:?}", r.map(|c| c.len())));
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    // The real workload: 20 certificates, one every 200 ms, each on a fresh connection half the
+    // time (istio-agent keeps one; a restarted one dials anew).
+    let served = rt.block_on(async {
+        let mut c = wca.client();
+        let mut served = 0;
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if i % 2 == 0 {
+                c = wca.client();
+            }
+            let chain = create_certificate(&mut c, csr_request(&csr, Some(&token), Some("cluster-1"), 0))
+                .await
+                .unwrap_or_else(|s| panic!("real request {i} during the flood: {:?} {}", s.code(), s.message()));
+            assert_eq!(leaf_of(&chain).uri_sans(), [SLEEP_ID.to_string()]);
+            served += 1;
+        }
+        served
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        rt.block_on(f).unwrap();
+    }
+    let flood_time = flood_start.elapsed();
+    let (unauth, exh) = (unauthenticated.load(Relaxed), exhausted.load(Relaxed));
+    eprintln!("real workload: {served} certificates; flood: {unauth} UNAUTHENTICATED, {exh} RESOURCE_EXHAUSTED");
+    assert_eq!(served, 20);
+    // The default budget: 100 at once, 20 a second — that many of the flood's tokens were
+    // verified (one more second covers rounding), the rest refused before their token was read.
+    let bound = 100.0 + 20.0 * (flood_time.as_secs_f64() + 1.0);
+    assert!(
+        exh > 0 && (unauth as f64) <= bound,
+        "{unauth} of the flood's tokens verified in {flood_time:?}, at most {bound} allowed; {exh} refused"
+    );
+    let (code, body) = http_get(wca.metrics.as_ref().unwrap(), "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        other.lock().unwrap().is_empty(),
+        "the flood got other answers: {:?}\n{}\n{body}",
+        other.lock().unwrap(),
+        wca.proc.log_text().lines().filter(|l| !l.contains("not authenticated")).collect::<Vec<_>>().join("\n")
+    );
+    let failures = metric(&body, "citadel_server_authentication_failure_total").unwrap();
+    assert_eq!(failures as u64, unauth, "every UNAUTHENTICATED is a verified token, and no more were verified");
+    let refused = metric_labelled(&body, "meshca_workload_ca_requests_refused_total", "peer_rate").unwrap();
+    assert_eq!(refused as u64, exh, "{body}");
+    // The identity's own budget (burst 50) is intact: 20 used, 25 more still pass at once.
     rt.block_on(async {
         let mut c = wca.client();
-        // Connect first, then let the bucket refill.
-        create_certificate(&mut c, csr_request(&csr, Some(&token), None, 0)).await.expect("first");
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let calls = (0..20).map(|_| {
-            let mut c = c.clone();
-            let req = csr_request(&csr, Some(&token), None, 0);
-            tokio::spawn(async move { create_certificate(&mut c, req).await })
-        });
-        let results: Vec<_> = futures::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
-        let ok = results.iter().filter(|r| r.is_ok()).count();
-        let limited = results.iter().filter(|r| matches!(r, Err(s) if s.code() == Code::ResourceExhausted)).count();
-        assert_eq!(ok + limited, 20, "only OK or RESOURCE_EXHAUSTED: {results:?}");
-        assert!(ok >= 1 && limited >= 10, "{ok} issued, {limited} limited");
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        create_certificate(&mut c, csr_request(&csr, Some(&token), None, 0)).await.expect("served after the burst");
+        for _ in 0..25 {
+            create_certificate(&mut c, csr_request(&csr, Some(&token), None, 0))
+                .await
+                .expect("within the identity's burst");
+        }
     });
-    wca.assert_running();
+}
+
+/// The attack: a bounded loop holds as many idle sockets as it can — half plain TCP that never
+/// speaks, half finished TLS that never sends the HTTP/2 preface — from two addresses
+/// (127.0.0.2, 127.0.0.3), reconnecting each one the server closes, against a workload CA whose
+/// open-file limit is lowered to 256 (`ulimit -n`). Before, the server took connections until it
+/// ran out of descriptors: real callers timed out and the rotated `cacerts` could not be read.
+/// Now, with the default caps (the total sized under the open-file limit, 128 per address), the
+/// flood sheds its own oldest idle sockets: a real caller on 127.0.0.1 gets every certificate
+/// it asks for, each time on a new connection; a new intermediate written mid-flood is picked up
+/// and signs; the server never runs out of descriptors; and the metrics count what was shed.
+#[test]
+fn idle_sockets_held_by_a_bounded_loop_do_not_starve_a_real_caller() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let idp = DemoIdp::generate(ISSUER).unwrap();
+    let root = TestRoot::new("meshca-test");
+    let (files1, _) = root.intermediate(Duration::from_secs(30 * DAY));
+    let obj = CacertsObject::open(&d.join("store"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(obj.put(&files1));
+    let jwks = write_file(d, "jwks.json", &idp.jwks_json());
+    let cacerts = obj.path();
+    let mut proc = spawn_meshca_with_nofile(
+        "workload-ca",
+        d,
+        256,
+        &[
+            "workload-ca",
+            "--cacerts",
+            cacerts.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--jwt-issuer",
+            idp.issuer(),
+            "--jwks",
+            jwks.to_str().unwrap(),
+        ],
+    );
+    let (addr, metrics) = workload_ca_addrs(&mut proc);
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    let root_file = write_file(d, "root.pem", &root.roots.to_pem());
+    let csr = openssl_csr(d, "idle", OpensslKey::P256, &[]);
+    let token = sleep_token(&idp);
+
+    // The flood: 2 addresses × 150 sockets, each reconnected as soon as the server closes it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let mut tls = trusting(&root_file);
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let flood: Vec<_> = (0..300u32)
+        .map(|i| {
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 2) as u8);
+            let (stop, reconnects, connector) = (stop.clone(), reconnects.clone(), connector.clone());
+            rt.spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let name = rustls::pki_types::ServerName::try_from("istiod.istio-system.svc").unwrap();
+                while !stop.load(Relaxed) {
+                    let Ok(tcp) = connect_from(source, target).await else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    let mut buf = [0u8; 64];
+                    // Hold it until the server closes it (read returns), then dial again.
+                    if i % 4 < 2 {
+                        let mut tcp = tcp;
+                        let _ = tokio::time::timeout(Duration::from_secs(60), tcp.read(&mut buf)).await;
+                    } else if let Ok(mut tls) = connector.connect(name.clone(), tcp).await {
+                        let _ = tokio::time::timeout(Duration::from_secs(60), tls.read(&mut buf)).await;
+                    }
+                    reconnects.fetch_add(1, Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // A real caller, a new connection for every certificate; halfway, a new intermediate.
+    let (files2, int2) = root.intermediate(Duration::from_secs(20 * DAY));
+    rt.block_on(async {
+        for i in 0..16 {
+            if i == 8 {
+                obj.put(&files2).await;
+            }
+            let mut c = ca_client(&addr, &root_file, "istiod.istio-system.svc");
+            let chain = tokio::time::timeout(
+                Duration::from_secs(20),
+                create_certificate(&mut c, csr_request(&csr, Some(&token), Some("cluster-1"), 0)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("real request {i} hung during the flood"))
+            .unwrap_or_else(|s| panic!("real request {i} during the flood: {:?} {}", s.code(), s.message()));
+            assert_eq!(leaf_of(&chain).uri_sans(), [SLEEP_ID.to_string()]);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // The rotated bundle was read and is in service, under the flood.
+        let c = ca_client(&addr, &root_file, "istiod.istio-system.svc");
+        eventually(Duration::from_secs(10), "the new intermediate to sign under the flood", || {
+            let (mut c, csr, token, serial) = (c.clone(), &csr, &token, int2.serial_hex());
+            async move {
+                let chain = create_certificate(&mut c, csr_request(csr, Some(token), None, 0)).await.ok()?;
+                (Cert::from_pem(chain[1].as_bytes()).ok()?.serial_hex() == serial).then_some(())
+            }
+        })
+        .await;
+    });
+    let (code, body) = http_get(metrics.as_ref().unwrap(), "/metrics", None);
+    stop.store(true, Relaxed);
+    for f in flood {
+        f.abort();
+    }
+    assert_eq!(code, 200, "{body}");
+    let shed = metric_labelled(&body, "meshca_workload_ca_connections_closed_total", "shed").unwrap_or(0.0);
+    eprintln!("flood reconnected {} times; the server shed {shed}", reconnects.load(Relaxed));
+    assert!(shed > 0.0, "the caps engaged: {body}");
+    assert_eq!(
+        metric(&body, "meshca_workload_ca_accept_resource_exhaustion_total"),
+        Some(0.0),
+        "never out of descriptors"
+    );
+    let log = proc.log_text();
+    assert!(!log.contains("Too many open files"), "the server ran out of descriptors:\n{log}");
+    assert!(!log.contains("cannot read the cacerts directory"), "{log}");
+    proc.assert_running();
 }
 
 /// `validity_duration` follows Istio's rules: 0 or negative → 24 h, 3600 → 1 h, 200 days →
@@ -462,7 +664,10 @@ fn a_new_intermediate_signs_within_a_second_and_bad_bundles_are_refused() {
     let obj = CacertsObject::open(&d.join("store"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(obj.put(&files1));
-    let mut wca = WorkloadCa::start(d, "workload-ca", &obj.path(), &idp, &[]);
+    // Two callers in a tight loop from one address and one identity: this test is about reload,
+    // so the request limits (tested on their own) are off.
+    let no_limits = ["--peer-requests-per-second", "0", "--identity-requests-per-second", "0"];
+    let mut wca = WorkloadCa::start(d, "workload-ca", &obj.path(), &idp, &no_limits);
     let csr = openssl_csr(d, "reload", OpensslKey::P256, &[]);
     let token = sleep_token(&idp);
 

@@ -76,6 +76,10 @@ pub struct Shared {
     pub reported: watch::Sender<u64>,
     /// Operator requests to the root rotation.
     pub rotation: crate::rotation::RotationHandle,
+    /// The budget per address of calls made without a client certificate (registration).
+    pub peers: meshca_serve::KeyedLimiter<meshca_serve::PeerKey>,
+    /// The serving layer's counters (refusals are counted here too).
+    pub serve_metrics: meshca_serve::ServeMetrics,
 }
 
 /// Refuses a call that signs or rotates on a replica that does not hold the lease. Followers
@@ -122,6 +126,20 @@ pub(crate) fn operator<T>(req: &Request<T>) -> Result<String, Status> {
 }
 
 impl Shared {
+    /// Charges a call made without a client certificate to its address's budget, before anything
+    /// else is done with it; `RESOURCE_EXHAUSTED` with a retry hint when the budget is spent.
+    pub(crate) fn charge_anonymous<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let peer = meshca_serve::peer_key(req);
+        self.peers.check(&peer).map_err(|wait| {
+            self.serve_metrics.refused(meshca_serve::RefusedBy::PeerRate);
+            tracing::info!(%peer, "a call without a client certificate is over its address's budget");
+            meshca_serve::resource_exhausted(
+                format!("{peer} is over its budget of {} calls without a client certificate", self.peers.rate()),
+                wait,
+            )
+        })
+    }
+
     pub(crate) async fn registered(&self, cluster: &str) -> Result<ClusterRecord, Status> {
         typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster).map_err(internal)?)
             .await

@@ -62,7 +62,7 @@ pub enum Denied {
     #[error("{0}")]
     CannotSign(String),
     /// The cluster is over its issuance rate limit.
-    #[error("cluster {cluster} is over its issuance rate limit; retry in {}s", retry_after.as_secs().max(1))]
+    #[error("cluster {cluster} is over its issuance rate limit")]
     RateLimited {
         /// The cluster.
         cluster: String,
@@ -115,7 +115,7 @@ impl Denied {
             Denied::NotCovered { .. } | Denied::DelegatedToVault | Denied::CannotSign(_) | Denied::Signing { .. } => {
                 Status::failed_precondition(message)
             }
-            Denied::RateLimited { .. } => Status::resource_exhausted(message),
+            Denied::RateLimited { retry_after, .. } => meshca_serve::resource_exhausted(message, retry_after),
             Denied::BadCsr { .. } => Status::invalid_argument(message),
             Denied::OtherCluster { .. } => Status::permission_denied(message),
             Denied::NotLeader => Status::unavailable(message),

@@ -23,9 +23,11 @@ fn family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gau
     f
 }
 
-/// Renders the status as Prometheus text.
-pub fn render(st: &MeshStatus) -> String {
+/// Renders the status, and the serving layer's counters (`meshca_server_connections_*`,
+/// `meshca_server_requests_refused`), as Prometheus text.
+pub fn render(st: &MeshStatus, serve: &meshca_serve::ServeMetrics) -> String {
     let mut r = Registry::default();
+    serve.register(r.sub_registry_with_prefix("meshca_server"));
     let none: Labels = Vec::new();
     family(&mut r, "meshca_root_expiry_timestamp_seconds", "NotAfter of the earliest-expiring root")
         .get_or_create(&none)
@@ -117,6 +119,8 @@ pub struct MetricsState {
     pub token: Option<Arc<String>>,
     /// The time.
     pub clock: meshca_clock::SharedClock,
+    /// The serving layer's counters.
+    pub serve: meshca_serve::ServeMetrics,
 }
 
 /// `GET /metrics`.
@@ -135,7 +139,11 @@ pub async fn handler(
     }
     let auth = s.authority.borrow().clone();
     match status::collect(s.store.as_ref(), &auth, meshca_clock::unix(s.clock.now()), s.report_interval).await {
-        Ok(st) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)], render(&st)),
+        Ok(st) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)],
+            render(&st, &s.serve),
+        ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(axum::http::header::CONTENT_TYPE, "text/plain")],

@@ -1,42 +1,29 @@
 //! Per-cluster rate limiting of intermediate issuance (governor's GCRA, keyed by cluster), so one
 //! misbehaving agent cannot make the issuer sign without bound, while normal renewals (one per
-//! lifetime) and a few retries always pass. Refills run on the injected clock.
+//! lifetime) and a few retries always pass. Refills run on the injected clock. The limiter is
+//! [`meshca_serve::KeyedLimiter`], shared with the workload CA and the pre-authentication budget.
 
-use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::Clock as _;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter as Gcra};
-use meshca_clock::{GovernorClock, SharedClock};
+use meshca_clock::SharedClock;
+use meshca_serve::{KeyedLimiter, Rate};
 
 /// Issuance limits keyed by cluster.
+#[derive(Debug)]
 pub struct RateLimiter {
-    limiter: Gcra<String, DefaultKeyedStateStore<String>, GovernorClock, NoOpMiddleware<Nanos>>,
-    clock: GovernorClock,
-}
-
-impl std::fmt::Debug for RateLimiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimiter").finish_non_exhaustive()
-    }
+    limiter: KeyedLimiter<String>,
 }
 
 impl RateLimiter {
     /// `burst` requests at once (at least 1), refilled at `per_minute` (at least one a day).
     pub fn new(burst: u32, per_minute: f64, clock: SharedClock) -> Self {
-        let period = Duration::from_secs_f64((60.0 / per_minute.max(1.0 / 1440.0)).min(86400.0));
-        let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN));
-        let quota = quota.allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        let clock = GovernorClock(clock);
-        RateLimiter { limiter: Gcra::new(quota, DefaultKeyedStateStore::default(), clock.clone()), clock }
+        let per_second = per_minute.max(1.0 / 1440.0) / 60.0;
+        RateLimiter { limiter: KeyedLimiter::new(Rate::new(per_second, burst.max(1)), clock) }
     }
 
     /// Takes one permit for `key`, or says how long until one is available.
     pub fn try_acquire(&self, key: &str) -> Result<(), Duration> {
-        self.limiter.check_key(&key.to_string()).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        self.limiter.check(&key.to_string())
     }
 }
 

@@ -50,6 +50,8 @@ pub struct RegistrationService(pub Arc<Shared>);
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<AgentIdentity>, Status> {
+        // Registration is the one call anyone may make: its address pays first.
+        self.0.charge_anonymous(&request)?;
         let r = request.into_inner();
         // Check the CSR before touching the token, so a bad request does not burn it.
         verify_csr(r.identity_csr.as_bytes(), &CsrPolicy::exactly(KeyAlgorithm::EcdsaP256.kind()))

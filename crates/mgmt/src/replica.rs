@@ -18,15 +18,12 @@
 //! through the Service to the new leader, and the restarted pod rejoins as a follower. Within
 //! a term, every signing call also checks [`is_leader`] right before it signs.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
-use rustls::ServerConfig;
-use tokio::net::{TcpListener, TcpStream};
+use meshca_serve::Route;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
 
 /// This replica's view of the leadership.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,26 +54,22 @@ pub fn is_leader(leader: Option<&watch::Receiver<Leader>>) -> bool {
     }
 }
 
-/// Accepts connections like [`meshca_tls::grpc::tls_incoming`], but only while this replica
-/// leads; as a follower it forwards each connection to the leader (see the module
-/// documentation).
-pub fn incoming(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    leader: watch::Receiver<Leader>,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
-    meshca_tls::grpc::tls_incoming_routed(listener, config, move |tcp, peer| {
+/// What becomes of each new connection: served while this replica leads; as a follower,
+/// forwarded to the leader (see the module documentation) by a task the server owns; closed when
+/// no leader is known.
+pub fn router(leader: watch::Receiver<Leader>) -> meshca_serve::server::Router {
+    Box::new(move |peer| {
         let view = leader.borrow().clone();
         match view {
-            Leader::Me { until } if until > Instant::now() => return Some(tcp),
+            Leader::Me { until } if until > Instant::now() => Route::Serve,
             Leader::Other { holder, address: Some(address) } => {
-                tokio::spawn(forward(tcp, peer, holder, address));
+                Route::Forward(Box::new(move |tcp| Box::pin(forward(tcp, peer, holder, address))))
             }
             other => {
                 tracing::debug!(%peer, leader = ?other, "no leader to serve or forward to; closing the connection");
+                Route::Close
             }
         }
-        None
     })
 }
 

@@ -2,9 +2,11 @@
 //! behind one TLS listener.
 //!
 //! Every task the server starts (the authority loader, the serving certificate's renewal, the
-//! metrics endpoint, the dashboard, the status publisher) runs in one `JoinSet` under one
-//! cancellation token: when the server stops, the token fires, long-lived trust streams end,
-//! in-flight calls drain, and each child is awaited, so nothing outlives [`serve_with`].
+//! metrics endpoint, the dashboard, the status publisher) runs in one `JoinSet` under one cancellation token,
+//! and its connections and calls are owned by [`meshca_serve::GrpcServer`]: when the server
+//! stops, the token fires, long-lived trust streams end, calls in flight get
+//! [`ServerOptions::serve`]'s drain timeout, and each child gets [`CHILD_GRACE`] more, so
+//! nothing outlives [`serve_with`] and it returns within those bounds of the stop signal.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +39,7 @@ use crate::ratelimit::RateLimiter;
 use crate::registration::RegistrationService;
 use crate::relay::RelayCa;
 use crate::replica::{self, Leader};
+use meshca_serve::{GrpcServer, KeyedLimiter, Rate, ServeConfig};
 
 /// Largest gRPC message accepted (a CSR or a policy is a few KB).
 const MAX_MESSAGE: usize = 256 * 1024;
@@ -64,7 +67,17 @@ pub struct ServerOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token required on `/metrics`.
     pub metrics_token: Option<String>,
+    /// Requests per address from callers without a client certificate (registration), before
+    /// anything else is done with them.
+    pub peer_rate: Rate,
+    /// Connection caps and timeouts, and the drain on stop.
+    pub serve: ServeConfig,
 }
+
+/// Default budget per address of calls without a client certificate (registration): 10 a second,
+/// 50 at once — far above one cluster's needs (it registers once), far below what would let
+/// one address keep the store busy with bootstrap-token lookups.
+pub const DEFAULT_PEER_RATE: Rate = Rate::new(10.0, 50);
 
 /// Files in the operator credentials directory.
 pub mod creds {
@@ -168,7 +181,7 @@ impl Default for ServeWith {
 
 /// How long a stopping server waits for its children (the metrics endpoint, the loader) once
 /// the gRPC server has drained.
-const CHILD_GRACE: Duration = Duration::from_secs(5);
+pub const CHILD_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the management plane until `shutdown` resolves. `on_bound` receives the bound address
 /// (useful with port 0).
@@ -197,20 +210,7 @@ pub async fn serve_with(
     let result = run(store, opts, with, on_bound, shutdown, &cancel, &mut tasks).await;
     // Whatever ended the server, its children end with it.
     cancel.cancel();
-    let drained = tokio::time::timeout(CHILD_GRACE, async {
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r
-                && e.is_panic()
-            {
-                tracing::error!(error = %e, "a management-plane task panicked");
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(left = tasks.len(), "management-plane tasks did not stop in time; aborting them");
-        tasks.shutdown().await;
-    }
+    meshca_serve::stop_children(&mut tasks, CHILD_GRACE, "management-plane").await;
     drop(clock);
     result
 }
@@ -284,6 +284,7 @@ async fn run(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(swappable.clone());
     let tls = grpc::server_config_for_grpc(tls);
+    let serve_metrics = meshca_serve::ServeMetrics::default();
 
     let listener = TcpListener::bind(opts.listen).await.map_err(io(format!("binding {}", opts.listen)))?;
     let addr = listener.local_addr().map_err(io("local address".into()))?;
@@ -302,6 +303,7 @@ async fn run(
             report_interval: opts.settings.report_interval,
             token: opts.metrics_token.clone().map(Arc::new),
             clock: clock.clone(),
+            serve: serve_metrics.clone(),
         };
         let app = axum::Router::new().route("/metrics", axum::routing::get(crate::metrics::handler)).with_state(state);
         let stop = cancel.child_token();
@@ -336,6 +338,8 @@ async fn run(
         issuer,
         settings: opts.settings,
         nudge,
+        peers: KeyedLimiter::new(opts.peer_rate, clock.clone()),
+        serve_metrics: serve_metrics.clone(),
         policy_source,
         clock,
         shutdown: cancel.clone(),
@@ -345,13 +349,11 @@ async fn run(
     if with.policy_source.is_some() {
         tasks.spawn(publish_status(shared.clone(), with.leader.clone(), cancel.child_token()));
     }
-    let router = tonic::transport::Server::builder()
-        .add_service(
-            RegistrationServer::new(RegistrationService(shared.clone())).max_decoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(CertificateIssuerServer::new(IssuerService(shared.clone())).max_decoding_message_size(MAX_MESSAGE))
-        .add_service(OperatorServer::new(OperatorService(shared)).max_decoding_message_size(MAX_MESSAGE));
-    let grpc_error = |e| MgmtError::Io { context: "gRPC server".into(), source: std::io::Error::other(e) };
+    let routes = tonic::service::Routes::new(
+        RegistrationServer::new(RegistrationService(shared.clone())).max_decoding_message_size(MAX_MESSAGE),
+    )
+    .add_service(CertificateIssuerServer::new(IssuerService(shared.clone())).max_decoding_message_size(MAX_MESSAGE))
+    .add_service(OperatorServer::new(OperatorService(shared)).max_decoding_message_size(MAX_MESSAGE));
     // The server drains once `stop` fires: it cancels the token first, so the trust streams
     // (which would otherwise hold their connections open for ever) end and the drain completes.
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
@@ -367,19 +369,24 @@ async fn run(
         }
         token.cancel();
     };
-    match with.leader {
-        None => {
-            router.serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), stop).await.map_err(grpc_error)?
-        }
-        Some(leader) => router
-            .serve_with_incoming_shutdown(replica::incoming(listener, tls, leader), stop)
-            .await
-            .map_err(grpc_error)?,
+    let mut server =
+        GrpcServer::new(tls, routes, opts.serve, serve_metrics).with_identify(Arc::new(control_plane_identity));
+    if let Some(leader) = with.leader {
+        server = server.with_router(replica::router(leader));
     }
+    server.serve(listener, stop).await;
     match lost_rx.await {
         Ok(()) => Err(MgmtError::LostLeadership("the lease moved or could not be renewed in time".into())),
         Err(_) => Ok(()),
     }
+}
+
+/// The control-plane identity (an agent's cluster, an operator) a client certificate proves, so a
+/// connection is charged to it rather than to its address once the handshake is done: agents
+/// behind one address (a NAT, a follower replica forwarding) are capped each on their own.
+fn control_plane_identity(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<String> {
+    let leaf = meshca_pki::Cert::from_der(chain.first()?.to_vec()).ok()?;
+    leaf.uri_sans().iter().find_map(|u| Caller::from_uri(u)).map(|c| c.to_string())
 }
 
 /// Renews the serving certificate at half its life, until cancelled.

@@ -71,6 +71,8 @@ impl Plane {
             issue_per_minute: 6.0,
             metrics_listen: None,
             metrics_token: None,
+            peer_rate: meshca_mgmt::server::DEFAULT_PEER_RATE,
+            serve: meshca_serve::ServeConfig::default(),
         };
         let with = ServeWith {
             clock: clock.shared(),

@@ -67,6 +67,55 @@ impl Plane {
     async fn issue(&self, cluster: &str, csr: &str) -> Result<meshca_mgmt::issuer::Issued, Denied> {
         self.issuer.issue(cluster, csr, IssueReason::Initial, self.clock.now()).await
     }
+
+    /// The registration service over this plane, with `peer_rate` per address for calls without
+    /// a client certificate.
+    async fn registration(&self, peer_rate: meshca_serve::Rate) -> RegistrationService {
+        let relay = Arc::new(RelayCa::load_or_create(self.store.as_ref(), self.clock.now()).await.unwrap());
+        let (nudge, _) = watch::channel(0);
+        let (reported, reported_rx) = watch::channel(0);
+        // Registration never asks the root rotation anything; its controller need not run.
+        let (_controller, _, rotation) = meshca_mgmt::rotation::Controller::start(
+            self.store.clone(),
+            self.authority.clone(),
+            self.clock.shared(),
+            None,
+            Duration::from_secs(30),
+            reported_rx,
+        )
+        .await;
+        let limiter = RateLimiter::new(5, 6.0, self.clock.shared());
+        RegistrationService(Arc::new(Shared {
+            store: self.store.clone(),
+            relay,
+            authority: self.authority.clone(),
+            issuer: Issuer::new(self.store.clone(), self.authority.clone(), limiter, None),
+            settings: Settings::default(),
+            nudge,
+            policy_source: Arc::new(StorePolicy::new(self.store.clone())),
+            clock: self.clock.shared(),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            peers: meshca_serve::KeyedLimiter::new(peer_rate, self.clock.shared()),
+            serve_metrics: meshca_serve::ServeMetrics::default(),
+            reported,
+            rotation,
+        }))
+    }
+}
+
+/// A `Register` request from `peer` (as tonic hands it to the service).
+fn register_request(token: &str, peer: [u8; 4]) -> tonic::Request<RegisterRequest> {
+    let identity_csr = build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &[]).unwrap();
+    let mut r = tonic::Request::new(RegisterRequest {
+        bootstrap_token: token.into(),
+        identity_csr,
+        cluster: "cluster-1".into(),
+    });
+    r.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {
+        local_addr: None,
+        remote_addr: Some(std::net::SocketAddr::from((peer, 50_000))),
+    });
+    r
 }
 
 fn csr(alg: KeyAlgorithm, cluster: &str) -> (PrivateKey, String) {
@@ -147,6 +196,11 @@ async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
     let s = d.into_status();
     assert_eq!(s.code(), Code::ResourceExhausted);
     assert!(s.message().contains("retry in 10s"), "{}", s.message());
+    assert_eq!(
+        meshca_serve::pushback::retry_after(&s),
+        Some(Duration::from_secs(10)),
+        "the hint is machine-readable too"
+    );
     p.issue("cluster-2", &csr(KeyAlgorithm::EcdsaP256, "cluster-2").1).await.expect("a bucket of its own");
     p.clock.advance(Duration::from_secs(9));
     assert!(p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.is_err());
@@ -157,33 +211,7 @@ async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
 #[tokio::test]
 async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     let p = Plane::start(&policy(""), 5, 6.0).await;
-    let relay = Arc::new(RelayCa::load_or_create(p.store.as_ref(), p.clock.now()).await.unwrap());
-    let (nudge, _) = watch::channel(0);
-    let (reported, reported_rx) = watch::channel(0);
-    let (_controller, _, rotation) = meshca_mgmt::rotation::Controller::start(
-        p.store.clone(),
-        p.authority.clone(),
-        p.clock.shared(),
-        None,
-        Duration::from_secs(30),
-        reported_rx,
-    )
-    .await;
-    let limiter = RateLimiter::new(5, 6.0, p.clock.shared());
-    let shared = Arc::new(Shared {
-        store: p.store.clone(),
-        relay,
-        authority: p.authority.clone(),
-        issuer: Issuer::new(p.store.clone(), p.authority.clone(), limiter, None),
-        settings: Settings::default(),
-        nudge,
-        policy_source: Arc::new(StorePolicy::new(p.store.clone())),
-        clock: p.clock.shared(),
-        shutdown: tokio_util::sync::CancellationToken::new(),
-        reported,
-        rotation,
-    });
-    let service = RegistrationService(shared);
+    let service = p.registration(meshca_mgmt::server::DEFAULT_PEER_RATE).await;
     let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
     let identity_csr = || build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &[]).unwrap();
     let request = |token: &str| {
@@ -204,6 +232,34 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     assert_eq!(id.cluster, "cluster-1");
     let s = service.register(request(&fresh.token)).await.expect_err("single use");
     assert!(s.message().contains("already used"), "{}", s.message());
+}
+
+/// Registration is the one call anyone may make, so its address pays before the bootstrap token
+/// is looked up: a flood of bad tokens from one address is answered UNAUTHENTICATED for the
+/// burst, then RESOURCE_EXHAUSTED with a retry hint; a cluster registering from another address
+/// meanwhile succeeds; the flooding address's budget refills on the clock.
+#[tokio::test]
+async fn a_registration_flood_from_one_address_spends_only_its_own_budget() {
+    let p = Plane::start(&policy(""), 5, 6.0).await;
+    let service = p.registration(meshca_serve::Rate::new(1.0, 5)).await;
+    let attacker = [192, 0, 2, 66];
+    for i in 0..30 {
+        let s = service.register(register_request("abc.bogus", attacker)).await.expect_err("a bogus token");
+        match i {
+            0..5 => assert_eq!(s.code(), Code::Unauthenticated, "within the burst, the token is checked"),
+            _ => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+                assert!(s.message().contains("192.0.2.66"), "{}", s.message());
+                assert_eq!(meshca_serve::pushback::retry_after(&s), Some(Duration::from_secs(1)));
+            }
+        }
+    }
+    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
+    let id = service.register(register_request(&token.token, [192, 0, 2, 1])).await.expect("another address registers");
+    assert_eq!(id.into_inner().cluster, "cluster-1");
+    p.clock.advance(Duration::from_secs(1));
+    let s = service.register(register_request("abc.bogus", attacker)).await.expect_err("a bogus token");
+    assert_eq!(s.code(), Code::Unauthenticated, "refilled");
 }
 
 #[tokio::test]

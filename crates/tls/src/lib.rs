@@ -7,7 +7,8 @@
 //!   never needs a restart.
 //! - [`spiffe`]: peer verification for URI-only (SPIFFE) certificates, in both directions, with a
 //!   root set that can change during a root rotation.
-//! - [`grpc`]: tonic over these rustls configs, with the peer certificate available to handlers.
+//! - [`grpc`]: tonic clients over these rustls configs, the server ALPN, and the peer certificate
+//!   as handlers see it (the servers' accept loop is `meshca-serve`).
 #![forbid(unsafe_code)]
 
 pub mod client;

@@ -61,10 +61,13 @@ fn digest(files: &BundleFiles) -> [u8; 32] {
 
 /// A `cacerts` file that exists but cannot be read.
 #[derive(Debug, thiserror::Error)]
-#[error("reading {path}: {source}")]
+#[error("reading {path}: {}{source}", exhausted.map(|e| format!("{} — ", e.explain())).unwrap_or_default())]
 pub struct ReadError {
     /// The file.
     pub path: String,
+    /// Set when the process (or the system) is out of file descriptors or memory: the file is
+    /// there, it could not be opened.
+    pub exhausted: Option<meshca_serve::fd::Exhausted>,
     /// Why (e.g. "Too many open files").
     #[source]
     pub source: std::io::Error,
@@ -81,7 +84,8 @@ pub fn read_cacerts_dir(dir: &Path) -> Result<BundleFiles, ReadError> {
             Ok(b) => Some(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {
-                failure.get_or_insert(ReadError { path: path.display().to_string(), source });
+                let exhausted = meshca_serve::fd::exhaustion(&source);
+                failure.get_or_insert(ReadError { path: path.display().to_string(), exhausted, source });
                 None
             }
         }

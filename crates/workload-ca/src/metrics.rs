@@ -23,7 +23,7 @@ pub struct Metrics {
     pub sign_errors: Counter,
     /// Certificates issued.
     pub issued: Counter,
-    /// Requests refused by the rate limit.
+    /// Requests answered `RESOURCE_EXHAUSTED` (a rate limit or the admission queue).
     pub rate_limited: Counter,
     /// Seconds from request to certificate.
     pub latency: Histogram,
@@ -33,8 +33,10 @@ pub struct Metrics {
     pub chain_expiry: Gauge,
     /// Successful reloads of `cacerts`.
     pub reloads: Counter,
-    /// Refused reloads (invalid bundle, forbidden root-set change).
+    /// Refused reloads (invalid bundle, forbidden root-set change, an unreadable directory).
     pub reload_failures: Counter,
+    /// Connections and admission (`meshca_workload_ca_connections_*`, `…_requests_*`).
+    pub serve: meshca_serve::ServeMetrics,
 }
 
 impl Metrics {
@@ -52,6 +54,7 @@ impl Metrics {
             chain_expiry: Gauge::default(),
             reloads: Counter::default(),
             reload_failures: Counter::default(),
+            serve: meshca_serve::ServeMetrics::default(),
             registry: Registry::default(),
         };
         registry.register("citadel_server_csr", "CSRs received", m.csr_count.clone());
@@ -68,7 +71,7 @@ impl Metrics {
         registry.register("citadel_server_success_cert_issuance", "Certificates issued", m.issued.clone());
         registry.register(
             "meshca_workload_ca_rate_limited",
-            "Requests refused by the rate limit",
+            "Requests answered RESOURCE_EXHAUSTED (a rate limit or the admission queue; by reason in meshca_workload_ca_requests_refused)",
             m.rate_limited.clone(),
         );
         registry.register("meshca_workload_ca_issuance_seconds", "Time from request to certificate", m.latency.clone());
@@ -88,6 +91,7 @@ impl Metrics {
             "cacerts bundles refused",
             m.reload_failures.clone(),
         );
+        m.serve.register(registry.sub_registry_with_prefix("meshca_workload_ca"));
         Arc::new(Metrics { registry, ..m })
     }
 

@@ -3,7 +3,9 @@
 //! Prometheus metrics on a separate, token-protected HTTP port.
 //!
 //! The reload watcher, the serving certificate's renewal and the metrics endpoint run in one
-//! `JoinSet` under one cancellation token, and end with the server.
+//! `JoinSet` under one cancellation token, and end with the server. Connections and calls are
+//! owned by [`meshca_serve::GrpcServer`]: capped, timed out when idle or slow to handshake, and
+//! drained within [`Options::serve`]'s drain timeout when the server stops.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,13 +21,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use meshca_pki::{KeyAlgorithm, LeafParams, PrivateKey, SpiffeId, TrustDomain};
 use meshca_proto::istio::istio_certificate_service_server::IstioCertificateServiceServer;
+use meshca_serve::{GrpcServer, ServeConfig};
 use meshca_tls::{Identity, SwappableCert, grpc};
 use tokio::net::TcpListener;
 
 use crate::authn::Authenticator;
 use crate::ca::{CaHolder, CaState, LoadError};
 use crate::metrics::Metrics;
-use crate::service::{TtlPolicy, WorkloadCa};
+use crate::service::{Limits, TtlPolicy, WorkloadCa};
 
 /// Largest request accepted: a CSR is a few KB.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -49,8 +52,11 @@ pub struct Options {
     pub auth: Arc<dyn Authenticator>,
     /// Leaf lifetimes.
     pub ttl: TtlPolicy,
-    /// Requests per second before RESOURCE_EXHAUSTED (0: unlimited).
-    pub max_per_second: u32,
+    /// Request limits: per address before authentication, per identity after, and the admission
+    /// queue.
+    pub limits: Limits,
+    /// Connection caps and timeouts, and the drain on stop.
+    pub serve: ServeConfig,
     /// The time.
     pub clock: SharedClock,
 }
@@ -115,10 +121,15 @@ async fn metrics_handler(
     (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, meshca_tls::METRICS_CONTENT_TYPE)], s.metrics.render())
 }
 
+/// How long a stopping workload CA waits for its children (the reload watcher, the serving
+/// certificate's renewal, the metrics endpoint) once its gRPC server has drained.
+const CHILD_GRACE: Duration = Duration::from_secs(2);
+
 /// How often the serving certificate is re-issued (it lives 24 h).
 const SERVING_RENEWAL: Duration = Duration::from_secs(12 * 3600);
 
-/// Runs until `shutdown`. `on_bound` gets the gRPC and metrics addresses.
+/// Runs until `shutdown`, then drains (within [`Options::serve`]'s drain timeout) and stops its
+/// children (within a further 2 s). `on_bound` gets the gRPC and metrics addresses.
 pub async fn serve(
     opts: Options,
     metrics: Arc<Metrics>,
@@ -130,13 +141,7 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     let result = run(opts, metrics, on_bound, shutdown, &cancel, &mut tasks).await;
     cancel.cancel();
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r
-            && e.is_panic()
-        {
-            tracing::error!(error = %e, "a workload-CA task panicked");
-        }
-    }
+    meshca_serve::stop_children(&mut tasks, CHILD_GRACE, "workload-CA").await;
     result
 }
 
@@ -209,14 +214,16 @@ async fn run(
     tracing::info!(%addr, metrics = ?metrics_addr, cacerts = %opts.cacerts_dir.display(), "workload CA listening");
     on_bound(addr, metrics_addr);
 
-    let service = WorkloadCa::new(holder, opts.auth, opts.trust_domain, opts.ttl, metrics, opts.max_per_second);
+    let service = WorkloadCa::new(holder, opts.auth, opts.trust_domain, opts.ttl, metrics.clone(), opts.limits);
+    let routes = tonic::service::Routes::new(
+        IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+    );
     let token = cancel.clone();
-    tonic::transport::Server::builder()
-        .add_service(IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(grpc::tls_incoming(listener, tls), async move {
+    GrpcServer::new(tls, routes, opts.serve, metrics.serve.clone())
+        .serve(listener, async move {
             shutdown.await;
             token.cancel();
         })
-        .await
-        .map_err(|e| ServeError::Io(format!("gRPC server: {e}")))
+        .await;
+    Ok(())
 }

@@ -1,14 +1,26 @@
 //! Istio's `CreateCertificate`, exactly as istio-agent calls it: a PEM CSR, an optional lifetime,
 //! a bearer token. The leaf's identity comes from the token, never from the CSR.
+//!
+//! What a request costs before it is answered, and who pays for it:
+//!
+//! 1. the caller's address pays one unit of its pre-authentication budget ([`Limits::peer`]) —
+//!    a map lookup, so an anonymous flood is refused for almost nothing and never touches the
+//!    budget of any identity;
+//! 2. it waits for its turn in the admission queue ([`Limits::admission`]): bounded, fair across
+//!    addresses, refused at once with a retry hint when full;
+//! 3. the token is verified, and the identity it proves pays one unit of its issuance budget
+//!    ([`Limits::identity`]);
+//! 4. only then is the CSR verified and a leaf signed.
+//!
+//! Every refusal is `RESOURCE_EXHAUSTED` with a retry hint ([`meshca_serve::pushback`]).
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use meshca_pki::{CsrPolicy, LeafParams, SpiffeId, TrustDomain, verify_csr};
 use meshca_proto::istio::istio_certificate_service_server::IstioCertificateService;
 use meshca_proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
+use meshca_serve::{Admission, AdmissionConfig, KeyedLimiter, PeerKey, Rate, Refusal, RefusedBy, ServeMetrics};
 use tonic::{Request, Response, Status};
 
 use crate::authn::{AuthError, Authenticator, bearer};
@@ -38,6 +50,50 @@ impl TtlPolicy {
     }
 }
 
+/// The request limits (docs/architecture.md, "Security defaults"; the sizing is in
+/// docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Requests per address before authentication.
+    pub peer: Rate,
+    /// Requests per authenticated SPIFFE identity.
+    pub identity: Rate,
+    /// The admission queue.
+    pub admission: AdmissionConfig,
+}
+
+/// Default pre-authentication budget per address: 20 requests a second, 100 at once.
+pub const DEFAULT_PEER_RATE: Rate = Rate::new(20.0, 100);
+/// Default issuance budget per identity: 5 a second, 50 at once.
+pub const DEFAULT_IDENTITY_RATE: Rate = Rate::new(5.0, 50);
+/// Default admission queue: requests waiting in total, and from one address.
+pub const DEFAULT_MAX_QUEUED: usize = 1024;
+/// Default share of the admission queue one address may hold.
+pub const DEFAULT_MAX_QUEUED_PER_PEER: usize = 128;
+/// Default longest wait in the admission queue.
+pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// Default requests worked on at once: four per core (a request is CPU-bound, but a TokenReview
+/// is a round trip to the API server).
+pub fn default_max_in_flight() -> usize {
+    4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            peer: DEFAULT_PEER_RATE,
+            identity: DEFAULT_IDENTITY_RATE,
+            admission: AdmissionConfig {
+                max_in_flight: default_max_in_flight(),
+                max_queued: DEFAULT_MAX_QUEUED,
+                max_queued_per_key: DEFAULT_MAX_QUEUED_PER_PEER,
+                max_wait: DEFAULT_MAX_QUEUE_WAIT,
+            },
+        }
+    }
+}
+
 /// The service.
 pub struct WorkloadCa {
     /// The CA in service.
@@ -52,34 +108,69 @@ pub struct WorkloadCa {
     pub csr_policy: CsrPolicy,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    peers: KeyedLimiter<PeerKey>,
+    identities: KeyedLimiter<SpiffeId>,
+    admission: Admission<PeerKey>,
 }
 
 impl WorkloadCa {
-    /// A service; `max_per_second` of 0 disables the rate limit.
+    /// A service with `limits`, timed (for the rate limits' refill) by the CA's clock.
     pub fn new(
         ca: Arc<CaHolder>,
         auth: Arc<dyn Authenticator>,
         trust_domain: TrustDomain,
         ttl: TtlPolicy,
         metrics: Arc<Metrics>,
-        max_per_second: u32,
+        limits: Limits,
     ) -> Self {
-        let limiter = NonZeroU32::new(max_per_second).map(|n| RateLimiter::direct(Quota::per_second(n)));
-        WorkloadCa { ca, auth, trust_domain, ttl, csr_policy: CsrPolicy::default(), metrics, limiter }
+        let clock = ca.clock().clone();
+        WorkloadCa {
+            ca,
+            auth,
+            trust_domain,
+            ttl,
+            csr_policy: CsrPolicy::default(),
+            metrics,
+            peers: KeyedLimiter::new(limits.peer, clock.clone()),
+            identities: KeyedLimiter::new(limits.identity, clock),
+            admission: Admission::new(limits.admission),
+        }
+    }
+
+    /// The admission queue (its state, for metrics and tests).
+    pub fn admission(&self) -> &Admission<PeerKey> {
+        &self.admission
+    }
+
+    fn serve_metrics(&self) -> &ServeMetrics {
+        &self.metrics.serve
+    }
+
+    fn refuse(&self, by: RefusedBy, message: String, retry_after: Duration) -> Status {
+        self.metrics.rate_limited.inc();
+        self.serve_metrics().refused(by);
+        meshca_serve::resource_exhausted(message, retry_after)
     }
 
     async fn handle(&self, request: Request<IstioCertificateRequest>) -> Result<IstioCertificateResponse, Status> {
-        // The limit comes first, so a flood of callers (authenticated or not) cannot make the CA
-        // spend a token verification (or a TokenReview round trip) per request.
-        if let Some(l) = &self.limiter
-            && l.check().is_err()
-        {
-            self.metrics.rate_limited.inc();
-            return Err(Status::resource_exhausted(
-                "certificate requests are over the configured rate limit; retry shortly",
+        let peer = meshca_serve::peer_key(&request);
+        if let Err(wait) = self.peers.check(&peer) {
+            return Err(self.refuse(
+                RefusedBy::PeerRate,
+                format!("{peer} is over its budget of {} requests before authentication", self.peers.rate()),
+                wait,
             ));
         }
+        let _turn = match self.admission.enter(peer).await {
+            Ok(permit) => Turn::new(self, permit),
+            Err(refusal) => {
+                let by = match refusal {
+                    Refusal::WaitedTooLong { .. } => RefusedBy::QueueWait,
+                    Refusal::Full { .. } | Refusal::KeyFull { .. } => RefusedBy::QueueFull,
+                };
+                return Err(self.refuse(by, format!("the workload CA is busy: {refusal}"), refusal.retry_after()));
+            }
+        };
         let md = request.metadata();
         let authz = md.get("authorization").and_then(|v| v.to_str().ok());
         let cluster_id = md.get("clusterid").and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -91,13 +182,25 @@ impl WorkloadCa {
             Ok(a) => a.caller,
             Err(e) => {
                 self.metrics.auth_failures.inc();
-                tracing::info!(reason = %e, "caller not authenticated");
+                tracing::info!(reason = %e, %peer, "caller not authenticated");
                 return Err(match e {
                     AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
                     _ => Status::unauthenticated(e.to_string()),
                 });
             }
         };
+        let id = SpiffeId::workload(&self.trust_domain, &who.namespace, &who.service_account).map_err(|e| {
+            self.metrics.sign_errors.inc();
+            Status::invalid_argument(format!("caller identity: {e}"))
+        })?;
+        if let Err(wait) = self.identities.check(&id) {
+            tracing::info!(%id, %peer, "issuance rate-limited");
+            return Err(self.refuse(
+                RefusedBy::IdentityRate,
+                format!("{id} is over its issuance budget of {}", self.identities.rate()),
+                wait,
+            ));
+        }
         let r = request.into_inner();
         if let Some(m) = &r.metadata
             && m.fields.contains_key("ImpersonatedIdentity")
@@ -110,10 +213,6 @@ impl WorkloadCa {
         let csr = verify_csr(r.csr.as_bytes(), &self.csr_policy).map_err(|e| {
             self.metrics.sign_errors.inc();
             Status::invalid_argument(format!("CSR refused: {e}"))
-        })?;
-        let id = SpiffeId::workload(&self.trust_domain, &who.namespace, &who.service_account).map_err(|e| {
-            self.metrics.sign_errors.inc();
-            Status::invalid_argument(format!("caller identity: {e}"))
         })?;
         let ttl = self.ttl.resolve(r.validity_duration);
         let state = self.ca.current();
@@ -131,6 +230,34 @@ impl WorkloadCa {
         cert_chain.extend(state.chain_pems.iter().cloned());
         tracing::debug!(%id, serial = %issued.serial_hex, cluster_id = cluster_id.as_deref().unwrap_or(""), "issued workload certificate");
         Ok(IstioCertificateResponse { cert_chain })
+    }
+}
+
+/// A request's turn in the admission queue, keeping the queue's gauges current.
+struct Turn<'a> {
+    ca: &'a WorkloadCa,
+    permit: Option<meshca_serve::admission::Permit<PeerKey>>,
+}
+
+impl<'a> Turn<'a> {
+    fn new(ca: &'a WorkloadCa, permit: meshca_serve::admission::Permit<PeerKey>) -> Self {
+        let t = Turn { ca, permit: Some(permit) };
+        t.publish();
+        t
+    }
+
+    fn publish(&self) {
+        let m = self.ca.serve_metrics();
+        m.in_flight.set(i64::try_from(self.ca.admission.in_flight()).unwrap_or(i64::MAX));
+        m.queued.set(i64::try_from(self.ca.admission.queued()).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        // The turn passes on first, so the gauges show the state after it.
+        drop(self.permit.take());
+        self.publish();
     }
 }
 

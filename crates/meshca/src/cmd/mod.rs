@@ -40,6 +40,66 @@ impl FromStr for DurationArg {
     }
 }
 
+/// How a server treats its connections: `meshca server` and `meshca workload-ca` share these.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Most connections at once (0: up to 16384). Always kept under the open-file limit
+    /// (`ulimit -n`) with room for the files the server must still open, so a flood of sockets
+    /// cannot take the descriptors it reads `cacerts` or its store with.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
+    /// Most connections from one address (IPv6: one /64) before a client certificate names the
+    /// caller; past it the address's oldest idle connection is closed, or the new one refused
+    /// when all are busy (0: no per-address cap). Behind a proxy or NAT that hides client
+    /// addresses, raise it.
+    #[arg(long, default_value_t = meshca_serve::server::DEFAULT_MAX_PER_PEER)]
+    max_connections_per_peer: usize,
+    /// How long a client may take to finish its TLS handshake.
+    #[arg(long, default_value = "10s")]
+    tls_handshake_timeout: DurationArg,
+    /// How long a client may take, after TLS, to send its HTTP/2 connection preface.
+    #[arg(long, default_value = "10s")]
+    http2_preface_timeout: DurationArg,
+    /// A connection with no call in flight for this long gets a GOAWAY (clients reconnect when
+    /// they next call).
+    #[arg(long, default_value = "5m")]
+    idle_timeout: DurationArg,
+    /// On SIGTERM or Ctrl-C: the listener closes at once and calls in flight have this long to
+    /// finish; then their connections are closed and the process exits (its own tasks get at most
+    /// 2 s more). Keep it below Kubernetes' terminationGracePeriodSeconds.
+    #[arg(long, default_value = "10s")]
+    shutdown_grace: DurationArg,
+}
+
+impl ServeArgs {
+    /// The serving configuration, with `per_identity` as the per-identity cap.
+    pub fn config(&self, per_identity: usize) -> meshca_serve::ServeConfig {
+        let d = meshca_serve::ServeConfig::default();
+        let wanted = if self.max_connections == 0 {
+            meshca_serve::server::DEFAULT_MAX_CONNECTIONS
+        } else {
+            self.max_connections
+        };
+        let total = meshca_serve::fd::connections_within(meshca_serve::fd::open_file_limit(), wanted);
+        if self.max_connections > total {
+            tracing::warn!(
+                asked = self.max_connections,
+                allowed = total,
+                limit = ?meshca_serve::fd::open_file_limit(),
+                "--max-connections lowered to fit under the open-file limit"
+            );
+        }
+        meshca_serve::ServeConfig {
+            caps: meshca_serve::Caps { total, per_peer: self.max_connections_per_peer, per_identity },
+            handshake_timeout: self.tls_handshake_timeout.0,
+            preface_timeout: self.http2_preface_timeout.0,
+            idle_timeout: self.idle_timeout.0,
+            drain_timeout: self.shutdown_grace.0,
+            ..d
+        }
+    }
+}
+
 /// Log output format.
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

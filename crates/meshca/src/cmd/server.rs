@@ -47,6 +47,21 @@ pub struct Args {
     /// operator's client certificate also opens it.
     #[arg(long)]
     dashboard_addr: Option<SocketAddr>,
+    /// Calls one address (IPv6: one /64) may make per second without a client certificate
+    /// (registration), before its bootstrap token is even looked up (0: no limit). Agents with
+    /// an identity are limited per cluster instead (--issue-burst, --issue-per-minute).
+    #[arg(long, default_value_t = meshca_mgmt::server::DEFAULT_PEER_RATE.per_second)]
+    peer_requests_per_second: f64,
+    /// Calls without a client certificate one address may make at once, on top of that rate.
+    #[arg(long, default_value_t = meshca_mgmt::server::DEFAULT_PEER_RATE.burst)]
+    peer_request_burst: u32,
+    /// Most connections of one control-plane identity (an agent's cluster, an operator) once its
+    /// client certificate is verified; past it that identity's oldest idle connection is closed
+    /// (0: no cap).
+    #[arg(long, default_value_t = meshca_serve::server::DEFAULT_MAX_PER_IDENTITY)]
+    max_connections_per_identity: usize,
+    #[command(flatten)]
+    serve: super::ServeArgs,
     #[command(flatten)]
     kube: super::kube::KubeArgs,
     #[command(flatten)]
@@ -81,7 +96,8 @@ struct ReplicaArgs {
     retry_period: DurationArg,
 }
 
-/// Runs the management plane until Ctrl-C.
+/// Runs the management plane until Ctrl-C or SIGTERM, then drains within --shutdown-grace and,
+/// in Kubernetes mode, releases the leader lease.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let kube = args.kube.client().await?;
     if kube.is_some() && args.policy.is_some() {
@@ -120,6 +136,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         issue_per_minute: args.issue_per_minute,
         metrics_listen: args.metrics_listen,
         metrics_token,
+        peer_rate: meshca_serve::Rate::new(args.peer_requests_per_second, args.peer_request_burst),
+        serve: args.serve.config(args.max_connections_per_identity),
     };
     let dashboard = match args.dashboard_addr {
         Some(addr) => {
@@ -158,22 +176,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     election.renew_deadline = r.renew_deadline.0;
     election.retry_period = r.retry_period.0;
     election.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let leader = meshca_kube::lease::spawn(client.clone(), election.clone());
+    let election = meshca_kube::lease::spawn(client.clone(), election);
     let with = meshca_mgmt::ServeWith {
         policy_source: Some(Arc::new(meshca_kube::policy::CrdPolicy::new(
             client.clone(),
             namespace,
             &r.policy_resource,
         ))),
-        leader: Some(leader),
+        leader: Some(election.view()),
         clock: meshca_clock::system(),
         dashboard,
     };
     let result = meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await;
-    if result.is_ok() {
-        // A clean stop hands the lease over at once instead of after the lease duration.
-        meshca_kube::lease::release(client, &election).await;
-    }
+    // Signing has stopped: the lease is handed over at once instead of after the lease duration
+    // (also after a lost leadership, in case the lease still names this replica).
+    election.stop().await;
     result?;
     Ok(())
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use meshca_pki::TrustDomain;
-use meshca_workload_ca::{Authenticator, CachingAuthenticator, JwtAuthenticator, Metrics, Options, TtlPolicy};
+use meshca_serve::Rate;
+use meshca_workload_ca::{Authenticator, CachingAuthenticator, JwtAuthenticator, Metrics, Options, TtlPolicy, service};
 
 use super::DurationArg;
 
@@ -58,15 +59,72 @@ pub struct Args {
     /// Longest leaf lifetime; longer requests are clamped.
     #[arg(long, default_value = "2160h")]
     max_ttl: DurationArg,
-    /// Requests per second before RESOURCE_EXHAUSTED (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    max_requests_per_second: u32,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    serve: super::ServeArgs,
     /// Metrics address (Prometheus text at /metrics).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// File with the bearer token required on /metrics.
     #[arg(long)]
     metrics_token_file: Option<PathBuf>,
+}
+
+/// The workload CA's request limits (docs/architecture.md, "Security defaults"; sizing in
+/// docs/benchmarks.md). Every refusal is RESOURCE_EXHAUSTED with a retry hint
+/// (`grpc-retry-pushback-ms` and google.rpc.RetryInfo).
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Requests one address (IPv6: one /64) may make per second before its token is even looked
+    /// at: an anonymous or forged-token flood is refused for almost no work and never uses any
+    /// identity's budget (0: no limit). Behind a gateway that hides client addresses (e.g. an
+    /// east-west gateway carrying a remote cluster's workloads), raise it.
+    #[arg(long, default_value_t = service::DEFAULT_PEER_RATE.per_second)]
+    peer_requests_per_second: f64,
+    /// Requests one address may make at once, on top of that rate.
+    #[arg(long, default_value_t = service::DEFAULT_PEER_RATE.burst)]
+    peer_request_burst: u32,
+    /// Certificates one SPIFFE identity (one service account) may get per second, counted once
+    /// its token is verified (0: no limit).
+    #[arg(long, default_value_t = service::DEFAULT_IDENTITY_RATE.per_second)]
+    identity_requests_per_second: f64,
+    /// Certificates one identity may get at once, on top of that rate (a Deployment scaling out
+    /// asks once per replica).
+    #[arg(long, default_value_t = service::DEFAULT_IDENTITY_RATE.burst)]
+    identity_request_burst: u32,
+    /// Requests worked on at once; more wait their turn, fairly across addresses (0: four per
+    /// core).
+    #[arg(long, default_value_t = 0)]
+    max_concurrent_requests: usize,
+    /// Requests that may wait for their turn; one more is answered RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = service::DEFAULT_MAX_QUEUED)]
+    max_queued_requests: usize,
+    /// Requests from one address that may wait for their turn.
+    #[arg(long, default_value_t = service::DEFAULT_MAX_QUEUED_PER_PEER)]
+    max_queued_per_peer: usize,
+    /// The longest a request waits for its turn before RESOURCE_EXHAUSTED (never until the
+    /// caller's own deadline).
+    #[arg(long, default_value = "5s")]
+    max_queue_wait: DurationArg,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> service::Limits {
+        service::Limits {
+            peer: Rate::new(self.peer_requests_per_second, self.peer_request_burst),
+            identity: Rate::new(self.identity_requests_per_second, self.identity_request_burst),
+            admission: meshca_serve::AdmissionConfig {
+                max_in_flight: match self.max_concurrent_requests {
+                    0 => service::default_max_in_flight(),
+                    n => n,
+                },
+                max_queued: self.max_queued_requests,
+                max_queued_per_key: self.max_queued_per_peer,
+                max_wait: self.max_queue_wait.0,
+            },
+        }
+    }
 }
 
 /// Builds the JWT authenticator from flags.
@@ -81,7 +139,7 @@ pub fn jwt_auth(
     Ok(if cache { Arc::new(CachingAuthenticator::new(jwt, 100_000)) } else { Arc::new(jwt) })
 }
 
-/// Runs until Ctrl-C.
+/// Runs until Ctrl-C or SIGTERM, then drains within --shutdown-grace.
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let metrics_token = match &a.metrics_token_file {
         Some(p) => {
@@ -129,7 +187,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         trust_domain: a.trust_domain,
         auth,
         ttl: TtlPolicy { default: a.default_ttl.0, max: a.max_ttl.0 },
-        max_per_second: a.max_requests_per_second,
+        limits: a.limits.limits(),
+        serve: a.serve.config(meshca_serve::server::DEFAULT_MAX_PER_IDENTITY),
         clock: meshca_clock::system(),
     };
     let served = meshca_workload_ca::serve(

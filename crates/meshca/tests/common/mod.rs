@@ -33,6 +33,15 @@ pub fn spawn_meshca(name: &str, dir: &Path, args: &[&str]) -> Proc {
     Proc::spawn(cmd, name, dir)
 }
 
+/// [`spawn_meshca`] with the open-file limit lowered to `nofile` for the child alone (bash's
+/// `ulimit -n`, then `exec`: the process under test is meshca itself, so signals reach it).
+pub fn spawn_meshca_with_nofile(name: &str, dir: &Path, nofile: u32, args: &[&str]) -> Proc {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")).arg(meshca()).args(args);
+    cmd.env("RUST_LOG", "info");
+    Proc::spawn(cmd, name, dir)
+}
+
 /// Starts `meshca up --dir <d>/up ARGS` and waits for its `topology.json` (panicking with the
 /// log if it exits first).
 pub fn start_up(d: &Path, args: &[&str]) -> (Proc, serde_json::Value) {
@@ -284,21 +293,58 @@ pub fn status_cluster(st: &serde_json::Value, name: &str) -> Option<serde_json::
 pub type CaClient =
     meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient<tonic::transport::Channel>;
 
-/// A client of the workload CA at `address` that trusts only the roots in the PEM file `ca_file`
-/// and checks the serving certificate for `server_name`, as istio-agent does. Call it inside a
-/// tokio runtime: the channel connects lazily from a background task.
-pub fn ca_client(address: &str, ca_file: &Path, server_name: &str) -> CaClient {
+/// A TLS client configuration trusting only the roots in the PEM file `ca_file`.
+pub fn trusting(ca_file: &Path) -> rustls::ClientConfig {
     let pem = std::fs::read(ca_file).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for c in meshca_pki::Cert::parse_pem_bundle(&pem).unwrap() {
         roots.add(rustls::pki_types::CertificateDer::from(c.der().to_vec())).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
+    rustls::ClientConfig::builder_with_provider(meshca_tls::provider::get())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    CaClient::new(meshca_tls::grpc::channel(address, config, server_name).unwrap())
+        .with_no_client_auth()
+}
+
+/// A client of the workload CA at `address` that trusts only the roots in the PEM file `ca_file`
+/// and checks the serving certificate for `server_name`, as istio-agent does. Call it inside a
+/// tokio runtime: the channel connects lazily from a background task.
+pub fn ca_client(address: &str, ca_file: &Path, server_name: &str) -> CaClient {
+    CaClient::new(meshca_tls::grpc::channel(address, trusting(ca_file), server_name).unwrap())
+}
+
+/// A TCP connection to `address` from the loopback address `source` (any of 127.0.0.0/8 is this
+/// machine, so a test can be several peers).
+pub async fn connect_from(
+    source: std::net::Ipv4Addr,
+    address: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((source, 0)))?;
+    let tcp = socket.connect(address).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// [`ca_client`] whose connections come from the loopback address `source`.
+pub fn ca_client_from(source: std::net::Ipv4Addr, address: &str, ca_file: &Path, server_name: &str) -> CaClient {
+    let mut config = trusting(ca_file);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let target: std::net::SocketAddr = address.parse().unwrap();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5));
+    CaClient::new(endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tcp = connect_from(source, target).await?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    })))
 }
 
 /// A `CreateCertificate` request as istio-agent sends it: the PEM CSR, the lifetime asked for
@@ -551,4 +597,10 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok()).flatten()
     })
+}
+
+/// The value of the sample `name{reason="<label>"}` (one `reason` label) in a Prometheus text
+/// exposition.
+pub fn metric_labelled(text: &str, name: &str, reason: &str) -> Option<f64> {
+    metric(text, &format!("{name}{{reason=\"{reason}\"}}"))
 }

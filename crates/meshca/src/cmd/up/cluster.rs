@@ -94,7 +94,8 @@ pub async fn start(
         auth,
         // No leaf outlives --leaf-ttl: the root rotation's waits are computed from it.
         ttl: TtlPolicy { default: a.leaf_ttl.0, max: a.leaf_ttl.0 },
-        max_per_second: 0,
+        limits: meshca_workload_ca::service::Limits::default(),
+        serve: meshca_serve::ServeConfig::default(),
         clock: clock.clone(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -155,6 +155,8 @@ pub async fn start(
         issue_per_minute: 30.0,
         metrics_listen: None,
         metrics_token: None,
+        peer_rate: meshca_mgmt::server::DEFAULT_PEER_RATE,
+        serve: meshca_serve::ServeConfig::default(),
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
