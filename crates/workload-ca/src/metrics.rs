@@ -35,6 +35,8 @@ pub struct Metrics {
     pub reloads: Counter,
     /// Refused reloads (invalid bundle, forbidden root-set change).
     pub reload_failures: Counter,
+    /// 1 while the intermediate in service has expired (nothing can be signed), else 0.
+    pub intermediate_expired: Gauge,
 }
 
 impl Metrics {
@@ -52,6 +54,7 @@ impl Metrics {
             chain_expiry: Gauge::default(),
             reloads: Counter::default(),
             reload_failures: Counter::default(),
+            intermediate_expired: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("citadel_server_csr", "CSRs received", m.csr_count.clone());
@@ -87,6 +90,11 @@ impl Metrics {
             "meshca_workload_ca_cacerts_reload_failures",
             "cacerts bundles refused",
             m.reload_failures.clone(),
+        );
+        registry.register(
+            "meshca_workload_ca_intermediate_expired",
+            "1 while the cluster intermediate in service has expired and nothing can be signed",
+            m.intermediate_expired.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }
