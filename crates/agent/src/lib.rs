@@ -11,10 +11,12 @@
 //! - [`runner`]: the lifecycle as a pure state machine: observations in, effects out.
 //! - [`driver`]: the async loop that observes, carries out the effects and reports back.
 //! - [`cacerts`]: the `cacerts` object held and written; [`identity`]: the agent's own
-//!   certificate; [`source`]: where intermediates come from (the management plane, or Vault).
+//!   certificate; [`connection`]: the mTLS channel, replaced when that certificate is renewed;
+//!   [`source`]: where intermediates come from (the management plane, or Vault).
 #![forbid(unsafe_code)]
 
 pub mod cacerts;
+pub mod connection;
 pub mod driver;
 pub mod identity;
 pub mod plan;

@@ -7,7 +7,13 @@
 //!   current as the policy and its secrets change.
 //! - [`issuer`]: the certificate issuer as a domain service ([`issuer::Issuer::issue`]); the
 //!   gRPC layer ([`grpc`], [`registration`], [`operator`]) authenticates and translates.
+//! - [`identities`]: which agent and operator certificates are accepted (the current identity,
+//!   its predecessor for a short overlap, never a revoked or removed one); [`operators`]: operator
+//!   credentials, reused while valid and revocable; [`removal`]: `meshca cluster remove`.
+//! - [`report`]: what is accepted from an agent's status report (validated, escaped, bounded).
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
+//! - [`error`]: the errors, and the one mapping from an internal failure to what a caller sees
+//!   ([`error::caller_status`]: an error id, never a path).
 //! - [`status`], [`metrics`]: what operators see; [`replica`]: several replicas, one leader.
 //! - [`server`]: the wiring, with every task supervised.
 #![forbid(unsafe_code)]
@@ -16,15 +22,19 @@ pub mod authority;
 pub mod castore;
 pub mod error;
 pub mod grpc;
+pub mod identities;
 pub mod issuer;
 pub mod loader;
 pub mod metrics;
 pub mod operator;
+pub mod operators;
 pub mod ratelimit;
 pub mod records;
 pub mod registration;
 pub mod relay;
+pub mod removal;
 pub mod replica;
+pub mod report;
 pub mod server;
 pub mod status;
 pub mod tokens;

@@ -170,6 +170,7 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
         policy_source: Arc::new(StorePolicy::new(p.store.clone())),
         clock: p.clock.shared(),
         shutdown: tokio_util::sync::CancellationToken::new(),
+        local_operator: None,
     });
     let service = RegistrationService(shared);
     let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
