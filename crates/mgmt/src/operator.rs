@@ -31,18 +31,9 @@ impl Operator for OperatorService {
     ) -> Result<Response<BootstrapToken>, Status> {
         let who = operator(&self.0, &request).await?.caller;
         let r = request.into_inner();
-        if !meshca_policy::is_cluster_name(&r.cluster) {
-            return Err(Status::invalid_argument(format!("cluster name {:?} is not a DNS-1123 label", r.cluster)));
-        }
+        dns_label("cluster name", &r.cluster)?;
         let s = &self.0.settings;
-        let ttl =
-            if r.ttl_seconds <= 0 { s.default_token_ttl } else { Duration::from_secs(r.ttl_seconds.unsigned_abs()) };
-        if ttl > s.max_token_ttl {
-            return Err(Status::invalid_argument(format!(
-                "token lifetime is capped at {}s",
-                s.max_token_ttl.as_secs()
-            )));
-        }
+        let ttl = lifetime("token lifetime", r.ttl_seconds, s.default_token_ttl, s.max_token_ttl)?;
         let t = tokens::create(self.0.store.as_ref(), &r.cluster, ttl, self.0.clock.now()).await.map_err(internal)?;
         tracing::info!(caller = %who, cluster = %r.cluster, expires_at = t.expires_at, "bootstrap token created");
         Ok(Response::new(BootstrapToken {
@@ -77,12 +68,7 @@ impl Operator for OperatorService {
                 .filter_map(|n| n.strip_prefix(records::CLUSTER_PREFIX).map(str::to_string))
                 .collect()
         } else {
-            if !meshca_policy::is_cluster_name(&r.cluster) {
-                return Err(Status::invalid_argument(format!(
-                    "cluster name {:?} is not a DNS-1123 label, so no such cluster is registered",
-                    r.cluster
-                )));
-            }
+            dns_label("cluster name", &r.cluster)?;
             if self.0.lookup(&r.cluster).await?.is_none() {
                 return Err(not_registered(&r.cluster));
             }
@@ -143,12 +129,7 @@ impl Operator for OperatorService {
         let who = operator(&self.0, &request).await?.caller;
         require_leader(&self.0)?;
         let cluster = request.into_inner().cluster;
-        if !meshca_policy::is_cluster_name(&cluster) {
-            return Err(Status::invalid_argument(format!(
-                "cluster name {:?} is not a DNS-1123 label, so no such cluster is registered",
-                cluster
-            )));
-        }
+        dns_label("cluster name", &cluster)?;
         let removed = crate::removal::remove(self.0.store.as_ref(), &cluster, &who.to_string(), self.0.clock.now())
             .await
             .map_err(internal)?
@@ -165,14 +146,9 @@ impl Operator for OperatorService {
     ) -> Result<Response<OperatorCredentials>, Status> {
         let who = operator(&self.0, &request).await?.caller;
         let r = request.into_inner();
-        if !meshca_policy::is_cluster_name(&r.name) {
-            return Err(Status::invalid_argument(format!("operator name {:?} is not a DNS-1123 label", r.name)));
-        }
+        dns_label("operator name", &r.name)?;
         let max = crate::operators::OPERATOR_TTL;
-        let ttl = if r.ttl_seconds <= 0 { max } else { Duration::from_secs(r.ttl_seconds.unsigned_abs()) };
-        if ttl > max {
-            return Err(Status::invalid_argument(format!("operator credentials live at most {}s", max.as_secs())));
-        }
+        let ttl = lifetime("operator credentials' lifetime", r.ttl_seconds, max, max)?;
         let csr = meshca_pki::verify_csr(r.csr.as_bytes(), &meshca_pki::CsrPolicy::default())
             .map_err(|e| Status::invalid_argument(format!("operator CSR: {e}")))?;
         let cert = crate::operators::issue(
@@ -224,6 +200,23 @@ impl Operator for OperatorService {
             replaced_local_credentials: replaced,
         }))
     }
+}
+
+/// Refuses a name that is not a DNS-1123 label (as cluster and operator names are).
+fn dns_label(what: &str, name: &str) -> Result<(), Status> {
+    if meshca_policy::is_cluster_name(name) {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!("{what} {:?} is not a DNS-1123 label", meshca_proto::text::bounded(name, 80))))
+}
+
+/// A requested lifetime in seconds: `default` when none (≤ 0), refused above `max`.
+fn lifetime(what: &str, requested_secs: i64, default: Duration, max: Duration) -> Result<Duration, Status> {
+    let ttl = if requested_secs <= 0 { default } else { Duration::from_secs(requested_secs.unsigned_abs()) };
+    if ttl > max {
+        return Err(Status::invalid_argument(format!("{what} is capped at {}s", max.as_secs())));
+    }
+    Ok(ttl)
 }
 
 fn not_registered(cluster: &str) -> Status {

@@ -548,3 +548,12 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         (n == name).then(|| v.trim().parse().ok()).flatten()
     })
 }
+
+/// Runs `meshca ARGS` (log in `dir/<name>.log`) and asserts it refuses to start: it exits
+/// non-zero within 30 s, its log says `says`, and it never said it was listening.
+pub fn assert_refuses_to_start(name: &str, dir: &Path, args: &[&str], says: &str) {
+    let mut p = spawn_meshca(name, dir, args);
+    let status = p.wait_exit(Duration::from_secs(30));
+    let log = p.log_text();
+    assert!(!status.success() && log.contains(says) && !log.contains("listening"), "{name} ({status}):\n{log}");
+}
