@@ -31,6 +31,9 @@ pub enum Held {
         reason: String,
         /// Its version.
         version: ResourceVersion,
+        /// When all that is wrong is that it expired: what it was, still reported (the management
+        /// plane alerts on an expired intermediate) until a new one replaces it.
+        lapsed: Option<Box<Lapsed>>,
     },
     /// Written by someone else.
     Foreign {
@@ -44,6 +47,15 @@ pub enum Held {
         /// The store's error.
         error: String,
     },
+}
+
+/// An expired intermediate still in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lapsed {
+    /// Its serial.
+    pub serial: String,
+    /// What planning knew about it.
+    pub current: Current,
 }
 
 impl Held {
@@ -65,7 +77,15 @@ impl Held {
                 let current = current_of(&bundle, s);
                 Held::Ours { current, bundle: Box::new(bundle), version: v.version }
             }
-            Err(e) => Held::OursInvalid { reason: e.to_string(), version: v.version },
+            Err(e) => {
+                // Valid at the moment it expired: then all that is wrong is the time.
+                let lapsed = meshca_pki::Cert::from_pem(&files.ca_cert)
+                    .ok()
+                    .filter(|c| c.not_after() < now)
+                    .and_then(|c| CaBundle::validate(&files, c.not_after()).ok())
+                    .map(|b| Box::new(Lapsed { serial: b.ca_cert().serial_hex(), current: current_of(&b, s) }));
+                Held::OursInvalid { reason: e.to_string(), version: v.version, lapsed }
+            }
         }
     }
 
@@ -160,5 +180,43 @@ pub fn planned(bundle: &CaBundle, stamp: &Stamp) -> Current {
         generation: stamp.generation.clone(),
         rotate_handled: stamp.rotate_requests,
         roots_fingerprint: bundle.roots().fingerprint(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An expired intermediate read back (at a restart) is still known for what it was, so the
+    /// agent keeps reporting it and the management plane keeps alerting on it.
+    #[test]
+    fn an_expired_intermediate_in_place_is_kept_as_lapsed_and_a_corrupt_one_is_not() {
+        let issued_at = SystemTime::now();
+        let (bundle, _) = crate::testing::bundle_at(issued_at, Duration::from_secs(600));
+        let serial = bundle.ca_cert().serial_hex();
+        let stamp = Stamp {
+            cluster: "cluster-1".into(),
+            generation: "g1".into(),
+            rotate_requests: 0,
+            serial: serial.clone(),
+            issued_at,
+        };
+        let signer = bundle.signer();
+        let files = CaBundle::assemble(signer.key(), bundle.ca_cert(), &signer.chain()[1..], bundle.roots());
+        let read = |s: Secret| Ok(Some(Versioned { value: s, version: ResourceVersion("3".into()) }));
+        let later = issued_at + Duration::from_secs(601);
+        match Held::classify(read(secret(&files, &stamp)), later) {
+            Held::OursInvalid { lapsed: Some(l), reason, .. } => {
+                assert_eq!(l.serial, serial);
+                assert_eq!(l.current.generation, "g1");
+                assert!(l.current.not_after < later, "{reason}");
+            }
+            other => panic!("expected an expired bundle kept as lapsed, got {other:?}"),
+        }
+        let mut broken = secret(&files, &stamp);
+        broken.data.insert("ca-key.pem".into(), b"not a key".to_vec());
+        assert!(matches!(Held::classify(read(broken), later), Held::OursInvalid { lapsed: None, .. }));
     }
 }

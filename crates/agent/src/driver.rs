@@ -15,13 +15,14 @@ use meshca_pki::{KeyAlgorithm, PrivateKey, build_csr};
 use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
 use meshca_proto::mgmt::{ClusterStatus, RenewIdentityRequest, TrustState, WatchTrustRequest};
 use meshca_store::{Precondition, Store};
-use meshca_tls::{SwappableCert, grpc};
+use meshca_tls::SwappableCert;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::cacerts::{self, Held, Stamp};
+use crate::connection::Connection;
 use crate::identity::{self, AgentIdentity};
 use crate::istiod::{IstiodEffect, IstiodPlan};
 use crate::plan::{self, Trust};
@@ -56,39 +57,83 @@ pub trait ControlPlane: Send + Sync {
 /// The management plane over gRPC, with the agent's identity (stored, and swapped into the
 /// client's TLS configuration when renewed).
 pub struct GrpcControlPlane {
-    issuer: CertificateIssuerClient<Channel>,
+    issuer: Connection,
     store: Arc<dyn Store>,
     identity_key: meshca_store::ObjectKey,
-    ident: std::sync::Mutex<Arc<AgentIdentity>>,
+    state: std::sync::Mutex<IdentityState>,
     client_cert: Arc<SwappableCert>,
+}
+
+/// The agent's identity as the control plane holds it between renewals.
+struct IdentityState {
+    /// The identity in use.
+    current: Arc<AgentIdentity>,
+    /// The key of a renewal whose answer did not arrive: the retry asks for the same key, which
+    /// the management plane then certifies again even though it already moved on (see its
+    /// `identities` rules). Dropped once a renewal succeeds or is refused outright.
+    pending_key: Option<PrivateKey>,
+    /// A renewed identity in use whose save to the store failed: saved again before anything
+    /// else, so a restart does not come back with the replaced one.
+    unsaved: bool,
+}
+
+impl GrpcControlPlane {
+    fn state(&self) -> std::sync::MutexGuard<'_, IdentityState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[async_trait::async_trait]
 impl ControlPlane for GrpcControlPlane {
     async fn report(&self, status: ClusterStatus) -> Result<(), AgentError> {
-        self.issuer.clone().report_status(status).await.map_err(AgentError::rpc("ReportStatus"))?;
+        self.issuer.client().report_status(status).await.map_err(AgentError::rpc("ReportStatus"))?;
         Ok(())
     }
 
     fn identity_due(&self, now: std::time::SystemTime) -> bool {
-        self.ident.lock().unwrap_or_else(|p| p.into_inner()).needs_renewal(now)
+        let st = self.state();
+        st.unsaved || st.current.needs_renewal(now)
     }
 
     async fn renew_identity(&self) -> Result<(), AgentError> {
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| AgentError::Identity(e.to_string()))?;
+        let unsaved = {
+            let st = self.state();
+            st.unsaved.then(|| st.current.clone())
+        };
+        if let Some(id) = unsaved {
+            id.save(self.store.as_ref(), &self.identity_key).await?;
+            self.state().unsaved = false;
+            tracing::info!(serial = %id.cert.serial_hex(), "agent identity saved");
+            return Ok(());
+        }
+        let key = match self.state().pending_key.take() {
+            Some(k) => k,
+            None => PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| AgentError::Identity(e.to_string()))?,
+        };
         let csr = build_csr(&key, &[]).map_err(|e| AgentError::Identity(e.to_string()))?;
-        let resp = self
-            .issuer
-            .clone()
-            .renew_identity(RenewIdentityRequest { identity_csr: csr })
-            .await
-            .map_err(AgentError::rpc("RenewIdentity"))?;
-        let next = AgentIdentity::from_response(resp.into_inner(), key)?;
-        next.save(self.store.as_ref(), &self.identity_key).await?;
+        let resp = match self.issuer.client().renew_identity(RenewIdentityRequest { identity_csr: csr }).await {
+            Ok(r) => r,
+            Err(status) => {
+                let e = AgentError::rpc("RenewIdentity")(status);
+                if e.failure() != Failure::Refused {
+                    // The request may have been carried out with its answer lost: retry the same key.
+                    self.state().pending_key = Some(key);
+                }
+                return Err(e);
+            }
+        };
+        let next = Arc::new(AgentIdentity::from_response(resp.into_inner(), key)?);
+        // In use at once: the management plane accepts the replaced certificate only briefly.
         self.client_cert.swap(next.tls().certified_key()?);
-        tracing::info!(serial = %next.cert.serial_hex(), not_after = %rfc3339(next.cert.not_after()), "agent identity renewed");
-        *self.ident.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-        Ok(())
+        self.issuer.reconnect()?;
+        let saved = next.save(self.store.as_ref(), &self.identity_key).await;
+        {
+            let mut st = self.state();
+            st.current = next.clone();
+            st.unsaved = saved.is_err();
+        }
+        tracing::info!(serial = %next.cert.serial_hex(), not_after = %rfc3339(next.cert.not_after()), "agent identity renewed; reconnected with it");
+        saved
     }
 }
 
@@ -173,17 +218,19 @@ async fn ensure_identity(
     }
 }
 
-/// Keeps a WatchTrust stream open, reconnecting with backoff, and publishes its state.
-async fn watch_trust(
-    mut issuer: CertificateIssuerClient<Channel>,
-    opts: AgentOptions,
-    tx: watch::Sender<Link>,
-    cancel: CancellationToken,
-) {
+/// Keeps a WatchTrust stream open, reconnecting with backoff, and publishes its state. When the
+/// connection is replaced (a renewed identity), the stream moves to the new one at once.
+async fn watch_trust(mut conn: Connection, opts: AgentOptions, tx: watch::Sender<Link>, cancel: CancellationToken) {
     let mut attempt = 0u32;
     loop {
+        let mut issuer = conn.client_and_mark();
         let error = tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = conn.replaced() => {
+                tracing::info!("moving the trust stream to the connection with the renewed identity");
+                attempt = 0;
+                continue;
+            }
             e = stream_once(&mut issuer, &tx, &mut attempt) => e,
         };
         if tx.borrow().connected {
@@ -246,8 +293,7 @@ pub async fn run_with(
     let Some(ident) = ensure_identity(store.as_ref(), &opts, &shutdown).await? else { return Ok(()) };
     let client_cert = SwappableCert::new(ident.tls().certified_key()?);
     let config = identity::client_config(&ident.relay, Some(client_cert.clone()))?;
-    let channel = grpc::channel(&opts.server, config, &opts.server_name)?;
-    let issuer = CertificateIssuerClient::new(channel);
+    let issuer = Connection::new(&opts.server, &opts.server_name, config)?;
     let (link_tx, link_rx) = watch::channel(Link::default());
     let cancel = shutdown.child_token();
     let mut tasks = JoinSet::new();
@@ -258,7 +304,7 @@ pub async fn run_with(
         issuer,
         store: store.clone(),
         identity_key: opts.identity.clone(),
-        ident: std::sync::Mutex::new(Arc::new(ident)),
+        state: std::sync::Mutex::new(IdentityState { current: Arc::new(ident), pending_key: None, unsaved: false }),
         client_cert,
     });
     let result = drive(store, &opts, source, control, link_rx, cancel.clone()).await;
@@ -300,6 +346,7 @@ pub async fn drive(
         pending: None,
         logged: String::new(),
         own_writes: Default::default(),
+        expired_logged: None,
     };
     driver.run(link, cancel).await
 }
@@ -317,6 +364,8 @@ struct Driver {
     logged: String,
     /// The versions of `cacerts` this agent wrote last (the newest is the one held).
     own_writes: std::collections::VecDeque<meshca_store::ResourceVersion>,
+    /// The serial of the intermediate in service whose expiry was logged (once).
+    expired_logged: Option<String>,
 }
 
 /// How many of its own writes the agent remembers to recognise stale watch events.
@@ -333,6 +382,7 @@ impl Driver {
             let l = link.borrow_and_update().clone();
             let trust = l.trust.as_ref().map(|t| trust_of(t, self.source.as_ref()));
             let now = self.clock.now();
+            self.note_expiry(now);
             let step = self.runner.step(&Observation {
                 now,
                 held: &self.held,
@@ -422,11 +472,15 @@ impl Driver {
         }
     }
 
+    /// Logs `msg` with `error` unless the same error was the last one logged. Errors are
+    /// compared without the file-system paths in them: the directory store names the data
+    /// directory of each attempt, which differs every time.
     fn log_once(&mut self, level: tracing::Level, msg: &str, error: &str) {
-        if self.logged == error {
+        let key = without_paths(error);
+        if self.logged == key {
             return;
         }
-        self.logged = error.to_string();
+        self.logged = key;
         if level == tracing::Level::ERROR {
             tracing::error!(error = %error, "{msg}");
         } else {
@@ -435,10 +489,40 @@ impl Driver {
     }
 
     fn keep_text(&self) -> String {
-        self.held
-            .current()
-            .map(|c| format!("keeping the current cacerts (valid until {})", rfc3339(c.not_after)))
-            .unwrap_or_else(|| "no cacerts yet".into())
+        match self.held.current() {
+            Some(c) if c.not_after <= self.clock.now() => {
+                format!("the cacerts in place expired at {}", rfc3339(c.not_after))
+            }
+            Some(c) => format!("keeping the current cacerts (valid until {})", rfc3339(c.not_after)),
+            None => "no valid cacerts in place".into(),
+        }
+    }
+
+    /// Logs, once per intermediate, that the one in service has expired: from then on the
+    /// workload CA can sign nothing, and the TLS handshakes of its callers fail (its serving
+    /// certificate chains through the expired intermediate). The status report keeps naming it,
+    /// so the management plane raises its `IntermediateExpired` alert (and metric).
+    fn note_expiry(&mut self, now: std::time::SystemTime) {
+        let expired = match &self.held {
+            Held::Ours { current, bundle, .. } if current.not_after <= now => {
+                Some((bundle.ca_cert().serial_hex(), current.not_after))
+            }
+            Held::OursInvalid { lapsed: Some(l), .. } => Some((l.serial.clone(), l.current.not_after)),
+            _ => None,
+        };
+        match expired {
+            Some((serial, at)) if self.expired_logged.as_ref() != Some(&serial) => {
+                tracing::error!(
+                    %serial,
+                    expired_at = %rfc3339(at),
+                    cacerts = %self.opts.cacerts,
+                    "the cluster intermediate in service has EXPIRED: no workload certificate can be issued until a new one is written; retrying"
+                );
+                self.expired_logged = Some(serial);
+            }
+            Some(_) => {}
+            None => self.expired_logged = None,
+        }
     }
 
     /// Obtains, validates and writes a new intermediate. Returns whether to step again at once.
@@ -450,12 +534,19 @@ impl Driver {
                 self.retry_write().await
             }
             Err(e) => {
-                let wait = self.runner.failed(e.to_string(), self.clock.now(), jitter());
-                // Every failed attempt is logged (they are spaced by the backoff), with how many
-                // in a row have failed, so an outage's progress can be followed.
+                let error = e.to_string();
+                let wait = self.runner.failed(error.clone(), self.clock.now(), jitter());
+                // Logged once per distinct error (a persisting one would otherwise repeat every
+                // backoff period for as long as it lasts); every attempt at debug level. The
+                // attempts in a row are in the status report and `meshca status`.
                 let keep = self.keep_text();
                 let attempts = self.runner.failures();
-                tracing::warn!(error = %e, reason = %reason, attempts, retry_in = ?wait, "could not renew the intermediate; {keep}");
+                tracing::debug!(%error, %reason, attempts, retry_in = ?wait, "could not obtain a new intermediate");
+                self.log_once(
+                    tracing::Level::WARN,
+                    &format!("could not obtain a new intermediate ({reason}); {keep}; retrying with backoff"),
+                    &error,
+                );
                 false
             }
         }
@@ -509,10 +600,19 @@ impl Driver {
             }
             Err(e) => {
                 let e = AgentError::Store(e);
-                let wait = self.runner.failed(e.to_string(), self.clock.now(), jitter());
+                let error = e.to_string();
+                let wait = self.runner.failed(error.clone(), self.clock.now(), jitter());
                 let keep = self.keep_text();
                 let attempts = self.runner.failures();
-                tracing::warn!(error = %e, attempts, retry_in = ?wait, "writing cacerts failed; the intermediate obtained is kept and the write retried; {keep}");
+                tracing::debug!(%error, attempts, retry_in = ?wait, "writing cacerts failed");
+                self.log_once(
+                    tracing::Level::WARN,
+                    &format!(
+                        "writing cacerts failed; the intermediate obtained (serial {}) is kept in memory and its write retried with backoff, no new one is asked for; {keep}",
+                        p.stamp.serial
+                    ),
+                    &error,
+                );
                 // A conflict means someone else wrote: look again before the next attempt.
                 if matches!(e, AgentError::Store(meshca_store::StoreError::Conflict { .. })) {
                     let read = self.store.get(&self.opts.cacerts).await;
@@ -616,20 +716,54 @@ impl Driver {
         };
         // The lifetime start reported is the issuance time (NotBefore is backdated), so the
         // management plane's overdue alerts plan with the same numbers as the agent.
-        if let Held::Ours { current, bundle, .. } = &self.held {
-            st.intermediate_serial = bundle.ca_cert().serial_hex();
+        // An expired intermediate still in place is reported too, so the management plane
+        // alerts on it.
+        let in_place = match &self.held {
+            Held::Ours { current, bundle, .. } => Some((bundle.ca_cert().serial_hex(), current, Some(bundle))),
+            Held::OursInvalid { lapsed: Some(l), .. } => Some((l.serial.clone(), &l.current, None)),
+            _ => None,
+        };
+        if let Some((serial, current, bundle)) = in_place {
+            st.intermediate_serial = serial;
             st.intermediate_not_after = unix(current.not_after);
             st.intermediate_not_before = unix(current.not_before);
             st.root_set_fingerprint = current.roots_fingerprint.clone();
             st.policy_generation = current.generation.clone();
             // What a root rotation's barrier checks: the root this cluster signs under, and
-            // the certificate that signed its intermediate.
-            let signer = bundle.signer();
-            st.chain_root_fingerprint = signer.root().fingerprint();
-            st.intermediate_issuer_fingerprint = signer.chain().get(1).map(|c| c.fingerprint()).unwrap_or_default();
+            // the certificate that signed its intermediate (an expired one signs nothing).
+            if let Some(bundle) = bundle {
+                let signer = bundle.signer();
+                st.chain_root_fingerprint = signer.root().fingerprint();
+                st.intermediate_issuer_fingerprint = signer.chain().get(1).map(|c| c.fingerprint()).unwrap_or_default();
+            }
         }
         if let Err(e) = self.control.report(st).await {
             tracing::debug!(error = %e, "status report failed");
         }
+    }
+}
+
+/// `error` with every word that looks like a file-system path (it contains a `/` and a `..v`
+/// data-directory name, or starts with `/`) replaced by `<path>`, so two failures of the same
+/// kind compare equal.
+fn without_paths(error: &str) -> String {
+    error
+        .split(' ')
+        .map(|w| if w.starts_with('/') || w.contains("/..") { "<path>" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn errors_differing_only_in_their_paths_compare_equal() {
+        let a =
+            "store: /agent/istio-system/cacerts/..v0000000003_ab12/ca-cert.pem: No space left on device (os error 28)";
+        let b =
+            "store: /agent/istio-system/cacerts/..v0000000004_cd34/ca-cert.pem: No space left on device (os error 28)";
+        assert_eq!(super::without_paths(a), super::without_paths(b));
+        assert_ne!(super::without_paths(a), super::without_paths("store: Permission denied"));
+        assert_eq!(super::without_paths("Unavailable: connection refused"), "Unavailable: connection refused");
     }
 }

@@ -13,10 +13,12 @@
 //! - [`istiod`]: istiod's Deployment — restarts after `cacerts` changes, the Vault agent sidecar
 //!   (pure; the driver patches it through [`istiod::IstiodControl`]).
 //! - [`cacerts`]: the `cacerts` object held and written; [`identity`]: the agent's own
-//!   certificate; [`source`]: where intermediates come from (the management plane, or Vault).
+//!   certificate; [`connection`]: the mTLS channel, replaced when that certificate is renewed;
+//!   [`source`]: where intermediates come from (the management plane, or Vault).
 #![forbid(unsafe_code)]
 
 pub mod cacerts;
+pub mod connection;
 pub mod driver;
 pub mod identity;
 pub mod istiod;

@@ -5,11 +5,10 @@
 use meshca_pki::bundle::BundleFiles;
 use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
 use meshca_proto::IssueReason;
-use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
 use meshca_proto::mgmt::{IssueIntermediateRequest, IssueIntermediateResponse, TrustState};
-use tonic::transport::Channel;
 
 use crate::AgentError;
+use crate::connection::Connection;
 
 /// A new intermediate: the four `cacerts` files (key included) and what to record about it.
 pub struct Obtained {
@@ -78,8 +77,8 @@ pub fn csr_for(key: &PrivateKey, organization: &str, cluster: &str) -> Result<St
 
 /// The management plane's certificate issuer service.
 pub struct ManagementSource {
-    /// The mTLS client.
-    pub issuer: CertificateIssuerClient<Channel>,
+    /// The mTLS connection (replaced when the agent's identity is renewed).
+    pub issuer: Connection,
 }
 
 #[async_trait::async_trait]
@@ -94,7 +93,7 @@ impl IntermediateSource for ManagementSource {
         let csr = csr_for(&key, meshca_policy::defaults::ORGANIZATION, req.cluster)?;
         let resp = self
             .issuer
-            .clone()
+            .client()
             .issue_intermediate(IssueIntermediateRequest { csr, reason: req.reason as i32 })
             .await
             .map_err(AgentError::rpc(CALL))?

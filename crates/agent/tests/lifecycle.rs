@@ -399,3 +399,68 @@ async fn a_failed_write_keeps_the_intermediate_obtained_and_writes_it_later() {
     assert_eq!(w.calls().len(), 2, "the intermediate written is the one obtained");
     w.stop().await;
 }
+
+/// Collects what the agent logs, for the test whose point is how often it logs.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn lines(&self, needle: &str) -> Vec<String> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+    }
+}
+
+/// The attack: an agent whose renewals keep failing logged the same warning on every attempt,
+/// for as long as the condition lasted (a line every 30 s, for ever), and said "keeping the
+/// current cacerts (valid until <a time already past>)" once it had expired. Now a persisting
+/// error is logged once per change, the expiry once (at ERROR), and the expired intermediate
+/// stays in the status report so the management plane raises its IntermediateExpired alert and
+/// metric. (A current-thread runtime, so the agent's task logs into this test's subscriber.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_persisting_failure_and_an_expiry_are_logged_once_each() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let w = World::start().await;
+    let first = w.serial().unwrap();
+    w.source.down.store(true, Ordering::SeqCst);
+    w.link.send_modify(|l| l.trust = Some(trust("g2")));
+    w.until("the first failed attempt", |w| w.calls().len() == 2).await;
+    // Past the intermediate's 1000 s lifetime, one simulated second at a time.
+    for _ in 0..1100 {
+        w.advance(Duration::from_secs(1)).await;
+    }
+    assert!(w.calls().len() >= 30, "it kept retrying: {} attempts", w.calls().len());
+    let warnings = logs.lines(" WARN ");
+    assert_eq!(warnings.len(), 1, "one warning for one persisting error, not one per attempt: {warnings:#?}");
+    assert!(warnings[0].contains("could not obtain a new intermediate") && warnings[0].contains("connection refused"));
+    let errors = logs.lines(" ERROR ");
+    assert_eq!(errors.len(), 1, "the expiry, once: {errors:#?}");
+    assert!(errors[0].contains("EXPIRED") && errors[0].contains(&first), "{}", errors[0]);
+    let r = w.last_report();
+    assert_eq!(r.intermediate_serial, first, "the expired intermediate is still reported");
+    assert!(r.intermediate_not_after < meshca_clock::unix(w.clock.now()));
+    // Degraded, or Renewing when the report came from a step that was also retrying.
+    assert!(matches!(r.phase(), Phase::Degraded | Phase::Renewing), "{:?}", r.phase());
+
+    w.source.down.store(false, Ordering::SeqCst);
+    w.advance(Duration::from_secs(31)).await;
+    w.until("recovery", |w| w.serial().is_some_and(|s| s != first)).await;
+    w.stop().await;
+}

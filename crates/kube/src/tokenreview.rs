@@ -12,13 +12,13 @@
 //! the API server accepted it), or [`UNKNOWN_EXPIRY_CACHE`] for a token without one.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use meshca_workload_ca::authn::{AuthError, Authenticated, Authenticator, parse_service_account};
+use meshca_clock::SharedClock;
+use meshca_workload_ca::authn::{AuthError, Authenticated, Authenticator, parse_service_account, read_time_claims};
 
 /// How long an accepted token without an `exp` claim (a legacy Secret-based token) is trusted
 /// before it is reviewed again.
@@ -30,6 +30,7 @@ pub struct TokenReviewAuthenticator {
     remotes: HashMap<String, Client>,
     audience: String,
     local_cluster: Option<String>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for TokenReviewAuthenticator {
@@ -45,7 +46,19 @@ impl std::fmt::Debug for TokenReviewAuthenticator {
 impl TokenReviewAuthenticator {
     /// Reviews with `local` (this cluster's API server) for `audience` (Istio's: `istio-ca`).
     pub fn new(local: Client, audience: &str) -> Self {
-        TokenReviewAuthenticator { local, remotes: HashMap::new(), audience: audience.to_string(), local_cluster: None }
+        TokenReviewAuthenticator {
+            local,
+            remotes: HashMap::new(),
+            audience: audience.to_string(),
+            local_cluster: None,
+            clock: meshca_clock::system(),
+        }
+    }
+
+    /// The same reviewer, timing cached answers on `clock`.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The name of the local cluster: a request whose `clusterid` names it is reviewed locally.
@@ -71,12 +84,16 @@ impl TokenReviewAuthenticator {
     }
 }
 
-/// The `exp` claim of a JWT, unverified: read only after the API server vouched for the token.
-fn expiry(token: &str) -> Option<SystemTime> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(claims.get("exp")?.as_u64()?))
+/// How long the API server's answer about `token` may be cached from `now`: until the token's own
+/// `exp` (read without verifying — the API server vouched for the token — and range-checked, so
+/// a huge or malformed `exp` is refused instead of overflowing a time), or
+/// [`UNKNOWN_EXPIRY_CACHE`] for a token without one.
+fn expiry(token: &str, now: std::time::SystemTime) -> Result<std::time::SystemTime, AuthError> {
+    let times = read_time_claims(token)?;
+    Ok(match times.exp {
+        Some(exp) => meshca_clock::from_unix(i64::try_from(exp).unwrap_or(i64::MAX)),
+        None => now + UNKNOWN_EXPIRY_CACHE,
+    })
 }
 
 #[async_trait::async_trait]
@@ -105,21 +122,54 @@ impl Authenticator for TokenReviewAuthenticator {
         }
         let username = status.user.and_then(|u| u.username).unwrap_or_default();
         let caller = parse_service_account(&username)?;
-        let expires_at = expiry(token).unwrap_or_else(|| SystemTime::now() + UNKNOWN_EXPIRY_CACHE);
+        let expires_at = expiry(token, self.clock.now())?;
         Ok(Authenticated { caller, expires_at })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use base64::Engine;
+    use meshca_clock::{Clock, ManualClock};
+
     use super::*;
 
+    fn token(claims: &str) -> String {
+        format!("h.{}.s", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims))
+    }
+
     #[test]
-    fn expiry_is_read_from_the_payload() {
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"exp":1700000000,"sub":"x"}"#);
-        let t = format!("h.{payload}.s");
-        assert_eq!(expiry(&t), Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
-        assert_eq!(expiry("garbage"), None);
-        assert_eq!(expiry("a.!!!.c"), None);
+    fn expiry_is_read_from_the_payload_on_the_injected_clock() {
+        let now = ManualClock::at_2026().now();
+        assert_eq!(
+            expiry(&token(r#"{"exp":1700000000,"sub":"x"}"#), now),
+            Ok(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        for opaque in ["garbage", "a.!!!.c", &token("[1,2]"), &token(r#"{"sub":"x"}"#)] {
+            assert_eq!(expiry(opaque, now), Ok(now + UNKNOWN_EXPIRY_CACHE), "{opaque}");
+        }
+    }
+
+    /// The attack: a token from a trusted issuer with `exp` ≥ 2^63 used to panic the request task
+    /// (`UNIX_EPOCH + Duration::from_secs(exp)` overflows). It is refused instead, as is every
+    /// other numeric claim that is not a time.
+    #[test]
+    fn a_huge_or_malformed_time_claim_is_refused_not_a_panic() {
+        let now = SystemTime::now();
+        for claims in [
+            r#"{"exp":9223372036854775808}"#,
+            r#"{"exp":18446744073709551615}"#,
+            r#"{"exp":253402300800}"#,
+            r#"{"exp":1e300}"#,
+            r#"{"exp":-1}"#,
+            r#"{"exp":"soon"}"#,
+            r#"{"exp":1700000000,"nbf":18446744073709551615}"#,
+            r#"{"exp":1700000000,"iat":1.5}"#,
+        ] {
+            let e = expiry(&token(claims), now).expect_err(claims);
+            assert!(matches!(e, AuthError::Rejected(_)), "{claims}: {e}");
+        }
     }
 }

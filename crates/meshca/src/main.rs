@@ -44,6 +44,9 @@ enum Command {
     /// Manage the RootTrustPolicy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Manage operator credentials.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
     /// Build a whole trust chain in one process (root, one intermediate per cluster, leaves),
     /// write each cluster's `cacerts`, and verify everything.
     Demo(cmd::demo::Args),
@@ -57,6 +60,17 @@ enum Command {
 enum ClusterCmd {
     /// Create a single-use bootstrap token that registers a cluster.
     Add(cmd::operator::ClusterAddArgs),
+    /// Remove a cluster: its agent's identity is refused and nothing is issued to it from now
+    /// on; its registration, issued log and last status are archived.
+    Remove(cmd::operator::ClusterRemoveArgs),
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Issue credentials for another operator (written to a folder, key 0600).
+    Issue(cmd::operator::OperatorIssueArgs),
+    /// Revoke operator credentials: every later call with them is refused.
+    Revoke(cmd::operator::OperatorRevokeArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,8 +79,17 @@ enum PolicyCmd {
     Apply(cmd::operator::PolicyApplyArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", cmd::error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     // `up` owns the terminal for its display and logs to a file of its own.
     if !matches!(cli.command, Command::Up(_)) {
         cmd::init_logging(cli.log_format);
@@ -81,6 +104,9 @@ fn main() -> anyhow::Result<()> {
             Command::Up(a) => cmd::up::run(a).await,
             Command::Token(a) => cmd::up::token(a),
             Command::Cluster(ClusterCmd::Add(a)) => cmd::operator::cluster_add(a).await,
+            Command::Cluster(ClusterCmd::Remove(a)) => cmd::operator::cluster_remove(a).await,
+            Command::Operator(OperatorCmd::Issue(a)) => cmd::operator::operator_issue(a).await,
+            Command::Operator(OperatorCmd::Revoke(a)) => cmd::operator::operator_revoke(a).await,
             Command::Status(a) => cmd::operator::status(a).await,
             Command::Rotate(a) => cmd::operator::rotate(a).await,
             Command::Policy(PolicyCmd::Apply(a)) => cmd::operator::policy_apply(a).await,

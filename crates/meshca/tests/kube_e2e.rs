@@ -7,12 +7,14 @@
 //! `openssl verify`; the policy's status shows both clusters with their serials, NotAfters and
 //! conditions; the agent's credentials get 403 for every other Secret operation while the agent
 //! works; the workload CA authenticates callers by TokenReview (audience `istio-ca`, `clusterid`
-//! choosing the API server) and issues exactly `spiffe://cluster.local/ns/<ns>/sa/<sa>`.
+//! choosing the API server) and issues exactly `spiffe://cluster.local/ns/<ns>/sa/<sa>`, and
+//! refuses a token the API server vouches for whose `exp` is out of range.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 mod kube_support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -293,6 +295,14 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
         assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
         eprintln!("refused {what}: {}", err.message());
     }
+    // A token the API server vouches for (its own signing key, a live service account) whose
+    // exp is 9e18: within Go's int64 seconds, far past any time meshca does arithmetic on. The
+    // TokenReview path used to read it unchecked (UNIX_EPOCH + exp; 2^63 and more panicked the
+    // request task); now it is refused like every out-of-range time claim.
+    let far = resign_with_exp(d, &c1, &good, 9_000_000_000_000_000_000);
+    let err = create_certificate(&mut client, csr_request(&csr, Some(&far), None, 3600)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("exp claim") && err.message().contains("out of range"), "{err:?}");
     // clusterid selects cluster-2's API server, which vouches for its own service account.
     let chain =
         create_certificate(&mut client, csr_request(&csr, Some(&remote), Some("cluster-2"), 3600)).await.unwrap();
@@ -310,4 +320,20 @@ async fn mgmt_secret_record(api: &meshca_kube::testing::ApiServer, name: &str) -
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(api.admin().await, "meshca");
     let s = secrets.get(name).await.unwrap();
     serde_json::from_slice(&s.data.unwrap()["record.json"].0).unwrap()
+}
+
+/// `token` (a service-account JWT of `api`) with its `exp` claim set to `exp`, signed again with
+/// the API server's own service-account key (RS256, with the OpenSSL CLI), header kept.
+fn resign_with_exp(d: &Path, api: &meshca_kube::testing::ApiServer, token: &str, exp: u64) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.split('.');
+    let (header, payload) = (parts.next().unwrap(), parts.next().unwrap());
+    let mut claims: Value = serde_json::from_slice(&b64.decode(payload).unwrap()).unwrap();
+    claims["exp"] = Value::from(exp);
+    let signing_input = format!("{header}.{}", b64.encode(serde_json::to_vec(&claims).unwrap()));
+    std::fs::write(d.join("resign.txt"), &signing_input).unwrap();
+    let key = api.dir.join("sa.key");
+    openssl_ok(d, &["dgst", "-sha256", "-sign", key.to_str().unwrap(), "-out", "resign.sig", "resign.txt"]);
+    format!("{signing_input}.{}", b64.encode(std::fs::read(d.join("resign.sig")).unwrap()))
 }

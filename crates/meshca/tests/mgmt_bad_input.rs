@@ -652,3 +652,136 @@ fn a_token_for_another_cluster_is_refused_and_stays_usable() {
     });
     assert!(right.log_text().contains("registered with the management plane"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// What reaches the operator (issue 19): reported text, unknown clusters, CLI errors.
+// ---------------------------------------------------------------------------------------------
+
+/// What an operator's terminal receives stays text: an agent's reported error full of ANSI/OSC
+/// sequences (clear screen, window title, a forged "no alerts") is shown escaped by `meshca
+/// status`; `meshca rotate` of an unknown cluster is `NotFound` (a malformed name
+/// `InvalidArgument`) and the server logs no internal error for it; and with `RUST_BACKTRACE=1`
+/// set, as on many developers' machines, an ordinary CLI error prints without a stack trace.
+#[test]
+fn the_operator_terminal_gets_escaped_reports_plain_not_found_and_no_backtraces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let m = Mgmt::start(d, &[]);
+    let rt = runtime();
+    let (relay_pem, cert, key) = registered_identity(&rt, d, &m, "cluster-1");
+    let hostile = "\u{1b}[2J\u{1b}[H\u{1b}]0;all clear\u{7}\u{1b}[32mno alerts\u{1b}[0m\u{9b}1A";
+    rt.block_on(async {
+        CertificateIssuerClient::new(channel(&m, client_config(&relay_pem, Some((&cert, &[], &key)))))
+            .report_status(meshca_proto::mgmt::ClusterStatus {
+                phase: meshca_proto::Phase::Degraded as i32,
+                last_error: hostile.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    });
+    let (ok, out, err) = run(&["status", "--credentials", &m.creds()]);
+    assert!(ok, "{err}");
+    let raw = |c: char| c != '\n' && meshca_proto::text::needs_escape(c);
+    assert!(!out.chars().any(raw), "raw control characters: {out:?}");
+    assert!(out.contains("\\x1b[2J\\x1b[H\\x1b]0;all clear\\x07"), "shown escaped:\n{out}");
+    let (ok, json, _) = run(&["status", "-o", "json", "--credentials", &m.creds()]);
+    assert!(ok && !json.contains('\u{1b}') && json.contains("\\\\x1b[2J"), "{json}");
+
+    for (name, code, says) in [
+        ("nope", "NotFound", "cluster nope is not registered"),
+        ("Bad_Name", "InvalidArgument", "is not a DNS-1123 label"),
+    ] {
+        let out = std::process::Command::new(meshca())
+            .args(["rotate", name, "--credentials", &m.creds()])
+            .env("RUST_BACKTRACE", "1")
+            .env("RUST_LIB_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.starts_with(&format!("Error: {code}: ")) && stderr.contains(says), "{stderr}");
+        assert!(!stderr.to_lowercase().contains("backtrace"), "an ordinary error, no stack trace:\n{stderr}");
+    }
+    let out = std::process::Command::new(meshca())
+        .args(["status", "--credentials", d.join("missing").to_str().unwrap()])
+        .env("RUST_BACKTRACE", "full")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("operator.pem"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("backtrace") && !stderr.contains("main.rs"), "{stderr}");
+    let log = m.proc.log_text();
+    assert!(!log.contains("internal error"), "a not-found is not an internal error:\n{log}");
+}
+
+/// `meshca cluster remove` stops a running agent at once (its identity is refused on its open
+/// trust stream and every call; nothing more is issued) and archives the cluster's records;
+/// `meshca operator issue` gives a second operator credentials of her own, and `meshca operator
+/// revoke` makes every later call with them fail. The metrics endpoint refuses to start with an
+/// empty token file and accepts the bearer scheme in any case.
+#[test]
+fn removing_a_cluster_stops_its_agent_and_revoked_operators_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let empty = write_file(d, "empty-token", "  \n");
+    let data = d.join("refused");
+    assert_refuses_to_start(
+        "server-empty-token",
+        d,
+        &[
+            "server",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-token-file",
+            empty.to_str().unwrap(),
+        ],
+        "empty-token is empty",
+    );
+
+    let token = write_file(d, "metrics-token", "m3trics\n");
+    let mut m = Mgmt::start(d, &["--metrics-listen", "127.0.0.1:0", "--metrics-token-file", token.to_str().unwrap()]);
+    let line = m.proc.wait_for_log(Duration::from_secs(10), "metrics listening");
+    let maddr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    assert_eq!(http_get_authorized(&maddr, "/metrics", Some("Bearer wrong")).0, 401);
+    assert_eq!(http_get_authorized(&maddr, "/metrics", Some("bearer m3trics")).0, 200, "RFC 7235: any case");
+
+    let (t, relay) = m.add_cluster(d, "cluster-1");
+    let mut a = agent(d, &m, "cluster-1", Some(&t), Some(&relay), &[]);
+    wait_for(Duration::from_secs(30), "cluster-1's cacerts", || valid_bundle(&cacerts_dir(d, "cluster-1")).ok());
+    let (ok, out, err) = run(&["cluster", "remove", "cluster-1", "--credentials", &m.creds()]);
+    assert!(ok && out.contains("cluster cluster-1 removed"), "{out}{err}");
+    wait_for(Duration::from_secs(10), "the agent to be refused", || {
+        let log = a.log_text();
+        (log.contains("Unauthenticated") && log.contains("cluster cluster-1 is not registered")).then_some(())
+    });
+    a.assert_running();
+    let (ok, out, _) = run(&["rotate", "cluster-1", "--credentials", &m.creds()]);
+    assert!(!ok, "{out}");
+    assert!(status_cluster(&m.status_json(), "cluster-1").is_none());
+    let archived = StoreView::mgmt(&m).list("meshca");
+    assert!(archived.iter().any(|n| n.starts_with("archived.cluster-1.")), "{archived:?}");
+    assert!(!archived.iter().any(|n| n == "cluster-cluster-1" || n == "issued-cluster-1"), "{archived:?}");
+    let (ok, _, err) = run(&["cluster", "remove", "cluster-1", "--credentials", &m.creds()]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+
+    let alice = d.join("alice");
+    let (ok, out, err) =
+        run(&["operator", "issue", "alice", "--out", alice.to_str().unwrap(), "--credentials", &m.creds()]);
+    assert!(ok, "{out}{err}");
+    let serial = out.split("serial ").nth(1).unwrap().split(',').next().unwrap().to_string();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(alice.join("operator-key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    let (ok, _, err) = run(&["status", "--credentials", alice.to_str().unwrap()]);
+    assert!(ok, "alice's credentials work: {err}");
+    let (ok, out, err) = run(&["operator", "revoke", &serial, "--credentials", &m.creds()]);
+    assert!(ok && out.contains("revoked") && out.contains("alice"), "{out}{err}");
+    let (ok, _, err) = run(&["status", "--credentials", alice.to_str().unwrap()]);
+    assert!(!ok && err.contains("Unauthenticated") && err.contains("revoked"), "{err}");
+    let (ok, _, err) = run(&["status", "--credentials", &m.creds()]);
+    assert!(ok, "the admin is not affected: {err}");
+}

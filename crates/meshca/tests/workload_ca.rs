@@ -210,8 +210,10 @@ fn tampered_csr(dir: &Path, csr: &str) -> String {
 /// (UNAUTHENTICATED), a token signed by another key (UNAUTHENTICATED), garbage instead of a CSR
 /// (INVALID_ARGUMENT), a CSR whose signature does not verify (INVALID_ARGUMENT), an Ed25519 key
 /// (INVALID_ARGUMENT), a 1 MB request (OUT_OF_RANGE: gRPC's message-size limit, 64 KiB, refuses it
-/// before any handler runs), an RSA-1024 key (INVALID_ARGUMENT, says too small) and an
-/// `ImpersonatedIdentity` request (PERMISSION_DENIED). A CSR asking for another identity's SAN,
+/// before any handler runs), an RSA-1024 key (INVALID_ARGUMENT, says too small), an RSA key with
+/// public exponent 3 (INVALID_ARGUMENT), tokens from the trusted issuer with `exp` or `nbf` of
+/// 2^63 and more (UNAUTHENTICATED, out of range — they used to panic the request task) and an
+/// `ImpersonatedIdentity` request (PERMISSION_DENIED). A CSR wrapped at 76 columns is signed. A CSR asking for another identity's SAN,
 /// a DNS name and CA:TRUE is signed — Istio clients send whatever CSR they like — but the leaf
 /// carries only the caller's identity, CA:FALSE and no certificate-signing usage.
 #[test]
@@ -284,6 +286,61 @@ fn hostile_callers_get_the_right_status_and_no_certificate() {
         let small = openssl_csr(d, "rsa1024", OpensslKey::Rsa(1024), &[]);
         let r = create_certificate(&mut c, csr_request(&small, Some(&token), None, 0)).await;
         refused_then_still_serving("RSA-1024", r, Code::InvalidArgument, Some("too small"), &mut c, &good).await;
+
+        // An RSA key with public exponent 3 (OpenSSL makes it on request): refused for a leaf.
+        let (ok, out) = openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-pkeyopt",
+                "rsa_keygen_pubexp:3",
+                "-out",
+                "e3.key",
+            ],
+        );
+        assert!(ok, "{out}");
+        let (ok, out) = openssl(d, &["req", "-new", "-key", "e3.key", "-subj", "/CN=e3", "-out", "e3.csr"]);
+        assert!(ok, "{out}");
+        let e3 = std::fs::read_to_string(d.join("e3.csr")).unwrap();
+        let r = create_certificate(&mut c, csr_request(&e3, Some(&token), None, 0)).await;
+        refused_then_still_serving("RSA e=3", r, Code::InvalidArgument, Some("exponent 3"), &mut c, &good).await;
+
+        // A token from the trusted issuer whose exp is 2^63 (and one whose nbf is): refused,
+        // and the server is still there to answer the next request.
+        for (claim, value) in [("exp", serde_json::json!(1u64 << 63)), ("nbf", serde_json::json!(u64::MAX))] {
+            let t = unix(now);
+            let mut claims = serde_json::json!({
+                "iss": ISSUER, "sub": "system:serviceaccount:default:sleep", "aud": [ISTIO_CA_AUDIENCE],
+                "iat": t, "nbf": t, "exp": t + 600,
+            });
+            claims[claim] = value;
+            let huge = idp.sign_claims(&claims).unwrap();
+            let r = create_certificate(&mut c, csr_request(&csr, Some(&huge), None, 0)).await;
+            refused_then_still_serving(
+                &format!("a huge {claim}"),
+                r,
+                Code::Unauthenticated,
+                Some("out of range"),
+                &mut c,
+                &good,
+            )
+            .await;
+        }
+
+        // The same CSR with its base64 wrapped at 76 columns (RFC 7468 allows it): signed.
+        let (ok, b64) = openssl(d, &["req", "-in", "good.csr", "-outform", "DER", "-out", "good.der"]);
+        assert!(ok, "{b64}");
+        let (ok, b64) = openssl(d, &["base64", "-A", "-in", "good.der"]);
+        assert!(ok, "{b64}");
+        let lines: Vec<&str> = b64.trim().as_bytes().chunks(76).map(|l| std::str::from_utf8(l).unwrap()).collect();
+        let wide =
+            format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", lines.join("\n"));
+        let chain = create_certificate(&mut c, csr_request(&wide, Some(&token), None, 0)).await.expect("76 columns");
+        assert_eq!(leaf_of(&chain).uri_sans(), [SLEEP_ID.to_string()]);
 
         let mut imp = csr_request(&csr, Some(&token), None, 0);
         let mut md = prost_types::Struct::default();
@@ -783,7 +840,8 @@ fn a_new_intermediate_signs_within_a_second_and_bad_bundles_are_refused() {
 /// `citadel_server_success_cert_issuance_total`, `citadel_server_authentication_failure_total`,
 /// `citadel_server_csr_sign_err_total`) and the issuance latency histogram count what happened,
 /// and `citadel_server_cert_chain_expiry_timestamp` moves to the new intermediate's NotAfter
-/// after a reload (istiod's does not).
+/// after a reload (istiod's does not). The bearer scheme is matched case-insensitively, and an
+/// empty token file stops the workload CA at start.
 #[test]
 fn metrics_need_the_token_count_requests_and_follow_a_reload() {
     let tmp = tempfile::tempdir().unwrap();
@@ -806,6 +864,34 @@ fn metrics_need_the_token_count_requests_and_follow_a_reload() {
     let maddr = wca.metrics.clone().unwrap();
     assert_eq!(http_get(&maddr, "/metrics", None).0, 401, "no token");
     assert_eq!(http_get(&maddr, "/metrics", Some("wrong")).0, 401, "wrong token");
+    // The scheme name is case-insensitive (RFC 7235): Prometheus and curl users write either.
+    for scheme in ["bearer", "BEARER"] {
+        let (code, body) = http_get_authorized(&maddr, "/metrics", Some(&format!("{scheme} {metrics_token}")));
+        assert_eq!(code, 200, "{scheme}: {body}");
+    }
+    // An empty token file is refused at start, not taken as "no token".
+    let empty = write_file(d, "empty-token", "\n");
+    let jwks = write_file(d, "jwks-empty-token.json", &idp.jwks_json());
+    assert_refuses_to_start(
+        "workload-ca-empty-token",
+        d,
+        &[
+            "workload-ca",
+            "--cacerts",
+            obj.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-issuer",
+            ISSUER,
+            "--jwks",
+            jwks.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-token-file",
+            empty.to_str().unwrap(),
+        ],
+        "empty-token is empty",
+    );
     let scrape = || {
         let (code, body) = http_get(&maddr, "/metrics", Some(metrics_token));
         assert_eq!(code, 200, "{body}");

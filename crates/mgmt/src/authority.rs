@@ -209,7 +209,7 @@ pub async fn load(store: &dyn Store, policy: Policy, now: SystemTime) -> Authori
             let roots = RootSet::from_certs(vec![signer.root().clone()]).map_err(|e| MgmtError::pki("root set", e))?;
             Ok(Capability::Signing(Arc::new(Signing { signer: Arc::new(signer), roots })))
         })
-        .unwrap_or_else(|e| Capability::Unavailable { reason: e.to_string() });
+        .unwrap_or_else(|e| Capability::Unavailable { reason: unavailable_reason(&e) });
     Authority::new(policy, capability, warning)
 }
 
@@ -275,4 +275,16 @@ async fn load_intermediate(store: &dyn Store, ns: &str, name: &str, now: SystemT
     let middle = if chain.len() > 2 { &chain[1..chain.len() - 1] } else { &[] };
     meshca_pki::verify_chain(cert, middle, &roots, now, meshca_pki::Usage::Ca).map_err(|e| bad(e.to_string()))?;
     Ok(signer)
+}
+
+/// Why the policy's CA cannot sign, as agents (refused issuance) and operators (status) are told.
+/// A policy problem says which field; a failure of the store or the disk under it is logged in
+/// full and reported by error id only, like every internal failure.
+fn unavailable_reason(e: &MgmtError) -> String {
+    match e {
+        MgmtError::Store(_) | MgmtError::Io { .. } => {
+            format!("the CA could not be loaded: {}", crate::error::caller_message(e))
+        }
+        other => other.to_string(),
+    }
 }

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::authority::{Authority, Capability};
+use crate::identities::{self, Standing};
 use crate::issuer::Issuer;
 use crate::loader::PolicySource;
-use crate::records::{self, ClusterRecord, StatusRecord};
+use crate::records::{self, ClusterRecord, OperatorLog, StatusRecord};
 use crate::relay::RelayCa;
 
 /// Tunables of the services.
@@ -39,6 +40,10 @@ pub struct Settings {
     pub default_token_ttl: Duration,
     /// Longest bootstrap-token lifetime an operator may ask for.
     pub max_token_ttl: Duration,
+    /// After an agent renews its identity, how long the certificate it replaced is still
+    /// accepted (calls on connections opened before the renewal; the agent reconnects at once).
+    /// See [`crate::identities`].
+    pub identity_overlap: Duration,
 }
 
 impl Default for Settings {
@@ -48,6 +53,7 @@ impl Default for Settings {
             report_interval: Duration::from_secs(30),
             default_token_ttl: Duration::from_secs(3600),
             max_token_ttl: Duration::from_secs(7 * 86400),
+            identity_overlap: crate::identities::DEFAULT_OVERLAP,
         }
     }
 }
@@ -80,6 +86,9 @@ pub struct Shared {
     pub peers: meshca_serve::KeyedLimiter<meshca_serve::PeerKey>,
     /// The serving layer's counters (refusals are counted here too).
     pub serve_metrics: meshca_serve::ServeMetrics,
+    /// The operator credentials this server keeps on its own disk (`<data-dir>/operator`), which
+    /// it replaces when they are revoked.
+    pub local_operator: Option<crate::operators::LocalCredentials>,
 }
 
 /// Refuses a call that signs or rotates on a replica that does not hold the lease. Followers
@@ -89,40 +98,72 @@ pub(crate) fn require_leader(s: &Shared) -> Result<(), Status> {
     if s.issuer.leads() { Ok(()) } else { Err(crate::issuer::Denied::NotLeader.into_status()) }
 }
 
-/// An unexpected failure: logged with its detail, answered as `internal`.
-pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "internal error");
-    Status::internal(e.to_string())
+/// An unexpected failure: logged with its detail under an error id, answered with only the id
+/// ([`crate::error::caller_status`]).
+pub(crate) fn internal(e: impl std::error::Error + 'static) -> Status {
+    crate::error::caller_status(&e)
 }
 
-/// The verified caller of a mutual-TLS call.
-fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+/// The verified caller of a mutual-TLS call, and the serial of the certificate it presented.
+pub(crate) struct Presented {
+    /// Who.
+    pub caller: Caller,
+    /// Uppercase hex.
+    pub serial: String,
+}
+
+/// Who is calling, from the client certificate the TLS layer verified against the relay CA.
+fn presented<T>(req: &Request<T>) -> Result<Presented, Status> {
     let certs = meshca_tls::grpc::peer_certs(req).ok_or_else(|| {
         Status::unauthenticated("this call requires a client certificate (mutual TLS) from the relay CA")
     })?;
     let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
     let cert =
         Cert::from_der(leaf.to_vec()).map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-    cert.uri_sans()
-        .iter()
-        .find_map(|u| Caller::from_uri(u))
-        .ok_or_else(|| Status::permission_denied("the client certificate carries no meshca control-plane identity"))
+    let caller =
+        cert.uri_sans().iter().find_map(|u| Caller::from_uri(u)).ok_or_else(|| {
+            Status::permission_denied("the client certificate carries no meshca control-plane identity")
+        })?;
+    Ok(Presented { caller, serial: cert.serial_hex() })
 }
 
-/// The calling agent's cluster.
-pub(crate) fn agent<T>(req: &Request<T>) -> Result<String, Status> {
-    match caller(req)? {
-        Caller::Agent { cluster } => Ok(cluster),
-        other => Err(Status::permission_denied(format!("{other} may not call the certificate issuer"))),
-    }
+/// An agent call whose certificate is its cluster's current identity, or the predecessor within
+/// its overlap window ([`crate::identities`]).
+pub(crate) struct AgentCall {
+    /// The cluster.
+    pub cluster: String,
+    /// The serial presented.
+    pub serial: String,
 }
 
-/// The calling operator's name.
-pub(crate) fn operator<T>(req: &Request<T>) -> Result<String, Status> {
-    match caller(req)? {
-        Caller::Operator { name } => Ok(name),
-        other => Err(Status::permission_denied(format!("{other} may not call the operator API"))),
+/// The calling agent, checked against its cluster's record: a replaced, superseded or removed
+/// identity is refused (`UNAUTHENTICATED`) on every call.
+pub(crate) async fn agent<T>(s: &Shared, req: &Request<T>) -> Result<AgentCall, Status> {
+    let p = presented(req)?;
+    let cluster = match p.caller {
+        Caller::Agent { cluster } => cluster,
+        other => return Err(Status::permission_denied(format!("{other} may not call the certificate issuer"))),
+    };
+    s.identity_standing(&cluster, &p.serial).await?;
+    Ok(AgentCall { cluster, serial: p.serial })
+}
+
+/// The calling operator's name and certificate serial; a revoked certificate is refused
+/// (`UNAUTHENTICATED`) on every call.
+pub(crate) async fn operator<T>(s: &Shared, req: &Request<T>) -> Result<Presented, Status> {
+    let p = presented(req)?;
+    if !matches!(p.caller, Caller::Operator { .. }) {
+        return Err(Status::permission_denied(format!("{} may not call the operator API", p.caller)));
     }
+    let log = typed::get::<OperatorLog>(s.store.as_ref(), &records::operators()).await.map_err(internal)?;
+    if log.is_some_and(|l| l.value.is_revoked(&p.serial)) {
+        tracing::warn!(caller = %p.caller, serial = %p.serial, "a revoked operator certificate was refused");
+        return Err(Status::unauthenticated(format!(
+            "operator certificate {} was revoked (`meshca operator revoke`); use other operator credentials",
+            p.serial
+        )));
+    }
+    Ok(p)
 }
 
 impl Shared {
@@ -140,12 +181,28 @@ impl Shared {
         })
     }
 
-    pub(crate) async fn registered(&self, cluster: &str) -> Result<ClusterRecord, Status> {
-        typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster).map_err(internal)?)
-            .await
-            .map_err(internal)?
-            .map(|v| v.value)
-            .ok_or_else(|| Status::permission_denied(format!("cluster {cluster} is not registered")))
+    /// A cluster's registration record, if it has one. A name that cannot be a cluster's is
+    /// simply not registered.
+    pub(crate) async fn lookup(&self, cluster: &str) -> Result<Option<ClusterRecord>, Status> {
+        let Ok(key) = records::cluster(cluster) else { return Ok(None) };
+        Ok(typed::get::<ClusterRecord>(self.store.as_ref(), &key).await.map_err(internal)?.map(|v| v.value))
+    }
+
+    /// `cluster`'s record, and how the certificate `serial` stands as its agent identity now.
+    pub(crate) async fn identity_standing(
+        &self,
+        cluster: &str,
+        serial: &str,
+    ) -> Result<(ClusterRecord, Standing), Status> {
+        let now = unix(self.clock.now());
+        let refused = |r: identities::Refused| {
+            tracing::warn!(%cluster, %serial, reason = %r, "an agent certificate was refused");
+            Status::unauthenticated(r.to_string())
+        };
+        let rec =
+            self.lookup(cluster).await?.ok_or_else(|| refused(identities::Refused::NotRegistered(cluster.into())))?;
+        let standing = identities::check(&rec, serial, now).map_err(refused)?;
+        Ok((rec, standing))
     }
 
     pub(crate) fn identity_response(&self, cert: &Cert, cluster: &str) -> AgentIdentity {
@@ -157,10 +214,17 @@ impl Shared {
         }
     }
 
-    async fn trust_state(&self, cluster: &str) -> Result<TrustState, Status> {
+    /// The trust state for `cluster`, as long as `serial` is still an identity it accepts, and
+    /// how that identity stands.
+    async fn trust_state(&self, cluster: &str, serial: &str) -> Result<(TrustState, Standing), Status> {
         let auth = self.authority.borrow().clone();
-        let rec = self.registered(cluster).await?;
-        Ok(trust_state(&auth, &rec, &self.settings))
+        let (rec, standing) = self.identity_standing(cluster, serial).await?;
+        Ok((trust_state(&auth, &rec, &self.settings), standing))
+    }
+
+    /// Wakes every trust stream to look again (a rotation request, a registration, a removal).
+    pub(crate) fn nudge(&self) {
+        self.nudge.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -194,30 +258,56 @@ type TrustStream = Pin<Box<dyn Stream<Item = Result<TrustState, Status>> + Send 
 struct TrustWatch {
     shared: Arc<Shared>,
     cluster: String,
+    /// The certificate the stream was opened with: re-checked on every change, so a removal or a
+    /// new registration ends the stream.
+    serial: String,
+    /// Once that certificate is a predecessor (the agent renewed): the end of its overlap
+    /// window, when the stream is checked again, and so ends.
+    until: Option<i64>,
     authority: watch::Receiver<Arc<Authority>>,
     nudge: watch::Receiver<u64>,
     last: Option<TrustState>,
+    /// Set once an error was sent: the stream then ends.
+    done: bool,
 }
 
 impl TrustWatch {
     /// The next state that differs from the last one sent; `None` ends the stream (the server
-    /// shuts down, or the cluster's record is gone: the error is sent first).
+    /// shuts down; or the identity is no longer accepted: the error is sent first).
     async fn next(&mut self) -> Option<Result<TrustState, Status>> {
+        if self.done {
+            return None;
+        }
         loop {
             if self.last.is_some() {
+                let window_end = async {
+                    match self.until {
+                        Some(t) => self.shared.clock.sleep_until(meshca_clock::from_unix(t)).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = self.shared.shutdown.cancelled() => return None,
                     r = self.authority.changed() => r.ok()?,
                     r = self.nudge.changed() => r.ok()?,
+                    _ = window_end => {}
                 }
             }
-            match self.shared.trust_state(&self.cluster).await {
-                Ok(next) if Some(&next) != self.last.as_ref() => {
-                    self.last = Some(next.clone());
-                    return Some(Ok(next));
+            match self.shared.trust_state(&self.cluster, &self.serial).await {
+                Ok((next, standing)) => {
+                    self.until = match standing {
+                        Standing::Predecessor { until } => Some(until),
+                        Standing::Current => None,
+                    };
+                    if Some(&next) != self.last.as_ref() {
+                        self.last = Some(next.clone());
+                        return Some(Ok(next));
+                    }
                 }
-                Ok(_) => {}
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
             }
         }
     }
@@ -229,7 +319,7 @@ impl CertificateIssuer for IssuerService {
         &self,
         request: Request<IssueIntermediateRequest>,
     ) -> Result<Response<IssueIntermediateResponse>, Status> {
-        let cluster = agent(&request)?;
+        let cluster = agent(&self.0, &request).await?.cluster;
         let r = request.into_inner();
         let reason = IssueReason::try_from(r.reason).unwrap_or(IssueReason::Unspecified);
         let issued = self.0.issuer.issue(&cluster, &r.csr, reason, self.0.clock.now()).await?;
@@ -244,23 +334,26 @@ impl CertificateIssuer for IssuerService {
     }
 
     async fn renew_identity(&self, request: Request<RenewIdentityRequest>) -> Result<Response<AgentIdentity>, Status> {
-        let cluster = agent(&request)?;
-        self.0.registered(&cluster).await?;
-        let cert = crate::registration::issue_identity(&self.0, &request.into_inner().identity_csr, &cluster).await?;
-        Ok(Response::new(self.0.identity_response(&cert, &cluster)))
+        let call = agent(&self.0, &request).await?;
+        let csr = request.into_inner().identity_csr;
+        let cert = crate::registration::renew_identity(&self.0, &csr, &call.cluster, &call.serial).await?;
+        Ok(Response::new(self.0.identity_response(&cert, &call.cluster)))
     }
 
     type WatchTrustStream = TrustStream;
 
     async fn watch_trust(&self, request: Request<WatchTrustRequest>) -> Result<Response<TrustStream>, Status> {
-        let cluster = agent(&request)?;
+        let call = agent(&self.0, &request).await?;
         let shared = self.0.clone();
         let mut w = TrustWatch {
             authority: shared.authority.clone(),
             nudge: shared.nudge.subscribe(),
             shared,
-            cluster,
+            cluster: call.cluster,
+            serial: call.serial,
+            until: None,
             last: None,
+            done: false,
         };
         // The first state is computed now, so a caller that is not registered is refused at once.
         let first = w.next().await.unwrap_or_else(|| Err(Status::unavailable("the management plane is stopping")))?;
@@ -270,14 +363,13 @@ impl CertificateIssuer for IssuerService {
     }
 
     async fn report_status(&self, request: Request<ClusterStatus>) -> Result<Response<ReportStatusResponse>, Status> {
-        let cluster = agent(&request)?;
-        self.0.registered(&cluster).await?;
+        let cluster = agent(&self.0, &request).await?.cluster;
         let s = request.into_inner();
         let now = unix(self.0.clock.now());
-        StatusRecord::phase_of(&s).map_err(Status::invalid_argument)?;
+        // Refused as a whole, naming the field, before the store is touched.
+        crate::report::accept(&s, now)
+            .map_err(|e| Status::invalid_argument(format!("status report of cluster {cluster}: {e}")))?;
         let key = records::status(&cluster).map_err(internal)?;
-        // Two processes may report for one cluster (in Vault mode the agent reports istiod, the
-        // vault-agent sidecar the intermediate): each keeps what the other reported.
         typed::update::<StatusRecord, _>(self.0.store.as_ref(), &key, |cur| {
             StatusRecord::after_report(cur, &s, now).ok()
         })

@@ -120,10 +120,8 @@ impl Denied {
             Denied::OtherCluster { .. } => Status::permission_denied(message),
             Denied::NotLeader => Status::unavailable(message),
             Denied::KeyReused(_) => Status::already_exists(message),
-            Denied::Store(e) => {
-                tracing::error!(error = %e, "store failure while issuing");
-                Status::internal(message)
-            }
+            // The store's error names files and keys: logged, and the caller gets an error id.
+            Denied::Store(e) => crate::error::caller_status(&e),
         }
     }
 }

@@ -7,10 +7,16 @@
 //!   current as the policy and its secrets change.
 //! - [`issuer`]: the certificate issuer as a domain service ([`issuer::Issuer::issue`]); the
 //!   gRPC layer ([`grpc`], [`registration`], [`operator`]) authenticates and translates.
+//! - [`identities`]: which agent and operator certificates are accepted (the current identity,
+//!   its predecessor for a short overlap, never a revoked or removed one); [`operators`]: operator
+//!   credentials, reused while valid and revocable; [`removal`]: `meshca cluster remove`.
+//! - [`report`]: what is accepted from an agent's status report (validated, escaped, bounded).
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
 //! - [`rotation`]: root rotation, gated on every cluster's reports ([`convergence`], the
 //!   reusable barrier); its controller turns the loader's authority into the *effective* one
 //!   (the signer and root set of the rotation's phase) that everything else reads.
+//! - [`error`]: the errors, and the one mapping from an internal failure to what a caller sees
+//!   ([`error::caller_status`]: an error id, never a path).
 //! - [`status`], [`metrics`], [`dashboard`]: what operators see; [`replica`]: several replicas,
 //!   one leader.
 //! - [`server`]: the wiring, with every task supervised.
@@ -24,15 +30,19 @@ pub mod convergence;
 pub mod dashboard;
 pub mod error;
 pub mod grpc;
+pub mod identities;
 pub mod issuer;
 pub mod loader;
 pub mod metrics;
 pub mod operator;
+pub mod operators;
 pub mod ratelimit;
 pub mod records;
 pub mod registration;
 pub mod relay;
+pub mod removal;
 pub mod replica;
+pub mod report;
 pub mod rotation;
 pub mod server;
 pub mod status;

@@ -147,7 +147,7 @@ pub async fn handler(
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(axum::http::header::CONTENT_TYPE, "text/plain")],
-            format!("status unavailable: {e}\n"),
+            format!("status unavailable: {}\n", crate::error::caller_message(&e)),
         ),
     }
 }

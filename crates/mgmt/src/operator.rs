@@ -1,18 +1,22 @@
-//! The operator API: bootstrap tokens, status, rotations and policy changes, for callers with an
-//! operator identity.
+//! The operator API: bootstrap tokens, status, rotations, policy changes, cluster removal and
+//! operator credentials, for callers with an operator identity that is not revoked.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use meshca_clock::unix;
 use meshca_policy::Policy;
+use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, ApplyPolicyResponse, BootstrapToken, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus,
-    RotateRequest, RotateResponse, RotateRootRequest, RotateRootResponse, operator_server::Operator,
+    ApplyPolicyRequest, ApplyPolicyResponse, BootstrapToken, CreateBootstrapTokenRequest, GetStatusRequest,
+    IssueOperatorRequest, MeshStatus, OperatorCredentials, RemoveClusterRequest, RemoveClusterResponse,
+    RevokeOperatorRequest, RevokeOperatorResponse, RotateRequest, RotateResponse, RotateRootRequest,
+    RotateRootResponse, operator_server::Operator,
 };
 use meshca_store::typed;
 use tonic::{Request, Response, Status};
 
+use crate::error::MgmtError;
 use crate::grpc::{Shared, internal, operator, require_leader};
 use crate::records::{self, ClusterRecord};
 use crate::{status, tokens};
@@ -26,22 +30,13 @@ impl Operator for OperatorService {
         &self,
         request: Request<CreateBootstrapTokenRequest>,
     ) -> Result<Response<BootstrapToken>, Status> {
-        let who = operator(&request)?;
+        let who = operator(&self.0, &request).await?.caller;
         let r = request.into_inner();
-        if !meshca_policy::is_cluster_name(&r.cluster) {
-            return Err(Status::invalid_argument(format!("cluster name {:?} is not a DNS-1123 label", r.cluster)));
-        }
+        dns_label("cluster name", &r.cluster)?;
         let s = &self.0.settings;
-        let ttl =
-            if r.ttl_seconds <= 0 { s.default_token_ttl } else { Duration::from_secs(r.ttl_seconds.unsigned_abs()) };
-        if ttl > s.max_token_ttl {
-            return Err(Status::invalid_argument(format!(
-                "token lifetime is capped at {}s",
-                s.max_token_ttl.as_secs()
-            )));
-        }
+        let ttl = lifetime("token lifetime", r.ttl_seconds, s.default_token_ttl, s.max_token_ttl)?;
         let t = tokens::create(self.0.store.as_ref(), &r.cluster, ttl, self.0.clock.now()).await.map_err(internal)?;
-        tracing::info!(operator = %who, cluster = %r.cluster, expires_at = t.expires_at, "bootstrap token created");
+        tracing::info!(caller = %who, cluster = %r.cluster, expires_at = t.expires_at, "bootstrap token created");
         Ok(Response::new(BootstrapToken {
             token: t.token,
             cluster: r.cluster,
@@ -51,7 +46,7 @@ impl Operator for OperatorService {
     }
 
     async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<MeshStatus>, Status> {
-        operator(&request)?;
+        operator(&self.0, &request).await?;
         let auth = self.0.authority.borrow().clone();
         let st =
             status::collect(self.0.store.as_ref(), &auth, unix(self.0.clock.now()), self.0.settings.report_interval)
@@ -61,7 +56,7 @@ impl Operator for OperatorService {
     }
 
     async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
-        let who = operator(&request)?;
+        let who = operator(&self.0, &request).await?.caller;
         require_leader(&self.0)?;
         let r = request.into_inner();
         let store = self.0.store.as_ref();
@@ -74,10 +69,10 @@ impl Operator for OperatorService {
                 .filter_map(|n| n.strip_prefix(records::CLUSTER_PREFIX).map(str::to_string))
                 .collect()
         } else {
-            self.0
-                .registered(&r.cluster)
-                .await
-                .map_err(|_| Status::not_found(format!("cluster {} is not registered", r.cluster)))?;
+            dns_label("cluster name", &r.cluster)?;
+            if self.0.lookup(&r.cluster).await?.is_none() {
+                return Err(not_registered(&r.cluster));
+            }
             vec![r.cluster.clone()]
         };
         for c in &clusters {
@@ -87,8 +82,8 @@ impl Operator for OperatorService {
             .await
             .map_err(internal)?;
         }
-        self.0.nudge.send_modify(|n| *n += 1);
-        tracing::info!(operator = %who, ?clusters, "rotation requested");
+        self.0.nudge();
+        tracing::info!(caller = %who, ?clusters, "rotation requested");
         Ok(Response::new(RotateResponse { clusters }))
     }
 
@@ -96,7 +91,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<ApplyPolicyRequest>,
     ) -> Result<Response<ApplyPolicyResponse>, Status> {
-        let who = operator(&request)?;
+        let who = operator(&self.0, &request).await?.caller;
         let text = request.into_inner().policy;
         let policy = Policy::from_yaml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Load the CA the policy names before putting it in force: a policy whose secret is
@@ -105,8 +100,12 @@ impl Operator for OperatorService {
         if let Some(e) = trial.error() {
             return Err(Status::failed_precondition(e.to_string()));
         }
-        self.0.policy_source.apply(&text).await.map_err(|e| Status::failed_precondition(e.to_string()))?;
-        tracing::info!(operator = %who, policy = %policy.name, "policy applied");
+        self.0.policy_source.apply(&text).await.map_err(|e| match e {
+            // The store (or the disk under it) failed: the caller gets an error id, not a path.
+            MgmtError::Store(_) | MgmtError::Io { .. } => internal(e),
+            other => Status::failed_precondition(other.to_string()),
+        })?;
+        tracing::info!(caller = %who, policy = %policy.name, "policy applied");
         // Wait for the loader to put it in force, so the answer says what it led to.
         let mut rx = self.0.authority.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -126,7 +125,7 @@ impl Operator for OperatorService {
 
     async fn rotate_root(&self, request: Request<RotateRootRequest>) -> Result<Response<RotateRootResponse>, Status> {
         use crate::rotation::RotateError;
-        let who = operator(&request)?;
+        let who = operator(&self.0, &request).await?.caller;
         require_leader(&self.0)?;
         let abort = request.into_inner().abort;
         let result = if abort { self.0.rotation.abort().await } else { self.0.rotation.start().await };
@@ -150,4 +149,104 @@ impl Operator for OperatorService {
         tracing::info!(operator = %who, rotation = %r.id, abort, "root rotation requested");
         Ok(Response::new(RotateRootResponse { phase: r.phase as i32, message }))
     }
+
+    async fn remove_cluster(
+        &self,
+        request: Request<RemoveClusterRequest>,
+    ) -> Result<Response<RemoveClusterResponse>, Status> {
+        let who = operator(&self.0, &request).await?.caller;
+        require_leader(&self.0)?;
+        let cluster = request.into_inner().cluster;
+        dns_label("cluster name", &cluster)?;
+        let removed = crate::removal::remove(self.0.store.as_ref(), &cluster, &who.to_string(), self.0.clock.now())
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| not_registered(&cluster))?;
+        // Open trust streams of the cluster look again, find no registration, and end.
+        self.0.nudge();
+        tracing::warn!(caller = %who, %cluster, archive = %removed.archive, tokens_deleted = removed.tokens, "cluster removed; its agent identity is refused from now on");
+        Ok(Response::new(RemoveClusterResponse { archive: removed.archive, tokens_deleted: removed.tokens as u32 }))
+    }
+
+    async fn issue_operator(
+        &self,
+        request: Request<IssueOperatorRequest>,
+    ) -> Result<Response<OperatorCredentials>, Status> {
+        let who = operator(&self.0, &request).await?.caller;
+        let r = request.into_inner();
+        dns_label("operator name", &r.name)?;
+        let max = crate::operators::OPERATOR_TTL;
+        let ttl = lifetime("operator credentials' lifetime", r.ttl_seconds, max, max)?;
+        let csr = meshca_pki::verify_csr(r.csr.as_bytes(), &meshca_pki::CsrPolicy::default())
+            .map_err(|e| Status::invalid_argument(format!("operator CSR: {e}")))?;
+        let cert = crate::operators::issue(
+            self.0.store.as_ref(),
+            &self.0.relay,
+            &r.name,
+            csr.public_key_spki(),
+            ttl,
+            self.0.clock.now(),
+        )
+        .await
+        .map_err(internal)?;
+        let issued = Caller::Operator { name: r.name };
+        tracing::info!(caller = %who, %issued, serial = %cert.serial_hex(), "operator credentials issued");
+        Ok(Response::new(OperatorCredentials {
+            certificate: cert.to_pem(),
+            relay_ca: self.0.relay.roots().to_pem(),
+            serial: cert.serial_hex(),
+            not_after: unix(cert.not_after()),
+        }))
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<RevokeOperatorRequest>,
+    ) -> Result<Response<RevokeOperatorResponse>, Status> {
+        let who = operator(&self.0, &request).await?.caller;
+        let serial = request.into_inner().serial.trim().to_ascii_uppercase();
+        if serial.is_empty() || serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a certificate serial (hexadecimal, as `meshca inspect` prints it)",
+                meshca_proto::text::bounded(&serial, 80)
+            )));
+        }
+        let now = self.0.clock.now();
+        let store = self.0.store.as_ref();
+        let revoked = crate::operators::revoke(store, &serial, &who.to_string(), now).await.map_err(internal)?;
+        tracing::warn!(caller = %who, %serial, name = %revoked.name, "operator certificate revoked");
+        let replaced = match &self.0.local_operator {
+            Some(local) => crate::operators::replace_local_if_revoked(store, &self.0.relay, local, &serial, now)
+                .await
+                .map_err(internal)?,
+            None => false,
+        };
+        Ok(Response::new(RevokeOperatorResponse {
+            serial,
+            name: revoked.name,
+            already_revoked: revoked.already,
+            replaced_local_credentials: replaced,
+        }))
+    }
+}
+
+/// Refuses a name that is not a DNS-1123 label (as cluster and operator names are).
+fn dns_label(what: &str, name: &str) -> Result<(), Status> {
+    if meshca_policy::is_cluster_name(name) {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!("{what} {:?} is not a DNS-1123 label", meshca_proto::text::bounded(name, 80))))
+}
+
+/// A requested lifetime in seconds: `default` when none (≤ 0), refused above `max`.
+fn lifetime(what: &str, requested_secs: i64, default: Duration, max: Duration) -> Result<Duration, Status> {
+    let ttl = if requested_secs <= 0 { default } else { Duration::from_secs(requested_secs.unsigned_abs()) };
+    if ttl > max {
+        return Err(Status::invalid_argument(format!("{what} is capped at {}s", max.as_secs())));
+    }
+    Ok(ttl)
+}
+
+fn not_registered(cluster: &str) -> Status {
+    Status::not_found(format!("cluster {cluster} is not registered (`meshca status` lists the registered ones)"))
 }

@@ -52,8 +52,27 @@ pub fn status(cluster: &str) -> Result<ObjectKey, StoreError> {
     key(&format!("status-{cluster}"))
 }
 
+/// Operator credentials issued and revoked ([`OperatorLog`]).
+pub fn operators() -> ObjectKey {
+    fixed("operator-credentials")
+}
+
+/// Where a removed cluster's records are kept (`meshca cluster remove`): its registration,
+/// issued log and last status, as they were at `removed_at` (unix seconds). The name is
+/// `archived.<cluster>.<removed_at>`: dots separate the parts, so any cluster name fits, and no
+/// other record's prefix matches it.
+pub fn archived_cluster(name: &str, removed_at: i64) -> Result<ObjectKey, StoreError> {
+    key(&format!("{ARCHIVE_PREFIX}{name}.{removed_at}"))
+}
+
 /// Prefix of cluster records, for listing.
 pub const CLUSTER_PREFIX: &str = "cluster-";
+
+/// Prefix of archived clusters, for listing.
+pub const ARCHIVE_PREFIX: &str = "archived.";
+
+/// Prefix of bootstrap-token records, for listing.
+pub const TOKEN_PREFIX: &str = "bootstrap-token-";
 
 /// The data key of the policy document.
 pub const POLICY_KEY: &str = "policy.yaml";
@@ -65,8 +84,20 @@ pub struct ClusterRecord {
     pub name: String,
     /// Unix seconds.
     pub registered_at: i64,
-    /// Serial of the agent identity last issued.
+    /// Serial of the agent identity last issued: the only one accepted, besides the one below.
     pub identity_serial: String,
+    /// SHA-256 (hex) of the key `identity_serial` certifies: a renewal whose answer was lost is
+    /// retried for the same key, which only the agent holds (see [`crate::identities`]).
+    #[serde(default)]
+    pub identity_key_sha256: String,
+    /// Serial of the identity `identity_serial` replaced at a renewal, still accepted until
+    /// `previous_identity_until` so calls on connections made before the renewal finish. Empty
+    /// after a registration: a new bootstrap token ends every earlier identity at once.
+    #[serde(default)]
+    pub previous_identity_serial: String,
+    /// Unix seconds: the end of the predecessor's overlap window.
+    #[serde(default)]
+    pub previous_identity_until: i64,
     /// Operator-requested rotations (`meshca rotate`); the agent re-issues when this grows.
     #[serde(default)]
     pub rotate_requests: u64,
@@ -113,6 +144,67 @@ pub struct IssuedRecord {
     /// SHA-256 fingerprint of the signing certificate, hex. Empty in older records.
     #[serde(default)]
     pub issuer_fingerprint: String,
+}
+
+/// Operator credentials: those the management plane issued, and those revoked. Every operator
+/// call is checked against `revoked`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorLog {
+    /// Newest first; at most [`OPERATORS_KEEP`], expired ones dropped first.
+    #[serde(default)]
+    pub issued: Vec<OperatorCert>,
+    /// Revoked serials, newest first; an entry is dropped once its certificate has expired.
+    #[serde(default)]
+    pub revoked: Vec<RevokedOperator>,
+}
+
+/// An operator certificate the management plane issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorCert {
+    /// The operator's name (`spiffe://meshca.internal/operator/<name>`).
+    pub name: String,
+    /// Uppercase hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// A revoked operator certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedOperator {
+    /// Uppercase hex.
+    pub serial: String,
+    /// The operator's name, when the certificate is in the issued list.
+    #[serde(default)]
+    pub name: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Unix seconds: the certificate's NotAfter (0 when unknown: kept until the list is full).
+    #[serde(default)]
+    pub not_after: i64,
+    /// The operator who revoked it.
+    pub by: String,
+}
+
+/// How many operator certificates (issued, and revoked) are remembered.
+pub const OPERATORS_KEEP: usize = 512;
+
+impl OperatorLog {
+    /// Whether `serial` was revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.iter().any(|r| r.serial.eq_ignore_ascii_case(serial))
+    }
+
+    /// Forgets what can no longer matter at `now`: expired certificates, issued or revoked (an
+    /// expired certificate fails the TLS handshake anyway), then the oldest beyond the cap.
+    pub fn prune(&mut self, now: i64) {
+        self.issued.retain(|c| c.not_after > now);
+        self.issued.truncate(OPERATORS_KEEP);
+        self.revoked.retain(|r| r.not_after == 0 || r.not_after > now);
+        self.revoked.truncate(OPERATORS_KEEP);
+    }
 }
 
 /// How many issued records are kept per cluster.
@@ -219,56 +311,25 @@ impl IstiodRecord {
 }
 
 impl StatusRecord {
-    /// The phase a report states; a report without a valid one is refused.
-    pub fn phase_of(s: &meshca_proto::mgmt::ClusterStatus) -> Result<Phase, String> {
-        match Phase::try_from(s.phase) {
-            Ok(Phase::Unspecified) | Err(_) => Err(format!(
-                "phase {} is not one of {}",
-                s.phase,
-                Phase::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
-            )),
-            Ok(p) => Ok(p),
-        }
-    }
-
-    /// The record after a report `s` received at `now` (unix seconds), given the stored one.
-    /// Free-form fields are cut to 1024 characters. Two processes may report for one cluster (in
-    /// Vault mode the agent reports istiod, the vault-agent sidecar the intermediate): an
-    /// istiod-only report keeps everything else as it was, including when `cacerts` was last
-    /// reported; a full report keeps the istiod part it does not carry.
+    /// The record after a report `s` received at `now` (unix seconds), given the stored one, or
+    /// why the report is refused ([`crate::report::accept`] checks every field). Two processes
+    /// may report for one cluster (in Vault mode the agent reports istiod, the vault-agent sidecar
+    /// the intermediate): an istiod-only report keeps everything else as it was, including when
+    /// `cacerts` was last reported; a full report keeps the istiod part it does not carry.
     pub fn after_report(
         current: Option<&StatusRecord>,
         s: &meshca_proto::mgmt::ClusterStatus,
         now: i64,
-    ) -> Result<StatusRecord, String> {
-        let phase = StatusRecord::phase_of(s)?;
-        let clip = |t: &str| t.chars().take(1024).collect::<String>();
+    ) -> Result<StatusRecord, crate::report::InvalidReport> {
+        let fresh = crate::report::accept(s, now)?;
         let mut rec = match (s.istiod_only, current) {
             (true, Some(cur)) => cur.clone(),
-            _ => StatusRecord {
-                phase,
-                intermediate_serial: clip(&s.intermediate_serial),
-                intermediate_not_after: s.intermediate_not_after,
-                intermediate_not_before: s.intermediate_not_before,
-                root_set_fingerprint: clip(&s.root_set_fingerprint),
-                policy_generation: clip(&s.policy_generation),
-                last_renewal: s.last_renewal,
-                last_error: clip(&s.last_error),
-                key_location: clip(&s.key_location),
-                next_renewal: s.next_renewal,
-                agent_version: clip(&s.agent_version),
-                consecutive_failures: s.consecutive_failures,
-                foreign_cacerts: s.foreign_cacerts,
-                istiod: current.and_then(|c| c.istiod.clone()),
-                chain_root_fingerprint: clip(&s.chain_root_fingerprint),
-                intermediate_issuer_fingerprint: clip(&s.intermediate_issuer_fingerprint),
-                cacerts_reported_at: now,
-                ..Default::default()
-            },
+            _ => StatusRecord { istiod: current.and_then(|c| c.istiod.clone()), ..fresh },
         };
         rec.reported_at = now;
         if let Some(i) = &s.istiod {
-            rec.istiod = Some(IstiodRecord::from_wire(i, clip));
+            rec.istiod =
+                Some(IstiodRecord::from_wire(i, |t| meshca_proto::text::bounded(t, crate::report::MAX_ERROR_CHARS)));
         }
         Ok(rec)
     }
@@ -303,7 +364,10 @@ mod tests {
 
     #[test]
     fn fixed_names_are_valid_and_input_names_are_checked() {
-        let _ = (root_ca(), relay_ca(), policy());
+        let _ = (root_ca(), relay_ca(), policy(), operators());
+        assert!(archived_cluster(&"c".repeat(63), i64::MAX).is_ok(), "the longest cluster name archives");
+        let a = archived_cluster("cluster-1", 1).expect("archive");
+        assert!(!a.name().starts_with(CLUSTER_PREFIX) && !a.name().starts_with(TOKEN_PREFIX), "{a}");
         assert!(cluster("cluster-1").is_ok());
         assert!(cluster("../etc").is_err());
         assert!(status("UPPER").is_err());

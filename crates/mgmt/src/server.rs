@@ -11,18 +11,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use meshca_clock::SharedClock;
 
-use meshca_pki::{CsrPolicy, KeyAlgorithm, PrivateKey, build_csr, verify_csr};
 use meshca_policy::Policy;
-use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
     certificate_issuer_server::CertificateIssuerServer, operator_server::OperatorServer,
     registration_server::RegistrationServer,
 };
-use meshca_store::{Store, fsutil};
+use meshca_store::Store;
 use meshca_tls::{Identity, PeerPolicy, SpiffeVerifier, SwappableCert, grpc};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -55,7 +53,8 @@ pub struct ServerOptions {
     pub policy_yaml: Option<String>,
     /// The policy used when none is stored.
     pub default_policy: Policy,
-    /// Where to write the operator's credentials (client certificate, key, relay CA, address).
+    /// Where the operator's credentials are kept (client certificate, key, relay CA, address):
+    /// written on first start, reused while valid, replaced when revoked or near expiry.
     pub operator_dir: Option<PathBuf>,
     /// Service tunables.
     pub settings: Settings,
@@ -132,33 +131,6 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> MgmtError {
     move |source| MgmtError::Io { context, source }
 }
 
-/// Issues an operator identity and writes it with the relay CA and the server address.
-fn write_operator_credentials(
-    dir: &std::path::Path,
-    relay: &RelayCa,
-    addr: SocketAddr,
-    now: SystemTime,
-) -> Result<(), MgmtError> {
-    fsutil::create_private_dir(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| MgmtError::pki("operator key", e))?;
-    let csr = build_csr(&key, &[]).map_err(|e| MgmtError::pki("operator CSR", e))?;
-    let csr = verify_csr(csr.as_bytes(), &CsrPolicy::default()).map_err(|e| MgmtError::pki("operator CSR", e))?;
-    let cert = relay.issue_identity(
-        csr.public_key_spki(),
-        &Caller::Operator { name: "admin".into() },
-        Duration::from_secs(365 * 86400),
-        now,
-    )?;
-    let w = |name: &str, data: &[u8], mode| {
-        fsutil::write_atomic(&dir.join(name), data, mode).map_err(io(format!("writing {}", dir.join(name).display())))
-    };
-    w(creds::KEY, key.to_pkcs8_pem().as_bytes(), 0o600)?;
-    w(creds::CERT, cert.to_pem().as_bytes(), 0o644)?;
-    w(creds::RELAY_CA, relay.roots().to_pem().as_bytes(), 0o644)?;
-    w(creds::SERVER, addr.to_string().as_bytes(), 0o644)?;
-    Ok(())
-}
-
 /// What Kubernetes mode adds to [`serve`], the time it runs on, and the dashboard. The default is
 /// the embedded single-replica server on the system clock, without a dashboard.
 pub struct ServeWith {
@@ -231,11 +203,16 @@ async fn run(
     if let Some(text) = &opts.policy_yaml {
         // Like `meshca policy apply`: a policy whose CA cannot be loaded is refused before it
         // replaces the stored one.
-        let trial = authority::load(store.as_ref(), Policy::from_yaml(text)?, now).await;
+        let policy = Policy::from_yaml(text)?;
+        let trial = authority::load(store.as_ref(), policy.clone(), now).await;
         if let Some(e) = trial.error() {
             return Err(MgmtError::Pki(e.to_string()));
         }
-        policy_source.apply(text).await?;
+        // Written only when it differs from the stored one: a restart with the same flags
+        // writes nothing.
+        if policy_source.read().await.ok().flatten().as_ref() != Some(&policy) {
+            policy_source.apply(text).await?;
+        }
     }
     let relay = Arc::new(RelayCa::load_or_create(store.as_ref(), now).await?);
     let (loader, base): (Loader, watch::Receiver<Arc<Authority>>) = Loader::start(
@@ -288,8 +265,11 @@ async fn run(
 
     let listener = TcpListener::bind(opts.listen).await.map_err(io(format!("binding {}", opts.listen)))?;
     let addr = listener.local_addr().map_err(io("local address".into()))?;
-    if let Some(dir) = &opts.operator_dir {
-        write_operator_credentials(dir, &relay, addr, now)?;
+    // The operator's credentials are reused while valid: a restart writes nothing there (so a
+    // server whose disk is full still starts), and earlier copies do not pile up valid for a year.
+    let local_operator = opts.operator_dir.clone().map(|dir| crate::operators::LocalCredentials { dir, addr });
+    if let Some(local) = &local_operator {
+        crate::operators::ensure_local(store.as_ref(), &relay, local, now).await?;
     }
     tracing::info!(%addr, "management plane listening");
     on_bound(addr);
@@ -345,6 +325,7 @@ async fn run(
         shutdown: cancel.clone(),
         reported,
         rotation,
+        local_operator,
     });
     if with.policy_source.is_some() {
         tasks.spawn(publish_status(shared.clone(), with.leader.clone(), cancel.child_token()));
@@ -386,7 +367,7 @@ async fn run(
 /// behind one address (a NAT, a follower replica forwarding) are capped each on their own.
 fn control_plane_identity(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<String> {
     let leaf = meshca_pki::Cert::from_der(chain.first()?.to_vec()).ok()?;
-    leaf.uri_sans().iter().find_map(|u| Caller::from_uri(u)).map(|c| c.to_string())
+    leaf.uri_sans().iter().find_map(|u| meshca_proto::identity::Caller::from_uri(u)).map(|c| c.to_string())
 }
 
 /// Renews the serving certificate at half its life, until cancelled.

@@ -99,6 +99,7 @@ impl Plane {
             serve_metrics: meshca_serve::ServeMetrics::default(),
             reported,
             rotation,
+            local_operator: None,
         }))
     }
 }

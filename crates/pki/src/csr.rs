@@ -55,6 +55,14 @@ pub enum CsrError {
         /// Maximum.
         max: usize,
     },
+    /// An RSA key whose public exponent is not 65537.
+    #[error(
+        "RSA public exponent {exponent} refused: only 65537 is accepted (small exponents invite signature forgery and broken padding checks; every mainstream key generator uses 65537)"
+    )]
+    RsaExponent {
+        /// The exponent, decimal when it fits in 64 bits, else hex.
+        exponent: String,
+    },
     /// The key kind is valid in general but not allowed by this issuer's policy.
     #[error("{got} keys are not allowed here; allowed: {allowed}")]
     KeyNotAllowed {
@@ -223,9 +231,29 @@ pub fn verify_csr(input: &[u8], policy: &CsrPolicy) -> Result<VerifiedCsr, CsrEr
     let spki = SubjectPublicKeyInfoRef::from_der(&spki_der).map_err(|e| CsrError::Der(e.to_string()))?;
     let kind = der_util::public_key_kind(&spki)?;
     policy.check(kind)?;
+    if let PublicKeyKind::Rsa { .. } = kind {
+        check_rsa_exponent(&der_util::rsa_public_exponent(&spki)?)?;
+    }
     der_util::verify_signature(&spki, kind, &signed.algorithm, signed.tbs, signed.signature)?;
     let subject_locality = info.subject.locality().ok().flatten().map(|l| l.value().into_owned());
     Ok(VerifiedCsr { spki_der, kind, subject: info.subject.to_string(), subject_locality })
+}
+
+/// RSA keys in CSRs must use the public exponent 65537 (F4): what every mainstream generator
+/// makes, what the CA/Browser Forum's baseline asks of certified keys, and what keeps the
+/// small-exponent attacks (e = 3 with sloppy padding checks elsewhere) out of the mesh.
+const RSA_EXPONENT: [u8; 3] = [0x01, 0x00, 0x01];
+
+fn check_rsa_exponent(e: &[u8]) -> Result<(), CsrError> {
+    if e == RSA_EXPONENT {
+        return Ok(());
+    }
+    let exponent = if e.len() <= 8 {
+        e.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)).to_string()
+    } else {
+        format!("0x{}", hex::encode(e))
+    };
+    Err(CsrError::RsaExponent { exponent })
 }
 
 /// Builds a PEM CSR signed by `key`. `subject` may be empty: meshca's issuer ignores it anyway,
@@ -284,6 +312,16 @@ mod tests {
         let pem = build_csr(&key, &[]).expect("csr");
         let err = verify_csr(pem.as_bytes(), &CsrPolicy::exactly(KeyAlgorithm::EcdsaP256.kind())).expect_err("refused");
         assert_eq!(err.to_string(), "ECDSA P-384 keys are not allowed here; allowed: ECDSA P-256");
+    }
+
+    #[test]
+    fn rsa_exponents_other_than_65537_are_refused() {
+        assert_eq!(check_rsa_exponent(&[1, 0, 1]), Ok(()));
+        for (e, shown) in
+            [(&[3u8][..], "3"), (&[1, 0, 0, 0, 1][..], "4294967297"), (&[1; 9][..], "0x010101010101010101")]
+        {
+            assert_eq!(check_rsa_exponent(e), Err(CsrError::RsaExponent { exponent: shown.into() }));
+        }
     }
 
     #[test]

@@ -136,6 +136,22 @@ pub(crate) fn public_key_kind(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<Publ
     }
 }
 
+/// The public exponent of an RSA `SubjectPublicKeyInfo`, as big-endian bytes without leading
+/// zeros (`RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }`, RFC 8017).
+pub(crate) fn rsa_public_exponent(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<Vec<u8>, PublicKeyError> {
+    #[derive(der::Sequence)]
+    struct RsaPublicKey<'a> {
+        _modulus: der::asn1::UintRef<'a>,
+        public_exponent: der::asn1::UintRef<'a>,
+    }
+    let bytes = spki
+        .subject_public_key
+        .as_bytes()
+        .ok_or_else(|| PublicKeyError::Malformed("RSA public key is not a whole number of bytes".into()))?;
+    let key = RsaPublicKey::from_der(bytes).map_err(|e| PublicKeyError::Malformed(format!("RSA public key: {e}")))?;
+    Ok(key.public_exponent.as_bytes().to_vec())
+}
+
 /// A readable name for an OID: its registered name where known, else the dotted form.
 pub(crate) fn oid_name(oid: &ObjectIdentifier) -> String {
     const_oid::db::DB.by_oid(oid).map(str::to_string).unwrap_or_else(|| oid.to_string())
@@ -247,11 +263,45 @@ pub(crate) fn pem_blocks(input: &[u8]) -> Result<Vec<(String, Vec<u8>)>, der::pe
         let tail = &after[end_marker + END.len()..];
         let close = find(tail, b"-----").ok_or(der::pem::Error::PostEncapsulationBoundary)?;
         let block_len = end_marker + END.len() + close + 5;
-        let (label, der) = der::pem::decode_vec(&after[..block_len])?;
-        blocks.push((label.to_string(), der));
+        let block = &after[..block_len];
+        let (label, der) = match rewrapped(block) {
+            Some(canonical) => der::pem::decode_vec(canonical.as_bytes()).map(|(l, d)| (l.to_string(), d))?,
+            None => der::pem::decode_vec(block).map(|(l, d)| (l.to_string(), d))?,
+        };
+        blocks.push((label, der));
         rest = &after[block_len..];
     }
     Ok(blocks)
+}
+
+/// The block with its base64 body re-wrapped at 64 columns, LF line endings. RFC 7468 (§2)
+/// lets generators choose other line lengths (76 is common: MIME's) and asks parsers to accept
+/// them, but the `der` crate's decoder insists on 64. `None` when the block is not a plain
+/// BEGIN / base64 / END block (e.g. it carries RFC 1421 headers): the strict decoder then gives
+/// its own precise error.
+fn rewrapped(block: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(block).ok()?;
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let begin = lines.next()?;
+    let mut body: Vec<&str> = lines.collect();
+    let end = body.pop()?;
+    if !begin.starts_with("-----BEGIN ") || !end.starts_with("-----END ") {
+        return None;
+    }
+    let b64: String = body.concat().chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    if !b64.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')) {
+        return None;
+    }
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + begin.len() + end.len() + 4);
+    out.push_str(begin);
+    out.push('\n');
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).ok()?);
+        out.push('\n');
+    }
+    out.push_str(end);
+    out.push('\n');
+    Some(out)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -290,5 +340,37 @@ mod tests {
         assert_eq!(blocks[0], ("CERTIFICATE".to_string(), vec![1, 2, 3]));
         assert_eq!(blocks[1].0, "PRIVATE KEY");
         assert!(pem_blocks(&a.as_bytes()[..a.len() - 10]).is_err());
+    }
+
+    /// The body of `pem` re-wrapped at `width` columns with `eol` line endings.
+    fn rewrap(pem: &str, width: usize, eol: &str) -> String {
+        let lines: Vec<&str> = pem.lines().collect();
+        let body: String = lines[1..lines.len() - 1].concat();
+        let mut out = format!("{}{eol}", lines[0]);
+        for chunk in body.as_bytes().chunks(width) {
+            out.push_str(std::str::from_utf8(chunk).expect("ascii"));
+            out.push_str(eol);
+        }
+        out.push_str(lines[lines.len() - 1]);
+        out.push_str(eol);
+        out
+    }
+
+    #[test]
+    fn pem_lines_of_any_length_are_accepted_as_rfc_7468_asks() {
+        let der: Vec<u8> = (0..=255u8).cycle().take(700).collect();
+        let pem = pem_encode("CERTIFICATE REQUEST", &der);
+        for (width, eol) in [(76, "\n"), (76, "\r\n"), (1, "\n"), (63, "\n"), (65, "\n"), (10_000, "\n")] {
+            let blocks = pem_blocks(rewrap(&pem, width, eol).as_bytes())
+                .unwrap_or_else(|e| panic!("{width} columns, {eol:?}: {e}"));
+            assert_eq!(blocks, vec![("CERTIFICATE REQUEST".to_string(), der.clone())], "{width} columns");
+        }
+        // Still refused: a body that is not base64, and a truncated block.
+        let mut lines: Vec<String> = pem.lines().map(str::to_string).collect();
+        lines[1].replace_range(0..1, "*");
+        let bad = lines.join("\n");
+        assert!(pem_blocks(bad.as_bytes()).is_err());
+        let cut = rewrap(&pem, 76, "\n");
+        assert!(pem_blocks(&cut.as_bytes()[..cut.len() - 12]).is_err());
     }
 }

@@ -216,6 +216,36 @@ fn hostile_csrs_from_openssl_are_refused_with_specific_errors() {
     let k1 = openssl_csr(dir.path(), &["ecparam", "-genkey", "-name", "secp256k1", "-out", "h.key"], &[]);
     assert_eq!(verify_csr(&k1, &p), Err(CsrError::PublicKey(PublicKeyError::UnsupportedCurve("secp256k1".into()))));
 
+    // A small public exponent (e = 3), and one above 2^32: only 65537 is accepted for a leaf.
+    for (e, shown) in [("3", "3"), ("4294967297", "4294967297")] {
+        let pubexp = format!("rsa_keygen_pubexp:{e}");
+        let csr = openssl_csr(
+            dir.path(),
+            &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-pkeyopt", &pubexp, "-out", "h.key"],
+            &[],
+        );
+        let (_, text) = openssl(dir.path(), &["req", "-in", "h.csr", "-noout", "-text"]);
+        assert!(text.contains(&format!("Exponent: {e}")), "OpenSSL made the key asked for: {text}");
+        assert_eq!(verify_csr(&csr, &p), Err(CsrError::RsaExponent { exponent: shown.into() }), "e = {e}");
+    }
+    let f4 = openssl_csr(dir.path(), &["genrsa", "-out", "h.key", "2048"], &[]);
+    assert!(verify_csr(&f4, &p).is_ok(), "65537, OpenSSL's default");
+
+    // A CSR whose base64 is wrapped at 76 columns (MIME's width; RFC 7468 lets generators
+    // choose) is read like OpenSSL's own 64-column one.
+    let der = openssl_csr(dir.path(), &["genrsa", "-out", "h.key", "2048"], &["-outform", "DER"]);
+    let (ok, b64) = openssl(dir.path(), &["base64", "-A", "-in", "h.csr"]);
+    assert!(ok, "{b64}");
+    let body: Vec<&str> = b64.trim().as_bytes().chunks(76).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    let pem76 =
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", body.join("\n"));
+    assert!(body[0].len() == 76 && body.len() > 2, "{pem76}");
+    write(dir.path(), "h76.csr", pem76.clone());
+    let (ok, out) = openssl(dir.path(), &["req", "-in", "h76.csr", "-noout", "-verify"]);
+    assert!(ok, "OpenSSL reads the 76-column CSR too: {out}");
+    let v = verify_csr(pem76.as_bytes(), &p).expect("a 76-column PEM CSR is accepted");
+    assert_eq!(v.public_key_spki(), verify_csr(&der, &p).unwrap().public_key_spki());
+
     let p521 = openssl_csr(dir.path(), &["ecparam", "-genkey", "-name", "secp521r1", "-out", "h.key"], &[]);
     assert!(matches!(verify_csr(&p521, &p), Err(CsrError::PublicKey(PublicKeyError::UnsupportedCurve(_)))));
 

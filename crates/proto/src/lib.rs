@@ -1,5 +1,6 @@
 //! gRPC definitions. `istio` is Istio's CA API exactly as Istio defines it (the workload CA serves
-//! it to stock Istio clients); `mgmt` is meshca's management-plane API.
+//! it to stock Istio clients); `mgmt` is meshca's management-plane API. [`identity`] names the
+//! control-plane callers; [`text`] makes text received over these APIs safe to print.
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::all)]
 
@@ -15,6 +16,7 @@ pub mod mgmt {
 
 pub mod identity;
 mod names;
+pub mod text;
 
 pub use mgmt::{AlertKind, IssueReason, IstiodState, Phase, RotationPhase};
 pub use names::UnknownName;

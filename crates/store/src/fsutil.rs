@@ -29,6 +29,32 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     result
 }
 
+/// Removes the temporary files [`write_atomic`] left in `dir` when its process died mid-write
+/// (`.<name>.tmp-<pid>`). Call it at start-up, when no other writer of `dir` runs. Returns how
+/// many it removed; a folder that does not exist has none.
+pub fn remove_temp_files(dir: &Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if ours && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The folder `path` is in. A bare file name (`relay.pem`) has the parent `""`, which cannot be
 /// opened for the directory fsync, so it is the working directory.
 fn parent_dir(path: &Path) -> &Path {
@@ -54,6 +80,22 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(p.parent().expect("p")).expect("meta").permissions().mode() & 0o777, 0o700);
         assert_eq!(std::fs::read_dir(p.parent().expect("p")).expect("ls").count(), 1, "no temp file left");
+    }
+
+    #[test]
+    fn temp_files_of_an_interrupted_write_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in [".key.pem.tmp-4242", ".server.tmp-1", "key.pem", ".hidden", "x.tmp-12", ".y.tmp-abc"] {
+            std::fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        assert_eq!(remove_temp_files(dir.path()).expect("sweep"), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".hidden", ".y.tmp-abc", "key.pem", "x.tmp-12"]);
+        assert_eq!(remove_temp_files(&dir.path().join("missing")).expect("none"), 0);
     }
 
     #[test]

@@ -263,3 +263,42 @@ async fn permission_problems_are_forbidden() {
     let err = result.unwrap_err();
     assert!(matches!(err, StoreError::Forbidden { .. }), "{err}");
 }
+
+/// What interrupted writes leave (a crash, a full disk: a half-written data directory with a key
+/// in it, a `..data_tmp` link, a half-built object beside the real ones, an object moved aside
+/// for deletion) is removed when the store is opened, and the objects themselves are untouched.
+#[tokio::test]
+async fn opening_the_store_removes_the_leftovers_of_interrupted_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let k = key("istio-system", "cacerts");
+    {
+        let store = DirStore::open(&root).unwrap();
+        store.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
+        store.put(&key("istio-system", "other"), &cacerts("o"), Precondition::Absent).await.unwrap();
+    }
+    let ns = root.join("istio-system");
+    let obj = ns.join("cacerts");
+    let stale = obj.join("..v0000000099_abc123");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("ca-key.pem"), "half a key").unwrap();
+    std::os::unix::fs::symlink("..v0000000099_abc123", obj.join("..data_tmp")).unwrap();
+    for leftover in [".cacerts_tmp", ".gone_del", ".never-finished_tmp"] {
+        std::fs::create_dir_all(ns.join(leftover).join("..v0000000001_x")).unwrap();
+        std::fs::write(ns.join(leftover).join("..v0000000001_x").join("ca-key.pem"), "key").unwrap();
+    }
+
+    let store = DirStore::open(&root).unwrap();
+    let mut left: Vec<String> =
+        std::fs::read_dir(&ns).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, [".cacerts.lock", ".gone.lock", ".never-finished.lock", ".other.lock", "cacerts", "other"]);
+    assert!(!stale.exists() && std::fs::symlink_metadata(obj.join("..data_tmp")).is_err());
+    let data_dirs = std::fs::read_dir(&obj)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("..v"))
+        .count();
+    assert_eq!(data_dirs, 1, "only the current version is left");
+    assert_eq!(store.get(&k).await.unwrap().unwrap().value, cacerts("1"));
+    assert_eq!(store.list("istio-system").await.unwrap(), ["cacerts", "other"]);
+}

@@ -43,12 +43,19 @@ pub enum TlsError {
 /// Content type of meshca's metrics endpoints (prometheus-client writes OpenMetrics text).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Whether an HTTP `authorization` header value is `Bearer <want>`, compared in constant time.
-/// Used by the token-protected metrics endpoints.
+/// Whether an HTTP `authorization` header value is `Bearer <want>`, the token compared in
+/// constant time. The scheme name is matched case-insensitively and may be followed by several
+/// spaces (RFC 7235 §2.1: `bearer`, `BEARER` and `Bearer` are the same scheme). An empty `want`
+/// matches nothing. Used by the token-protected metrics endpoints.
 pub fn bearer_matches(authorization: Option<&str>, want: &str) -> bool {
-    authorization.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|got| {
-        aws_lc_rs::constant_time::verify_slices_are_equal(got.trim().as_bytes(), want.as_bytes()).is_ok()
-    })
+    let Some((scheme, token)) = authorization.map(str::trim).and_then(|v| v.split_once(' ')) else {
+        return false;
+    };
+    let token = token.trim();
+    scheme.eq_ignore_ascii_case("bearer")
+        && !want.is_empty()
+        && !token.is_empty()
+        && aws_lc_rs::constant_time::verify_slices_are_equal(token.as_bytes(), want.as_bytes()).is_ok()
 }
 
 #[cfg(test)]
@@ -57,7 +64,18 @@ mod tests {
     fn bearer_tokens_must_match_exactly() {
         assert!(super::bearer_matches(Some("Bearer abc"), "abc"));
         assert!(!super::bearer_matches(Some("Bearer abd"), "abc"));
+        assert!(!super::bearer_matches(Some("Bearer abcd"), "abc"));
         assert!(!super::bearer_matches(Some("abc"), "abc"));
+        assert!(!super::bearer_matches(Some("Basic abc"), "abc"));
+        assert!(!super::bearer_matches(Some("Bearerabc"), "abc"));
         assert!(!super::bearer_matches(None, "abc"));
+        assert!(!super::bearer_matches(Some("Bearer "), ""), "an empty token never matches");
+    }
+
+    #[test]
+    fn the_scheme_name_is_case_insensitive_as_rfc_7235_says() {
+        for header in ["bearer abc", "BEARER abc", "bEaReR abc", "Bearer   abc", " Bearer abc "] {
+            assert!(super::bearer_matches(Some(header), "abc"), "{header:?}");
+        }
     }
 }

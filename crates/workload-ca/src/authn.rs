@@ -100,6 +100,7 @@ struct Claims {
     sub: String,
     exp: u64,
     nbf: Option<u64>,
+    iat: Option<u64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<K8sClaim>,
 }
@@ -111,14 +112,20 @@ pub const MAX_CLAIM_TIME: u64 = 253_402_300_799;
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 30;
 
+/// Range-checks a numeric time claim: at most [`MAX_CLAIM_TIME`], so no later arithmetic on it
+/// (a `SystemTime` addition, a cache expiry) can overflow.
+pub fn check_claim_time(name: &str, value: u64) -> Result<u64, AuthError> {
+    if value > MAX_CLAIM_TIME {
+        return Err(AuthError::Rejected(format!("the {name} claim {value} is out of range")));
+    }
+    Ok(value)
+}
+
 /// Checks a token's `exp` and `nbf` against `now`, every value range-checked first.
 pub fn check_times(exp: u64, nbf: Option<u64>, now: SystemTime) -> Result<SystemTime, AuthError> {
-    for (name, v) in [("exp", Some(exp)), ("nbf", nbf)] {
-        if let Some(v) = v
-            && v > MAX_CLAIM_TIME
-        {
-            return Err(AuthError::Rejected(format!("the {name} claim {v} is out of range")));
-        }
+    check_claim_time("exp", exp)?;
+    if let Some(v) = nbf {
+        check_claim_time("nbf", v)?;
     }
     let now = u64::try_from(unix(now)).unwrap_or(0);
     if exp.saturating_add(LEEWAY_SECS) <= now {
@@ -128,6 +135,46 @@ pub fn check_times(exp: u64, nbf: Option<u64>, now: SystemTime) -> Result<System
         return Err(AuthError::Rejected("not valid yet (nbf)".into()));
     }
     Ok(from_unix(i64::try_from(exp).unwrap_or(i64::MAX)))
+}
+
+/// The time claims of a JWT read *without* verifying it: for the TokenReview path, where the
+/// API server has verified the token and meshca only wants its expiry to cache the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeClaims {
+    /// `exp`, range-checked.
+    pub exp: Option<u64>,
+    /// `nbf`, range-checked.
+    pub nbf: Option<u64>,
+    /// `iat`, range-checked.
+    pub iat: Option<u64>,
+}
+
+/// Reads and range-checks the numeric time claims (`exp`, `nbf`, `iat`) of `token`'s payload
+/// without verifying its signature. A payload that is not a base64url JSON object has none
+/// (`Ok` with all `None`: a legacy or opaque token); a claim that is present but not an integer
+/// between 0 and [`MAX_CLAIM_TIME`] is refused ([`AuthError::Rejected`], answered
+/// UNAUTHENTICATED) — never carried into time arithmetic.
+pub fn read_time_claims(token: &str) -> Result<TimeClaims, AuthError> {
+    use base64::Engine;
+    let Some(payload) = token.split('.').nth(1) else { return Ok(TimeClaims::default()) };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+        return Ok(TimeClaims::default());
+    };
+    let Ok(serde_json::Value::Object(claims)) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Ok(TimeClaims::default());
+    };
+    let read = |name: &str| -> Result<Option<u64>, AuthError> {
+        match claims.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => check_claim_time(name, n).map(Some),
+                None => Err(AuthError::Rejected(format!(
+                    "the {name} claim is not a time (an integer number of seconds from 0 to {MAX_CLAIM_TIME})"
+                ))),
+            },
+        }
+    };
+    Ok(TimeClaims { exp: read("exp")?, nbf: read("nbf")?, iat: read("iat")? })
 }
 
 struct Key {
@@ -186,7 +233,8 @@ impl JwtAuthenticator {
         JwtAuthenticator { clock, ..self }
     }
 
-    fn verify(&self, token: &str) -> Result<Authenticated, AuthError> {
+    /// Verifies `token` now (what [`Authenticator::authenticate`] does, synchronously).
+    pub fn verify(&self, token: &str) -> Result<Authenticated, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Rejected(format!("malformed JWT: {e}")))?;
         let candidates: Vec<&Key> = self
@@ -219,6 +267,9 @@ impl JwtAuthenticator {
                     {
                         return Err(AuthError::Rejected("the kubernetes.io claim disagrees with the subject".into()));
                     }
+                    if let Some(iat) = c.iat {
+                        check_claim_time("iat", iat)?;
+                    }
                     let expires_at = check_times(c.exp, c.nbf, self.clock.now())?;
                     return Ok(Authenticated { caller, expires_at });
                 }
@@ -234,6 +285,15 @@ impl JwtAuthenticator {
             Some(jsonwebtoken::errors::ErrorKind::InvalidIssuer) => format!("wrong issuer (want {})", self.issuer),
             Some(jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
                 "signature does not verify with any trusted key".into()
+            }
+            Some(jsonwebtoken::errors::ErrorKind::InvalidClaimFormat(claim)) => {
+                format!("the {claim} claim is malformed")
+            }
+            Some(jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(claim)) => {
+                format!("the {claim} claim is missing")
+            }
+            Some(jsonwebtoken::errors::ErrorKind::Json(_)) => {
+                "malformed claims (a time claim that is not an integer number of seconds, or a missing field)".into()
             }
             Some(other) => format!("{other:?}"),
             None => "unverifiable".into(),
@@ -420,6 +480,81 @@ mod tests {
         let huge = idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(1 << 63), now()).expect("mint");
         let e = auth.authenticate(&huge, None).await.expect_err("refused");
         assert!(matches!(&e, AuthError::Rejected(m) if m.contains("out of range")), "{e}");
+    }
+
+    /// Signed claims for `sleep` with the given time claims (any JSON), as a trusted issuer could
+    /// send them.
+    fn claims_with(times: &[(&str, serde_json::Value)]) -> serde_json::Value {
+        let mut c = serde_json::json!({
+            "iss": "https://idp.example",
+            "sub": "system:serviceaccount:default:sleep",
+            "aud": [ISTIO_CA_AUDIENCE],
+        });
+        for (k, v) in times {
+            c[*k] = v.clone();
+        }
+        c
+    }
+
+    /// A JSON value a claim might hold: integers around every boundary that matters, negative
+    /// and fractional numbers, huge floats, strings, nulls.
+    fn claim_value() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<u64>().prop_map(serde_json::Value::from),
+            (0u64..=MAX_CLAIM_TIME + 10).prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from(1u64 << 63)),
+            Just(serde_json::Value::from(u64::MAX)),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever numbers (or non-numbers) a trusted issuer puts in `exp`, `nbf` and `iat`,
+        /// the verifier answers — never panics — and accepts only times in range.
+        #[test]
+        fn any_time_claims_are_answered_never_a_panic(exp in claim_value(), nbf in claim_value(), iat in claim_value()) {
+            let idp = DemoIdp::generate("https://idp.example").expect("idp");
+            let auth = JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+                .expect("jwks")
+                .with_clock(clock().shared());
+            let token = idp.sign_claims(&claims_with(&[("exp", exp.clone()), ("nbf", nbf.clone()), ("iat", iat.clone())])).expect("sign");
+            let in_range = |v: &serde_json::Value| v.as_u64().is_some_and(|n| n <= MAX_CLAIM_TIME);
+            match auth.verify(&token) {
+                Ok(a) => {
+                    prop_assert!(in_range(&exp), "accepted exp {exp}");
+                    prop_assert!(nbf.is_null() || in_range(&nbf), "accepted nbf {nbf}");
+                    prop_assert!(iat.is_null() || in_range(&iat), "accepted iat {iat}");
+                    prop_assert_eq!(a.expires_at, from_unix(exp.as_u64().unwrap_or(0) as i64));
+                }
+                Err(e) => prop_assert!(matches!(e, AuthError::Rejected(_)), "{e}"),
+            }
+            // The unverified reader (the TokenReview path) agrees on what is in range.
+            let read = read_time_claims(&token);
+            let all_ok = [&exp, &nbf, &iat].iter().all(|v| v.is_null() || in_range(v));
+            prop_assert_eq!(read.is_ok(), all_ok, "{:?}", read);
+        }
+
+        /// Arbitrary text as a token never panics either reader.
+        #[test]
+        fn arbitrary_tokens_never_panic(token in ".{0,300}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = read_time_claims(&token);
+            use base64::Engine;
+            let crafted = format!("e30.{}.c2ln", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&payload));
+            let _ = read_time_claims(&crafted);
+            let idp = DemoIdp::generate("https://idp.example").expect("idp");
+            let auth = JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE).expect("jwks");
+            prop_assert!(auth.verify(&token).is_err());
+            prop_assert!(auth.verify(&crafted).is_err());
+        }
     }
 
     #[tokio::test]

@@ -119,6 +119,8 @@ pub struct CaHolder {
     dir: PathBuf,
     metrics: Arc<Metrics>,
     clock: SharedClock,
+    /// The serial of the intermediate in service whose expiry was reported (once).
+    expired: std::sync::Mutex<Option<String>>,
 }
 
 /// Why the initial load failed.
@@ -145,7 +147,13 @@ impl CaHolder {
         let bundle = CaBundle::validate(&files, clock.now())
             .map_err(|source| LoadError::Invalid { dir: dir.display().to_string(), source })?;
         let state = CaState::new(bundle, digest(&files));
-        let holder = Arc::new(CaHolder { current: ArcSwap::new(state), dir: dir.to_path_buf(), metrics, clock });
+        let holder = Arc::new(CaHolder {
+            current: ArcSwap::new(state),
+            dir: dir.to_path_buf(),
+            metrics,
+            clock,
+            expired: std::sync::Mutex::new(None),
+        });
         holder.publish_gauges();
         Ok(holder)
     }
@@ -172,6 +180,7 @@ impl CaHolder {
     /// by file) is not reported until the same bad content is seen twice, and a bad bundle is
     /// reported once, not on every poll.
     pub fn poll(&self, pending: &mut Option<Pending>) -> bool {
+        self.check_expiry();
         let files = match read_cacerts_dir(&self.dir) {
             Ok(f) => f,
             Err(e) => {
@@ -231,6 +240,31 @@ impl CaHolder {
                 }
                 false
             }
+        }
+    }
+
+    /// Notices, once per intermediate, that the one in service has expired: an error in the log
+    /// and `meshca_workload_ca_intermediate_expired` at 1, until a new bundle is loaded. (The
+    /// agent reports it too, and the management plane alerts on it.)
+    fn check_expiry(&self) {
+        let st = self.current.load();
+        let ca = st.bundle.ca_cert();
+        let now = self.clock.now();
+        let mut reported = self.expired.lock().unwrap_or_else(|p| p.into_inner());
+        if ca.not_after() <= now {
+            let serial = ca.serial_hex();
+            if reported.as_ref() != Some(&serial) {
+                tracing::error!(
+                    %serial,
+                    expired_at = %rfc3339(ca.not_after()),
+                    dir = %self.dir.display(),
+                    "the cluster intermediate in service has EXPIRED: requests are answered UNAVAILABLE, and TLS clients refuse the serving certificate that chains through it, until the agent writes a new cacerts"
+                );
+                self.metrics.intermediate_expired.set(1);
+                *reported = Some(serial);
+            }
+        } else if reported.take().is_some() {
+            self.metrics.intermediate_expired.set(0);
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub reload_failures: Counter,
     /// Connections and admission (`meshca_workload_ca_connections_*`, `…_requests_*`).
     pub serve: meshca_serve::ServeMetrics,
+    /// 1 while the intermediate in service has expired (nothing can be signed), else 0.
+    pub intermediate_expired: Gauge,
 }
 
 impl Metrics {
@@ -55,6 +57,7 @@ impl Metrics {
             reloads: Counter::default(),
             reload_failures: Counter::default(),
             serve: meshca_serve::ServeMetrics::default(),
+            intermediate_expired: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("citadel_server_csr", "CSRs received", m.csr_count.clone());
@@ -92,6 +95,11 @@ impl Metrics {
             m.reload_failures.clone(),
         );
         m.serve.register(registry.sub_registry_with_prefix("meshca_workload_ca"));
+        registry.register(
+            "meshca_workload_ca_intermediate_expired",
+            "1 while the cluster intermediate in service has expired and nothing can be signed",
+            m.intermediate_expired.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 

@@ -216,10 +216,20 @@ impl WorkloadCa {
         })?;
         let ttl = self.ttl.resolve(r.validity_duration);
         let state = self.ca.current();
+        let now = self.ca.clock().now();
+        let ca = state.bundle.ca_cert();
+        if ca.not_after() <= now {
+            self.metrics.sign_errors.inc();
+            return Err(Status::unavailable(format!(
+                "this cluster's intermediate CA (serial {}) expired at {}; no certificate can be issued until the cluster's meshca agent writes a new cacerts (see `meshca status`)",
+                ca.serial_hex(),
+                meshca_pki::chain::rfc3339(ca.not_after())
+            )));
+        }
         let issued = state
             .bundle
             .signer()
-            .sign_leaf(csr.public_key_spki(), &LeafParams::workload(id.clone(), ttl), self.ca.clock().now())
+            .sign_leaf(csr.public_key_spki(), &LeafParams::workload(id.clone(), ttl), now)
             .map_err(|e| {
                 self.metrics.sign_errors.inc();
                 tracing::error!(error = %e, %id, "signing failed");
@@ -281,6 +291,88 @@ impl IstioCertificateService for WorkloadCa {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use meshca_clock::{Clock, ManualClock};
+    use meshca_pki::{CaBundle, CaSigner, IntermediateParams, KeyAlgorithm, PrivateKey, RootParams, RootSet};
+
+    use crate::authn::{ISTIO_CA_AUDIENCE, JwtAuthenticator};
+    use crate::idp::DemoIdp;
+
+    /// The attack: once the cluster intermediate in service had expired, callers learned nothing
+    /// but a TLS error. The service itself now answers UNAVAILABLE naming the intermediate and
+    /// when it expired (what a caller whose handshake still succeeds — a resumed TLS session, a
+    /// client not checking the chain's time — sees), logs it once, and raises
+    /// `meshca_workload_ca_intermediate_expired`. A TLS client that checks the serving chain
+    /// still fails the handshake: the serving certificate chains through the expired
+    /// intermediate, and no certificate it could present would verify.
+    #[tokio::test]
+    async fn an_expired_intermediate_is_answered_unavailable_with_the_reason_and_flagged_once() {
+        let clock = ManualClock::new(std::time::SystemTime::now());
+        let now = clock.now();
+        let root = CaSigner::new_root(
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup"),
+            &RootParams::new("t"),
+            now,
+        )
+        .expect("test setup");
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup");
+        let td = TrustDomain::new("cluster.local").expect("test setup");
+        let params = IntermediateParams {
+            ttl: Duration::from_secs(3600),
+            ..IntermediateParams::cluster("o", "cluster-1", td.clone())
+        };
+        let cert = root
+            .sign_intermediate(key.public_key_spki(), &params, now)
+            .expect("test setup")
+            .parse()
+            .expect("test setup");
+        let roots = RootSet::from_certs(vec![root.cert().clone()]).expect("test setup");
+        let files = CaBundle::assemble(&key, &cert, &[root.cert().clone()], &roots);
+        let dir = tempfile::tempdir().expect("test setup");
+        for (name, data) in files.entries() {
+            std::fs::write(dir.path().join(name), data).expect("test setup");
+        }
+        let metrics = Metrics::new();
+        let holder = CaHolder::load(dir.path(), metrics.clone(), clock.shared()).expect("test setup");
+        let idp = DemoIdp::generate("https://idp.test").expect("test setup");
+        let auth = JwtAuthenticator::from_jwks("https://idp.test", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+            .expect("test setup")
+            .with_clock(clock.shared());
+        let ca = WorkloadCa::new(
+            holder.clone(),
+            Arc::new(auth),
+            td,
+            TtlPolicy::default(),
+            metrics.clone(),
+            Limits::default(),
+        );
+        let token =
+            idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(4 * 3600), now).expect("test setup");
+        let csr = meshca_pki::build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup"), &[])
+            .expect("test setup");
+        let request = || {
+            let mut r =
+                Request::new(IstioCertificateRequest { csr: csr.clone(), validity_duration: 0, metadata: None });
+            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("test setup"));
+            r
+        };
+        ca.create_certificate(request()).await.expect("signs while the intermediate is valid");
+        let gauge = || {
+            let text = metrics.render();
+            text.lines().find(|l| l.starts_with("meshca_workload_ca_intermediate_expired ")).map(str::to_string)
+        };
+        let mut pending = None;
+        holder.poll(&mut pending);
+        assert_eq!(gauge().as_deref(), Some("meshca_workload_ca_intermediate_expired 0"));
+
+        clock.advance(Duration::from_secs(3601));
+        let s = ca.create_certificate(request()).await.expect_err("nothing can be signed");
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        assert!(s.message().contains(&cert.serial_hex()) && s.message().contains("expired at"), "{}", s.message());
+        holder.poll(&mut pending);
+        holder.poll(&mut pending);
+        assert_eq!(gauge().as_deref(), Some("meshca_workload_ca_intermediate_expired 1"));
+    }
 
     #[test]
     fn lifetimes_follow_istios_rules() {

@@ -26,6 +26,47 @@ pub fn read_bundle_dir(dir: &Path) -> anyhow::Result<BundleFiles> {
     meshca_workload_ca::ca::read_cacerts_dir(dir).with_context(|| format!("reading cacerts from {}", dir.display()))
 }
 
+/// How an ordinary error ends the program: `Error: <what>` and the chain of causes, one per line,
+/// and never a stack trace. Returning the error from `main` would print it with `Debug`, which for
+/// anyhow includes the backtrace it captured whenever `RUST_BACKTRACE` (or `RUST_LIB_BACKTRACE`)
+/// is set, as it often is on developers' machines; a bad flag or an unreachable server is not a
+/// bug, and a trace only buries the message. Panics (bugs) still print theirs.
+pub fn error_report(e: &anyhow::Error) -> String {
+    // Errors carry text from elsewhere (a server's message, a file name): escaped for the terminal.
+    let text = |e: &dyn std::fmt::Display| meshca_proto::text::terminal_safe(&e.to_string()).into_owned();
+    let mut out = format!("Error: {}", text(e));
+    let causes: Vec<String> = e.chain().skip(1).map(|c| text(&c)).collect();
+    if !causes.is_empty() {
+        out.push_str("\n\nCaused by:");
+        // The layout anyhow's `Debug` uses, minus the trace: numbered only when there are several.
+        match causes.as_slice() {
+            [one] => out.push_str(&format!("\n    {one}")),
+            many => many.iter().enumerate().for_each(|(i, c)| out.push_str(&format!("\n    {i}: {c}"))),
+        }
+    }
+    out
+}
+
+/// Reads the bearer token a metrics endpoint requires (`--metrics-token-file`). Surrounding
+/// whitespace is not part of the token. An empty file is refused rather than taken for "no token
+/// needed": the operator asked for a protected endpoint, and silently serving an open one (or one
+/// no scraper can match) would hide the mistake.
+pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "{} is empty: it must hold the bearer token scrapers send (omit the flag for no metrics token)",
+        path.display()
+    );
+    anyhow::ensure!(
+        token.chars().all(|c| c.is_ascii_graphic()),
+        "{} holds spaces or control characters inside the token; an HTTP bearer token cannot carry them",
+        path.display()
+    );
+    Ok(token.to_string())
+}
+
 /// A duration flag: `90s`, `720h`, `1h30m`.
 #[derive(Debug, Clone, Copy)]
 pub struct DurationArg(pub Duration);

@@ -1,5 +1,6 @@
-//! The operator's commands: `cluster add`, `status`, `rotate`, `policy apply`. They call the
-//! management plane's operator API over mutual TLS with the credentials `meshca server` wrote.
+//! The operator's commands: `cluster add`, `cluster remove`, `status`, `rotate`, `policy apply`,
+//! `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
+//! TLS with the credentials `meshca server` wrote (or `meshca operator issue` made).
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,8 +10,10 @@ use meshca_mgmt::server::creds;
 use meshca_mgmt::status::{document, human};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, MeshStatus, RotateRequest, RotateRootRequest,
+    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, IssueOperatorRequest, MeshStatus,
+    RemoveClusterRequest, RevokeOperatorRequest, RotateRequest, RotateRootRequest,
 };
+use meshca_proto::text::terminal_safe;
 use meshca_store::fsutil;
 use tonic::transport::Channel;
 
@@ -39,7 +42,7 @@ pub async fn connect(c: &Creds) -> anyhow::Result<OperatorClient<Channel>> {
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::anyhow!("{:?}: {}", s.code(), terminal_safe(s.message()))
 }
 
 /// Arguments of `meshca cluster add`.
@@ -119,8 +122,16 @@ pub struct StatusArgs {
     creds: Creds,
 }
 
+/// `s` made safe for the terminal (every string in the status came from the network: an agent's
+/// report, a certificate's subject, a policy error) and cut to `n` characters.
 fn short(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+    let s = safe(s);
+    if s.chars().count() <= n { s } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+}
+
+/// `s` with control characters escaped, so a reported string can never drive the terminal.
+fn safe(s: &str) -> String {
+    terminal_safe(s).into_owned()
 }
 
 fn time(t: i64) -> String {
@@ -136,25 +147,25 @@ pub fn render(st: &MeshStatus) -> String {
     let n = st.now;
     out.push_str(&format!(
         "mesh        trust domain {} · CA mode {} · generation {}\n",
-        st.trust_domain,
-        st.ca_mode,
-        if st.policy_generation.is_empty() { "-" } else { &st.policy_generation }
+        safe(&st.trust_domain),
+        safe(&st.ca_mode),
+        if st.policy_generation.is_empty() { "-".into() } else { safe(&st.policy_generation) }
     ));
     if !st.root_set_fingerprint.is_empty() {
         out.push_str(&format!(
             "root set    {} · expires {} ({} left)\n",
             short(&st.root_set_fingerprint, 23),
             time(st.root_not_after),
-            human(st.root_not_after - n)
+            human(st.root_not_after.saturating_sub(n))
         ));
     }
     out.push_str(&render_rotation(st));
     if !st.upstream_intermediate_subject.is_empty() {
         out.push_str(&format!(
             "upstream    {} · expires {} ({} left)\n",
-            st.upstream_intermediate_subject,
+            safe(&st.upstream_intermediate_subject),
             time(st.upstream_intermediate_not_after),
-            human(st.upstream_intermediate_not_after - n)
+            human(st.upstream_intermediate_not_after.saturating_sub(n))
         ));
     }
     out.push('\n');
@@ -183,27 +194,27 @@ pub fn render(st: &MeshStatus) -> String {
             s.phase().name().to_string()
         };
         rows.push(vec![
-            c.name.clone(),
+            safe(&c.name),
             if c.connected {
                 "yes".into()
             } else if c.last_seen > 0 {
-                format!("no ({} ago)", human(n - c.last_seen))
+                format!("no ({} ago)", human(n.saturating_sub(c.last_seen)))
             } else {
                 "no".into()
             },
             phase,
             if s.intermediate_serial.is_empty() { "-".into() } else { short(&s.intermediate_serial, 12) },
             time(s.intermediate_not_after),
-            if s.intermediate_not_after > 0 { human(s.intermediate_not_after - n) } else { "-".into() },
+            if s.intermediate_not_after > 0 { human(s.intermediate_not_after.saturating_sub(n)) } else { "-".into() },
             if s.root_set_fingerprint.is_empty() { "-".into() } else { short(&s.root_set_fingerprint, 15) },
             if s.key_location.is_empty() {
                 "-".into()
             } else if s.key_location == "memory" {
                 "in memory".into()
             } else {
-                s.key_location.clone()
+                short(&s.key_location, 12)
             },
-            if s.last_renewal > 0 { format!("{} ago", human(n - s.last_renewal)) } else { "-".into() },
+            if s.last_renewal > 0 { format!("{} ago", human(n.saturating_sub(s.last_renewal))) } else { "-".into() },
             if s.last_error.is_empty() { "-".into() } else { short(&s.last_error, 60) },
         ]);
     }
@@ -215,14 +226,14 @@ pub fn render(st: &MeshStatus) -> String {
         out.push('\n');
     }
     if !st.policy_error.is_empty() {
-        out.push_str(&format!("\npolicy: {}\n", st.policy_error));
+        out.push_str(&format!("\npolicy: {}\n", safe(&st.policy_error)));
     }
     if st.alerts.is_empty() {
         out.push_str("\nno alerts\n");
     } else {
         out.push_str("\nALERTS (need a person)\n");
         for a in &st.alerts {
-            out.push_str(&format!("  {:<38} {}\n", a.kind().name(), a.message));
+            out.push_str(&format!("  {:<38} {}\n", a.kind().name(), safe(&a.message)));
         }
     }
     out
@@ -357,5 +368,127 @@ pub async fn policy_apply(a: PolicyApplyArgs) -> anyhow::Result<()> {
     let mut client = connect(&a.creds).await?;
     let r = client.apply_policy(ApplyPolicyRequest { policy: text }).await.map_err(status_err)?.into_inner();
     println!("policy applied; generation {}", r.policy_generation);
+    Ok(())
+}
+
+/// Arguments of `meshca cluster remove`.
+#[derive(clap::Args)]
+pub struct ClusterRemoveArgs {
+    /// The cluster's name.
+    name: String,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca cluster remove NAME`.
+pub async fn cluster_remove(a: ClusterRemoveArgs) -> anyhow::Result<()> {
+    let mut client = connect(&a.creds).await?;
+    let r =
+        client.remove_cluster(RemoveClusterRequest { cluster: a.name.clone() }).await.map_err(status_err)?.into_inner();
+    println!(
+        "cluster {} removed: its agent's identity is refused and nothing is issued to it from now on; its records are archived as meshca/{}{}",
+        a.name,
+        safe(&r.archive),
+        if r.tokens_deleted > 0 {
+            format!(" ({} unused bootstrap token(s) deleted)", r.tokens_deleted)
+        } else {
+            String::new()
+        }
+    );
+    eprintln!(
+        "the cacerts already in the cluster stay valid until they expire; to add the cluster back: meshca cluster add {}",
+        a.name
+    );
+    Ok(())
+}
+
+/// Arguments of `meshca operator issue`.
+#[derive(clap::Args)]
+pub struct OperatorIssueArgs {
+    /// The new operator's name (a DNS-1123 label).
+    name: String,
+    /// Folder to write the new credentials to (created 0700; the key 0600). It must not hold
+    /// credentials already.
+    #[arg(long)]
+    out: PathBuf,
+    /// How long the credentials stay valid (at most a year).
+    #[arg(long, default_value = "8760h")]
+    ttl: DurationArg,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca operator issue NAME --out DIR`: the key is made here and never leaves this machine.
+pub async fn operator_issue(a: OperatorIssueArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !a.out.join(creds::KEY).exists(),
+        "{} already holds operator credentials; choose another folder",
+        a.out.display()
+    );
+    let key = meshca_pki::PrivateKey::generate(meshca_pki::KeyAlgorithm::EcdsaP256)?;
+    let csr = meshca_pki::build_csr(&key, &[])?;
+    let mut client = connect(&a.creds).await?;
+    let server = match &a.creds.server {
+        Some(s) => s.clone(),
+        None => creds::recorded_server(&a.creds.credentials)?,
+    };
+    let r = client
+        .issue_operator(IssueOperatorRequest { name: a.name.clone(), csr, ttl_seconds: a.ttl.0.as_secs() as i64 })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let cert = meshca_pki::Cert::from_pem(r.certificate.as_bytes()).context("the issued certificate")?;
+    anyhow::ensure!(cert.has_public_key(key.public_key_spki()), "the issued certificate is not for the key made here");
+    fsutil::create_private_dir(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let w = |name: &str, data: &[u8], mode: u32| {
+        let p = a.out.join(name);
+        fsutil::write_atomic(&p, data, mode).with_context(|| format!("writing {}", p.display()))
+    };
+    w(creds::KEY, key.to_pkcs8_pem().as_bytes(), 0o600)?;
+    w(creds::CERT, r.certificate.as_bytes(), 0o644)?;
+    w(creds::RELAY_CA, r.relay_ca.as_bytes(), 0o644)?;
+    w(creds::SERVER, server.as_bytes(), 0o644)?;
+    println!(
+        "operator credentials for {} written to {} (serial {}, valid until {}); revoke them with: meshca operator revoke {}",
+        a.name,
+        a.out.display(),
+        r.serial,
+        time(r.not_after),
+        r.serial
+    );
+    Ok(())
+}
+
+/// Arguments of `meshca operator revoke`.
+#[derive(clap::Args)]
+pub struct OperatorRevokeArgs {
+    /// Serial (hex) of the operator certificate to revoke; without it, the certificate in
+    /// --credentials (the credentials this command uses: their last call).
+    serial: Option<String>,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca operator revoke [SERIAL]`.
+pub async fn operator_revoke(a: OperatorRevokeArgs) -> anyhow::Result<()> {
+    let serial = match &a.serial {
+        Some(s) => s.clone(),
+        None => {
+            let path = a.creds.credentials.join(creds::CERT);
+            let pem = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            meshca_pki::Cert::from_pem(&pem).with_context(|| format!("{}", path.display()))?.serial_hex()
+        }
+    };
+    let mut client = connect(&a.creds).await?;
+    let r = client.revoke_operator(RevokeOperatorRequest { serial }).await.map_err(status_err)?.into_inner();
+    let who = if r.name.is_empty() { String::new() } else { format!(" (operator {})", safe(&r.name)) };
+    if r.already_revoked {
+        println!("operator certificate {}{who} was already revoked", r.serial);
+    } else {
+        println!("operator certificate {}{who} revoked: every later call with it is refused", r.serial);
+    }
+    if r.replaced_local_credentials {
+        println!("it was the server's own operator credentials: the server wrote new ones in their place");
+    }
     Ok(())
 }

@@ -119,12 +119,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::anyhow!("{}: {e}", args.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
         })?;
     }
-    let metrics_token = match &args.metrics_token_file {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
-        }
-        None => None,
-    };
+    let metrics_token = args.metrics_token_file.as_deref().map(super::read_token_file).transpose()?;
     let opts = ServerOptions {
         listen: args.listen,
         hostnames: args.hostnames,

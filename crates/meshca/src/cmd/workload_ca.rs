@@ -141,12 +141,7 @@ pub fn jwt_auth(
 
 /// Runs until Ctrl-C or SIGTERM, then drains within --shutdown-grace.
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let metrics_token = match &a.metrics_token_file {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
-        }
-        None => None,
-    };
+    let metrics_token = a.metrics_token_file.as_deref().map(super::read_token_file).transpose()?;
     let client = a.kube.client().await?;
     let auth: Arc<dyn Authenticator> = match (&a.jwt_issuer, &a.jwks) {
         (Some(issuer), Some(jwks)) if !a.tokenreview => jwt_auth(issuer, jwks, &a.audience, a.cache_tokens)?,

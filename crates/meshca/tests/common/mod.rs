@@ -105,7 +105,13 @@ impl Mgmt {
     }
 
     fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Mgmt {
-        let data = dir.join("mgmt");
+        Mgmt::start_in(dir, &dir.join("mgmt"), listen, extra)
+    }
+
+    /// Starts `meshca server` with its data in `data` (which may be elsewhere, e.g. on a small
+    /// file system) and its log in `dir`, listening on `listen`.
+    pub fn start_in(dir: &Path, data: &Path, listen: &str, extra: &[&str]) -> Mgmt {
+        let data = data.to_path_buf();
         let mut args =
             vec!["server", "--data-dir", data.to_str().unwrap(), "--listen", listen, "--report-interval", "2s"];
         args.extend_from_slice(extra);
@@ -579,10 +585,15 @@ pub fn openssl_mtls(dir: &Path, server: &TlsParty<'_>, client: &TlsParty<'_>) ->
 
 /// A plain HTTP/1.1 GET (for `/metrics`): (status code, body).
 pub fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    http_get_authorized(addr, path, bearer.map(|t| format!("Bearer {t}")).as_deref())
+}
+
+/// [`http_get`] with the `Authorization` header's whole value (any scheme spelling).
+pub fn http_get_authorized(addr: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = authorization.map(|v| format!("Authorization: {v}\r\n")).unwrap_or_default();
     write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
     let mut raw = String::new();
     tcp.read_to_string(&mut raw).unwrap();
@@ -603,4 +614,13 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// exposition.
 pub fn metric_labelled(text: &str, name: &str, reason: &str) -> Option<f64> {
     metric(text, &format!("{name}{{reason=\"{reason}\"}}"))
+}
+
+/// Runs `meshca ARGS` (log in `dir/<name>.log`) and asserts it refuses to start: it exits
+/// non-zero within 30 s, its log says `says`, and it never said it was listening.
+pub fn assert_refuses_to_start(name: &str, dir: &Path, args: &[&str], says: &str) {
+    let mut p = spawn_meshca(name, dir, args);
+    let status = p.wait_exit(Duration::from_secs(30));
+    let log = p.log_text();
+    assert!(!status.success() && log.contains(says) && !log.contains("listening"), "{name} ({status}):\n{log}");
 }

@@ -116,7 +116,9 @@ impl fmt::Debug for DirStore {
 
 impl DirStore {
     /// Opens the store rooted at `root`, creating it (mode 0700) if missing. An existing root keeps
-    /// its mode: it may be shared on purpose (e.g. mounted into istiod's pod).
+    /// its mode: it may be shared on purpose (e.g. mounted into istiod's pod). What interrupted
+    /// writes left behind anywhere in the tree (a crash, a full disk) is removed first, each
+    /// object under its lock, so a concurrent writer is never disturbed.
     ///
     /// This does blocking I/O; call it at start-up, not from inside a busy async task.
     pub fn open(root: impl Into<PathBuf>) -> Result<DirStore, StoreError> {
@@ -136,7 +138,9 @@ impl DirStore {
             Err(e) => return Err(io_err(&who, &root)(e)),
         }
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
-        Ok(DirStore { inner: Arc::new(Inner { root, changes }), poll_interval: DEFAULT_POLL_INTERVAL })
+        let inner = Inner { root, changes };
+        inner.sweep_leftovers();
+        Ok(DirStore { inner: Arc::new(inner), poll_interval: DEFAULT_POLL_INTERVAL })
     }
 
     /// Sets how often watches poll for out-of-process writes (default [`DEFAULT_POLL_INTERVAL`]).
@@ -404,17 +408,24 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let tmp = self.create_temp_dir(key);
         let who = key.to_string();
-        DirBuilder::new().mode(DIR_MODE).create(&tmp).map_err(io_err(&who, &tmp))?;
-        let target = data_dir_name(version);
-        write_data_dir(key, &tmp.join(&target), secret, meta)?;
-        let link = tmp.join(DATA_LINK);
-        symlink(&target, &link).map_err(io_err(&who, &link))?;
-        for data_key in secret.data.keys() {
-            let link = tmp.join(data_key);
-            symlink(key_link_target(data_key), &link).map_err(io_err(&who, &link))?;
+        let built = (|| {
+            DirBuilder::new().mode(DIR_MODE).create(&tmp).map_err(io_err(&who, &tmp))?;
+            let target = data_dir_name(version);
+            write_data_dir(key, &tmp.join(&target), secret, meta)?;
+            let link = tmp.join(DATA_LINK);
+            symlink(&target, &link).map_err(io_err(&who, &link))?;
+            for data_key in secret.data.keys() {
+                let link = tmp.join(data_key);
+                symlink(key_link_target(data_key), &link).map_err(io_err(&who, &link))?;
+            }
+            sync_dir(key, &tmp)?;
+            fs::rename(&tmp, obj).map_err(io_err(&who, obj))
+        })();
+        if let Err(e) = built {
+            // Not in place: remove the half-built object now (see `update_object`).
+            let _ = remove_any(&who, &tmp);
+            return Err(e);
         }
-        sync_dir(key, &tmp)?;
-        fs::rename(&tmp, obj).map_err(io_err(&who, obj))?;
         sync_dir(key, &self.namespace_dir(key.namespace()))
     }
 
@@ -433,6 +444,50 @@ impl Inner {
         fs::rename(&obj, &aside).map_err(io_err(&who, &obj))?;
         sync_dir(key, &self.namespace_dir(key.namespace()))?;
         remove_any(&who, &aside).map(drop)
+    }
+
+    /// Removes every leftover of an interrupted write in the tree: the temporary create and
+    /// delete directories beside objects, and `..data_tmp` links and data directories other than
+    /// the current one inside them. Each object is cleaned under its exclusive lock, exactly as
+    /// its next writer would clean it. Failures are logged and skipped: a leftover only costs
+    /// space, and a store that cannot be tidied can still be opened.
+    fn sweep_leftovers(&self) {
+        let Ok(namespaces) = fs::read_dir(&self.root) else { return };
+        for ns in namespaces.flatten() {
+            let Some(namespace) = ns.file_name().to_str().map(str::to_string) else { continue };
+            if !is_dns_label(&namespace) || !ns.path().is_dir() {
+                continue;
+            }
+            let Ok(entries) = fs::read_dir(ns.path()) else { continue };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .map(|n| {
+                    // `.<name>_tmp` and `.<name>_del` belong to object `<name>`.
+                    let temp = n.strip_prefix('.').and_then(|t| t.strip_suffix("_tmp").or(t.strip_suffix("_del")));
+                    temp.map(str::to_string).unwrap_or(n)
+                })
+                .filter(|n| is_dns_subdomain(n))
+                .collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                let Ok(key) = ObjectKey::new(&namespace, &name) else { continue };
+                if let Err(e) = self.sweep_object(&key) {
+                    tracing::warn!(object = %key, error = %e, "could not remove the leftovers of an interrupted write");
+                }
+            }
+        }
+    }
+
+    fn sweep_object(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        let _lock = self.lock(key, LockKind::Exclusive)?;
+        self.remove_leftovers_in_namespace(key)?;
+        let obj = self.object_dir(key);
+        if let LinkState::Present { target, .. } = link_state(key, &obj)? {
+            writer::remove_leftovers_in_object(key, &obj, &target)?;
+        }
+        Ok(())
     }
 
     /// Removes what a crashed create or delete of this object left in the namespace directory.

@@ -32,12 +32,22 @@ pub(crate) fn update_object(
     let who = key.to_string();
     remove_leftovers_in_object(key, obj, old_target.unwrap_or_default())?;
     let target = data_dir_name(version);
-    write_data_dir(key, &obj.join(&target), secret, meta)?;
-
+    let data_dir = obj.join(&target);
     let tmp_link = obj.join(DATA_TMP_LINK);
-    symlink(&target, &tmp_link).map_err(io_err(&who, &tmp_link))?;
     let link = obj.join(DATA_LINK);
-    fs::rename(&tmp_link, &link).map_err(io_err(&who, &link))?;
+    let swapped = write_data_dir(key, &data_dir, secret, meta).and_then(|()| {
+        symlink(&target, &tmp_link).map_err(io_err(&who, &tmp_link))?;
+        fs::rename(&tmp_link, &link).map_err(io_err(&who, &link))
+    });
+    if let Err(e) = swapped {
+        // Nothing points at the new data directory: remove it at once rather than leave it to
+        // the next writer, so that a full disk gets its space back and no half-written copy of
+        // the data (keys included) stays behind. Best effort: the next writer, or the sweep at
+        // the next start, removes whatever this cannot.
+        let _ = remove_any(&who, &tmp_link);
+        let _ = remove_any(&who, &data_dir);
+        return Err(e);
+    }
     sync_dir(key, obj)?;
     // The new version is now visible and durable; the rest is tidying that any later writer
     // would also do if we crash here.
@@ -82,7 +92,7 @@ pub(crate) fn sync_key_links(key: &ObjectKey, obj: &Path, secret: &Secret) -> Re
 
 /// Removes what a crashed update left inside the object directory: `..data_tmp` and data
 /// directories other than the current one (all of them when `current_target` is empty).
-fn remove_leftovers_in_object(key: &ObjectKey, obj: &Path, current_target: &str) -> Result<(), StoreError> {
+pub(super) fn remove_leftovers_in_object(key: &ObjectKey, obj: &Path, current_target: &str) -> Result<(), StoreError> {
     let who = key.to_string();
     for entry in fs::read_dir(obj).map_err(io_err(&who, obj))? {
         let entry = entry.map_err(io_err(&who, obj))?;

@@ -1,0 +1,80 @@
+//! `meshca cluster remove NAME`: the cluster's identity and issuance stop at once, and its
+//! records are archived, not deleted.
+//!
+//! Order matters, so that a crash at any point loses nothing and leaves no way back in:
+//! 1. the registration, issued log and last status are copied into one archive object
+//!    (`archived.<name>.<unix time>`, created, never overwritten);
+//! 2. the registration record is deleted — from this moment every certificate of the cluster's
+//!    agent is refused on every call ([`crate::identities`]) and the issuer signs nothing for it;
+//! 3. its unused bootstrap tokens are deleted (they would register it again);
+//! 4. the issued log and status are deleted (they are in the archive).
+//!
+//! The cluster can be added again later with a new bootstrap token; it starts from a fresh record.
+
+use std::time::SystemTime;
+
+use meshca_clock::unix;
+use meshca_store::{Precondition, Secret, Store, StoreError, typed};
+
+use crate::error::MgmtError;
+use crate::records::{self, TokenRecord};
+
+/// What a removal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The archive object's name (namespace [`records::NAMESPACE`]).
+    pub archive: String,
+    /// Unused bootstrap tokens deleted.
+    pub tokens: usize,
+}
+
+/// Removes `cluster` at `now` on behalf of operator `by`. `Ok(None)`: it was not registered.
+pub async fn remove(store: &dyn Store, cluster: &str, by: &str, now: SystemTime) -> Result<Option<Removed>, MgmtError> {
+    let cluster_key = records::cluster(cluster)?;
+    let Some(registration) = store.get(&cluster_key).await? else { return Ok(None) };
+    let issued_key = records::issued(cluster)?;
+    let status_key = records::status(cluster)?;
+    let mut archive = Secret::default()
+        .label(meshca_store::labels::MANAGED_BY.0, meshca_store::labels::MANAGED_BY.1)
+        .annotation("meshca.io/removed-by", by)
+        .annotation("meshca.io/removed-at", &unix(now).to_string())
+        .annotation("meshca.io/cluster", cluster);
+    archive.data.insert("cluster.json".into(), record_bytes(&registration.value));
+    for (name, key) in [("issued.json", &issued_key), ("status.json", &status_key)] {
+        if let Some(v) = store.get(key).await? {
+            archive.data.insert(name.into(), record_bytes(&v.value));
+        }
+    }
+    let archive_key = records::archived_cluster(cluster, unix(now))?;
+    store.put(&archive_key, &archive, Precondition::Absent).await?;
+    // The registration goes only if nobody changed it since it was archived (a concurrent
+    // renewal would otherwise be lost from the archive); the caller retries on a conflict.
+    store.delete(&cluster_key, Precondition::Version(registration.version)).await?;
+
+    let mut tokens = 0;
+    for name in store.list(records::NAMESPACE).await? {
+        let Some(id) = name.strip_prefix(records::TOKEN_PREFIX) else { continue };
+        let key = records::token(id)?;
+        let Some(t) = typed::get::<TokenRecord>(store, &key).await? else { continue };
+        if t.value.cluster == cluster && t.value.used_at.is_none() {
+            match store.delete(&key, Precondition::Version(t.version)).await {
+                Ok(()) => tokens += 1,
+                // Used or deleted meanwhile: nothing left to do with it.
+                Err(StoreError::NotFound(_) | StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    for key in [&issued_key, &status_key] {
+        match store.delete(key, Precondition::Any).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(Removed { archive: archive_key.name().to_string(), tokens }))
+}
+
+/// The archived form of a record object: its JSON as stored.
+fn record_bytes(s: &Secret) -> Vec<u8> {
+    s.get(typed::RECORD_KEY).map(<[u8]>::to_vec).unwrap_or_default()
+}
