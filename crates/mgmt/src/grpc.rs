@@ -224,7 +224,8 @@ impl CertificateIssuer for IssuerService {
     async fn renew_identity(&self, request: Request<RenewIdentityRequest>) -> Result<Response<AgentIdentity>, Status> {
         let cluster = agent(&request)?;
         self.0.registered(&cluster).await?;
-        let cert = crate::registration::issue_identity(&self.0, &request.into_inner().identity_csr, &cluster).await?;
+        let csr = crate::registration::verify_identity_csr(&request.into_inner().identity_csr)?;
+        let cert = crate::registration::issue_identity(&self.0, &csr, &cluster).await?;
         Ok(Response::new(self.0.identity_response(&cert, &cluster)))
     }
 

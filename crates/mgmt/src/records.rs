@@ -32,6 +32,11 @@ pub fn policy() -> ObjectKey {
     fixed("root-trust-policy")
 }
 
+/// When bootstrap-token records were last swept (`crate::tokens::create`).
+pub fn token_sweep() -> ObjectKey {
+    fixed("token-sweep")
+}
+
 /// A cluster's registration record.
 pub fn cluster(name: &str) -> Result<ObjectKey, StoreError> {
     key(&format!("cluster-{name}"))
@@ -230,7 +235,7 @@ mod tests {
 
     #[test]
     fn fixed_names_are_valid_and_input_names_are_checked() {
-        let _ = (root_ca(), relay_ca(), policy());
+        let _ = (root_ca(), relay_ca(), policy(), token_sweep());
         assert!(cluster("cluster-1").is_ok());
         assert!(cluster("../etc").is_err());
         assert!(status("UPPER").is_err());

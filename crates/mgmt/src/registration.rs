@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use meshca_clock::unix;
-use meshca_pki::{Cert, CsrPolicy, KeyAlgorithm, verify_csr};
+use meshca_pki::{Cert, CsrPolicy, KeyAlgorithm, VerifiedCsr, verify_csr};
 use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{AgentIdentity, RegisterRequest, registration_server::Registration};
 use meshca_store::typed;
@@ -14,11 +14,16 @@ use crate::grpc::{Shared, internal};
 use crate::records::{self, ClusterRecord};
 use crate::tokens;
 
-/// Issues `cluster`'s agent a client certificate for the key in `csr_pem`, and records its
-/// serial in the cluster's record (creating the record on first registration).
-pub(crate) async fn issue_identity(s: &Shared, csr_pem: &str, cluster: &str) -> Result<Cert, Status> {
-    let csr = verify_csr(csr_pem.as_bytes(), &CsrPolicy::exactly(KeyAlgorithm::EcdsaP256.kind()))
-        .map_err(|e| Status::invalid_argument(format!("identity CSR: {e}")))?;
+/// Checks an agent identity CSR: a P-256 key, proven by the CSR's signature.
+pub(crate) fn verify_identity_csr(csr_pem: &str) -> Result<VerifiedCsr, Status> {
+    verify_csr(csr_pem.as_bytes(), &CsrPolicy::exactly(KeyAlgorithm::EcdsaP256.kind()))
+        .map_err(|e| Status::invalid_argument(format!("identity CSR: {e}")))
+}
+
+/// Issues `cluster`'s agent a client certificate for the key of `csr` (checked by
+/// [`verify_identity_csr`]), and records its serial in the cluster's record (creating the record
+/// on first registration).
+pub(crate) async fn issue_identity(s: &Shared, csr: &VerifiedCsr, cluster: &str) -> Result<Cert, Status> {
     let now = s.clock.now();
     let cert = s
         .relay
@@ -52,8 +57,7 @@ impl Registration for RegistrationService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<AgentIdentity>, Status> {
         let r = request.into_inner();
         // Check the CSR before touching the token, so a bad request does not burn it.
-        verify_csr(r.identity_csr.as_bytes(), &CsrPolicy::exactly(KeyAlgorithm::EcdsaP256.kind()))
-            .map_err(|e| Status::invalid_argument(format!("identity CSR: {e}")))?;
+        let csr = verify_identity_csr(&r.identity_csr)?;
         let s = &self.0;
         let cluster = match tokens::consume(s.store.as_ref(), &r.bootstrap_token, Some(&r.cluster), s.clock.now()).await
         {
@@ -64,7 +68,7 @@ impl Registration for RegistrationService {
             }
             Err(e) => return Err(internal(e)),
         };
-        let cert = issue_identity(s, &r.identity_csr, &cluster).await?;
+        let cert = issue_identity(s, &csr, &cluster).await?;
         tracing::info!(%cluster, serial = %cert.serial_hex(), "cluster registered");
         Ok(Response::new(s.identity_response(&cert, &cluster)))
     }

@@ -261,7 +261,9 @@ async fn main() -> anyhow::Result<()> {
                         .body(Full::new(Bytes::from(body.to_string())))?;
                     let mut conn = conns[w].lock().await;
                     let t = Instant::now();
-                    let resp = conn.send_request(req).await.context("vault")?;
+                    // Keep-alive: the connection takes the next request once the last one is done.
+                    conn.ready().await.context("vault: the connection closed")?;
+                    let resp = conn.send_request(req).await.context("vault: sending")?;
                     let status = resp.status();
                     let bytes = resp.into_body().collect().await.context("vault body")?.to_bytes();
                     let took = t.elapsed();

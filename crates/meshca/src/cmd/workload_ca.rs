@@ -53,8 +53,8 @@ pub struct Args {
     /// How long a verified token is trusted before it is verified again (never past its own
     /// expiry); a revoked token (its service account deleted) is refused within this time. 0s
     /// verifies every request.
-    #[arg(long, default_value = "10s")]
-    token_cache_ttl: DurationArg,
+    #[arg(long, default_value = "10s", value_parser = duration_or_zero)]
+    token_cache_ttl: Duration,
     /// Leaf lifetime when the request asks for none.
     #[arg(long, default_value = "24h")]
     default_ttl: DurationArg,
@@ -70,6 +70,11 @@ pub struct Args {
     /// File with the bearer token required on /metrics.
     #[arg(long)]
     metrics_token_file: Option<PathBuf>,
+}
+
+/// A duration, zero included (`0s` turns a cache off).
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    meshca_policy::duration::parse(s).ok_or_else(|| format!("{s:?} is not a duration (examples: 0s, 10s, 5m)"))
 }
 
 /// Identities a token cache keeps at most (a cache that fills up is emptied of expired entries,
@@ -103,7 +108,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     };
     let client = a.kube.client().await?;
     let auth: Arc<dyn Authenticator> = match (&a.jwt_issuer, &a.jwks) {
-        (Some(issuer), Some(jwks)) if !a.tokenreview => jwt_auth(issuer, jwks, &a.audience, a.token_cache_ttl.0)?,
+        (Some(issuer), Some(jwks)) if !a.tokenreview => jwt_auth(issuer, jwks, &a.audience, a.token_cache_ttl)?,
         _ => {
             let local = client.clone().context("--tokenreview needs --kubeconfig, --kube-url or --in-cluster")?;
             let mut review = meshca_kube::tokenreview::TokenReviewAuthenticator::new(local, &a.audience);
@@ -120,7 +125,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
             // A token is reviewed once per --token-cache-ttl (istiod reviews every call; a herd of
             // renewals would put that load on the API server for nothing).
-            cached(review, a.token_cache_ttl.0)
+            cached(review, a.token_cache_ttl)
         }
     };
     let stop_mirror = tokio_util::sync::CancellationToken::new();
@@ -162,4 +167,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_cache_ttl_may_be_zero() {
+        assert_eq!(duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(duration_or_zero("10s"), Ok(Duration::from_secs(10)));
+        assert!(duration_or_zero("soon").is_err());
+    }
 }

@@ -47,7 +47,7 @@
 //!
 //! This file holds the tree of objects (create, delete, list, preconditions); `layout` names the
 //! entries of one object and reads it; `writer` is the kubelet-style atomic writer (shared with
-//! [`crate::single`]); `lock` the per-object lock file; the watch stream is [`crate::watch`], shared with the other
+//! [`crate::single`]); `lock` the per-object lock file; the watch stream is `crate::watch`, shared with the other
 //! backends.
 
 use std::fmt;

@@ -4,7 +4,7 @@
 //! # Durability and group commit
 //!
 //! The database runs in WAL mode with `synchronous=FULL`: a transaction is on disk (the WAL
-//! fsynced) when `COMMIT` returns. Every write goes to one writer thread ([`writer`]), which takes
+//! fsynced) when `COMMIT` returns. Every write goes to one writer thread (`writer.rs`), which takes
 //! the first queued write and everything queued behind it, applies them in one transaction (each
 //! under its own savepoint, so one write's failed precondition does not undo the others), commits
 //! once, and only then answers each writer. Concurrent writers therefore share one fsync, and no
@@ -58,8 +58,9 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Writes queued for the writer thread before `put`/`delete` wait for room (back-pressure).
 const QUEUE_CAPACITY: usize = 4096;
-/// Idle read connections kept for reuse.
-const MAX_IDLE_READERS: usize = 8;
+/// Read connections: reads beyond this many at once wait for one (opening a connection per read
+/// would parse the schema and set the pragmas every time).
+const READERS: usize = 16;
 /// The schema this code reads and writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
 /// In-process change notifications buffered per watcher (see the directory store).
@@ -91,6 +92,8 @@ struct Inner {
     writes: mpsc::Sender<writer::Request>,
     stats: Arc<writer::Counters>,
     readers: Mutex<Vec<Connection>>,
+    /// One permit per read connection in use through [`SqliteStore::read`].
+    reading: tokio::sync::Semaphore,
     changes: broadcast::Sender<ObjectKey>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -154,6 +157,7 @@ impl SqliteStore {
                 writes,
                 stats,
                 readers: Mutex::new(Vec::new()),
+                reading: tokio::sync::Semaphore::new(READERS),
                 changes,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -209,6 +213,12 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
     {
+        let _permit = self
+            .inner
+            .reading
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Backend(format!("{}: the store is closed", self.inner.path.display())))?;
         let inner = Arc::clone(&self.inner);
         run_blocking(move || inner.with_reader(f)).await
     }
@@ -223,7 +233,7 @@ impl Inner {
         };
         let result = f(&conn, &self.path);
         let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE_READERS {
+        if idle.len() < READERS {
             idle.push(conn);
         }
         result
