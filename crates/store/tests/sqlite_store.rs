@@ -246,20 +246,7 @@ async fn watch_sees_writes_of_another_instance_by_polling() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.db");
     let watcher = SqliteStore::open(&path).unwrap().with_poll_interval(Duration::from_millis(50));
-    let writer = SqliteStore::open(&path).unwrap();
-    let k = key("ns", "a");
-    let v1 = writer.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
-    let mut watch = watcher.watch(&k);
-    assert_eq!(next_within(&mut watch, Duration::from_secs(5)).await.unwrap().version, v1);
-    let v2 = writer.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
-    let got = next_within(&mut watch, Duration::from_secs(5)).await.unwrap();
-    assert_eq!((got.value, got.version), (cacerts("2"), v2));
-    writer.delete(&k, Precondition::Any).await.unwrap();
-    assert!(next_within(&mut watch, Duration::from_secs(5)).await.is_none());
-    let v3 = writer.put(&k, &cacerts("3"), Precondition::Absent).await.unwrap();
-    assert_eq!(next_within(&mut watch, Duration::from_secs(5)).await.unwrap().version, v3);
-    // Nothing changes: nothing is reported.
-    assert!(tokio::time::timeout(Duration::from_millis(300), watch.next()).await.is_err());
+    conformance::watch_another_instance(&watcher, &SqliteStore::open(&path).unwrap(), "ns").await;
 }
 
 /// A data folder from an earlier meshca: its directory store is moved into the database once,
