@@ -3,12 +3,17 @@
 # against `cfssl serve` signing the same P-256 CSRs with the same cluster intermediate, plus the
 # raw aws-lc-rs P-256 sign/verify rates measured by the load generator in the same run.
 #
-# It makes a one-cluster `meshca up` topology (for a real intermediate, its demo issuer's JWKS
-# and a token), stops it, then runs in turn, each on its own 127.0.0.1 port:
-#   1. meshca workload-ca, JWT checked on every request (signature, iss, aud, exp)
-#   2. meshca workload-ca --cache-tokens (a verified token is trusted until it expires)
+# It makes a one-cluster `meshca up` topology (for a real intermediate, its demo issuer's key and
+# JWKS), stops it, then runs in turn, each on its own 127.0.0.1 port, every caller with a token
+# of its own (service account bench/caller-<i>):
+#   1. meshca workload-ca with its default settings: tokens verified (signature, iss, aud, exp)
+#      and trusted for --token-cache-ttl (10 s), so a revoked token is refused within 10 s
+#   2. meshca workload-ca --token-cache-ttl 0s: every request's token verified
 #   3. cfssl serve (Debian's golang-cfssl; no caller authentication at all)
-# and prints ca-load's report for each (requests/s, latency, server CPU per request).
+# and prints ca-load's report for each (requests/s, latency, server CPU per request), then
+#   4. the herd: HERD (default 10000, 0 to skip) distinct workloads, each with its own token, CSR
+#      and connection, asking once within HERD_SECONDS (default 30) of one workload CA with its
+#      default settings (not pinned): how many were served, latency, the CA's peak RSS.
 #
 # On a machine with 2+ cores the CA is pinned to CPU 0 and the load generator to CPU 1
 # (taskset), so the CA under test gets exactly one core — the crypto bound ca-load prints is
@@ -20,6 +25,7 @@
 #   CARGO_TARGET_DIR    where cargo builds (default: the workspace's target/)
 #   BENCH_NO_BUILD=1    use the binaries already built
 #   BENCH_KEEP_DATA=1   keep the temporary folder (logs, cacerts) afterwards
+#   HERD, HERD_SECONDS  the herd (step 4)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -81,7 +87,8 @@ print(c["cacerts_dir"], c["jwt_issuer"])' "$data/up/topology.json")
 cp -r "$cacerts" "$data/cacerts"
 jwks=$(find "$data/up" -name jwks.json -path '*cluster-1*' | head -n1)
 [ -n "$jwks" ] || { log "no jwks.json under $data/up"; exit 1; }
-"$meshca" token --dir "$data/up" --cluster cluster-1 --service-account bench --ttl 2h >"$data/token"
+idp_key=$data/up/idp/key.pem
+[ -s "$idp_key" ] || { log "no demo issuer key at $idp_key"; exit 1; }
 
 run_meshca() {
     local name=$1; shift
@@ -92,16 +99,32 @@ run_meshca() {
     wait_port "$port" "$server_pid"
     echo "== meshca workload-ca $*"
     "${load_on[@]}" "$load" --target meshca --address "127.0.0.1:$port" --ca-file "$data/cacerts/root-cert.pem" \
-        --token-file "$data/token" --server-pid "$server_pid" "${load_args[@]}"
+        --idp-key "$idp_key" --jwt-issuer "$issuer" --server-pid "$server_pid" "${load_args[@]}"
     stop_server
 }
 
 load_args=("$@")
-run_meshca jwt
-run_meshca jwt-cached --cache-tokens
+run_meshca default
+run_meshca verify-every-request --token-cache-ttl 0s
 
 port=$(free_port)
 "${server_on[@]}" bash scripts/peers/cfssl.sh start "$data/cfssl" "$port" "$data/cacerts/ca-cert.pem" "$data/cacerts/ca-key.pem" >/dev/null
 cfssl_pid=$(sed -n 's/^CFSSL_PID=//p' "$data/cfssl/env")
 echo "== cfssl serve ($cfssl, $(dpkg-query -W -f '${Version}' golang-cfssl 2>/dev/null || echo unknown))"
 "${load_on[@]}" "$load" --target cfssl --address "127.0.0.1:$port" --server-pid "$cfssl_pid" "${load_args[@]}"
+
+herd=${HERD:-10000}
+if [ "$herd" -gt 0 ]; then
+    # One connection per workload, all in one load-generator process.
+    ulimit -n "$(( herd * 2 + 1024 ))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    port=$(free_port)
+    RUST_LOG=warn "$meshca" workload-ca --cacerts "$data/cacerts" --listen "127.0.0.1:$port" \
+        --jwt-issuer "$issuer" --jwks "$jwks" >"$data/herd.log" 2>&1 &
+    server_pid=$!
+    wait_port "$port" "$server_pid"
+    echo "== herd: $herd workloads within ${HERD_SECONDS:-30} s, meshca workload-ca (default settings)"
+    "$load" --target meshca --address "127.0.0.1:$port" --ca-file "$data/cacerts/root-cert.pem" \
+        --idp-key "$idp_key" --jwt-issuer "$issuer" --server-pid "$server_pid" \
+        --herd "$herd" --herd-seconds "${HERD_SECONDS:-30}"
+    stop_server
+fi

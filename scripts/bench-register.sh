@@ -11,6 +11,7 @@
 #   BENCH_NO_BUILD=1    use the binaries already built
 #   BENCH_DATA_PARENT   where the server's temporary data directory goes (default: $TMPDIR or /tmp);
 #                       e.g. /dev/shm to take the disk's fsyncs out of the picture
+#   BENCH_STORE         the server's --store: sqlite (its default) or dir
 #   BENCH_KEEP_DATA=1   keep the data directory (and the server log) afterwards
 #   RUST_LOG            the server's log filter (its log goes to <data dir>/server.log)
 set -euo pipefail
@@ -68,7 +69,8 @@ fi
 log "machine: $(nproc) cores; $(uptime)"
 log "data directory: $data ($(df -T "$data" | awk 'NR == 2 { print $2 }'))"
 # Port 0: the server binds a free port and records it in operator/server.
-"$meshca" server --data-dir "$data" --listen 127.0.0.1:0 "${policy_args[@]}" 2>"$data/server.log" &
+"$meshca" server --data-dir "$data" --listen 127.0.0.1:0 --store "${BENCH_STORE:-sqlite}" "${policy_args[@]}" \
+    2>"$data/server.log" &
 server_pid=$!
 for _ in $(seq 300); do
     [ -s "$data/operator/server" ] && break
@@ -86,5 +88,9 @@ hwm=$(awk '/^VmHWM/ { print $2, $3 }' "/proc/$server_pid/status")
 rss=$(awk '/^VmRSS/ { print $2, $3 }' "/proc/$server_pid/status")
 cpu=$(awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f s", ($12 + $13) / hz }' "/proc/$server_pid/stat")
 echo "server: peak RSS (VmHWM) $hwm, RSS now $rss, CPU since start $cpu"
-echo "server: store $(du -sh "$data/store" | cut -f1) in $(find "$data/store" | wc -l) entries"
+if [ -d "$data/store" ]; then
+    echo "server: store $(du -sh "$data/store" | cut -f1) in $(find "$data/store" | wc -l) entries"
+else
+    echo "server: store $(du -ch "$data"/store.db* | tail -n1 | cut -f1) (store.db, -wal, -shm)"
+fi
 exit "$status"

@@ -93,7 +93,7 @@ for i in $(seq 1 "$clusters"); do
         --relay-ca "$dir/relay-ca.pem" --max-backoff 5s $(kube_flags "$c" "$dir/$c-agent.token") >"$dir/agent-$c.log" 2>&1 &
     pids+=($!)
     # shellcheck disable=SC2046
-    "$meshca" workload-ca --cacerts "$dir/$c-cacerts" --cacerts-secret istio-system/cacerts --tokenreview --cache-tokens \
+    "$meshca" workload-ca --cacerts "$dir/$c-cacerts" --cacerts-secret istio-system/cacerts --tokenreview \
         --cluster-name "$c" --listen "127.0.0.1:$((base + 200 + i))" $(kube_flags "$c" "$dir/$c-istiod.token") \
         >"$dir/workload-ca-$c.log" 2>&1 &
     pids+=($!)

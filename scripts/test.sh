@@ -4,7 +4,7 @@
 #   1. the fast lane, no external peer: `cargo fmt --check`, clippy with warnings denied, the docs
 #      with warnings denied, `cargo check` of the fuzz crate (fuzz/), the unit, property and
 #      in-process tests of every crate and the integration tests of the library crates
-#      (OpenSSL interop, the directory store's crash tests);
+#      (OpenSSL interop, the directory and SQLite stores' conformance, crash and migration tests);
 #   2. the external peers, built here once and cached outside the checkout (docs/peers.md; root for
 #      apt-get; cold ~25 min on 2 cores, seconds afterwards), unless the environment names them:
 #        MESHCA_ISTIO_INTEROP       the Istio interop harness (interop/istio/build.sh)

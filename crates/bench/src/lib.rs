@@ -2,7 +2,76 @@
 //! `src/bin/`; this library holds the small statistics and `/proc` helpers they share.
 #![forbid(unsafe_code)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use meshca_agent::identity::{AgentIdentity, client_config};
+use meshca_pki::{KeyAlgorithm, PrivateKey, RootSet, build_csr};
+use meshca_proto::mgmt::RegisterRequest;
+use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
+use meshca_proto::mgmt::registration_client::RegistrationClient;
+use meshca_tls::{SwappableCert, grpc};
+use tonic::transport::Channel;
+
+/// A failed step of a simulated agent: which step, and why.
+#[derive(Debug)]
+pub struct StepError {
+    /// The step (`register`, `tls`, ...).
+    pub step: &'static str,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Labels an error with the step it failed.
+pub fn step<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> StepError {
+    move |e| StepError { step, error: e.to_string() }
+}
+
+/// Labels a gRPC status with the step it failed.
+pub fn step_status(step: &'static str) -> impl FnOnce(tonic::Status) -> StepError {
+    move |s| StepError { step, error: format!("{:?}: {}", s.code(), s.message()) }
+}
+
+/// What `meshca agent` does first: a fresh P-256 identity key and CSR, then `Register` with the
+/// bootstrap `token` over server-authenticated TLS pinned to `relay`. Returns the identity and how
+/// long the call took (TCP + TLS handshake + RPC).
+pub async fn register(
+    server: &str,
+    server_name: &str,
+    relay: &RootSet,
+    cluster: &str,
+    token: String,
+) -> Result<(AgentIdentity, Duration), StepError> {
+    let id_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(step("identity key"))?;
+    let id_csr = build_csr(&id_key, &[]).map_err(step("identity CSR"))?;
+    let channel = grpc::channel(server, client_config(relay, None).map_err(step("tls"))?, server_name)
+        .map_err(step("channel"))?;
+    let t = Instant::now();
+    let resp = RegistrationClient::new(channel)
+        .register(RegisterRequest { bootstrap_token: token, identity_csr: id_csr, cluster: cluster.to_string() })
+        .await
+        .map_err(step_status("register"))?
+        .into_inner();
+    let took = t.elapsed();
+    let ident = AgentIdentity::from_response(resp, id_key).map_err(step("register"))?;
+    if ident.cluster != cluster {
+        return Err(StepError {
+            step: "register",
+            error: format!("registered as {} instead of {cluster}", ident.cluster),
+        });
+    }
+    Ok((ident, took))
+}
+
+/// The certificate issuer on the agent's own mutual-TLS channel, built as the agent builds it.
+pub fn issuer_client(
+    server: &str,
+    server_name: &str,
+    ident: &AgentIdentity,
+) -> Result<CertificateIssuerClient<Channel>, StepError> {
+    let client_cert = SwappableCert::new(ident.tls().certified_key().map_err(step("identity"))?);
+    let config = client_config(&ident.relay, Some(client_cert)).map_err(step("tls"))?;
+    Ok(CertificateIssuerClient::new(grpc::channel(server, config, server_name).map_err(step("channel"))?))
+}
 
 /// Latency samples of one kind, summarised by nearest-rank percentiles.
 #[derive(Debug, Clone, Default)]

@@ -242,7 +242,8 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--tokenreview".into(),
-        "--cache-tokens".into(),
+        "--token-cache-ttl".into(),
+        "2s".into(),
         "--cluster-name".into(),
         "cluster-1".into(),
         "--remote-cluster".into(),
@@ -255,7 +256,7 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
     let root_file = mirror.join("root-cert.pem");
     let (ca_addr, _) = tokio::task::block_in_place(|| workload_ca_addrs(&mut wca));
 
-    for ns_sa in [("app", "sleep"), ("app", "doomed")] {
+    for ns_sa in [("app", "sleep"), ("app", "doomed"), ("app", "revoked")] {
         c1.apply_yaml(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {} }}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{ name: {}, namespace: {} }}\n",
             ns_sa.0, ns_sa.1, ns_sa.0
@@ -280,9 +281,28 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
     let files = write_chain(d, "leaf-chain", &chain);
     let (ok, out) = openssl_verify_leaf(d, &files, &root_file);
     assert!(ok, "{out}");
-    // Same token again: served from the cache (the token's lifetime), same identity.
+    // Same token again: served from the cache, same identity.
     let again = create_certificate(&mut client, csr_request(&csr, Some(&good), Some("cluster-1"), 3600)).await.unwrap();
     assert_eq!(meshca_pki::Cert::from_pem(again[0].as_bytes()).unwrap().uri_sans(), leaf.uri_sans());
+
+    // A token accepted (and cached) whose service account is then deleted is refused once the
+    // workload CA's cache (--token-cache-ttl 2s) and the API server's own (10 s) have let go of it.
+    let revoked = c1.token("app", "revoked", Some("istio-ca"), Duration::from_secs(3600)).await;
+    create_certificate(&mut client, csr_request(&csr, Some(&revoked), None, 3600)).await.unwrap();
+    let (code, v) = c1
+        .raw(meshca_kube::testing::ADMIN_TOKEN, "DELETE", "/api/v1/namespaces/app/serviceaccounts/revoked", None)
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let deleted = std::time::Instant::now();
+    eventually(Duration::from_secs(60), "the revoked token to be refused", || async {
+        let mut client = ca_client(&ca_addr, &root_file, "istiod.istio-system.svc");
+        match create_certificate(&mut client, csr_request(&csr, Some(&revoked), None, 3600)).await {
+            Err(e) if e.code() == Code::Unauthenticated => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    eprintln!("a revoked token was refused {:?} after its service account was deleted", deleted.elapsed());
 
     for (what, token, cluster) in [
         ("a token for another audience", &wrong_aud, None),

@@ -151,8 +151,12 @@ fn reused_expired_unknown_and_malformed_bootstrap_tokens_register_nothing() {
     // plane's store (the expiry rule itself is tested on a manual clock in crates/mgmt/tests).
     let expiring = d.join("cluster-x.token");
     let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
-    let t =
-        mgmt.rt.block_on(meshca_mgmt::tokens::create(&mgmt.store, "cluster-x", Duration::from_secs(60), an_hour_ago));
+    let t = mgmt.rt.block_on(meshca_mgmt::tokens::create(
+        mgmt.store.as_ref(),
+        "cluster-x",
+        Duration::from_secs(60),
+        an_hour_ago,
+    ));
     std::fs::write(&expiring, t.unwrap().token).unwrap();
     let expiring_id = std::fs::read_to_string(&expiring).unwrap()[..6].to_string();
 

@@ -83,8 +83,8 @@ fn sha256_hex(s: &str) -> String {
 }
 
 /// How long a used or expired token's record is kept, so that a late retry is told "already
-/// used" or "expired" rather than "unknown". After that it is deleted (by [`create`]), so the
-/// store does not grow with every cluster ever added.
+/// used" or "expired" rather than "unknown". After that it is deleted (by [`create`], within
+/// [`SWEEP_INTERVAL`]), so the store does not grow with every cluster ever added.
 pub const RECORD_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
 /// Deletes token records that expired, or were used, more than [`RECORD_RETENTION`] ago.
@@ -108,9 +108,33 @@ pub async fn prune(store: &dyn Store, now: SystemTime) -> Result<usize, MgmtErro
     Ok(deleted)
 }
 
-/// Creates a token registering `cluster`, valid for `ttl` (and sweeps old records).
+/// How often [`create`] sweeps old token records. A sweep reads every token record, so sweeping on
+/// every create would make adding N clusters cost N² reads; records are deleted within
+/// [`RECORD_RETENTION`] plus this.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// When the last sweep ran (unix seconds), kept in the store so every replica sees it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SweepRecord {
+    swept_at: i64,
+}
+
+/// Sweeps old token records if the last sweep was [`SWEEP_INTERVAL`] ago or more.
+async fn sweep_if_due(store: &dyn Store, now: SystemTime) -> Result<(), MgmtError> {
+    let key = records::token_sweep();
+    let last = typed::get::<SweepRecord>(store, &key).await.ok().flatten().map(|v| v.value.swept_at);
+    if last.is_some_and(|t| unix(now) < t + SWEEP_INTERVAL.as_secs() as i64) {
+        return Ok(());
+    }
+    prune(store, now).await?;
+    typed::put(store, &key, &SweepRecord { swept_at: unix(now) }, Precondition::Any).await?;
+    Ok(())
+}
+
+/// Creates a token registering `cluster`, valid for `ttl` (and, every [`SWEEP_INTERVAL`], sweeps
+/// old records).
 pub async fn create(store: &dyn Store, cluster: &str, ttl: Duration, now: SystemTime) -> Result<NewToken, MgmtError> {
-    if let Err(e) = prune(store, now).await {
+    if let Err(e) = sweep_if_due(store, now).await {
         tracing::warn!(error = %e, "sweeping old bootstrap-token records failed; will retry on the next token");
     }
     let id = random_string(ID_LEN)?;

@@ -5,8 +5,36 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use crate::{ObjectKey, Precondition, Secret, Store, StoreError};
+use futures::StreamExt;
+
+use crate::{ObjectKey, Precondition, Secret, Store, StoreError, Versioned, WatchStream};
+
+/// The next watch item, which must come within `limit` and not be an error.
+pub async fn next_within(stream: &mut WatchStream, limit: Duration) -> Option<Versioned<Secret>> {
+    tokio::time::timeout(limit, stream.next()).await.expect("no watch event in time").unwrap().unwrap()
+}
+
+/// The watch contract for writes of another instance (another process) on the same backing
+/// store, seen by polling: the current state first, then each update, delete and re-create of
+/// `namespace/a` (which must not exist), and nothing while nothing changes.
+pub async fn watch_another_instance<S: Store + ?Sized, W: Store + ?Sized>(watcher: &S, writer: &W, namespace: &str) {
+    let k = ObjectKey::new(namespace, "a").unwrap();
+    let limit = Duration::from_secs(5);
+    let v1 = writer.put(&k, &sample_cacerts("1"), Precondition::Absent).await.unwrap();
+    let mut watch = watcher.watch(&k);
+    assert_eq!(next_within(&mut watch, limit).await.unwrap().version, v1);
+    let v2 = writer.put(&k, &sample_cacerts("2"), Precondition::Any).await.unwrap();
+    let got = next_within(&mut watch, limit).await.unwrap();
+    assert_eq!((got.value, got.version), (sample_cacerts("2"), v2));
+    writer.delete(&k, Precondition::Any).await.unwrap();
+    assert!(next_within(&mut watch, limit).await.is_none());
+    let v3 = writer.put(&k, &sample_cacerts("3"), Precondition::Absent).await.unwrap();
+    assert_eq!(next_within(&mut watch, limit).await.unwrap().version, v3);
+    // Nothing changes: nothing is reported.
+    assert!(tokio::time::timeout(Duration::from_millis(700), watch.next()).await.is_err());
+}
 
 /// A `cacerts`-shaped object (the four Istio keys, the managed-by label, a generation
 /// annotation) whose contents say which `generation` it is.

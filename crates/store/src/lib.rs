@@ -2,10 +2,13 @@
 //! multi-key writes and change notification (docs/architecture.md, "Stores").
 //!
 //! Everything meshca persists goes through [`Store`]: `cacerts`, the management plane's root and
-//! registry, issued-serial records and status. Backends: [`dir::DirStore`] (the embedded default,
-//! a directory tree laid out like a kubelet secret volume so istiod can mount it) and, in
-//! Kubernetes mode, Secrets through the API server. [`single::SingleObjectDir`] keeps one object
-//! at the root of a given directory (Vault mode's memory-backed `cacerts` folder).
+//! registry, issued-serial records and status. Backends: [`sqlite::SqliteStore`] (the management
+//! plane's own state on a single machine: one transactional file, group commit),
+//! [`dir::DirStore`] (a directory tree laid out like a kubelet secret volume, where files are the
+//! interface: a cluster's `cacerts`, which istiod mounts) and, in Kubernetes mode, Secrets through
+//! the API server. [`single::SingleObjectDir`] keeps one object at the root of a given directory
+//! (Vault mode's memory-backed `cacerts` folder). [`migrate`] moves a management plane's
+//! directory store into SQLite once.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "testing")]
@@ -13,8 +16,11 @@ pub mod conformance;
 pub mod dir;
 pub mod fsutil;
 pub mod labels;
+pub mod migrate;
 pub mod single;
+pub mod sqlite;
 pub mod typed;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::fmt;

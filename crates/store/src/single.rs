@@ -32,9 +32,9 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::dir::{
-    self, Attempt, DATA_LINK, DEFAULT_POLL_INTERVAL, LinkState, LockKind, MetaOut, WatchedObject, io_err, run_blocking,
-    versioned,
+    self, Attempt, DATA_LINK, DEFAULT_POLL_INTERVAL, LinkState, LockKind, MetaOut, io_err, run_blocking, versioned,
 };
+use crate::watch::{WatchedObject, watch_stream};
 use crate::{ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned, WatchStream};
 
 /// The lock file, inside the directory. `..`-prefixed like every bookkeeping entry, so it is
@@ -227,8 +227,8 @@ impl SingleInner {
 }
 
 impl WatchedObject for SingleInner {
-    fn link_state(&self) -> Result<LinkState, StoreError> {
-        SingleInner::link_state(self)
+    fn current_version(&self) -> Result<Option<u64>, StoreError> {
+        SingleInner::link_state(self)?.version(&self.key)
     }
 
     fn read(&self) -> Result<Option<(u64, Secret)>, StoreError> {
@@ -292,7 +292,7 @@ impl Store for SingleObjectDir {
             };
         }
         let object: Arc<dyn WatchedObject> = self.inner.clone();
-        dir::watch_stream(object, key.clone(), self.inner.changes.subscribe(), self.poll_interval)
+        watch_stream(object, key.clone(), self.inner.changes.subscribe(), self.poll_interval)
     }
 }
 

@@ -206,23 +206,8 @@ async fn watch_sees_writes_through_the_same_store_at_once() {
 #[tokio::test]
 async fn watch_sees_writes_of_another_instance_by_polling() {
     let dir = tempfile::tempdir().unwrap();
-    let watcher = DirStore::open(dir.path()).unwrap();
-    let writer = DirStore::open(dir.path()).unwrap();
-    let k = key("ns", "a");
-    let v1 = writer.put(&k, &cacerts("1"), Precondition::Absent).await.unwrap();
-
-    let mut watch = watcher.watch(&k);
-    assert_eq!(next_within(&mut watch, Duration::from_secs(1)).await.unwrap().version, v1);
-    let v2 = writer.put(&k, &cacerts("2"), Precondition::Any).await.unwrap();
-    let got = next_within(&mut watch, Duration::from_secs(1)).await.unwrap();
-    assert_eq!((got.value, got.version), (cacerts("2"), v2));
-    writer.delete(&k, Precondition::Any).await.unwrap();
-    assert!(next_within(&mut watch, Duration::from_secs(1)).await.is_none());
-    let v3 = writer.put(&k, &cacerts("3"), Precondition::Absent).await.unwrap();
-    assert_eq!(next_within(&mut watch, Duration::from_secs(1)).await.unwrap().version, v3);
-
-    // Nothing changes: nothing is reported.
-    assert!(tokio::time::timeout(Duration::from_millis(700), watch.next()).await.is_err());
+    let (watcher, writer) = (DirStore::open(dir.path()).unwrap(), DirStore::open(dir.path()).unwrap());
+    conformance::watch_another_instance(&watcher, &writer, "ns").await;
 }
 
 #[tokio::test]

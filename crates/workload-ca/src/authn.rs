@@ -3,11 +3,12 @@
 //! The identity a leaf carries comes only from here — the verified bearer token — never from the
 //! CSR. Verifiers sit behind one trait: JWTs checked against a configured issuer and JWKS (this
 //! module), and Kubernetes TokenReview (the Kubernetes mode). A cache in front of either keeps a
-//! verified token's identity until the token expires.
+//! verified token's identity for a bounded time ([`DEFAULT_TOKEN_CACHE_TTL`] by default), so a
+//! revoked token is refused within that time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use meshca_clock::{SharedClock, from_unix, unix};
 
@@ -309,20 +310,40 @@ impl Authenticator for JwtAuthenticator {
     }
 }
 
-/// Remembers successful authentications until the token expires, so a caller renewing often
-/// (or a TokenReview round trip) is not paid for on every request. Only a SHA-256 of the token is
-/// kept. Failures are never cached.
+/// How long a verified token is trusted without being verified again, by default: a token's
+/// revocation (in Kubernetes mode, its service account or pod deleted) takes effect for new
+/// requests within this time. The same as the Kubernetes API server's own cache of successful
+/// token authentications (10 s), so a TokenReview answer is at most about twice that old.
+pub const DEFAULT_TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Remembers successful authentications for at most `max_age` (and never past the token's own
+/// expiry), so a caller asking often (or a TokenReview round trip) is not paid for on every
+/// request, while a revoked token stops working within `max_age`. Only a SHA-256 of the token
+/// (and the `clusterid` it came with) is kept. Failures are never cached.
 pub struct CachingAuthenticator<A> {
     inner: A,
     max_entries: usize,
-    cache: Mutex<HashMap<[u8; 32], Authenticated>>,
+    max_age: Duration,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
     clock: SharedClock,
 }
 
+struct Cached {
+    authenticated: Authenticated,
+    /// The earlier of the token's expiry and its verification plus `max_age`.
+    until: SystemTime,
+}
+
 impl<A> CachingAuthenticator<A> {
-    /// Wraps `inner`, keeping at most `max_entries` identities.
-    pub fn new(inner: A, max_entries: usize) -> Self {
-        CachingAuthenticator { inner, max_entries, cache: Mutex::new(HashMap::new()), clock: meshca_clock::system() }
+    /// Wraps `inner`, keeping at most `max_entries` identities, each for at most `max_age`.
+    pub fn new(inner: A, max_entries: usize, max_age: Duration) -> Self {
+        CachingAuthenticator {
+            inner,
+            max_entries,
+            max_age,
+            cache: Mutex::new(HashMap::new()),
+            clock: meshca_clock::system(),
+        }
     }
 
     /// The same cache, expiring entries on `clock`.
@@ -347,19 +368,20 @@ impl<A: Authenticator> Authenticator for CachingAuthenticator<A> {
         let key = token_key(token, cluster_id);
         let now = self.clock.now();
         if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
-            && hit.expires_at > now
+            && hit.until > now
         {
-            return Ok(hit.clone());
+            return Ok(hit.authenticated.clone());
         }
         let fresh = self.inner.authenticate(token, cluster_id).await?;
+        let until = fresh.expires_at.min(now + self.max_age);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= self.max_entries {
-            cache.retain(|_, v| v.expires_at > now);
+            cache.retain(|_, v| v.until > now);
             if cache.len() >= self.max_entries {
                 cache.clear();
             }
         }
-        cache.insert(key, fresh.clone());
+        cache.insert(key, Cached { authenticated: fresh.clone(), until });
         Ok(fresh)
     }
 }
@@ -368,8 +390,6 @@ impl<A: Authenticator> Authenticator for CachingAuthenticator<A> {
 mod tests {
     use super::*;
     use crate::idp::DemoIdp;
-
-    use std::time::Duration;
 
     use meshca_clock::{Clock as _, ManualClock};
 
@@ -445,6 +465,7 @@ mod tests {
                 .expect("jwks")
                 .with_clock(clock().shared()),
             2,
+            DEFAULT_TOKEN_CACHE_TTL,
         );
         let t = idp.mint("ns", "sa", ISTIO_CA_AUDIENCE, Duration::from_secs(600), now()).expect("mint");
         let a = auth.authenticate(&t, None).await.expect("valid");
@@ -566,6 +587,7 @@ mod tests {
                 .expect("jwks")
                 .with_clock(clock.shared()),
             8,
+            Duration::from_secs(3600),
         )
         .with_clock(clock.shared());
         let t = idp.mint("ns", "sa", ISTIO_CA_AUDIENCE, Duration::from_secs(60), clock.now()).expect("mint");
@@ -574,5 +596,51 @@ mod tests {
         assert!(auth.authenticate(&t, None).await.is_ok(), "cached and still valid");
         clock.advance(Duration::from_secs(60));
         assert_eq!(auth.authenticate(&t, None).await, Err(AuthError::Rejected("expired".into())));
+    }
+
+    /// A verifier whose answer for a caller turns to "no" once the caller is revoked: a stand-in
+    /// for the API server's TokenReview after the service account was deleted (the real API
+    /// server does this in `crates/meshca/tests/kube_e2e.rs`), so the cache's bound can be shown
+    /// on a manual clock.
+    struct Revocable {
+        jwt: JwtAuthenticator,
+        revoked: Mutex<Vec<Caller>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Authenticator for &'static Revocable {
+        async fn authenticate(&self, token: &str, cluster_id: Option<&str>) -> Result<Authenticated, AuthError> {
+            let a = self.jwt.authenticate(token, cluster_id).await?;
+            if self.revoked.lock().expect("lock").contains(&a.caller) {
+                return Err(AuthError::Rejected("service account deleted".into()));
+            }
+            Ok(a)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_once_its_cache_entry_is_older_than_the_ttl() {
+        let clock = clock();
+        let idp = DemoIdp::generate("https://idp.example").expect("idp");
+        let inner: &'static Revocable = Box::leak(Box::new(Revocable {
+            jwt: JwtAuthenticator::from_jwks("https://idp.example", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+                .expect("jwks")
+                .with_clock(clock.shared()),
+            revoked: Mutex::new(Vec::new()),
+        }));
+        let auth = CachingAuthenticator::new(inner, 8, DEFAULT_TOKEN_CACHE_TTL).with_clock(clock.shared());
+        let t = idp.mint("ns", "sa", ISTIO_CA_AUDIENCE, Duration::from_secs(3600), clock.now()).expect("mint");
+        let caller = auth.authenticate(&t, None).await.expect("valid").caller;
+        inner.revoked.lock().expect("lock").push(caller);
+        clock.advance(DEFAULT_TOKEN_CACHE_TTL - Duration::from_secs(1));
+        assert!(auth.authenticate(&t, None).await.is_ok(), "still within the cache's documented bound");
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            auth.authenticate(&t, None).await,
+            Err(AuthError::Rejected("service account deleted".into())),
+            "verified again once the entry is DEFAULT_TOKEN_CACHE_TTL old"
+        );
+        // And it stays refused (refusals are never cached, so nothing can bring it back).
+        assert!(auth.authenticate(&t, None).await.is_err());
     }
 }

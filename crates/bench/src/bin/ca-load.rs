@@ -4,8 +4,15 @@
 //! result can be set against the crypto bound (one CSR verify + one sign per request, per core).
 //!
 //! Every caller has its own connection (as every istio-agent has), and cycles through a pool of
-//! distinct P-256 CSRs made before the clock starts. Every answer is checked: a meshca chain must
-//! hold a leaf with a SPIFFE ID, a cfssl answer must hold a certificate.
+//! distinct P-256 CSRs made before the clock starts. With `--idp-key`, every caller also has a
+//! token of its own (service account `bench/caller-<i>`), minted with the cluster's demo issuer.
+//! Every answer is checked: a meshca chain must hold a leaf with a SPIFFE ID, a cfssl answer must
+//! hold a certificate.
+//!
+//! `--herd N`: instead, N distinct workloads (service accounts `herd/w-<i>`, each with its own
+//! token, CSR and connection) each ask once, their arrivals spread evenly over `--herd-seconds`
+//! (0: all at once) — the re-request herd after a root-set change or a revocation. Reports how
+//! many were served, the latency percentiles, the failures by status code and the CA's peak RSS.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +26,7 @@ use meshca_bench::{Latencies, cpu_times};
 use meshca_pki::{Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
 use meshca_proto::istio::IstioCertificateRequest;
 use meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
+use meshca_workload_ca::{DemoIdp, ISTIO_CA_AUDIENCE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -66,6 +74,19 @@ struct Args {
     /// Seconds spent measuring each raw crypto rate.
     #[arg(long, default_value_t = 2)]
     crypto_seconds: u64,
+    /// meshca: the demo issuer's key (`<up dir>/idp/key.pem`), to mint a token per caller (and
+    /// per herd workload) instead of sharing `--token-file`.
+    #[arg(long, requires = "jwt_issuer")]
+    idp_key: Option<std::path::PathBuf>,
+    /// meshca: the issuer (`iss`) those tokens carry.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// meshca: run a herd of this many distinct workloads instead of the timed load.
+    #[arg(long, requires = "idp_key")]
+    herd: Option<usize>,
+    /// The herd's arrivals are spread evenly over this many seconds.
+    #[arg(long, default_value_t = 30)]
+    herd_seconds: u64,
 }
 
 /// Raw single-core aws-lc-rs P-256 rates: (sign/s, verify/s).
@@ -119,19 +140,31 @@ impl Shared {
     }
 }
 
-async fn meshca_caller(
-    shared: Arc<Shared>,
-    args: Arc<Args>,
-    token: Arc<String>,
-    id: usize,
-) -> anyhow::Result<Latencies> {
+/// The TLS client configuration istio-agent would use: the mesh root pinned.
+fn meshca_tls_config(args: &Args) -> anyhow::Result<rustls::ClientConfig> {
     let ca_file = args.ca_file.as_ref().context("--ca-file is needed for meshca")?;
     let roots = RootSet::from_pem(&std::fs::read(ca_file)?)?;
     let mut store = rustls::RootCertStore::empty();
     for r in roots.iter() {
         store.add(rustls_pki_types::CertificateDer::from(r.der().to_vec()))?;
     }
-    let config = rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth();
+    Ok(rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth())
+}
+
+/// Mints a token for `namespace/service_account` with the demo issuer of `--idp-key`.
+fn minter(args: &Args) -> anyhow::Result<Option<DemoIdp>> {
+    let (Some(key), Some(issuer)) = (&args.idp_key, &args.jwt_issuer) else { return Ok(None) };
+    let pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    Ok(Some(DemoIdp::from_key(&pem, issuer)?))
+}
+
+async fn meshca_caller(
+    shared: Arc<Shared>,
+    args: Arc<Args>,
+    token: Arc<String>,
+    id: usize,
+) -> anyhow::Result<Latencies> {
+    let config = meshca_tls_config(&args)?;
     let mut client =
         IstioCertificateServiceClient::new(meshca_tls::grpc::channel(&args.address, config, &args.server_name)?);
     let mut lat = Latencies::default();
@@ -200,10 +233,93 @@ async fn cfssl_caller(shared: Arc<Shared>, args: Arc<Args>, id: usize) -> anyhow
     Ok(lat)
 }
 
+/// The herd: `n` distinct workloads, each with its own token, CSR and connection, asking once,
+/// arrivals spread over `--herd-seconds`.
+async fn herd(args: Arc<Args>, n: usize) -> anyhow::Result<()> {
+    let idp = minter(&args)?.context("--herd needs --idp-key and --jwt-issuer")?;
+    let config = Arc::new(meshca_tls_config(&args)?);
+    let now = std::time::SystemTime::now();
+    let mut work = Vec::with_capacity(n);
+    for i in 0..n {
+        let token = idp.mint("herd", &format!("w-{i}"), ISTIO_CA_AUDIENCE, Duration::from_secs(7200), now)?;
+        work.push((token, build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256)?, &[])?));
+    }
+    let pid = args.server_pid.clone();
+    let cpu0 = pid.as_deref().and_then(cpu_times);
+    let spread = Duration::from_secs(args.herd_seconds);
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (token, csr)) in work.into_iter().enumerate() {
+        let (args, config) = (args.clone(), config.clone());
+        let at = start + spread.mul_f64(i as f64 / n as f64);
+        tasks.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let t = Instant::now();
+            let channel = meshca_tls::grpc::channel(&args.address, (*config).clone(), &args.server_name)
+                .map_err(|e| (tonic::Code::Unknown, e.to_string()))?;
+            let mut client = IstioCertificateServiceClient::new(channel);
+            let mut req = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 3600, metadata: None });
+            let bearer = format!("Bearer {token}").parse().map_err(|_| (tonic::Code::Unknown, "token".to_string()))?;
+            req.metadata_mut().insert("authorization", bearer);
+            let chain = client
+                .create_certificate(req)
+                .await
+                .map_err(|s| (s.code(), s.message().to_string()))?
+                .into_inner()
+                .cert_chain;
+            let want = format!("spiffe://cluster.local/ns/herd/sa/w-{i}");
+            match chain.first().map(|p| Cert::from_pem(p.as_bytes())) {
+                Some(Ok(c)) if c.uri_sans() == [want] => Ok(t.elapsed()),
+                _ => Err((tonic::Code::Unknown, "the answer is not a leaf for the caller".to_string())),
+            }
+        });
+    }
+    let mut lat = Latencies::default();
+    let mut failures: std::collections::BTreeMap<String, (usize, String)> = Default::default();
+    while let Some(r) = tasks.join_next().await {
+        match r? {
+            Ok(took) => lat.push(took),
+            Err((code, message)) => {
+                let e = failures.entry(format!("{code:?}")).or_insert((0, message));
+                e.0 += 1;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "herd: {n} distinct workloads, arrivals over {} s: {} served, {} failed, all done in {:.1} s",
+        args.herd_seconds,
+        lat.len(),
+        n - lat.len(),
+        elapsed.as_secs_f64()
+    );
+    println!("  latency (connect + TLS + request) {}", lat.summary());
+    for (code, (count, first)) in &failures {
+        println!("  {code}: {count} (first: {first})");
+    }
+    if let Some(pid) = pid.as_deref() {
+        let cpu = cpu_times(pid).zip(cpu0).map(|(b, a)| b.since(&a).total());
+        println!(
+            "  CA: peak RSS {} kB, RSS now {} kB, CPU {}",
+            meshca_bench::status_kb(pid, "VmHWM").unwrap_or(0),
+            meshca_bench::status_kb(pid, "VmRSS").unwrap_or(0),
+            cpu.map(|c| format!("{:.2} s = {:.3} ms per workload", c.as_secs_f64(), c.as_secs_f64() * 1e3 / n as f64))
+                .unwrap_or_default()
+        );
+    }
+    if !failures.is_empty() {
+        bail!("{} of {n} workloads were not served", n - lat.len());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     meshca_tls::provider::install();
     let args = Arc::new(Args::parse());
+    if let Some(n) = args.herd {
+        return herd(args, n).await;
+    }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let (sign, verify) = raw_rates(args.crypto_seconds)?;
     let per_core_bound = 1.0 / (1.0 / sign + 1.0 / verify);
@@ -222,14 +338,28 @@ async fn main() -> anyhow::Result<()> {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
     });
-    let token = Arc::new(match &args.token_file {
-        Some(p) => std::fs::read_to_string(p)?.trim().to_string(),
-        None if args.target == Target::Meshca => bail!("--token-file is needed for meshca"),
-        None => String::new(),
-    });
+    let shared_token = match &args.token_file {
+        Some(p) => Some(std::fs::read_to_string(p)?.trim().to_string()),
+        None => None,
+    };
+    let idp = minter(&args)?;
+    if args.target == Target::Meshca && shared_token.is_none() && idp.is_none() {
+        bail!("meshca needs --token-file or --idp-key");
+    }
     let mut tasks = Vec::new();
     for id in 0..args.concurrency {
-        let (s, a, t) = (shared.clone(), args.clone(), token.clone());
+        let token = match (&idp, &shared_token) {
+            (Some(idp), _) => idp.mint(
+                "bench",
+                &format!("caller-{id}"),
+                ISTIO_CA_AUDIENCE,
+                Duration::from_secs(7200),
+                std::time::SystemTime::now(),
+            )?,
+            (None, Some(t)) => t.clone(),
+            (None, None) => String::new(),
+        };
+        let (s, a, t) = (shared.clone(), args.clone(), Arc::new(token));
         tasks.push(tokio::spawn(async move {
             match a.target {
                 Target::Meshca => meshca_caller(s, a, t, id).await,

@@ -20,15 +20,14 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use clap::Parser;
 use futures::StreamExt;
-use meshca_agent::identity::{AgentIdentity, client_config};
-use meshca_bench::{Latencies, cpu_times, io_counter, ms, status_kb};
+use meshca_bench::{
+    Latencies, StepError as Failure, cpu_times, io_counter, ms, status_kb, step as fail, step_status as status_fail,
+};
 use meshca_mgmt::server::creds;
-use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet, build_csr};
-use meshca_proto::mgmt::certificate_issuer_client::CertificateIssuerClient;
+use meshca_pki::{CaBundle, Cert, KeyAlgorithm, PrivateKey, RootSet};
 use meshca_proto::mgmt::operator_client::OperatorClient;
-use meshca_proto::mgmt::registration_client::RegistrationClient;
-use meshca_proto::mgmt::{CreateBootstrapTokenRequest, IssueIntermediateRequest, RegisterRequest, WatchTrustRequest};
-use meshca_tls::{SwappableCert, grpc};
+use meshca_proto::mgmt::{CreateBootstrapTokenRequest, IssueIntermediateRequest, WatchTrustRequest};
+use meshca_tls::grpc;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
@@ -100,49 +99,12 @@ struct Sample {
     roots_fingerprint: String,
 }
 
-/// A failure, labelled with the step that failed.
-struct Failure {
-    step: &'static str,
-    error: String,
-}
-
-fn fail<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> Failure {
-    move |e| Failure { step, error: e.to_string() }
-}
-
-fn status_fail(step: &'static str) -> impl FnOnce(tonic::Status) -> Failure {
-    move |s| Failure { step, error: format!("{:?}: {}", s.code(), s.message()) }
-}
-
 /// One agent's first start: register, then issue and validate the cluster intermediate.
 async fn agent(ctx: &Ctx, cluster: &str, token: String) -> Result<Sample, Failure> {
     let start = Instant::now();
 
-    // Registration: a fresh identity key, server-authenticated TLS pinned to the relay CA.
-    let id_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).map_err(fail("identity key"))?;
-    let id_csr = build_csr(&id_key, &[]).map_err(fail("identity CSR"))?;
-    let channel = grpc::channel(&ctx.server, client_config(&ctx.relay, None).map_err(fail("tls"))?, &ctx.server_name)
-        .map_err(fail("channel"))?;
-    let t = Instant::now();
-    let resp = RegistrationClient::new(channel)
-        .register(RegisterRequest { bootstrap_token: token, identity_csr: id_csr, cluster: cluster.to_string() })
-        .await
-        .map_err(status_fail("register"))?
-        .into_inner();
-    let register = t.elapsed();
-    let ident = AgentIdentity::from_response(resp, id_key).map_err(fail("register"))?;
-    if ident.cluster != cluster {
-        return Err(Failure {
-            step: "register",
-            error: format!("registered as {} instead of {cluster}", ident.cluster),
-        });
-    }
-
-    // Its own mutual-TLS channel with the issued client certificate, as the agent builds it.
-    let client_cert = SwappableCert::new(ident.tls().certified_key().map_err(fail("identity"))?);
-    let config = client_config(&ident.relay, Some(client_cert)).map_err(fail("tls"))?;
-    let mut issuer =
-        CertificateIssuerClient::new(grpc::channel(&ctx.server, config, &ctx.server_name).map_err(fail("channel"))?);
+    let (ident, register) = meshca_bench::register(&ctx.server, &ctx.server_name, &ctx.relay, cluster, token).await?;
+    let mut issuer = meshca_bench::issuer_client(&ctx.server, &ctx.server_name, &ident)?;
 
     let mut trust = None;
     let mut _trust_stream = None;

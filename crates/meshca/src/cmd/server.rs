@@ -9,15 +9,22 @@ use anyhow::Context;
 use meshca_mgmt::{ServerOptions, Settings};
 use meshca_policy::Policy;
 use meshca_store::dir::DirStore;
+use meshca_store::migrate;
 
 use super::DurationArg;
 
 /// Arguments of `meshca server`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Data directory: the store (`store/`) and the operator credentials (`operator/`).
+    /// Data directory: the store (`store.db`) and the operator credentials (`operator/`).
     #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
     data_dir: PathBuf,
+    /// Where the management plane keeps its state (outside Kubernetes mode). `sqlite`: one
+    /// transactional file, `<data-dir>/store.db`, whose writes share fsyncs (an earlier meshca's
+    /// `<data-dir>/store/` is moved into it on first start). `dir`: the directory tree
+    /// `<data-dir>/store/`, one file per key (for comparisons; several fsyncs per write).
+    #[arg(long, value_enum, default_value_t = StoreBackend::Sqlite)]
+    store: StoreBackend,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7443")]
     listen: SocketAddr,
@@ -68,6 +75,41 @@ pub struct Args {
     replica: ReplicaArgs,
 }
 
+/// The management plane's store on a single machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreBackend {
+    /// `<data-dir>/store.db` (SQLite, WAL, group commit).
+    Sqlite,
+    /// `<data-dir>/store/` (the directory store).
+    Dir,
+}
+
+/// Opens the management plane's store in `data_dir`, moving an earlier meshca's directory store
+/// into the database first (`meshca_store::migrate`).
+pub async fn open_store(
+    data_dir: &std::path::Path,
+    backend: StoreBackend,
+) -> anyhow::Result<Arc<dyn meshca_store::Store>> {
+    Ok(match backend {
+        StoreBackend::Dir => Arc::new(DirStore::open(data_dir.join(migrate::LEGACY_DIR)).context("opening the store")?),
+        StoreBackend::Sqlite => {
+            let (db, migrated) = migrate::open_management_store(data_dir)
+                .await
+                .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+            if let Some(m) = migrated {
+                eprintln!(
+                    "moved {} objects of the directory store into {} ({} written); the directory store is kept in {}",
+                    m.copied.objects,
+                    db.path().display(),
+                    m.copied.written,
+                    m.moved_to.display()
+                );
+            }
+            Arc::new(db)
+        }
+    })
+}
+
 /// Kubernetes mode: the RootTrustPolicy resource and leader election among replicas.
 #[derive(clap::Args)]
 struct ReplicaArgs {
@@ -108,7 +150,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let store: Arc<dyn meshca_store::Store> = match &kube {
         Some(client) => Arc::new(meshca_kube::store::KubeStore::new(client.clone())),
-        None => Arc::new(DirStore::open(args.data_dir.join("store")).context("opening the store")?),
+        None => open_store(&args.data_dir, args.store).await?,
     };
     let policy_yaml = match &args.policy {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use meshca_pki::TrustDomain;
@@ -50,9 +51,11 @@ pub struct Args {
     /// Audience the tokens must carry.
     #[arg(long, default_value = meshca_workload_ca::ISTIO_CA_AUDIENCE)]
     audience: String,
-    /// Cache verified tokens until they expire.
-    #[arg(long)]
-    cache_tokens: bool,
+    /// How long a verified token is trusted before it is verified again (never past its own
+    /// expiry); a revoked token (its service account deleted) is refused within this time. 0s
+    /// verifies every request.
+    #[arg(long, default_value = "10s", value_parser = duration_or_zero)]
+    token_cache_ttl: Duration,
     /// Leaf lifetime when the request asks for none.
     #[arg(long, default_value = "24h")]
     default_ttl: DurationArg,
@@ -127,16 +130,30 @@ impl LimitArgs {
     }
 }
 
+/// A duration, zero included (`0s` turns a cache off).
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    meshca_policy::duration::parse(s).ok_or_else(|| format!("{s:?} is not a duration (examples: 0s, 10s, 5m)"))
+}
+
+/// Identities a token cache keeps at most (a cache that fills up is emptied of expired entries,
+/// then cleared).
+const TOKEN_CACHE_ENTRIES: usize = 100_000;
+
+/// `auth` behind a cache of verified tokens kept for `ttl`, or `auth` itself for a zero `ttl`.
+pub fn cached<A: Authenticator>(auth: A, ttl: Duration) -> Arc<dyn Authenticator> {
+    if ttl.is_zero() { Arc::new(auth) } else { Arc::new(CachingAuthenticator::new(auth, TOKEN_CACHE_ENTRIES, ttl)) }
+}
+
 /// Builds the JWT authenticator from flags.
 pub fn jwt_auth(
     issuer: &str,
     jwks: &std::path::Path,
     audience: &str,
-    cache: bool,
+    cache_ttl: Duration,
 ) -> anyhow::Result<Arc<dyn Authenticator>> {
     let text = std::fs::read_to_string(jwks).with_context(|| format!("reading {}", jwks.display()))?;
     let jwt = JwtAuthenticator::from_jwks(issuer, &text, audience).with_context(|| format!("{}", jwks.display()))?;
-    Ok(if cache { Arc::new(CachingAuthenticator::new(jwt, 100_000)) } else { Arc::new(jwt) })
+    Ok(cached(jwt, cache_ttl))
 }
 
 /// Runs until Ctrl-C or SIGTERM, then drains within --shutdown-grace.
@@ -144,7 +161,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let metrics_token = a.metrics_token_file.as_deref().map(super::read_token_file).transpose()?;
     let client = a.kube.client().await?;
     let auth: Arc<dyn Authenticator> = match (&a.jwt_issuer, &a.jwks) {
-        (Some(issuer), Some(jwks)) if !a.tokenreview => jwt_auth(issuer, jwks, &a.audience, a.cache_tokens)?,
+        (Some(issuer), Some(jwks)) if !a.tokenreview => jwt_auth(issuer, jwks, &a.audience, a.token_cache_ttl)?,
         _ => {
             let local = client.clone().context("--tokenreview needs --kubeconfig, --kube-url or --in-cluster")?;
             let mut review = meshca_kube::tokenreview::TokenReviewAuthenticator::new(local, &a.audience);
@@ -159,9 +176,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 review = review
                     .with_remote(name, meshca_kube::connect(&conn).await.with_context(|| format!("cluster {name}"))?);
             }
-            // A token is reviewed once and trusted until it expires (istiod reviews every call;
-            // at certificate-renewal rates the API server would carry that load for nothing).
-            if a.cache_tokens { Arc::new(CachingAuthenticator::new(review, 100_000)) } else { Arc::new(review) }
+            // A token is reviewed once per --token-cache-ttl (istiod reviews every call; a herd of
+            // renewals would put that load on the API server for nothing).
+            cached(review, a.token_cache_ttl)
         }
     };
     let stop_mirror = tokio_util::sync::CancellationToken::new();
@@ -204,4 +221,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_cache_ttl_may_be_zero() {
+        assert_eq!(duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(duration_or_zero("10s"), Ok(Duration::from_secs(10)));
+        assert!(duration_or_zero("soon").is_err());
+    }
 }

@@ -222,22 +222,25 @@ pub fn agent_at(
     spawn_meshca(name, dir, &args)
 }
 
-/// Synchronous access to a directory store (a cluster's, or the management plane's
-/// `<data-dir>/store`) from a test, alongside the processes using it.
+/// Synchronous access to a store from a test, alongside the processes using it: a cluster's
+/// directory store, or the management plane's database (`<data-dir>/store.db`, which SQLite lets
+/// another process read and write while the server runs).
 pub struct StoreView {
     pub rt: tokio::runtime::Runtime,
-    pub store: meshca_store::dir::DirStore,
+    pub store: std::sync::Arc<dyn meshca_store::Store>,
 }
 
 impl StoreView {
     pub fn open(root: &Path) -> StoreView {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        StoreView { rt, store: meshca_store::dir::DirStore::open(root).unwrap() }
+        StoreView { rt, store: std::sync::Arc::new(meshca_store::dir::DirStore::open(root).unwrap()) }
     }
 
     /// The management plane's store.
     pub fn mgmt(m: &Mgmt) -> StoreView {
-        StoreView::open(&m.data.join("store"))
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let path = m.data.join(meshca_store::migrate::DB_FILE);
+        StoreView { rt, store: std::sync::Arc::new(meshca_store::sqlite::SqliteStore::open(path).unwrap()) }
     }
 
     fn key(ns: &str, name: &str) -> meshca_store::ObjectKey {
@@ -245,7 +248,6 @@ impl StoreView {
     }
 
     pub fn get(&self, ns: &str, name: &str) -> Option<meshca_store::Secret> {
-        use meshca_store::Store;
         self.rt.block_on(self.store.get(&Self::key(ns, name))).unwrap().map(|v| v.value)
     }
 
@@ -256,19 +258,18 @@ impl StoreView {
     }
 
     pub fn list(&self, ns: &str) -> Vec<String> {
-        use meshca_store::Store;
         self.rt.block_on(self.store.list(ns)).unwrap()
     }
 
     /// Writes an object whatever its version (an operator replacing a secret's contents).
     pub fn put(&self, ns: &str, name: &str, secret: &meshca_store::Secret) {
-        use meshca_store::{Precondition, Store};
+        use meshca_store::Precondition;
         self.rt.block_on(self.store.put(&Self::key(ns, name), secret, Precondition::Any)).unwrap();
     }
 
     /// Creates an object (it must not exist yet).
     pub fn create(&self, ns: &str, name: &str, secret: &meshca_store::Secret) {
-        use meshca_store::{Precondition, Store};
+        use meshca_store::Precondition;
         self.rt.block_on(self.store.put(&Self::key(ns, name), secret, Precondition::Absent)).unwrap();
     }
 }

@@ -36,6 +36,18 @@ pub(crate) enum LinkState {
     Broken(String),
 }
 
+impl LinkState {
+    /// The version of a complete object, `None` when absent; an object nobody can read is
+    /// [`StoreError::Corrupt`].
+    pub(crate) fn version(self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
+        match self {
+            LinkState::Absent => Ok(None),
+            LinkState::Present { version, .. } => Ok(Some(version)),
+            LinkState::Broken(reason) => Err(StoreError::Corrupt { key: key.clone(), reason }),
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub(crate) struct MetaOut<'a> {
     pub(crate) labels: &'a BTreeMap<String, String>,

@@ -47,7 +47,8 @@
 //!
 //! This file holds the tree of objects (create, delete, list, preconditions); `layout` names the
 //! entries of one object and reads it; `writer` is the kubelet-style atomic writer (shared with
-//! [`crate::single`]); `lock` the per-object lock file; `watch` the watch stream.
+//! [`crate::single`]); `lock` the per-object lock file; the watch stream is `crate::watch`, shared with the other
+//! backends.
 
 use std::fmt;
 use std::fs::{self, DirBuilder, File};
@@ -59,6 +60,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use crate::watch::{WatchedObject, watch_stream};
 use crate::{
     ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned, WatchStream, is_dns_label,
     is_dns_subdomain, is_valid_data_key,
@@ -66,7 +68,6 @@ use crate::{
 
 pub(crate) use layout::{Attempt, DATA_LINK, LinkState, MetaOut, link_state, read_attempt};
 pub(crate) use lock::{LockKind, lock_file, read_high_water, write_high_water};
-pub(crate) use watch::{WatchedObject, watch_stream};
 pub(crate) use writer::{remove_any, sync_dir, sync_key_links, update_object};
 
 use layout::{DIR_MODE, data_dir_name, highest_data_dir_version, key_link_target};
@@ -87,7 +88,6 @@ const CHANGE_CHANNEL_CAPACITY: usize = 256;
 
 mod layout;
 mod lock;
-mod watch;
 mod writer;
 
 /// A [`Store`] in a local directory tree; see the [module documentation](self) for the layout and
@@ -158,6 +158,44 @@ impl DirStore {
     /// as `/etc/cacerts`). It may not exist yet.
     pub fn object_path(&self, key: &ObjectKey) -> PathBuf {
         self.inner.object_dir(key)
+    }
+
+    /// Every namespace directory under the root, sorted (for migration; a namespace may hold no
+    /// object).
+    pub async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(|inner| {
+            let who = inner.root.display().to_string();
+            let mut names = Vec::new();
+            for entry in fs::read_dir(&inner.root).map_err(io_err(&who, &inner.root))? {
+                let entry = entry.map_err(io_err(&who, &inner.root))?;
+                let is_dir = entry.file_type().map_err(io_err(&who, &entry.path()))?.is_dir();
+                if let Some(name) = entry.file_name().to_str().filter(|n| is_dir && is_dns_label(n)) {
+                    names.push(name.to_string());
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await
+    }
+
+    /// Every name in `namespace` that has an entry on disk, including objects [`Store::list`]
+    /// skips because they cannot be read (for migration, which must not pass over them silently).
+    pub async fn names_on_disk(&self, namespace: &str) -> Result<Vec<String>, StoreError> {
+        let namespace = namespace.to_string();
+        self.blocking(move |inner| {
+            let dir = inner.namespace_dir(&namespace);
+            let mut names = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(io_err(&namespace, &dir))? {
+                let entry = entry.map_err(io_err(&namespace, &dir))?;
+                if let Some(name) = entry.file_name().to_str().filter(|n| is_dns_subdomain(n)) {
+                    names.push(name.to_string());
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await
     }
 
     async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -545,8 +583,8 @@ struct TreeObject {
 }
 
 impl WatchedObject for TreeObject {
-    fn link_state(&self) -> Result<LinkState, StoreError> {
-        link_state(&self.key, &self.inner.object_dir(&self.key))
+    fn current_version(&self) -> Result<Option<u64>, StoreError> {
+        link_state(&self.key, &self.inner.object_dir(&self.key))?.version(&self.key)
     }
 
     fn read(&self) -> Result<Option<(u64, Secret)>, StoreError> {

@@ -12,7 +12,9 @@ use meshca_clock::SharedClock;
 use meshca_pki::chain::rfc3339;
 use meshca_pki::{CaBundle, SpiffeId};
 use meshca_store::dir::DirStore;
-use meshca_workload_ca::{DemoIdp, ISTIO_CA_AUDIENCE, JwtAuthenticator, Metrics, Options, TtlPolicy};
+use meshca_workload_ca::{
+    CachingAuthenticator, DemoIdp, ISTIO_CA_AUDIENCE, JwtAuthenticator, Metrics, Options, TtlPolicy,
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -80,8 +82,12 @@ pub async fn start(
     let issuer = issuer_for(&name);
     let idp = Arc::new(DemoIdp::from_key(idp_key, &issuer)?);
     write(&cdir.join("idp").join("jwks.json"), idp.jwks_json().as_bytes(), 0o644)?;
-    let auth =
-        Arc::new(JwtAuthenticator::from_jwks(&issuer, &idp.jwks_json(), ISTIO_CA_AUDIENCE)?.with_clock(clock.clone()));
+    // The same token cache as `meshca workload-ca` by default.
+    let jwt = JwtAuthenticator::from_jwks(&issuer, &idp.jwks_json(), ISTIO_CA_AUDIENCE)?.with_clock(clock.clone());
+    let auth = Arc::new(
+        CachingAuthenticator::new(jwt, 100_000, meshca_workload_ca::authn::DEFAULT_TOKEN_CACHE_TTL)
+            .with_clock(clock.clone()),
+    );
     let metrics_token = random_token();
     let metrics_token_file = cdir.join("metrics-token");
     write(&metrics_token_file, metrics_token.as_bytes(), 0o600)?;

@@ -10,7 +10,6 @@ use anyhow::{Context, bail};
 use meshca_clock::SharedClock;
 use meshca_mgmt::{ServerOptions, Settings};
 use meshca_policy::{Policy, VaultAuth, VaultSpec};
-use meshca_store::dir::DirStore;
 use meshca_store::{ObjectKey, Precondition, Store};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +31,7 @@ fn read_intermediate_dir(dir: &Path) -> Option<meshca_store::Secret> {
 
 /// Copies the user's intermediate into the management store whenever the folder changes; the
 /// management plane validates it and, if good, moves every cluster to it.
-async fn follow_intermediate_dir(dir: PathBuf, store: Arc<DirStore>, clock: SharedClock, stop: CancellationToken) {
+async fn follow_intermediate_dir(dir: PathBuf, store: Arc<dyn Store>, clock: SharedClock, stop: CancellationToken) {
     let Ok(key) = ObjectKey::new(meshca_policy::defaults::NAMESPACE, USER_INTERMEDIATE) else { return };
     let mut last = read_intermediate_dir(&dir);
     loop {
@@ -78,7 +77,7 @@ fn vault_spec(v: &VaultArgs) -> anyhow::Result<VaultSpec> {
 /// A running management plane.
 pub struct Started {
     pub addr: SocketAddr,
-    pub store: Arc<DirStore>,
+    pub store: Arc<dyn Store>,
     pub relay_ca: Vec<u8>,
     /// Vault mode: the folder the clusters' memory-backed `cacerts` folders go in.
     pub memory_root: Option<PathBuf>,
@@ -94,7 +93,7 @@ pub async fn start(
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> anyhow::Result<Started> {
-    let store = Arc::new(DirStore::open(dir.join("mgmt").join("store"))?);
+    let store = crate::cmd::server::open_store(&dir.join("mgmt"), crate::cmd::server::StoreBackend::Sqlite).await?;
     let mut policy = Policy::generated_default(a.intermediate_ttl.0);
     policy.trust_domain = a.trust_domain.clone();
     policy.intermediate.grace_period_ratio = a.grace_ratio;

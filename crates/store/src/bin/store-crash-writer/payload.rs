@@ -26,3 +26,11 @@ pub fn secret(n: u64) -> Secret {
 pub fn n_of(secret: &Secret) -> Option<u64> {
     secret.labels.get(N_LABEL)?.parse().ok()
 }
+
+/// Writers besides the one of the main object, each on an object of its own in namespace `extra`.
+pub const EXTRA_WRITERS: usize = 3;
+
+/// The object of extra writer `i`.
+pub fn extra_key(name: &str, i: usize) -> meshca_store::ObjectKey {
+    meshca_store::ObjectKey::new("extra", &format!("{name}-{i}")).expect("a valid name")
+}

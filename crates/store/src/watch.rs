@@ -1,5 +1,7 @@
 //! Watching one object: its state now, then every change: at once for writes through the same
-//! store instance (announced on a broadcast channel), within a poll interval for any other.
+//! store instance (announced on a broadcast channel), within a poll interval for any other (another
+//! process, or another instance on the same files). Shared by the directory backends and the
+//! SQLite backend: each says how to read an object and how to learn its version cheaply.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,18 +9,19 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::broadcast;
 
-use super::layout::LinkState;
-use super::{run_blocking, versioned};
+use crate::dir::{run_blocking, versioned};
 use crate::{ObjectKey, Secret, StoreError, Versioned, WatchStream};
 
 type WatchItem = Result<Option<Versioned<Secret>>, StoreError>;
 
-/// Where a watched object lives: the watch only needs to look at its `..data` link (cheap) and
-/// to read it (when the link moved). Implemented for an object of a [`super::DirStore`] tree and for
-/// the single object of a [`crate::single::SingleObjectDir`].
+/// Where a watched object lives: the watch only needs its current version (cheap: a `readlink` of
+/// `..data`, or one indexed row) and, when that moved, the object. Implemented for an object of a
+/// [`crate::dir::DirStore`] tree, the single object of a [`crate::single::SingleObjectDir`] and an
+/// object of a [`crate::sqlite::SqliteStore`].
 pub(crate) trait WatchedObject: Send + Sync + 'static {
-    /// What `..data` says now.
-    fn link_state(&self) -> Result<LinkState, StoreError>;
+    /// The object's version now (`None`: absent). An error makes the watch read the object, which
+    /// reports what is wrong.
+    fn current_version(&self) -> Result<Option<u64>, StoreError>;
     /// The object now, consistent with its version.
     fn read(&self) -> Result<Option<(u64, Secret)>, StoreError>;
 }
@@ -59,14 +62,9 @@ impl WatchState {
             if self.last.is_some() || self.failing {
                 self.wait().await;
                 if let Some(last) = self.last {
-                    // The cheap check: one readlink, no file reads, unless the version moved.
+                    // The cheap check: no data read unless the version moved.
                     let object = Arc::clone(&self.object);
-                    let state = run_blocking(move || object.link_state()).await;
-                    let unchanged = match (state, last) {
-                        (Ok(LinkState::Absent), None) => true,
-                        (Ok(LinkState::Present { version, .. }), Some(last)) => version == last,
-                        _ => false,
-                    };
+                    let unchanged = run_blocking(move || object.current_version()).await.is_ok_and(|v| v == last);
                     if unchanged {
                         continue;
                     }
@@ -126,9 +124,9 @@ async fn next_change(changes: &mut Option<broadcast::Receiver<ObjectKey>>, key: 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::super::DirStore;
     use super::*;
     use crate::Store;
+    use crate::dir::DirStore;
 
     #[tokio::test]
     async fn the_watch_stream_leaves_no_task_behind() {
