@@ -48,7 +48,7 @@ pub struct Peer {
 }
 
 /// How long a client may take to finish the TLS handshake before it is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most dashboard connections open at once (handshaking or established). The dashboard is
 /// for a few operators' browsers; past this, new connections are closed at once, so a client
