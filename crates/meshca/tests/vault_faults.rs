@@ -148,7 +148,11 @@ fn vault_down_longer_than_a_renewal_interval_keeps_serving_and_recovers() {
     assert!(log.contains("keeping the current cacerts (valid until"), "{log}");
     let delays = retry_delays(&log);
     assert!(delays.len() >= 4, "retries: {delays:?}");
-    assert!(delays.iter().any(|d| *d < 2.0) && delays.iter().any(|d| *d >= 2.5), "backoff grows: {delays:?}");
+    // The delays are the ones the agent computed and logged (not measured): over the four
+    // failures of the second outage they at least double, whatever the jitter. The exact
+    // schedule is shown on the manual clock in crates/agent/tests/lifecycle.rs.
+    let (min, max) = delays.iter().fold((f64::MAX, 0f64), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
+    assert!(max >= 2.0 * min, "backoff grows: {delays:?}");
     assert!(delays.iter().all(|d| *d <= 5.0), "backoff is capped (up: 5 s): {delays:?}");
 
     up.signal("TERM");
