@@ -82,11 +82,18 @@ while :; do
     sleep 0.2
 done
 end=$(date +%s.%N)
-journal=$(readlink -f "$dir/up/mgmt/store/meshca/root-rotation/record.json")
-python3 - "$journal" "$dir/up/status.json" "$start" "$end" "$L" "$S" "$clusters" <<'EOF'
-import json, sys
-journal, status, start, end, L, S, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
-h = json.load(open(journal))["history"][0]
+python3 - "$dir/up/mgmt" "$dir/up/status.json" "$start" "$end" "$L" "$S" "$clusters" <<'EOF'
+import json, os, sqlite3, sys
+mgmt, status, start, end, L, S, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
+# The journal, from the management plane's store: SQLite (store.db, the default) or a directory.
+db = os.path.join(mgmt, "store.db")
+if os.path.exists(db):
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    (raw,) = con.execute("SELECT value FROM object_data WHERE namespace = 'meshca' AND name = 'root-rotation' AND key = 'record.json'").fetchone()
+    journal = json.loads(raw)
+else:
+    journal = json.load(open(os.path.join(mgmt, "store/meshca/root-rotation/record.json")))
+h = journal["history"][0]
 st = json.load(open(status))
 if st["handshakes_failed"] or st["leaves_failed"]:
     sys.exit(f"FAILED: {st['handshakes_failed']} handshakes and {st['leaves_failed']} leaf requests failed")
