@@ -33,6 +33,9 @@ step() { echo "== $* (${SECONDS}s so far)" >&2; }
 # The crates whose integration tests (crates/<crate>/tests/*.rs) start meshca's processes or an
 # external peer; every other crate's integration tests belong in the fast lane.
 END_TO_END=(meshca kube)
+# `cargo test --workspace --test NAME` runs every crate's test of that name, so names must be unique.
+dup=$(for f in crates/*/tests/*.rs; do basename "$f"; done | sort | uniq -d)
+[ -z "$dup" ] || { echo "integration tests with the same name in two crates: $dup" >&2; exit 1; }
 fast_tests=() e2e_tests=()
 for f in crates/*/tests/*.rs; do
     crate=${f#crates/}; crate=${crate%%/*}
@@ -78,7 +81,7 @@ peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build
 peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
 # helm v4 from the module proxy, for tests/kube_chart.rs (charts/, deploy/ rendered from them).
 peer MESHCA_HELM_BIN bash scripts/peers/helm.sh build
-# Headless Chromium for the dashboard's browser tests (tests/dashboard.rs; an apt package).
+# Headless Chromium for the dashboard's browser tests (crates/meshca/tests/dashboard_browser.rs; an apt package).
 peer MESHCA_CHROMIUM_BIN bash scripts/peers/chromium.sh build
 
 # ---- 3. the end-to-end tests -----------------------------------------------------------------

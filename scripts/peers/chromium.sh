@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's Chromium, for the dashboard's tests in a real browser (crates/meshca/tests/dashboard.rs),
+# Debian's Chromium, for the dashboard's tests in a real browser (crates/meshca/tests/dashboard_browser.rs),
 # driven headless over the DevTools protocol. Never a browser build downloaded by a tool.
 #
 # Usage:

@@ -443,15 +443,21 @@
 
   // ---- rotations, alerts, history ----------------------------------------------------------
 
+  // The root rotation as `meshca status -o json` reports it (`rootRotation`): `Idle` with at
+  // most a note when none is in progress; otherwise its phase among the four steps, the two
+  // roots, what it waits for (clusters by name, or a time), how many clusters have converged,
+  // and every phase change so far.
   function renderRootRotation(m) {
-    const rr = m.doc.rootRotation;
+    const rr = m.doc.rootRotation || { phase: 'Idle' };
+    const active = rr.phase !== 'Idle';
     const box = d3.select('#root-rotation');
     keyed(box, 'h3', 'sub', [0], () => 'h').text('Root rotation');
-    keyed(box, 'p', 'muted', rr ? [] : [0], () => 'none').text('No root rotation in progress.');
-    const steps = rr ? ROOT_ROTATION_PHASES : [];
-    keyed(box, 'ol', 'phases', rr ? [0] : [], () => 'phases')
+    keyed(box, 'p', 'muted', active ? [] : [0], () => 'none').text(
+      rr.note ? `No root rotation in progress. ${rr.note}` : 'No root rotation in progress.',
+    );
+    keyed(box, 'ol', 'phases', active ? [0] : [], () => 'phases')
       .selectAll('li')
-      .data(steps, (p) => p)
+      .data(active ? ROOT_ROTATION_PHASES.slice(1) : [], (p) => p)
       .join('li')
       .attr('class', (p) => {
         const at = ROOT_ROTATION_PHASES.indexOf(rr.phase);
@@ -459,20 +465,27 @@
         return i === at ? 'current' : i < at ? 'done' : 'todo';
       })
       .text((p) => p);
-    const details = rr ? Object.entries(rr).filter(([k]) => k !== 'phase') : [];
-    facts(keyed(box, 'dl', 'kv', rr ? [0] : [], () => 'kv'), details.map(([k, v]) => [k, describe(k, v, m.now)]));
+    facts(keyed(box, 'dl', 'kv', active ? [0] : [], () => 'kv'), active ? rotationFacts(rr, m) : []);
   }
 
-  // A value of the root rotation's document as text: times (keys ending in At/Before/After/
-  // Until, or unix seconds) as dates, lists joined, objects as their fields.
-  function describe(key, v, now) {
-    if (v === null || v === undefined || v === '') return '–';
-    if (Array.isArray(v)) return v.length ? v.map((x) => describe('', x, now)).join(', ') : 'none';
-    if (typeof v === 'object') return Object.entries(v).map(([k, x]) => `${k}: ${describe(k, x, now)}`).join(' · ');
-    if (typeof v === 'number' && /(At|Before|After|Until|Deadline)$/.test(key) && v > 1e9) {
-      return `${time(v)} (${v > now ? `in ${human(v - now)}` : `${human(now - v)} ago`})`;
-    }
-    return String(v);
+  function rotationFacts(rr, m) {
+    const when = (t) => (t ? `${time(t)} (${t > m.now ? `in ${human(t - m.now)}` : `${human(m.now - t)} ago`})` : '–');
+    const root = (c) => (c ? `${c.subject} · serial ${short(c.serial, 16)} · until ${time(c.notAfter)}` : '–');
+    const waits = (rr.waitingFor || []).map((w) => (w.cluster ? `${w.cluster}: ${w.reason}` : w.reason));
+    const pairs = [
+      ['rotation', `${rr.id || '–'}, started by ${rr.trigger || '–'}${rr.aborted ? '; aborted: every cluster returns to the old root' : ''}`],
+      ['started', when(rr.startedAt)],
+      ['in this phase since', when(rr.phaseSince)],
+      ['old root', root(rr.from)],
+      ['new root', root(rr.to)],
+      ['waiting for', waits.length ? waits.join('; ') : 'nothing'],
+      ['next step', rr.nextStepAt ? `not before ${when(rr.nextStepAt)}` : 'once every covered cluster has converged'],
+      ['converged', `${(rr.converged || []).length} of ${m.doc.clusters.length} clusters`],
+    ];
+    if (rr.note) pairs.push(['note', rr.note]);
+    const steps = (rr.transitions || []).map((t) => `${t.phase} at ${time(t.at)}${t.note ? ` (${t.note})` : ''}`);
+    if (steps.length) pairs.push(['phase changes', steps.join(' → ')]);
+    return pairs;
   }
 
   function table(container, cls, columns, rows, key) {

@@ -5,7 +5,7 @@
 //! certificate, certificates that must not open it, the security headers, and the document the
 //! page renders being exactly the one `meshca status -o json` prints.
 //!
-//! The page itself, in a real Chromium, is tested in `crates/meshca/tests/dashboard.rs`.
+//! The page itself, in a real Chromium, is tested in `crates/meshca/tests/dashboard_browser.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 # Rebuilds d3.min.js, the dashboard's one vendored library: the minified UMD builds of the d3
 # modules the page uses (time scale, axis, selection/data join) and the modules they need,
 # concatenated in dependency order. Each registers itself on the global `d3`. Run it to move to
-# new versions (pinned below), then check the page in the browser test (crates/meshca/tests/dashboard.rs).
+# new versions (pinned below), then check the page in the browser test (crates/meshca/tests/dashboard_browser.rs).
 # Needs npm; reaches only the npm registry.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -375,7 +375,8 @@ fn the_dashboard_of_meshca_up_shows_the_live_mesh_in_chromium() {
         cacerts_serial(&clusters[0]) == fresh
     });
     let rotations: String = tab.eval("() => document.getElementById('rotations-panel').innerText");
-    assert!(rotations.contains("No root rotation in progress."), "no rootRotation, nothing odd: {rotations}");
+    assert!(rotations.contains("No root rotation in progress."), "an Idle rotation, nothing more: {rotations}");
+    assert!(!rotations.contains("Distributing"), "no phase list while Idle: {rotations}");
     let history: String = tab.eval("() => document.getElementById('history').innerText");
     assert!(history.contains("forced"), "the forced issuance is in the history: {history}");
     tab.screenshot("body", &out.join("dashboard.png"));
@@ -523,11 +524,28 @@ fn two_hundred_clusters_stay_readable() {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut doc = synthetic_document(200, meshca_clock::unix(now));
-    // A root rotation in progress, as the management plane reports one once it rotates roots.
+    // A root rotation in Draining, in the shape `meshca status -o json` reports it
+    // (`status::document`): a time wait, one phase change per step so far.
+    let t = meshca_clock::unix(now);
+    let root = |cn: &str, serial: &str| serde_json::json!({"subject": format!("CN={cn}"), "serial": serial, "notAfter": t + 86400 * 365});
     doc["rootRotation"] = serde_json::json!({
         "phase": "Draining",
-        "waitingFor": "leaves signed under the old root to expire",
-        "drainUntil": meshca_clock::unix(now) + 3600,
+        "phaseSince": t - 600,
+        "id": "rot-7",
+        "startedAt": t - 7200,
+        "trigger": "operator",
+        "aborted": false,
+        "from": root("Old Root", "0a0a"),
+        "to": root("New Root", "0b0b"),
+        "nextStepAt": t + 3600,
+        "waitingFor": [{"cluster": "", "reason": "leaves signed under the old root to expire"}],
+        "converged": [{"cluster": "cluster-1", "since": t - 500}],
+        "transitions": [
+            {"phase": "Distributing", "at": t - 7200, "note": "operator"},
+            {"phase": "Switching", "at": t - 1200, "note": "every cluster trusts both roots"},
+            {"phase": "Draining", "at": t - 600, "note": "every cluster signs under the new root"},
+        ],
+        "note": "",
     });
     let dashboard = meshca_dashboard::Dashboard {
         source: Arc::new(Fixed(doc)),
@@ -572,12 +590,19 @@ fn two_hundred_clusters_stay_readable() {
          document.getElementById('root-rotation').innerText]",
     );
     assert_eq!(rotation[0], "Draining");
-    assert!(
-        rotation[1].contains("leaves signed under the old root to expire")
-            && rotation[1].contains("drainUntil")
-            && rotation[1].contains("(in "),
-        "{rotation:?}"
-    );
+    for shown in [
+        "leaves signed under the old root to expire",
+        "not before",
+        "(in 1h0m",
+        "CN=Old Root",
+        "CN=New Root",
+        "1 of 200 clusters",
+        "Switching at",
+        "started by operator",
+    ] {
+        assert!(rotation[1].contains(shown), "{shown:?} in {rotation:?}");
+    }
+    assert!(!rotation[1].contains("No root rotation in progress"), "{rotation:?}");
     // Filtering by state narrows the tree and the timeline together.
     let degraded: usize =
         tab.eval("() => { document.querySelector('.chip[data-state=\"degraded\"]').click(); return document.querySelectorAll('[data-cluster]').length; }");
