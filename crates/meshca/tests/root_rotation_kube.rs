@@ -113,7 +113,7 @@ async fn a_rotation_survives_the_leader_being_killed_and_the_status_carries_its_
     let mut agents = Vec::new();
     let mut pollers = Vec::new();
     for (name, api) in &clusters {
-        api.apply_yaml(&manifest("workload/rbac.yaml")).await;
+        install_workload_rbac(api).await;
         let agent_token = sa_token_file(api, d, "meshca-system", "meshca-agent").await;
         let (bootstrap, relay) = tokio::task::block_in_place(|| b.add_cluster(d, name));
         agents.push(kube_support::agent(d, name, &b.addr, &bootstrap, &relay, &kube_flags(api, &agent_token)));

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{Mgmt, Proc, json_file, valid_bundle, wait_until, write_secret};
-use vault_support::{ShmDir, Storage, Vault, per_cluster, plain, up_vault, vault_agent, vault_policy};
+use vault_support::{
+    ShmDir, Storage, Vault, is_failed_attempt, per_cluster, plain, up_vault, vault_agent, vault_policy,
+};
 
 /// A Vault-mode policy signing at `pki/root/sign-intermediate`, logging in with the token in
 /// `token_file`; P-256 intermediates of 1 h.
@@ -38,11 +40,11 @@ fn wait_rotated(status: &Path, since: &[u64], timeout: Duration, what: &str) -> 
     now
 }
 
-/// `retry_in=…` of the agent's "could not renew" warnings, in seconds, in log order.
+/// `retry_in=…` of the agent's failed attempts (its debug lines), in seconds, in log order.
 fn retry_delays(log: &str) -> Vec<f64> {
     plain(log)
         .lines()
-        .filter(|l| l.contains("could not renew the intermediate"))
+        .filter(|l| is_failed_attempt(l))
         .filter_map(|l| {
             let v = l.split("retry_in=").nth(1)?.split_whitespace().next()?;
             if let Some(ms) = v.strip_suffix("ms") {
@@ -86,9 +88,7 @@ fn vault_down_longer_than_a_renewal_interval_keeps_serving_and_recovers() {
 
     let log = || plain(&std::fs::read_to_string(up_dir.join("meshca-up.log")).unwrap_or_default());
     // Failed attempts whose error contains `marker`.
-    let failures = |marker: &str| {
-        log().lines().filter(|l| l.contains("could not renew the intermediate") && l.contains(marker)).count()
-    };
+    let failures = |marker: &str| log().lines().filter(|l| is_failed_attempt(l) && l.contains(marker)).count();
     // Vault stays down until the agents have noticed it (`attempts` failed attempts naming
     // `marker`), not for a fixed time: a renewal falls due ~24 s into the outage.
     let outage = |what: &str,

@@ -28,8 +28,14 @@ pub fn meshca() -> &'static str {
 
 /// Starts `meshca ARGS` (logging at `info`) with its output in `dir/<name>.log`.
 pub fn spawn_meshca(name: &str, dir: &Path, args: &[&str]) -> Proc {
+    spawn_meshca_logging(name, dir, args, "info")
+}
+
+/// [`spawn_meshca`] with the log filter `rust_log` (e.g. `info,meshca_agent=debug` for the
+/// agent's every attempt, which it logs at debug level: at info it says a persisting error once).
+pub fn spawn_meshca_logging(name: &str, dir: &Path, args: &[&str], rust_log: &str) -> Proc {
     let mut cmd = Command::new(meshca());
-    cmd.args(args).env("RUST_LOG", "info");
+    cmd.args(args).env("RUST_LOG", rust_log);
     Proc::spawn(cmd, name, dir)
 }
 

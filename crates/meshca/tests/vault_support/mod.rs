@@ -385,7 +385,16 @@ pub fn vault_agent(
         args.extend_from_slice(&["--token-file", token.to_str().unwrap(), "--relay-ca", relay.to_str().unwrap()]);
     }
     args.extend_from_slice(extra);
-    crate::common::spawn_meshca(&format!("vault-agent-{cluster}"), dir, &args)
+    crate::common::spawn_meshca_logging(&format!("vault-agent-{cluster}"), dir, &args, AGENT_LOG)
+}
+
+/// The log filter of the processes these tests start: the agents' every failed attempt (logged
+/// at debug level; at info a persisting error is said once), so a test can follow an outage.
+pub const AGENT_LOG: &str = "info,meshca_agent=debug";
+
+/// The agent's line for each failed attempt to obtain an intermediate (debug level).
+pub fn is_failed_attempt(line: &str) -> bool {
+    line.contains("DEBUG") && line.contains("could not obtain a new intermediate")
 }
 
 /// A log without its ANSI colours.
@@ -426,7 +435,7 @@ pub fn up_vault(
     timing: (&str, &str, &str),
 ) -> crate::common::Proc {
     let (ttl, ratio, interval) = timing;
-    crate::common::spawn_meshca(
+    crate::common::spawn_meshca_logging(
         "up",
         dir,
         &[
@@ -450,5 +459,6 @@ pub fn up_vault(
             "--call-interval",
             interval,
         ],
+        AGENT_LOG,
     )
 }

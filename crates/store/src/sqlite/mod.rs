@@ -121,7 +121,25 @@ impl fmt::Debug for SqliteStore {
 
 /// Maps a SQLite error to a [`StoreError`] naming the database file.
 pub(crate) fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |e| StoreError::Backend(format!("{}: {e}", path.display()))
+    move |e| sqlite_error(path, disk_full(&e), e.to_string())
+}
+
+/// Whether SQLite failed because the disk (or the quota) is full.
+pub(crate) fn disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+/// The store error for a SQLite failure: a full disk as the I/O error it is (callers tell "out
+/// of space" from other failures by it), anything else as a backend error.
+pub(crate) fn sqlite_error(path: &Path, full: bool, message: String) -> StoreError {
+    if full {
+        StoreError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::StorageFull, message),
+        }
+    } else {
+        StoreError::Backend(format!("{}: {message}", path.display()))
+    }
 }
 
 impl SqliteStore {

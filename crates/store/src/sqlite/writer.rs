@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{WriteStats, db_err, version_of};
+use super::{WriteStats, db_err, disk_full, sqlite_error, version_of};
 use crate::dir::{check_delete_precondition, check_precondition};
 use crate::{ObjectKey, Precondition, Secret, StoreError};
 
@@ -88,8 +88,8 @@ pub(super) fn run(
 fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<u64, StoreError>> {
     let err = db_err(path);
     let fail_all = |e: rusqlite::Error| {
-        let message = err(e).to_string();
-        batch.iter().map(|_| Err(StoreError::Backend(message.clone()))).collect()
+        let (full, message) = (disk_full(&e), e.to_string());
+        batch.iter().map(|_| Err(sqlite_error(path, full, message.clone()))).collect()
     };
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
