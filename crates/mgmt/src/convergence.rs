@@ -48,13 +48,7 @@ pub async fn reports(
     report_interval: Duration,
 ) -> Result<Vec<ClusterReport>, MgmtError> {
     let mut out = Vec::new();
-    let mut names: Vec<String> = store
-        .list(records::NAMESPACE)
-        .await?
-        .into_iter()
-        .filter_map(|n| n.strip_prefix(records::CLUSTER_PREFIX).map(str::to_string))
-        .collect();
-    names.sort();
+    let names = records::cluster_names(store).await?;
     for name in names {
         if typed::get::<ClusterRecord>(store, &records::cluster(&name)?).await?.is_none() {
             continue;

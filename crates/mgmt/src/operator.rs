@@ -61,13 +61,7 @@ impl Operator for OperatorService {
         let r = request.into_inner();
         let store = self.0.store.as_ref();
         let clusters: Vec<String> = if r.cluster.is_empty() {
-            store
-                .list(records::NAMESPACE)
-                .await
-                .map_err(internal)?
-                .into_iter()
-                .filter_map(|n| n.strip_prefix(records::CLUSTER_PREFIX).map(str::to_string))
-                .collect()
+            records::cluster_names(store).await.map_err(internal)?
         } else {
             dns_label("cluster name", &r.cluster)?;
             if self.0.lookup(&r.cluster).await?.is_none() {

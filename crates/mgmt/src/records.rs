@@ -73,6 +73,18 @@ pub fn archived_cluster(name: &str, removed_at: i64) -> Result<ObjectKey, StoreE
 /// Prefix of cluster records, for listing.
 pub const CLUSTER_PREFIX: &str = "cluster-";
 
+/// The names of the registered clusters, sorted.
+pub async fn cluster_names(store: &dyn meshca_store::Store) -> Result<Vec<String>, meshca_store::StoreError> {
+    let mut names: Vec<String> = store
+        .list(NAMESPACE)
+        .await?
+        .into_iter()
+        .filter_map(|n| n.strip_prefix(CLUSTER_PREFIX).map(str::to_string))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Prefix of archived clusters, for listing.
 pub const ARCHIVE_PREFIX: &str = "archived.";
 

@@ -44,12 +44,7 @@ pub async fn collect(
     report_interval: Duration,
 ) -> Result<MeshStatus, MgmtError> {
     let mut clusters = Vec::new();
-    let mut names: Vec<String> = store
-        .list(records::NAMESPACE)
-        .await?
-        .into_iter()
-        .filter_map(|n| n.strip_prefix(records::CLUSTER_PREFIX).map(str::to_string))
-        .collect();
+    let mut names = records::cluster_names(store).await?;
     if let meshca_policy::ClusterSelector::Named(v) = &authority.policy.clusters {
         for n in v {
             if !names.contains(n) {

@@ -86,7 +86,6 @@ pub(super) fn run(
 
 /// Applies `batch` in one transaction; one outcome per request, in order.
 fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<u64, StoreError>> {
-    let err = db_err(path);
     let fail_all = |e: rusqlite::Error| {
         let (full, message) = (disk_full(&e), e.to_string());
         batch.iter().map(|_| Err(sqlite_error(path, full, message.clone()))).collect()
