@@ -483,8 +483,11 @@ async fn through_distributing(m: &Mesh) -> i64 {
     assert!(m.seen.lock().unwrap().iter().all(|s| s.held.chain_root == r.from.fingerprint), "nobody signs under B yet");
     m.advance_to(gate).await;
     m.until("Switching", |m| m.phase() != RotationPhase::Distributing).await;
+    // The clusters may re-issue under B at once, so Draining can follow Switching within the
+    // same instant: look for the step to Switching, not at the last one.
     let r = m.journal().rotation.unwrap();
-    assert_eq!(r.transitions.last().map(|t| (t.phase, t.at)), Some((RotationPhase::Switching, gate)));
+    let switching = r.transitions.iter().find(|t| t.phase == RotationPhase::Switching).map(|t| t.at);
+    assert_eq!(switching, Some(gate), "{:?}", r.transitions);
     gate
 }
 
@@ -502,7 +505,9 @@ async fn through_draining(m: &Mesh, signing_root: &str) -> i64 {
     m.advance(Duration::from_secs((gate - 30 - m.now()) as u64)).await;
     assert_eq!(m.phase(), RotationPhase::Draining, "a leaf under the old root may still be alive");
     m.advance_to(gate).await;
-    m.until("Retiring", |m| m.phase() == RotationPhase::Retiring).await;
+    // Every cluster may hold {B} already, so the rotation can go through Retiring to Idle
+    // before a look: either is past the drain.
+    m.until("Retiring", |m| matches!(m.phase(), RotationPhase::Retiring | RotationPhase::Idle)).await;
     gate
 }
 
@@ -658,10 +663,21 @@ async fn a_restarted_management_plane_resumes_each_phase_from_the_journal() {
     m.start_plane().await;
     assert_eq!(m.journal().rotation, before.rotation);
     through_draining(&m, &b).await;
-    // Crash in Retiring, then finish.
+    // Crash in Retiring (the agents may have converged on {B} already, and the rotation ended
+    // just before the stop), then finish: the restarted plane resumes where the journal says,
+    // never an earlier phase.
+    let before = m.phase();
     m.stop_plane().await;
     m.start_plane().await;
-    assert_eq!(m.phase(), RotationPhase::Retiring);
+    let after = m.phase();
+    assert!(
+        matches!(
+            (before, after),
+            (RotationPhase::Retiring, RotationPhase::Retiring | RotationPhase::Idle)
+                | (RotationPhase::Idle, RotationPhase::Idle)
+        ),
+        "{before:?} before the restart, {after:?} after it"
+    );
     m.advance_to(m.now() + 30).await;
     m.until("Idle again", |m| m.journal().rotation.is_none()).await;
     m.check_barrier(&a, &b);

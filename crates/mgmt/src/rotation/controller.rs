@@ -375,6 +375,16 @@ impl Controller {
         if j.declined.as_deref() == Some(base_fp.as_str()) {
             return Ok(());
         }
+        // Generated mode, just after a rotation: the root the policy's authority still holds is
+        // the one that rotation retired, because the loader has not yet read the promoted root
+        // (`meshca/root-ca` was rewritten a moment ago). That is not a new root to rotate to
+        // (it would send the mesh straight back); the next pass sees the promoted one.
+        if matches!(base.policy.ca, CaMode::Generated { .. })
+            && j.history.first().is_some_and(|h| !h.aborted && h.from == base_fp && h.to == established.fingerprint)
+        {
+            tracing::debug!(root = %base_fp, "the policy's authority still holds the retired root; waiting for the loader");
+            return Ok(());
+        }
         if let (SignerRef::Vault { spec }, Capability::Delegated(d)) = (&established.signer, &base.capability)
             && same_mount(spec, &d.delivery.spec)
         {
