@@ -17,7 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The lowest port handed out: above the ports services commonly use.
 const LOWEST: u16 = 20000;
@@ -40,11 +40,17 @@ impl Ports {
         let mut r = [0u8; 2];
         aws_lc_rs::rand::fill(&mut r).unwrap();
         let start = u16::from_le_bytes(r) % span;
-        let dir = lock_dir();
+        Ports::reserve_in(&lock_dir(), len, LOWEST + start, high)
+    }
+
+    /// [`Self::reserve`] with its locks in `dir`, trying blocks from `first` below `high`.
+    fn reserve_in(dir: &Path, len: u16, first: u16, high: u16) -> Ports {
+        let span = high - LOWEST;
+        let start = first - LOWEST;
         // Blocks are tried `len` apart so that two reservations rarely probe the same ports.
         for i in 0..span / len {
             let base = LOWEST + (start + i * len) % span;
-            if let Some(locks) = try_block(&dir, base, len) {
+            if let Some(locks) = try_block(dir, base, len) {
                 return Ports { base, len, _locks: locks };
             }
         }
@@ -108,7 +114,12 @@ mod tests {
 
     #[test]
     fn reservations_are_disjoint_below_the_ephemeral_range_and_free_for_the_child() {
-        let blocks: Vec<Ports> = (0..20).map(|_| Ports::reserve(3)).collect();
+        // In a lock folder of this test's own: the test processes running beside it (other
+        // suites, other checkouts) share the real one and may take a port the moment it is free.
+        let dir = std::env::temp_dir().join(format!("meshca-test-ports-selftest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let high = ephemeral_low().saturating_sub(3);
+        let blocks: Vec<Ports> = (0..20).map(|i| Ports::reserve_in(&dir, 3, LOWEST + 7 * i, high)).collect();
         let mut all: Vec<u16> = blocks.iter().flat_map(|b| (0..3).map(|i| b.port(i))).collect();
         assert!(all.iter().all(|p| (LOWEST..ephemeral_low()).contains(p)), "{all:?}");
         all.sort();
@@ -118,12 +129,14 @@ mod tests {
         // The holder's child can bind its port; another reservation cannot take it meanwhile.
         let held = &blocks[0];
         let _child = TcpListener::bind(("127.0.0.1", held.port(1))).unwrap();
-        assert!(try_block(&lock_dir(), held.base(), 1).is_none(), "a held port was reserved twice");
+        assert!(try_block(&dir, held.base(), 1).is_none(), "a held port was reserved twice");
         // Released when dropped: the lock can be taken again. (Not a bind probe: the port itself may
         // be taken meanwhile by anything on the machine outside this scheme.)
         let base = held.base();
         drop(blocks);
-        let lock = File::open(lock_dir().join(format!("{base}.lock"))).unwrap();
+        let lock = File::open(dir.join(format!("{base}.lock"))).unwrap();
         assert!(lock.try_lock().is_ok(), "the reservation of {base} outlived its value");
+        drop(lock);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
