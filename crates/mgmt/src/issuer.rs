@@ -6,7 +6,8 @@
 //! The rules, in the order they are checked: the cluster is registered; the policy covers it;
 //! the management plane signs (not Vault, not a broken CA); the cluster is within its rate limit;
 //! the CSR proves possession of a key of the policy's algorithm and, if it names a cluster in
-//! `L=`, names the caller; this replica leads; the key was never certified before. The issued
+//! `L=`, names the caller; this replica leads; the key is not a revoked intermediate's and was
+//! never certified before. The issued
 //! serial is recorded before the answer.
 
 use std::sync::Arc;
@@ -98,6 +99,14 @@ pub enum Denied {
         #[source]
         source: IssueError,
     },
+    /// The key belongs to a revoked intermediate of the cluster.
+    #[error("the key in this CSR belongs to revoked intermediate {serial} of {cluster}; send a CSR with a new key")]
+    KeyRevoked {
+        /// The cluster.
+        cluster: String,
+        /// The revoked intermediate.
+        serial: String,
+    },
     /// The key was certified before (a replayed CSR).
     #[error("an intermediate for this key was already issued to {0}; send a CSR with a new key")]
     KeyReused(String),
@@ -120,6 +129,7 @@ impl Denied {
             Denied::OtherCluster { .. } => Status::permission_denied(message),
             Denied::NotLeader => Status::unavailable(message),
             Denied::KeyReused(_) => Status::already_exists(message),
+            Denied::KeyRevoked { .. } => Status::permission_denied(message),
             // The store's error names files and keys: logged, and the caller gets an error id.
             Denied::Store(e) => crate::error::caller_status(&e),
         }
@@ -165,9 +175,9 @@ impl Issuer {
         reason: IssueReason,
         now: SystemTime,
     ) -> Result<Issued, Denied> {
-        if typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster)?).await?.is_none() {
+        let Some(rec) = typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster)?).await? else {
             return Err(Denied::NotRegistered(cluster.to_string()));
-        }
+        };
         let auth = self.authority.borrow().clone();
         let policy = &auth.policy;
         if !policy.clusters.covers(cluster) {
@@ -203,6 +213,11 @@ impl Issuer {
             .map_err(|source| Denied::Signing { cluster: cluster.to_string(), source })?;
         let key_sha256 =
             hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
+        // A revoked serial is never renewed: its key is refused even once the issued log no
+        // longer remembers it.
+        if let Some(r) = rec.value.revoked.iter().find(|r| r.public_key_sha256 == key_sha256) {
+            return Err(Denied::KeyRevoked { cluster: cluster.to_string(), serial: r.serial.clone() });
+        }
         let record = IssuedRecord {
             serial: issued.serial_hex.clone(),
             not_after: unix(issued.not_after),

@@ -10,6 +10,8 @@
 //! - [`identities`]: which agent and operator certificates are accepted (the current identity,
 //!   its predecessor for a short overlap, never a revoked or removed one); [`operators`]: operator
 //!   credentials, reused while valid and revocable; [`removal`]: `meshca cluster remove`.
+//! - [`revocation`]: `meshca revoke` and the CRL the management plane publishes (re-signed
+//!   before its nextUpdate, derived from the records).
 //! - [`report`]: what is accepted from an agent's status report (validated, escaped, bounded).
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
 //! - [`rotation`]: root rotation, gated on every cluster's reports ([`convergence`], the
@@ -43,6 +45,7 @@ pub mod relay;
 pub mod removal;
 pub mod replica;
 pub mod report;
+pub mod revocation;
 pub mod rotation;
 pub mod server;
 pub mod status;

@@ -1,5 +1,6 @@
-//! The operator API: bootstrap tokens, status, rotations, policy changes, cluster removal and
-//! operator credentials, for callers with an operator identity that is not revoked.
+//! The operator API: bootstrap tokens, status, rotations, policy changes, cluster removal,
+//! operator credentials and intermediate revocation, for callers with an operator identity that
+//! is not revoked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,8 @@ use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, ApplyPolicyResponse, BootstrapToken, CreateBootstrapTokenRequest, GetStatusRequest,
     IssueOperatorRequest, MeshStatus, OperatorCredentials, RemoveClusterRequest, RemoveClusterResponse,
-    RevokeOperatorRequest, RevokeOperatorResponse, RotateRequest, RotateResponse, RotateRootRequest,
-    RotateRootResponse, operator_server::Operator,
+    RevokeIntermediateRequest, RevokeIntermediateResponse, RevokeOperatorRequest, RevokeOperatorResponse,
+    RotateRequest, RotateResponse, RotateRootRequest, RotateRootResponse, operator_server::Operator,
 };
 use meshca_store::typed;
 use tonic::{Request, Response, Status};
@@ -220,6 +221,70 @@ impl Operator for OperatorService {
             name: revoked.name,
             already_revoked: revoked.already,
             replaced_local_credentials: replaced,
+        }))
+    }
+
+    async fn revoke_intermediate(
+        &self,
+        request: Request<RevokeIntermediateRequest>,
+    ) -> Result<Response<RevokeIntermediateResponse>, Status> {
+        use crate::revocation::{self, RevokeError};
+        let who = operator(&self.0, &request).await?.caller;
+        require_leader(&self.0)?;
+        let r = request.into_inner();
+        dns_label("cluster name", &r.cluster)?;
+        let reason = if r.reason.trim().is_empty() {
+            meshca_pki::Reason::KeyCompromise
+        } else {
+            r.reason.trim().parse().map_err(|e: meshca_pki::CrlError| Status::invalid_argument(e.to_string()))?
+        };
+        let serial = Some(r.serial.trim()).filter(|s| !s.is_empty());
+        if let Some(s) = serial
+            && meshca_pki::crl::serial_bytes(s.trim_start_matches("0x")).is_err()
+        {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a certificate serial (hexadecimal, as `meshca status -o json` prints it)",
+                meshca_proto::text::bounded(s, 80)
+            )));
+        }
+        let now = self.0.clock.now();
+        let store = self.0.store.as_ref();
+        let out =
+            revocation::revoke(store, &r.cluster, serial, reason, &who.to_string(), now).await.map_err(
+                |e| match e {
+                    RevokeError::NotRegistered(_) | RevokeError::UnknownSerial { .. } => {
+                        Status::not_found(e.to_string())
+                    }
+                    RevokeError::NothingIssued(_) => Status::failed_precondition(e.to_string()),
+                    RevokeError::Store(_) => internal(e),
+                },
+            )?;
+        // Publish at once (the background publisher would within its next wake-up too); then every
+        // trust stream looks again: the cluster re-issues, every cluster gets the CRL.
+        let auth = self.0.authority.borrow().clone();
+        let crl = revocation::publish(store, &auth, now, self.0.settings.crl_ttl).await;
+        let crl_number = match &crl {
+            Ok(Some(c)) => c.number,
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "the revocation is recorded but the CRL could not be signed; the publisher retries");
+                0
+            }
+        };
+        self.0.nudge();
+        let rv = &out.revoked;
+        if out.already {
+            tracing::info!(caller = %who, cluster = %r.cluster, serial = %rv.serial, "intermediate was already revoked");
+        } else {
+            tracing::warn!(caller = %who, cluster = %r.cluster, serial = %rv.serial, reason = %rv.reason, crl_number, "cluster intermediate revoked; the cluster re-issues with a new key");
+        }
+        Ok(Response::new(RevokeIntermediateResponse {
+            cluster: r.cluster,
+            serial: rv.serial.clone(),
+            reason: rv.reason.clone(),
+            revoked_at: rv.revoked_at,
+            already_revoked: out.already,
+            crl_number,
         }))
     }
 }

@@ -1,5 +1,5 @@
-//! The operator's commands: `cluster add`, `cluster remove`, `status`, `rotate`, `policy apply`,
-//! `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
+//! The operator's commands: `cluster add`, `cluster remove`, `status`, `rotate`, `revoke`,
+//! `policy apply`, `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
 //! TLS with the credentials `meshca server` wrote (or `meshca operator issue` made).
 
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use meshca_mgmt::status::{document, human};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, IssueOperatorRequest, MeshStatus,
-    RemoveClusterRequest, RevokeOperatorRequest, RotateRequest, RotateRootRequest,
+    RemoveClusterRequest, RevokeIntermediateRequest, RevokeOperatorRequest, RotateRequest, RotateRootRequest,
 };
 use meshca_proto::text::terminal_safe;
 use meshca_store::fsutil;
@@ -349,6 +349,57 @@ pub async fn rotate(a: RotateArgs) -> anyhow::Result<()> {
         bail!("no registered clusters");
     }
     println!("rotation requested for {}", r.clusters.join(", "));
+    Ok(())
+}
+
+/// Arguments of `meshca revoke`.
+#[derive(clap::Args)]
+pub struct RevokeArgs {
+    /// The cluster whose intermediate is compromised.
+    #[arg(long)]
+    cluster: String,
+    /// Serial (hex) of the intermediate to revoke; default: the one the cluster has in service.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Why (RFC 5280): keyCompromise, cACompromise, affiliationChanged, superseded,
+    /// cessationOfOperation, privilegeWithdrawn, unspecified.
+    #[arg(long, default_value = "keyCompromise")]
+    reason: String,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca revoke --cluster C [--serial S] [--reason R]`.
+pub async fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
+    // Refused here with the list of names before anything is sent.
+    let reason: meshca_pki::Reason = a.reason.parse()?;
+    let mut client = connect(&a.creds).await?;
+    let r = client
+        .revoke_intermediate(RevokeIntermediateRequest {
+            cluster: a.cluster,
+            serial: a.serial.unwrap_or_default(),
+            reason: reason.as_str().to_string(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if r.already_revoked {
+        println!(
+            "intermediate {} of {} was already revoked ({}); nothing changed",
+            r.serial,
+            safe(&r.cluster),
+            safe(&r.reason)
+        );
+        return Ok(());
+    }
+    println!(
+        "intermediate {} of {} revoked ({}): {} re-issues with a new key now, and every cluster's ca-crl.pem lists it{}",
+        r.serial,
+        safe(&r.cluster),
+        safe(&r.reason),
+        safe(&r.cluster),
+        if r.crl_number > 0 { format!(" (CRL number {})", r.crl_number) } else { String::new() }
+    );
     Ok(())
 }
 

@@ -1,0 +1,211 @@
+//! Revocation in-process, on a manual clock, over a real directory store: `revoke` records the
+//! revocation and the rotation request together, is idempotent, refuses serials the cluster
+//! never had; the CRL the publisher signs lists the serial, verifies with OpenSSL against the
+//! root, and is re-signed (a new CRL number) at half its lifetime, before its nextUpdate; the
+//! issuer refuses the revoked key. The operator API's authentication of `RevokeIntermediate`
+//! (agent credentials denied) is tested over real mutual TLS in
+//! `crates/meshca/tests/revocation.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshca_clock::{Clock, ManualClock, unix};
+use meshca_mgmt::issuer::{Denied, Issuer};
+use meshca_mgmt::loader::{Loader, PolicySource, StorePolicy};
+use meshca_mgmt::ratelimit::RateLimiter;
+use meshca_mgmt::records::{self, ClusterRecord};
+use meshca_mgmt::revocation::{self, RevokeError};
+use meshca_pki::crl::{Crl, Reason};
+use meshca_pki::{Cert, KeyAlgorithm, PrivateKey};
+use meshca_policy::Policy;
+use meshca_proto::IssueReason;
+use meshca_store::dir::DirStore;
+use meshca_store::{Precondition, typed};
+use meshca_testsupport::openssl;
+
+const TTL: Duration = Duration::from_secs(600);
+
+struct Plane {
+    _tmp: tempfile::TempDir,
+    clock: ManualClock,
+    store: Arc<DirStore>,
+    _loader: Loader,
+    authority: tokio::sync::watch::Receiver<Arc<meshca_mgmt::authority::Authority>>,
+    issuer: Issuer,
+}
+
+impl Plane {
+    async fn start() -> Plane {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = ManualClock::at_2026();
+        let store = Arc::new(DirStore::open(tmp.path()).unwrap());
+        let source = Arc::new(StorePolicy::new(store.clone()));
+        source
+            .apply("apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: { name: mesh }\nspec:\n  config:\n    generated: {}\n  intermediateCertOptions: { ttl: 1h }\n")
+            .await
+            .unwrap();
+        let fallback = Policy::generated_default(Duration::from_secs(3600));
+        let (loader, authority) =
+            Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+        let issuer = Issuer::new(store.clone(), authority.clone(), RateLimiter::new(50, 60.0, clock.shared()), None);
+        Plane { _tmp: tmp, clock, store, _loader: loader, authority, issuer }
+    }
+
+    async fn register(&self, cluster: &str) {
+        let rec = ClusterRecord { name: cluster.into(), registered_at: 1, ..Default::default() };
+        typed::put(self.store.as_ref(), &records::cluster(cluster).unwrap(), &rec, Precondition::Absent).await.unwrap();
+    }
+
+    /// Issues `cluster` an intermediate; returns its key's CSR (to replay) and serial.
+    async fn issue(&self, cluster: &str) -> (String, String) {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = meshca_agent::source::csr_for(&key, "meshca", cluster).unwrap();
+        let issued = self.issuer.issue(cluster, &csr, IssueReason::Initial, self.clock.now()).await.unwrap();
+        (csr, issued.serial)
+    }
+
+    async fn record(&self, cluster: &str) -> ClusterRecord {
+        typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+    }
+
+    async fn publish(&self) -> records::CrlRecord {
+        let auth = self.authority.borrow().clone();
+        revocation::publish(self.store.as_ref(), &auth, self.clock.now(), TTL).await.unwrap().unwrap()
+    }
+
+    fn root(&self) -> Cert {
+        self.authority.borrow().signing().unwrap().signer.root().clone()
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_forces_a_reissue_once_is_idempotent_and_refuses_serials_the_cluster_never_had() {
+    let p = Plane::start().await;
+    p.register("cluster-1").await;
+    p.register("cluster-2").await;
+    let (_, s1) = p.issue("cluster-1").await;
+    let (_, old) = p.issue("cluster-2").await;
+    let (csr, current) = p.issue("cluster-2").await;
+    let now = p.clock.now();
+
+    // No serial: the newest (no report yet says which is in service).
+    let out = revocation::revoke(p.store.as_ref(), "cluster-2", None, Reason::KeyCompromise, "operator/admin", now)
+        .await
+        .unwrap();
+    assert!(!out.already);
+    assert_eq!(out.revoked.serial, current);
+    let rec = p.record("cluster-2").await;
+    assert_eq!(rec.rotate_requests, 1, "the cluster is asked to re-issue in the same write");
+    assert_eq!(rec.revoked.len(), 1);
+
+    // Twice: the first revocation, nothing changes (no second re-issue).
+    p.clock.advance(Duration::from_secs(5));
+    let again = revocation::revoke(
+        p.store.as_ref(),
+        "cluster-2",
+        Some(&current.to_ascii_lowercase()),
+        Reason::Superseded,
+        "operator/other",
+        p.clock.now(),
+    )
+    .await
+    .unwrap();
+    assert!(again.already);
+    assert_eq!((again.revoked.reason.as_str(), again.revoked.revoked_at), ("keyCompromise", unix(now)));
+    assert_eq!(p.record("cluster-2").await.rotate_requests, 1);
+
+    // cluster-1's serial is not cluster-2's; a made-up one is nobody's; an unknown cluster.
+    for serial in [s1.as_str(), "0123456789ABCDEF"] {
+        let e = revocation::revoke(p.store.as_ref(), "cluster-2", Some(serial), Reason::KeyCompromise, "o", now)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RevokeError::UnknownSerial { .. }), "{e}");
+        assert!(e.to_string().contains("never issued to cluster cluster-2"), "{e}");
+    }
+    let e = revocation::revoke(p.store.as_ref(), "cluster-9", None, Reason::KeyCompromise, "o", now).await.unwrap_err();
+    assert!(matches!(e, RevokeError::NotRegistered(_)), "{e}");
+
+    // An older serial of the cluster can be revoked too.
+    let out =
+        revocation::revoke(p.store.as_ref(), "cluster-2", Some(&old), Reason::Superseded, "o", now).await.unwrap();
+    assert!(!out.already);
+
+    // The revoked key is never certified again.
+    let e = p.issuer.issue("cluster-2", &csr, IssueReason::Renewal, p.clock.now()).await.unwrap_err();
+    assert!(matches!(e, Denied::KeyRevoked { ref serial, .. } if *serial == current), "{e}");
+}
+
+#[tokio::test]
+async fn the_published_crl_lists_the_revoked_serial_verifies_with_openssl_and_is_resigned_before_next_update() {
+    let p = Plane::start().await;
+    p.register("cluster-2").await;
+    let (_, serial) = p.issue("cluster-2").await;
+
+    // Before any revocation there is a CRL all the same: istiod needs one from the root.
+    let first = p.publish().await;
+    assert_eq!(first.number, 1);
+    let crls = Crl::parse_pem_bundle(first.pem.as_bytes()).unwrap();
+    assert_eq!(crls.len(), 1);
+    assert!(crls[0].revoked().is_empty());
+    assert_eq!(p.publish().await, first, "nothing changed: the same CRL");
+
+    revocation::revoke(p.store.as_ref(), "cluster-2", None, Reason::KeyCompromise, "o", p.clock.now()).await.unwrap();
+    let second = p.publish().await;
+    assert_eq!(second.number, 2);
+    let crl = &Crl::parse_pem_bundle(second.pem.as_bytes()).unwrap()[0];
+    assert!(crl.lists(&serial));
+    assert_eq!(crl.revoked()[0].reason, Reason::KeyCompromise);
+    assert_eq!(crl.next_update(), p.clock.now() + TTL);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root.pem"), p.root().to_pem()).unwrap();
+    std::fs::write(dir.path().join("crl.pem"), &second.pem).unwrap();
+    let (ok, out) =
+        openssl(dir.path(), &["crl", "-in", "crl.pem", "-CAfile", "root.pem", "-verify", "-noout", "-text"]);
+    assert!(ok && out.contains("verify OK") && out.contains(&serial), "{out}");
+
+    // Just before half its life: kept. At half its life: re-signed, well before nextUpdate.
+    assert_eq!(revocation::refresh_at(&second, TTL), p.clock.now() + TTL / 2);
+    p.clock.advance(TTL / 2 - Duration::from_secs(1));
+    assert_eq!(p.publish().await.number, 2);
+    p.clock.advance(Duration::from_secs(1));
+    let third = p.publish().await;
+    assert_eq!(third.number, 3);
+    let crl = &Crl::parse_pem_bundle(third.pem.as_bytes()).unwrap()[0];
+    assert!(crl.lists(&serial), "still listed");
+    assert_eq!(crl.next_update(), p.clock.now() + TTL);
+}
+
+/// The publisher task on the manual clock: it publishes at start, and again at half the CRL's
+/// lifetime, with nobody calling it.
+#[tokio::test]
+async fn the_publisher_task_resigns_on_the_injected_clock() {
+    let p = Plane::start().await;
+    let (nudge, _) = tokio::sync::watch::channel(0u64);
+    let mut published = nudge.subscribe();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = revocation::Publisher {
+        store: p.store.clone(),
+        authority: p.authority.clone(),
+        nudge,
+        clock: p.clock.shared(),
+        ttl: TTL,
+        leader: None,
+    };
+    let task = tokio::spawn(publisher.run(cancel.clone()));
+    tokio::time::timeout(Duration::from_secs(10), published.changed()).await.unwrap().unwrap();
+    let first = revocation::published(p.store.as_ref()).await.unwrap().unwrap();
+    assert_eq!(first.number, 1);
+    p.clock.advance(TTL / 2);
+    tokio::time::timeout(Duration::from_secs(10), published.changed()).await.unwrap().unwrap();
+    let second = revocation::published(p.store.as_ref()).await.unwrap().unwrap();
+    assert_eq!(second.number, 2);
+    assert!(second.next_update > first.next_update);
+    cancel.cancel();
+    task.await.unwrap();
+}
