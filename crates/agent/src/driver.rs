@@ -153,13 +153,22 @@ fn trust_of(t: &TrustState, source: &dyn IntermediateSource) -> Trust {
         },
         enrolled: t.enrolled,
         report_interval: std::time::Duration::from_secs(t.report_interval_seconds.max(0).unsigned_abs()),
+        crl_digest: cacerts::crl_digest(&t.crl),
+        crl_ttl: cacerts::crl_ttl(t.crl_ttl_seconds),
     }
+}
+
+/// The serials the CRLs in `ca-crl.pem` list, for the log.
+fn listed(crl: &cacerts::CrlFile) -> Vec<String> {
+    let crls = crl.pem.as_deref().map(|p| meshca_pki::Crl::parse_pem_bundle(p.as_bytes()).unwrap_or_default());
+    crls.unwrap_or_default().iter().flat_map(|c| c.revoked().iter().map(|r| r.serial_hex.clone())).collect()
 }
 
 /// An intermediate obtained and validated whose write failed: kept, and written again.
 struct Pending {
     bundle: CaBundle,
     files: meshca_pki::BundleFiles,
+    crl: cacerts::CrlFile,
     stamp: Stamp,
     plan: Unwritten,
 }
@@ -419,6 +428,7 @@ impl Driver {
                     Effect::RenewIdentity => self.renew_identity().await,
                     Effect::Report => self.report(trust.as_ref()).await,
                     Effect::Istiod(e) => again |= self.istiod(e).await,
+                    Effect::WriteCrl => again |= self.write_crl(l.trust.as_ref()).await,
                 }
             }
             if self.opts.once && matches!(self.held, Held::Ours { .. }) {
@@ -570,13 +580,61 @@ impl Driver {
             issued_at: now,
         };
         let plan = Unwritten { current: cacerts::planned(&bundle, &stamp) };
-        Ok(Pending { bundle, files, stamp, plan })
+        let crl = self.crl_for(&bundle, trust, now);
+        Ok(Pending { bundle, files, crl, stamp, plan })
+    }
+
+    /// `ca-crl.pem` for `bundle` with what the management plane publishes; a reason why there is
+    /// none is logged once.
+    fn crl_for(&self, bundle: &CaBundle, trust: &TrustState, now: std::time::SystemTime) -> cacerts::CrlFile {
+        let file = cacerts::crl_file(bundle, &trust.crl, cacerts::crl_ttl(trust.crl_ttl_seconds), now);
+        if let Some(problem) = &file.problem {
+            tracing::warn!(%problem, "writing no ca-crl.pem: istiod would refuse the bundle with this one");
+        }
+        file
+    }
+
+    /// Writes the bundle held again with a new `ca-crl.pem`. Returns whether to step again.
+    async fn write_crl(&mut self, trust: Option<&TrustState>) -> bool {
+        let (Some(trust), Held::Ours { bundle, current, version, .. }) = (trust, &self.held) else { return false };
+        let now = self.clock.now();
+        let crl = self.crl_for(bundle, trust, now);
+        let (files, stamp) = cacerts::rewrite(bundle, current, &self.opts.cluster);
+        let secret = cacerts::secret(&files, &crl, &stamp);
+        match self.store.put(&self.opts.cacerts, &secret, Precondition::Version(version.clone())).await {
+            Ok(version) => {
+                tracing::info!(listed = ?listed(&crl), "ca-crl.pem written");
+                self.runner.crl_written();
+                self.remember_write(version.clone());
+                if let Held::Ours { version: v, crl: c, .. } = &mut self.held {
+                    *v = version;
+                    *c = crl.held;
+                }
+                true
+            }
+            Err(e) => {
+                let error = AgentError::Store(e).to_string();
+                let wait = self.runner.failed(error.clone(), now, jitter());
+                tracing::debug!(%error, retry_in = ?wait, "writing ca-crl.pem failed");
+                self.log_once(tracing::Level::WARN, "writing ca-crl.pem failed; retrying with backoff", &error);
+                let read = self.store.get(&self.opts.cacerts).await;
+                self.held = Held::classify(read, self.clock.now());
+                false
+            }
+        }
+    }
+
+    fn remember_write(&mut self, version: meshca_store::ResourceVersion) {
+        if self.own_writes.len() == OWN_WRITES_KEPT {
+            self.own_writes.pop_front();
+        }
+        self.own_writes.push_back(version);
     }
 
     /// Writes the pending intermediate. Returns whether to step again at once.
     async fn retry_write(&mut self) -> bool {
         let Some(p) = self.pending.take() else { return false };
-        let secret = cacerts::secret(&p.files, &p.stamp);
+        let secret = cacerts::secret(&p.files, &p.crl, &p.stamp);
         let pre = match self.held.version() {
             Some(v) => Precondition::Version(v.clone()),
             None => Precondition::Absent,
@@ -590,11 +648,8 @@ impl Driver {
                     "cacerts written"
                 );
                 self.runner.issued(self.clock.now());
-                if self.own_writes.len() == OWN_WRITES_KEPT {
-                    self.own_writes.pop_front();
-                }
-                self.own_writes.push_back(version.clone());
-                self.held = cacerts::written(p.bundle, &p.stamp, version);
+                self.remember_write(version.clone());
+                self.held = cacerts::written(p.bundle, &p.stamp, &p.crl, version);
                 self.logged.clear();
                 true
             }

@@ -41,6 +41,10 @@ pub struct Trust {
     pub vault_delegated: bool,
     /// The policy's `autoRestartPods`.
     pub auto_restart: bool,
+    /// SHA-256 (hex) of the CRLs the management plane publishes; empty when it publishes none.
+    pub crl_digest: String,
+    /// Lifetime of the CRL the agent signs with its intermediate (re-signed at half of it).
+    pub crl_ttl: Duration,
 }
 
 /// The decision.
@@ -128,6 +132,8 @@ mod tests {
             report_interval: Duration::from_secs(30),
             vault_delegated: false,
             auto_restart: false,
+            crl_digest: String::new(),
+            crl_ttl: Duration::from_secs(3600),
         }
     }
 

@@ -77,6 +77,9 @@ pub enum Effect {
     RenewIdentity,
     /// Report status to the management plane.
     Report,
+    /// Write `ca-crl.pem` again (the published CRLs changed, or the cluster's own CRL is at
+    /// half its life), keeping the bundle as it is.
+    WriteCrl,
     /// Read or patch istiod's Deployment ([`crate::istiod`]).
     Istiod(IstiodEffect),
 }
@@ -293,6 +296,20 @@ impl Runner {
             }
         }
 
+        // ca-crl.pem follows the published CRLs and re-signs its own CRL before nextUpdate. It is
+        // written before any re-issue due in the same step: a new root CRL (a revocation) must
+        // reach istiod even if the re-issue it forces fails.
+        if let (Held::Ours { crl, .. }, Some(t)) = (obs.held, obs.trust)
+            && obs.unwritten.is_none()
+            && !t.vault_delegated
+        {
+            match crate::cacerts::crl_due(crl, &t.crl_digest, now) {
+                Ok(()) if backoff_over => effects.insert(0, Effect::WriteCrl),
+                Ok(()) => wake = wake.min(self.retry_at.unwrap_or(wake)),
+                Err(Some(at)) => wake = wake.min(at),
+                Err(None) => {}
+            }
+        }
         if obs.connected && obs.identity_due && self.identity_retry_at.is_none_or(|at| now >= at) {
             effects.push(Effect::RenewIdentity);
         }
@@ -311,7 +328,9 @@ impl Runner {
         }
         // istiod is planned once the management plane has said which mode the mesh is in, and
         // not while `cacerts` is about to change (the restart is for what will be in service).
-        let changing = effects.iter().any(|e| matches!(e, Effect::Issue(_) | Effect::RetryWrite | Effect::Reread));
+        let changing = effects
+            .iter()
+            .any(|e| matches!(e, Effect::Issue(_) | Effect::RetryWrite | Effect::Reread | Effect::WriteCrl));
         if let (Some(istiod), Some(t), false) = (&self.istiod, obs.trust, changing) {
             let serial = match obs.held {
                 Held::Ours { bundle, .. } => Some(bundle.ca_cert().serial_hex()),
@@ -336,6 +355,13 @@ impl Runner {
         self.phase = Phase::Ready;
         // Tell the management plane at once.
         self.next_report = Some(now);
+    }
+
+    /// `ca-crl.pem` was written.
+    pub fn crl_written(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+        self.last_error.clear();
     }
 
     /// Report at the next step (something worth telling happened).
@@ -409,6 +435,8 @@ mod tests {
             report_interval: Duration::from_secs(30),
             vault_delegated: false,
             auto_restart: false,
+            crl_digest: String::new(),
+            crl_ttl: Duration::from_secs(3600),
         }
     }
 
@@ -440,6 +468,7 @@ mod tests {
                 serial: "01".into(),
                 issued_at: c.not_before,
             },
+            &crate::cacerts::CrlFile::default(),
             ResourceVersion("1".into()),
         );
         if let Held::Ours { current, .. } = &mut held {
