@@ -1,5 +1,5 @@
 //! Compromise response: `meshca revoke` ([`revoke`]) and the CRL the management plane publishes
-//! ([`publish`], kept fresh by [`run_publisher`]).
+//! ([`publish`], kept fresh by [`Publisher`]).
 //!
 //! A revocation is recorded in the cluster's record together with a rotation request, in one
 //! compare-and-swap: the cluster's agent re-issues with a new key at once (the `meshca rotate`
