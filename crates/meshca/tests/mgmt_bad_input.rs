@@ -156,6 +156,7 @@ fn reused_expired_unknown_and_malformed_bootstrap_tokens_register_nothing() {
         mgmt.store.as_ref(),
         "cluster-x",
         Duration::from_secs(60),
+        "operator test",
         an_hour_ago,
     ));
     std::fs::write(&expiring, t.unwrap().token).unwrap();

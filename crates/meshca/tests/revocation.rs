@@ -56,6 +56,65 @@ fn leaf(rt: &tokio::runtime::Runtime, topology: &Value, d: &Path, name: &str, fi
     try_leaf(rt, topology, d, name, file).unwrap_or_else(|s| panic!("{name} refused a leaf: {s:?}"))
 }
 
+/// `meshca audit`: one entry per action (the repeated revocation none), nothing secret in it, and
+/// `meshca audit verify` naming the entry when one is changed, removed or moved in the database.
+fn audit_log_records_each_action_once_and_names_tampering(
+    d: &Path,
+    topology: &Value,
+    creds: &str,
+    revoked: &str,
+    new_serial: &str,
+) {
+    let (ok, out, err) = run(&["audit", "-o", "json", "--credentials", creds]);
+    assert!(ok, "{err}");
+    let entries: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let count =
+        |action: &str, f: &dyn Fn(&Value) -> bool| entries.iter().filter(|e| e["action"] == action && f(e)).count();
+    assert_eq!(count("intermediate-revoked", &|e| e["details"]["serial"] == revoked), 1, "{out}");
+    assert_eq!(count("intermediate-revoked", &|_| true), 1, "the repeat left no entry: {out}");
+    for n in ["cluster-1", "cluster-2", "cluster-3"] {
+        assert_eq!(count("cluster-registered", &|e| e["cluster"] == n), 1, "{n}: {out}");
+        assert_eq!(count("bootstrap-token-created", &|e| e["cluster"] == n), 1, "{n}: {out}");
+    }
+    assert_eq!(count("intermediate-issued", &|e| e["details"]["serial"] == revoked), 1, "{out}");
+    assert_eq!(count("intermediate-issued", &|e| e["details"]["serial"] == new_serial), 1, "{out}");
+    // Nothing secret: no key, no token (the workloads' tokens, the bootstrap tokens' secrets).
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    for n in ["cluster-1", "cluster-2", "cluster-3"] {
+        let token = std::fs::read_to_string(cluster(topology, n)["token_file"].as_str().unwrap()).unwrap();
+        assert!(!out.contains(token.trim()), "a token is in the audit log");
+        let key = std::fs::read_to_string(cacerts(topology, n).join("ca-key.pem")).unwrap();
+        assert!(!out.contains(&key), "a key is in the audit log");
+    }
+    let (ok, table, err) = run(&["audit", "--credentials", creds]);
+    assert!(ok && table.contains("intermediate-revoked") && table.contains("reason=keyCompromise"), "{table}{err}");
+    let (ok, out, err) = run(&["audit", "verify", "--credentials", creds]);
+    assert!(ok && out.contains(&format!("audit log intact: {} entries", entries.len())), "{out}{err}");
+
+    // Tampering in the database itself (another process may open it while the server runs).
+    let db = StoreView::database(&d.join("up").join("mgmt"));
+    let original = db.get("meshca", "audit-log-00000000").unwrap();
+    let record: Value = serde_json::from_slice(original.get("record.json").unwrap()).unwrap();
+    let tampered = |f: &dyn Fn(&mut Vec<Value>)| {
+        let mut r = record.clone();
+        f(r["entries"].as_array_mut().unwrap());
+        meshca_store::Secret::with_data([("record.json", serde_json::to_vec(&r).unwrap())])
+    };
+    let cases: [(meshca_store::Secret, &str); 3] = [
+        (tampered(&|e| e[2]["actor"] = "operator mallory".into()), "entry 2 was changed"),
+        (tampered(&|e| drop(e.remove(1))), "entry 1 carries seq 2"),
+        (tampered(&|e| e.swap(3, 4)), "entry 3 carries seq 4"),
+    ];
+    for (secret, says) in cases {
+        db.put("meshca", "audit-log-00000000", &secret);
+        let (ok, out, err) = run(&["audit", "verify", "--credentials", creds]);
+        assert!(!ok && err.contains(says), "expected {says:?}: {out}{err}");
+    }
+    db.put("meshca", "audit-log-00000000", &original);
+    let (ok, out, err) = run(&["audit", "verify", "--credentials", creds]);
+    assert!(ok, "restored: {out}{err}");
+}
+
 #[test]
 fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revoked_intermediate() {
     let tmp = tempfile::tempdir().unwrap();
@@ -179,6 +238,8 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
     let c2 = status_cluster(&st, "cluster-2").unwrap();
     let rec = c2["issued"].as_array().unwrap().iter().find(|r| r["serial"] == serial.as_str()).unwrap();
     assert_eq!(rec["revoked"]["reason"], "keyCompromise", "{rec}");
+
+    audit_log_records_each_action_once_and_names_tampering(d, &topology, creds, &serial, &new_serial);
 
     // With a 20 s CRL lifetime, both CRLs of cluster-3 (untouched by the revocation) are
     // re-signed at half of it (on their timers: nothing else changed), each before its nextUpdate.

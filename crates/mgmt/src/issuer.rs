@@ -249,6 +249,18 @@ impl Issuer {
             return Err(Denied::KeyReused(cluster.to_string()));
         }
         tracing::info!(%cluster, serial = %record.serial, not_after = record.not_after, reason = %reason, "issued cluster intermediate");
+        let event = crate::audit::Event::new(
+            crate::audit::Action::IntermediateIssued,
+            meshca_proto::identity::Caller::Agent { cluster: cluster.to_string() }.to_string(),
+            cluster,
+        )
+        .with("serial", &record.serial)
+        .with("keySha256", &record.public_key_sha256)
+        .with("reason", reason.name())
+        .with("policyGeneration", &record.policy_generation)
+        .with("issuerFingerprint", &record.issuer_fingerprint)
+        .with("notAfter", record.not_after.to_string());
+        crate::audit::record(self.store.as_ref(), event, now).await;
         Ok(Issued {
             certificate: issued.to_pem(),
             chain: signing.signer.chain_pems(),

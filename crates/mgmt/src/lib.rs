@@ -12,6 +12,7 @@
 //!   credentials, reused while valid and revocable; [`removal`]: `meshca cluster remove`.
 //! - [`revocation`]: `meshca revoke` and the CRL the management plane publishes (re-signed
 //!   before its nextUpdate, derived from the records).
+//! - [`audit`]: the hash-chained audit log of every trust-changing action.
 //! - [`report`]: what is accepted from an agent's status report (validated, escaped, bounded).
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
 //! - [`rotation`]: root rotation, gated on every cluster's reports ([`convergence`], the
@@ -26,6 +27,7 @@
 // `status::document` builds one large `json!` literal (its per-cluster object has many fields).
 #![recursion_limit = "256"]
 
+pub mod audit;
 pub mod authority;
 pub mod castore;
 pub mod convergence;

@@ -9,10 +9,11 @@ use meshca_clock::unix;
 use meshca_policy::Policy;
 use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, ApplyPolicyResponse, BootstrapToken, CreateBootstrapTokenRequest, GetStatusRequest,
-    IssueOperatorRequest, MeshStatus, OperatorCredentials, RemoveClusterRequest, RemoveClusterResponse,
-    RevokeIntermediateRequest, RevokeIntermediateResponse, RevokeOperatorRequest, RevokeOperatorResponse,
-    RotateRequest, RotateResponse, RotateRootRequest, RotateRootResponse, operator_server::Operator,
+    ApplyPolicyRequest, ApplyPolicyResponse, AuditLog, BootstrapToken, CreateBootstrapTokenRequest, GetAuditLogRequest,
+    GetStatusRequest, IssueOperatorRequest, MeshStatus, OperatorCredentials, RemoveClusterRequest,
+    RemoveClusterResponse, RevokeIntermediateRequest, RevokeIntermediateResponse, RevokeOperatorRequest,
+    RevokeOperatorResponse, RotateRequest, RotateResponse, RotateRootRequest, RotateRootResponse,
+    operator_server::Operator,
 };
 use meshca_store::typed;
 use tonic::{Request, Response, Status};
@@ -20,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::error::MgmtError;
 use crate::grpc::{Shared, internal, operator, require_leader};
 use crate::records::{self, ClusterRecord};
-use crate::{status, tokens};
+use crate::{audit, status, tokens};
 
 /// The operator API.
 pub struct OperatorService(pub Arc<Shared>);
@@ -36,7 +37,9 @@ impl Operator for OperatorService {
         dns_label("cluster name", &r.cluster)?;
         let s = &self.0.settings;
         let ttl = lifetime("token lifetime", r.ttl_seconds, s.default_token_ttl, s.max_token_ttl)?;
-        let t = tokens::create(self.0.store.as_ref(), &r.cluster, ttl, self.0.clock.now()).await.map_err(internal)?;
+        let by = who.to_string();
+        let t =
+            tokens::create(self.0.store.as_ref(), &r.cluster, ttl, &by, self.0.clock.now()).await.map_err(internal)?;
         tracing::info!(caller = %who, cluster = %r.cluster, expires_at = t.expires_at, "bootstrap token created");
         Ok(Response::new(BootstrapToken {
             token: t.token,
@@ -110,6 +113,10 @@ impl Operator for OperatorService {
                 if let Some(e) = current.error() {
                     return Err(Status::failed_precondition(e.to_string()));
                 }
+                let event = audit::Event::new(audit::Action::PolicyApplied, who.to_string(), "")
+                    .with("policy", &policy.name)
+                    .with("policyGeneration", &current.generation);
+                audit::record(self.0.store.as_ref(), event, self.0.clock.now()).await;
                 return Ok(Response::new(ApplyPolicyResponse { policy_generation: current.generation.clone() }));
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
@@ -222,6 +229,13 @@ impl Operator for OperatorService {
             already_revoked: revoked.already,
             replaced_local_credentials: replaced,
         }))
+    }
+
+    async fn get_audit_log(&self, request: Request<GetAuditLogRequest>) -> Result<Response<AuditLog>, Status> {
+        operator(&self.0, &request).await?;
+        let entries = audit::read(self.0.store.as_ref()).await.map_err(internal)?;
+        let entries = entries.iter().map(|e| serde_json::to_string(e).map_err(internal)).collect::<Result<_, _>>()?;
+        Ok(Response::new(AuditLog { entries }))
     }
 
     async fn revoke_intermediate(

@@ -83,8 +83,8 @@ pub struct Outcome {
 }
 
 /// Revokes `cluster`'s intermediate `serial` (its current one when `None`) for `reason` at `now`,
-/// and asks the cluster to re-issue. Idempotent: a serial revoked before is answered with the
-/// first revocation and changes nothing.
+/// and asks the cluster to re-issue; the audit log gets one entry. Idempotent: a serial revoked
+/// before is answered with the first revocation and changes nothing (and adds no entry).
 pub async fn revoke(
     store: &dyn Store,
     cluster: &str,
@@ -144,7 +144,14 @@ pub async fn revoke(
     .await?;
     Ok(match earlier {
         Some(revoked) => Outcome { revoked, already: true },
-        None => Outcome { revoked: entry, already: false },
+        None => {
+            let event = crate::audit::Event::new(crate::audit::Action::IntermediateRevoked, by, cluster)
+                .with("serial", &entry.serial)
+                .with("reason", &entry.reason)
+                .with("keySha256", &entry.public_key_sha256);
+            crate::audit::record(store, event, now).await;
+            Outcome { revoked: entry, already: false }
+        }
     })
 }
 
@@ -219,6 +226,7 @@ pub async fn publish(
     let above = upstream_crls(store, auth).await;
     let mut signed = None;
     let next = typed::update::<CrlRecord, _>(store, &records::crl(), |cur| {
+        signed = None;
         if !due(cur, &fingerprint, &digest, unix(now), ttl) {
             return None;
         }

@@ -1,5 +1,5 @@
 //! The operator's commands: `cluster add`, `cluster remove`, `status`, `rotate`, `revoke`,
-//! `policy apply`, `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
+//! `audit`, `policy apply`, `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
 //! TLS with the credentials `meshca server` wrote (or `meshca operator issue` made).
 
 use std::path::PathBuf;
@@ -10,8 +10,9 @@ use meshca_mgmt::server::creds;
 use meshca_mgmt::status::{document, human};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, IssueOperatorRequest, MeshStatus,
-    RemoveClusterRequest, RevokeIntermediateRequest, RevokeOperatorRequest, RotateRequest, RotateRootRequest,
+    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetAuditLogRequest, GetStatusRequest, IssueOperatorRequest,
+    MeshStatus, RemoveClusterRequest, RevokeIntermediateRequest, RevokeOperatorRequest, RotateRequest,
+    RotateRootRequest,
 };
 use meshca_proto::text::terminal_safe;
 use meshca_store::fsutil;
@@ -400,6 +401,75 @@ pub async fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
         safe(&r.cluster),
         if r.crl_number > 0 { format!(" (CRL number {})", r.crl_number) } else { String::new() }
     );
+    Ok(())
+}
+
+/// Arguments of `meshca audit`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    what: Option<AuditWhat>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+#[derive(clap::Subcommand)]
+enum AuditWhat {
+    /// Check the hash chain; exit non-zero naming the first entry changed, removed or reordered.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditVerifyArgs {
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// Reads the audit log from the management plane, parsing each entry as stored.
+async fn audit_entries(creds: &Creds) -> anyhow::Result<Vec<meshca_mgmt::audit::Entry>> {
+    let mut client = connect(creds).await?;
+    let log = client.get_audit_log(GetAuditLogRequest {}).await.map_err(status_err)?.into_inner();
+    log.entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::from_str(e).with_context(|| format!("audit entry at position {i} does not parse")))
+        .collect()
+}
+
+/// `meshca audit [-o json]`, `meshca audit verify`. The chain is checked here, by the caller.
+pub async fn audit(a: AuditArgs) -> anyhow::Result<()> {
+    if let Some(AuditWhat::Verify(v)) = a.what {
+        let entries = audit_entries(&v.creds).await?;
+        match meshca_mgmt::audit::verify(&entries) {
+            Ok(head) => {
+                println!("audit log intact: {} entries, head {head}", entries.len());
+                return Ok(());
+            }
+            Err(e) => bail!("audit log broken: {e}"),
+        }
+    }
+    let entries = audit_entries(&a.creds).await?;
+    if a.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!("{:<6} {:<20} {:<24} {:<28} {:<12} DETAILS", "SEQ", "TIME", "ACTION", "ACTOR", "CLUSTER");
+    for e in &entries {
+        let details: Vec<String> = e.details.iter().map(|(k, v)| format!("{k}={}", safe(v))).collect();
+        println!(
+            "{:<6} {:<20} {:<24} {:<28} {:<12} {}",
+            e.seq,
+            meshca_pki::chain::rfc3339(meshca_clock::from_unix(e.at)),
+            safe(&e.action),
+            short(&e.actor, 28),
+            short(&e.cluster, 12),
+            details.join(" ")
+        );
+    }
     Ok(())
 }
 
