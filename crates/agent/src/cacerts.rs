@@ -158,6 +158,9 @@ pub struct CrlHeld {
     /// It is there but istiod would refuse it (unparsable, or a certificate without a CRL): to
     /// be written again at once.
     pub broken: bool,
+    /// A CRL in it, from the intermediate's issuer, revokes the intermediate (or one from above
+    /// revokes a CA of its chain): a new intermediate is needed.
+    pub revoked: bool,
 }
 
 /// The `ca-crl.pem` to write, and what the agent will know of it.
@@ -198,7 +201,7 @@ pub fn crl_file(bundle: &CaBundle, published: &str, ttl: Duration, now: SystemTi
     let upstream_digest = crl_digest(published);
     let none = |problem: Option<String>| CrlFile {
         pem: None,
-        held: CrlHeld { upstream_digest: upstream_digest.clone(), refresh_at: None, broken: false },
+        held: CrlHeld { upstream_digest: upstream_digest.clone(), ..CrlHeld::default() },
         problem,
     };
     if upstream_digest.is_empty() {
@@ -220,9 +223,10 @@ pub fn crl_file(bundle: &CaBundle, published: &str, ttl: Duration, now: SystemTi
     if let Err(e) = crl::check_chain_coverage(&all, bundle.signer().chain()) {
         return none(Some(e.to_string()));
     }
+    let revoked = crl::revoked_in_chain(&all, bundle.signer().chain()).is_some();
     CrlFile {
         pem: Some(crl::to_pem_bundle(&all)),
-        held: CrlHeld { upstream_digest, refresh_at: Some(refresh_at(now, now + ttl)), broken: false },
+        held: CrlHeld { upstream_digest, refresh_at: Some(refresh_at(now, now + ttl)), broken: false, revoked },
         problem: None,
     }
 }
@@ -231,16 +235,19 @@ pub fn crl_file(bundle: &CaBundle, published: &str, ttl: Duration, now: SystemTi
 fn crl_held(bundle: &CaBundle, s: &Secret) -> CrlHeld {
     let upstream_digest = s.annotations.get(ANN_CRL_UPSTREAM).cloned().unwrap_or_default();
     let Some(pem) = s.get(CA_CRL).filter(|p| !p.iter().all(u8::is_ascii_whitespace)) else {
-        return CrlHeld { upstream_digest, refresh_at: None, broken: false };
+        return CrlHeld { upstream_digest, ..CrlHeld::default() };
     };
     let chain = bundle.signer().chain();
     let parsed = Crl::parse_pem_bundle(pem).ok().filter(|c| crl::check_chain_coverage(c, chain).is_ok());
     let own = parsed.as_ref().and_then(|c| crl::signed_by(c, bundle.ca_cert()).first().map(|o| (*o).clone()));
-    match own {
-        Some(o) => {
-            CrlHeld { upstream_digest, refresh_at: Some(refresh_at(o.this_update(), o.next_update())), broken: false }
-        }
-        None => CrlHeld { upstream_digest, refresh_at: None, broken: true },
+    match (own, parsed) {
+        (Some(o), Some(all)) => CrlHeld {
+            upstream_digest,
+            refresh_at: Some(refresh_at(o.this_update(), o.next_update())),
+            broken: false,
+            revoked: crl::revoked_in_chain(&all, chain).is_some(),
+        },
+        _ => CrlHeld { upstream_digest, broken: true, ..CrlHeld::default() },
     }
 }
 

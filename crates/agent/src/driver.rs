@@ -356,6 +356,7 @@ pub async fn drive(
         logged: String::new(),
         own_writes: Default::default(),
         expired_logged: None,
+        upstream: Upstream::default(),
     };
     driver.run(link, cancel).await
 }
@@ -375,6 +376,21 @@ struct Driver {
     own_writes: std::collections::VecDeque<meshca_store::ResourceVersion>,
     /// The serial of the intermediate in service whose expiry was logged (once).
     expired_logged: Option<String>,
+    /// The CRLs the source's upstream publishes itself (Vault's PKI), when it does.
+    upstream: Upstream,
+}
+
+/// CRLs fetched from the source's upstream (Vault) rather than sent by the management plane.
+#[derive(Default)]
+struct Upstream {
+    /// `Some(false)` once the source said it has none of its own; `None` before it was asked.
+    own: Option<bool>,
+    /// The last CRLs fetched (PEM).
+    pem: String,
+    /// When to fetch them again.
+    next_fetch: Option<std::time::SystemTime>,
+    /// The last fetch error logged, so a persisting one is logged once.
+    logged: String,
 }
 
 /// How many of its own writes the agent remembers to recognise stale watch events.
@@ -389,7 +405,14 @@ impl Driver {
         self.held = Held::classify(first, self.clock.now());
         loop {
             let l = link.borrow_and_update().clone();
-            let trust = l.trust.as_ref().map(|t| trust_of(t, self.source.as_ref()));
+            if let Some(t) = &l.trust {
+                self.fetch_upstream_crls(t).await;
+            }
+            let trust = l.trust.as_ref().map(|t| {
+                let mut plan = trust_of(t, self.source.as_ref());
+                plan.crl_digest = cacerts::crl_digest(self.published(t));
+                plan
+            });
             let now = self.clock.now();
             self.note_expiry(now);
             let step = self.runner.step(&Observation {
@@ -584,10 +607,44 @@ impl Driver {
         Ok(Pending { bundle, files, crl, stamp, plan })
     }
 
-    /// `ca-crl.pem` for `bundle` with what the management plane publishes; a reason why there is
-    /// none is logged once.
+    /// The CRLs published above the cluster intermediate: the source's own (Vault's), or the
+    /// management plane's.
+    fn published<'a>(&'a self, trust: &'a TrustState) -> &'a str {
+        if self.upstream.own == Some(true) { &self.upstream.pem } else { &trust.crl }
+    }
+
+    /// Fetches the source's own CRLs (Vault's) when it has them and they are due: at start, then
+    /// every half CRL lifetime, so a revocation made in Vault reaches `ca-crl.pem` within that.
+    async fn fetch_upstream_crls(&mut self, trust: &TrustState) {
+        let now = self.clock.now();
+        if self.upstream.own == Some(false) || self.upstream.next_fetch.is_some_and(|at| now < at) {
+            return;
+        }
+        let every = cacerts::crl_ttl(trust.crl_ttl_seconds) / 2;
+        self.upstream.next_fetch = Some(now + every);
+        match self.source.upstream_crls(trust).await {
+            None => self.upstream.own = Some(false),
+            Some(Ok(pem)) => {
+                self.upstream.own = Some(true);
+                self.upstream.pem = pem;
+                self.upstream.logged.clear();
+            }
+            Some(Err(e)) => {
+                // The CRLs fetched last stay in use (an empty set at first: no ca-crl.pem).
+                self.upstream.own = Some(true);
+                let error = e.to_string();
+                if self.upstream.logged != error {
+                    tracing::warn!(%error, retry_in = ?every, "reading the upstream CRL failed; ca-crl.pem keeps the last one read");
+                    self.upstream.logged = error;
+                }
+            }
+        }
+    }
+
+    /// `ca-crl.pem` for `bundle` with what is published above it; a reason why there is none is
+    /// logged.
     fn crl_for(&self, bundle: &CaBundle, trust: &TrustState, now: std::time::SystemTime) -> cacerts::CrlFile {
-        let file = cacerts::crl_file(bundle, &trust.crl, cacerts::crl_ttl(trust.crl_ttl_seconds), now);
+        let file = cacerts::crl_file(bundle, self.published(trust), cacerts::crl_ttl(trust.crl_ttl_seconds), now);
         if let Some(problem) = &file.problem {
             tracing::warn!(%problem, "writing no ca-crl.pem: istiod would refuse the bundle with this one");
         }

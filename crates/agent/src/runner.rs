@@ -240,8 +240,13 @@ impl Runner {
                 // Plan against what will be in service: an unwritten intermediate counts, so a
                 // failed write is retried instead of asking for yet another intermediate.
                 let current = obs.unwritten.map(|u| &u.current).or(held.current());
+                let revoked = matches!(held, Held::Ours { crl, .. } if crl.revoked) && obs.unwritten.is_none();
                 let decision = match (held, obs.trust) {
                     (_, Some(t)) if !t.enrolled => plan::decide(current, obs.trust, now, self.renewal_jitter),
+                    // The CRLs published above name the intermediate in service (a revocation the
+                    // management plane's rotation request has not reached yet, or one made in
+                    // Vault): replace it now.
+                    (_, Some(_)) if revoked => Decision::IssueNow(IssueReason::Forced),
                     (Held::OursInvalid { .. } | Held::Foreign { .. }, Some(_)) if obs.unwritten.is_none() => {
                         Decision::IssueNow(IssueReason::Initial)
                     }
@@ -615,6 +620,31 @@ mod tests {
         assert!(r.last_error().contains("--adopt-existing"), "{}", r.last_error());
         let mut r = Runner::new(RunnerConfig { adopt_existing: true, ..cfg() }, 0.0);
         assert!(r.step(&obs(t(0), &foreign, Some(&tr), true)).effects.contains(&Effect::Issue(IssueReason::Initial)));
+    }
+
+    /// A CRL in `ca-crl.pem` naming the intermediate in service (a revocation made in Vault, or
+    /// one whose rotation request has not arrived) re-issues at once; a due CRL refresh is written
+    /// first.
+    #[test]
+    fn a_revoked_intermediate_is_replaced_at_once_after_its_crl_is_written() {
+        let mut r = Runner::new(cfg(), 0.0);
+        let tr = Trust { crl_digest: "published".into(), ..trust() };
+        let mut held = ours(current());
+        if let Held::Ours { crl, .. } = &mut held {
+            crl.upstream_digest = "published".into();
+            crl.refresh_at = Some(t(50));
+        }
+        let s = r.step(&obs(t(10), &held, Some(&tr), true));
+        assert!(!s.effects.iter().any(|e| matches!(e, Effect::Issue(_) | Effect::WriteCrl)), "{s:?}");
+        assert_eq!(s.wake, t(40), "the next report, before the CRL refresh at 50");
+        let s = r.step(&obs(t(50), &held, Some(&tr), true));
+        assert_eq!(s.effects.first(), Some(&Effect::WriteCrl), "{s:?}");
+        if let Held::Ours { crl, .. } = &mut held {
+            crl.revoked = true;
+            crl.refresh_at = Some(t(100));
+        }
+        let s = r.step(&obs(t(51), &held, Some(&tr), true));
+        assert!(s.effects.contains(&Effect::Issue(IssueReason::Forced)), "{s:?}");
     }
 
     #[test]
