@@ -182,10 +182,15 @@ async fn the_published_crl_lists_the_revoked_serial_verifies_with_openssl_and_is
 }
 
 /// The publisher task on the manual clock: it publishes at start, and again at half the CRL's
-/// lifetime, with nobody calling it.
+/// lifetime, with nobody calling it. It starts after a revocation whose CRL was never signed (a
+/// management plane stopped right after recording it): its first CRL lists the serial.
 #[tokio::test]
 async fn the_publisher_task_resigns_on_the_injected_clock() {
     let p = Plane::start().await;
+    p.register("cluster-2").await;
+    let (_, serial) = p.issue("cluster-2").await;
+    revocation::revoke(p.store.as_ref(), "cluster-2", None, Reason::KeyCompromise, "o", p.clock.now()).await.unwrap();
+    assert!(revocation::published(p.store.as_ref()).await.unwrap().is_none(), "stopped before publishing");
     let (nudge, _) = tokio::sync::watch::channel(0u64);
     let mut published = nudge.subscribe();
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -201,6 +206,7 @@ async fn the_publisher_task_resigns_on_the_injected_clock() {
     tokio::time::timeout(Duration::from_secs(10), published.changed()).await.unwrap().unwrap();
     let first = revocation::published(p.store.as_ref()).await.unwrap().unwrap();
     assert_eq!(first.number, 1);
+    assert!(Crl::parse_pem_bundle(first.pem.as_bytes()).unwrap()[0].lists(&serial));
     p.clock.advance(TTL / 2);
     tokio::time::timeout(Duration::from_secs(10), published.changed()).await.unwrap().unwrap();
     let second = revocation::published(p.store.as_ref()).await.unwrap().unwrap();
