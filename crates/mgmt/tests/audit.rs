@@ -3,7 +3,7 @@
 //! appending at once (a leader and its successor) never fork the chain, across segment
 //! boundaries, and an entry changed, removed or moved in the store is named by `verify`. The
 //! operator API and `meshca audit verify` over real mutual TLS are tested end to end in
-//! `crates/meshca/tests/revocation.rs`.
+//! `crates/meshca/tests/revocation_up.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;

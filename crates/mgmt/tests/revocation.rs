@@ -4,7 +4,7 @@
 //! root, and is re-signed (a new CRL number) at half its lifetime, before its nextUpdate; the
 //! issuer refuses the revoked key. The operator API's authentication of `RevokeIntermediate`
 //! (agent credentials denied) is tested over real mutual TLS in
-//! `crates/meshca/tests/revocation.rs`.
+//! `crates/meshca/tests/revocation_up.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
