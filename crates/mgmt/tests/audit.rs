@@ -1,64 +1,17 @@
-//! The audit log in-process, over a real directory store on a manual clock: an issuance and a
-//! revocation each leave exactly one entry (a repeated revocation none), two management planes
+//! The audit log in-process, over a real directory store on a manual clock: two management planes
 //! appending at once (a leader and its successor) never fork the chain, across segment
-//! boundaries, and an entry changed, removed or moved in the store is named by `verify`. The
+//! boundaries, and an entry changed, removed or moved in the store is named by `verify`. (An
+//! issuance and a revocation leaving one entry each: `crates/mgmt/tests/revocation.rs`.) The
 //! operator API and `meshca audit verify` over real mutual TLS are tested end to end in
 //! `crates/meshca/tests/revocation_up.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use meshca_clock::{Clock, ManualClock};
 use meshca_mgmt::audit::{self, Action, Broken, Event, SEGMENT_ENTRIES, Segment};
-use meshca_mgmt::issuer::Issuer;
-use meshca_mgmt::loader::{Loader, PolicySource, StorePolicy};
-use meshca_mgmt::ratelimit::RateLimiter;
-use meshca_mgmt::records::{self, ClusterRecord};
-use meshca_mgmt::revocation;
-use meshca_pki::{KeyAlgorithm, PrivateKey, Reason};
-use meshca_policy::Policy;
-use meshca_proto::IssueReason;
 use meshca_store::dir::DirStore;
 use meshca_store::{Precondition, Store, typed};
-
-#[tokio::test]
-async fn an_issuance_and_a_revocation_leave_one_entry_each_and_the_chain_verifies() {
-    let tmp = tempfile::tempdir().unwrap();
-    let clock = ManualClock::at_2026();
-    let store = Arc::new(DirStore::open(tmp.path()).unwrap());
-    let source = Arc::new(StorePolicy::new(store.clone()));
-    source
-        .apply("apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: { name: mesh }\nspec:\n  config:\n    generated: {}\n")
-        .await
-        .unwrap();
-    let fallback = Policy::generated_default(Duration::from_secs(3600));
-    let (_loader, authority) =
-        Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
-    let issuer = Issuer::new(store.clone(), authority, RateLimiter::new(5, 6.0, clock.shared()), None);
-    let rec = ClusterRecord { name: "cluster-1".into(), registered_at: 1, ..Default::default() };
-    typed::put(store.as_ref(), &records::cluster("cluster-1").unwrap(), &rec, Precondition::Absent).await.unwrap();
-
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let csr = meshca_agent::source::csr_for(&key, "meshca", "cluster-1").unwrap();
-    let issued = issuer.issue("cluster-1", &csr, IssueReason::Initial, clock.now()).await.unwrap();
-    for _ in 0..2 {
-        revocation::revoke(store.as_ref(), "cluster-1", None, Reason::KeyCompromise, "operator admin", clock.now())
-            .await
-            .unwrap();
-    }
-    let log = audit::read(store.as_ref()).await.unwrap();
-    audit::verify(&log).unwrap();
-    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
-    assert_eq!(actions, ["intermediate-issued", "intermediate-revoked"], "one entry each, none for the repeat");
-    assert_eq!(log[0].details["serial"], issued.serial);
-    assert_eq!(log[0].actor, "agent of cluster cluster-1");
-    assert_eq!(log[1].details["reason"], "keyCompromise");
-    assert_eq!(log[1].actor, "operator admin");
-    // A key's fingerprint, never the key.
-    let text = serde_json::to_string(&log).unwrap();
-    assert!(!text.contains("PRIVATE KEY") && !text.contains(&String::from_utf8_lossy(key.pkcs8_der()).to_string()));
-}
 
 /// Two management planes sharing one store append 260 entries at once (crossing two segment
 /// boundaries): one chain, every seq once, in order.

@@ -2,7 +2,7 @@
 //! revocation and the rotation request together, is idempotent, refuses serials the cluster
 //! never had; the CRL the publisher signs lists the serial, verifies with OpenSSL against the
 //! root, and is re-signed (a new CRL number) at half its lifetime, before its nextUpdate; the
-//! issuer refuses the revoked key. The operator API's authentication of `RevokeIntermediate`
+//! issuer refuses the revoked key; each action leaves one audit entry. The operator API's authentication of `RevokeIntermediate`
 //! (agent credentials denied) is tested over real mutual TLS in
 //! `crates/meshca/tests/revocation_up.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -214,4 +214,27 @@ async fn the_publisher_task_resigns_on_the_injected_clock() {
     assert!(second.next_update > first.next_update);
     cancel.cancel();
     task.await.unwrap();
+}
+
+/// The audit log: an issuance and a revocation leave exactly one entry each (the repeated
+/// revocation none), the chain verifies, and no key is in it.
+#[tokio::test]
+async fn an_issuance_and_a_revocation_leave_one_entry_each_in_the_audit_log() {
+    let p = Plane::start().await;
+    p.register("cluster-1").await;
+    let (_, serial) = p.issue("cluster-1").await;
+    for _ in 0..2 {
+        revocation::revoke(p.store.as_ref(), "cluster-1", None, Reason::KeyCompromise, "operator admin", p.clock.now())
+            .await
+            .unwrap();
+    }
+    let log = meshca_mgmt::audit::read(p.store.as_ref()).await.unwrap();
+    meshca_mgmt::audit::verify(&log).unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["intermediate-issued", "intermediate-revoked"], "one entry each, none for the repeat");
+    assert_eq!(log[0].details["serial"], serial);
+    assert_eq!(log[0].actor, "agent of cluster cluster-1");
+    assert_eq!((log[1].details["reason"].as_str(), log[1].actor.as_str()), ("keyCompromise", "operator admin"));
+    let text = serde_json::to_string(&log).unwrap();
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
 }
