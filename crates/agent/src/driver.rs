@@ -357,6 +357,7 @@ pub async fn drive(
         own_writes: Default::default(),
         expired_logged: None,
         upstream: Upstream::default(),
+        crl_problem: String::new(),
     };
     driver.run(link, cancel).await
 }
@@ -378,6 +379,8 @@ struct Driver {
     expired_logged: Option<String>,
     /// The CRLs the source's upstream publishes itself (Vault's PKI), when it does.
     upstream: Upstream,
+    /// Why the last `ca-crl.pem` built was left out (empty: it was written, or none is published).
+    crl_problem: String,
 }
 
 /// CRLs fetched from the source's upstream (Vault) rather than sent by the management plane.
@@ -391,6 +394,17 @@ struct Upstream {
     next_fetch: Option<std::time::SystemTime>,
     /// The last fetch error logged, so a persisting one is logged once.
     logged: String,
+}
+
+impl Driver {
+    /// Why `ca-crl.pem` is missing or stale, for the status report: the last fetch of the
+    /// upstream's CRL failed, or the last one built would not satisfy istiod.
+    fn crl_note(&self) -> String {
+        if !self.upstream.logged.is_empty() {
+            return format!("the upstream CRL cannot be read: {}", self.upstream.logged);
+        }
+        self.crl_problem.clone()
+    }
 }
 
 /// How many of its own writes the agent remembers to recognise stale watch events.
@@ -563,6 +577,7 @@ impl Driver {
         let Some(trust) = trust else { return false };
         match self.obtain(reason, trust).await {
             Ok(pending) => {
+                self.note_crl(&pending.crl);
                 self.pending = Some(pending);
                 self.retry_write().await
             }
@@ -627,7 +642,10 @@ impl Driver {
             Some(Ok(pem)) => {
                 self.upstream.own = Some(true);
                 self.upstream.pem = pem;
-                self.upstream.logged.clear();
+                if !self.upstream.logged.is_empty() {
+                    self.upstream.logged.clear();
+                    self.runner.report_now();
+                }
             }
             Some(Err(e)) => {
                 // The CRLs fetched last stay in use (an empty set at first: no ca-crl.pem).
@@ -636,19 +654,29 @@ impl Driver {
                 if self.upstream.logged != error {
                     tracing::warn!(%error, retry_in = ?every, "reading the upstream CRL failed; ca-crl.pem keeps the last one read");
                     self.upstream.logged = error;
+                    self.runner.report_now();
                 }
             }
         }
     }
 
-    /// `ca-crl.pem` for `bundle` with what is published above it; a reason why there is none is
-    /// logged.
+    /// `ca-crl.pem` for `bundle` with what is published above it ([`Driver::note_crl`] keeps why
+    /// there is none).
     fn crl_for(&self, bundle: &CaBundle, trust: &TrustState, now: std::time::SystemTime) -> cacerts::CrlFile {
-        let file = cacerts::crl_file(bundle, self.published(trust), cacerts::crl_ttl(trust.crl_ttl_seconds), now);
-        if let Some(problem) = &file.problem {
+        cacerts::crl_file(bundle, self.published(trust), cacerts::crl_ttl(trust.crl_ttl_seconds), now)
+    }
+
+    /// Remembers why `file` has no `ca-crl.pem` (logged and reported once per reason).
+    fn note_crl(&mut self, file: &cacerts::CrlFile) {
+        let problem = file.problem.clone().unwrap_or_default();
+        if problem == self.crl_problem {
+            return;
+        }
+        if !problem.is_empty() {
             tracing::warn!(%problem, "writing no ca-crl.pem: istiod would refuse the bundle with this one");
         }
-        file
+        self.crl_problem = problem;
+        self.runner.report_now();
     }
 
     /// Writes the bundle held again with a new `ca-crl.pem`. Returns whether to step again.
@@ -658,7 +686,9 @@ impl Driver {
         let crl = self.crl_for(bundle, trust, now);
         let (files, stamp) = cacerts::rewrite(bundle, current, &self.opts.cluster);
         let secret = cacerts::secret(&files, &crl, &stamp);
-        match self.store.put(&self.opts.cacerts, &secret, Precondition::Version(version.clone())).await {
+        let version = version.clone();
+        self.note_crl(&crl);
+        match self.store.put(&self.opts.cacerts, &secret, Precondition::Version(version)).await {
             Ok(version) => {
                 tracing::info!(listed = ?listed(&crl), "ca-crl.pem written");
                 self.runner.crl_written();
@@ -824,6 +854,7 @@ impl Driver {
             foreign_cacerts: r.foreign(),
             istiod: r.istiod().map(IstiodPlan::status),
             istiod_only: trust.is_some_and(|t| t.vault_delegated),
+            crl_note: self.crl_note(),
             ..Default::default()
         };
         // The lifetime start reported is the issuance time (NotBefore is backdated), so the

@@ -513,8 +513,23 @@ async fn ca_crl_pem_holds_a_crl_from_every_ca_of_the_chain_and_is_resigned_befor
     assert!(w.crls().is_empty(), "nothing published: no ca-crl.pem");
     let first = w.serial().unwrap();
 
+    // A published CRL from a CA that is not in the chain would leave the root without one:
+    // istiod would refuse the bundle, so no ca-crl.pem, and the report says why.
+    let other = CaSigner::new_root(
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        &RootParams::new("other"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let now = w.clock.now();
+    let foreign = meshca_pki::CrlParams { number: 1, this_update: now, next_update: now + CRL_TTL, revoked: vec![] };
+    w.link.send_modify(|l| l.trust = Some(with_crl(trust("g1"), other.sign_crl(&foreign).unwrap().to_pem())));
+    w.until("the reason in the report", |w| w.last_report().crl_note.contains("missing CRL signed by")).await;
+    assert!(w.crls().is_empty(), "no ca-crl.pem istiod would refuse");
+
     w.link.send_modify(|l| l.trust = Some(with_crl(trust("g1"), w.root_crl(1, &[]))));
     w.until("ca-crl.pem", |w| w.crls().len() == 2).await;
+    w.until("the reason cleared in the report", |w| w.last_report().crl_note.is_empty()).await;
     assert_eq!(w.serial().unwrap(), first, "the bundle is kept; only ca-crl.pem is added");
     let chain = w.chain();
     meshca_pki::crl::check_chain_coverage(&w.crls(), &chain).unwrap();

@@ -339,6 +339,10 @@ pub struct StatusRecord {
     /// records (read as `reported_at`).
     #[serde(default)]
     pub cacerts_reported_at: i64,
+    /// Why the cluster's `cacerts` has no (current) `ca-crl.pem`, as its agent says; empty when
+    /// all is well.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub crl_note: String,
 }
 
 /// What a cluster's agent reported about istiod's Deployment (`IstiodStatus` on the wire).

@@ -33,6 +33,7 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
         foreign_cacerts: s.foreign_cacerts,
         chain_root_fingerprint: s.chain_root_fingerprint.clone(),
         intermediate_issuer_fingerprint: s.intermediate_issuer_fingerprint.clone(),
+        crl_note: s.crl_note.clone(),
     }
 }
 
@@ -344,7 +345,7 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 "issuerFingerprint": current.map(|r| r.issuer_fingerprint.as_str()).unwrap_or(""),
                 "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
                 "chainRootFingerprint": s.chain_root_fingerprint,
-                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
+                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error, "crlNote": s.crl_note,
                 "keyLocation": s.key_location, "foreignCacerts": s.foreign_cacerts,
                 "istiod": s.istiod.as_ref().map(|i| json!({
                     "state": named(i.state().name()), "deployment": i.deployment, "message": i.message,

@@ -229,6 +229,11 @@ pub fn render(st: &MeshStatus) -> String {
     if !st.policy_error.is_empty() {
         out.push_str(&format!("\npolicy: {}\n", safe(&st.policy_error)));
     }
+    for c in &st.clusters {
+        if let Some(note) = c.status.as_ref().map(|s| &s.crl_note).filter(|n| !n.is_empty()) {
+            out.push_str(&format!("\n{}: no ca-crl.pem: {}\n", safe(&c.name), short(note, 200)));
+        }
+    }
     if st.alerts.is_empty() {
         out.push_str("\nno alerts\n");
     } else {
