@@ -151,7 +151,7 @@ fn current_of(bundle: &CaBundle, s: &Secret) -> Current {
 /// What the agent knows of the `ca-crl.pem` in place.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CrlHeld {
-    /// Digest of the management plane's CRLs it was written with ([`crl_digest`]; empty: none).
+    /// Digest of the published CRLs it was written with ([`crl_digest`]; empty: none).
     pub upstream_digest: String,
     /// When its own CRL is due for re-signing; `None` when there is no `ca-crl.pem`.
     pub refresh_at: Option<SystemTime>,
@@ -194,7 +194,7 @@ fn refresh_at(this_update: SystemTime, next_update: SystemTime) -> SystemTime {
 }
 
 /// Builds `ca-crl.pem` for `bundle` at `now`: the CRL its intermediate signs (valid for `ttl`)
-/// followed by `published` (the management plane's). Nothing when nothing is published (a
+/// followed by `published` (the management plane's, or Vault's). Nothing when nothing is published (a
 /// `ca-crl.pem` with only the cluster's own CRL would lack the root's, and istiod would refuse
 /// the bundle), or when the result would still not satisfy istiod (the reason is returned).
 pub fn crl_file(bundle: &CaBundle, published: &str, ttl: Duration, now: SystemTime) -> CrlFile {

@@ -154,7 +154,6 @@ fn trust_of(t: &TrustState, source: &dyn IntermediateSource) -> Trust {
         enrolled: t.enrolled,
         report_interval: std::time::Duration::from_secs(t.report_interval_seconds.max(0).unsigned_abs()),
         crl_digest: cacerts::crl_digest(&t.crl),
-        crl_ttl: cacerts::crl_ttl(t.crl_ttl_seconds),
     }
 }
 

@@ -41,10 +41,9 @@ pub struct Trust {
     pub vault_delegated: bool,
     /// The policy's `autoRestartPods`.
     pub auto_restart: bool,
-    /// SHA-256 (hex) of the CRLs the management plane publishes; empty when it publishes none.
+    /// SHA-256 (hex) of the CRLs published above the cluster intermediate (the management
+    /// plane's, or Vault's); empty when none are. `ca-crl.pem` is written again when it changes.
     pub crl_digest: String,
-    /// Lifetime of the CRL the agent signs with its intermediate (re-signed at half of it).
-    pub crl_ttl: Duration,
 }
 
 /// The decision.
@@ -133,7 +132,6 @@ mod tests {
             vault_delegated: false,
             auto_restart: false,
             crl_digest: String::new(),
-            crl_ttl: Duration::from_secs(3600),
         }
     }
 

@@ -441,7 +441,6 @@ mod tests {
             vault_delegated: false,
             auto_restart: false,
             crl_digest: String::new(),
-            crl_ttl: Duration::from_secs(3600),
         }
     }
 

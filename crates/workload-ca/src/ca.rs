@@ -64,17 +64,23 @@ pub fn revocation(bundle: &CaBundle, crl_pem: &[u8]) -> Result<Option<String>, S
         .map(|(serial, subject)| format!("{subject} (serial {serial}) is revoked by {}", bundle::CA_CRL)))
 }
 
-/// Reads `ca-crl.pem` from `dir` (missing: empty).
-fn read_crl(dir: &Path) -> Result<Vec<u8>, ReadError> {
-    let path = dir.join(bundle::CA_CRL);
+/// Reads `dir/name`: `None` when it does not exist; any other failure is an error, so that running
+/// out of file descriptors is not taken for a missing file.
+fn read_optional(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, ReadError> {
+    let path = dir.join(name);
     match std::fs::read(&path) {
-        Ok(b) => Ok(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => {
             let exhausted = meshca_serve::fd::exhaustion(&source);
             Err(ReadError { path: path.display().to_string(), exhausted, source })
         }
     }
+}
+
+/// Reads `ca-crl.pem` from `dir` (missing: empty).
+fn read_crl(dir: &Path) -> Result<Vec<u8>, ReadError> {
+    Ok(read_optional(dir, bundle::CA_CRL)?.unwrap_or_default())
 }
 
 fn digest(files: &BundleFiles, crl: &[u8]) -> [u8; 32] {
@@ -108,16 +114,11 @@ pub struct ReadError {
 /// failure is an error, so that running out of file descriptors is not taken for a missing file.
 pub fn read_cacerts_dir(dir: &Path) -> Result<BundleFiles, ReadError> {
     let mut failure = None;
-    let files = BundleFiles::from_lookup(|name| {
-        let path = dir.join(name);
-        match std::fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                let exhausted = meshca_serve::fd::exhaustion(&source);
-                failure.get_or_insert(ReadError { path: path.display().to_string(), exhausted, source });
-                None
-            }
+    let files = BundleFiles::from_lookup(|name| match read_optional(dir, name) {
+        Ok(b) => b,
+        Err(e) => {
+            failure.get_or_insert(e);
+            None
         }
     });
     match failure {
