@@ -6,9 +6,8 @@
 //! The rules, in the order they are checked: the cluster is registered; the policy covers it;
 //! the management plane signs (not Vault, not a broken CA); the cluster is within its rate limit;
 //! the CSR proves possession of a key of the policy's algorithm and, if it names a cluster in
-//! `L=`, names the caller; this replica leads; the key is not a revoked intermediate's and was
-//! never certified before. The issued
-//! serial is recorded before the answer.
+//! `L=`, names the caller; the key is not a revoked intermediate's; this replica leads; the key
+//! was never certified before. The issued serial is recorded before the answer.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -199,6 +198,13 @@ impl Issuer {
         {
             return Err(Denied::OtherCluster { named: named.to_string(), caller: cluster.to_string() });
         }
+        let key_sha256 =
+            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
+        // A revoked serial is never renewed: its key is refused even once the issued log no
+        // longer remembers it.
+        if let Some(r) = rec.value.revoked.iter().find(|r| r.public_key_sha256 == key_sha256) {
+            return Err(Denied::KeyRevoked { cluster: cluster.to_string(), serial: r.serial.clone() });
+        }
         let params = IntermediateParams {
             ttl: policy.intermediate.ttl,
             permitted_dns_domains: policy.intermediate.permitted_dns_domains.clone(),
@@ -211,13 +217,6 @@ impl Issuer {
             .signer
             .sign_intermediate(csr.public_key_spki(), &params, now)
             .map_err(|source| Denied::Signing { cluster: cluster.to_string(), source })?;
-        let key_sha256 =
-            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
-        // A revoked serial is never renewed: its key is refused even once the issued log no
-        // longer remembers it.
-        if let Some(r) = rec.value.revoked.iter().find(|r| r.public_key_sha256 == key_sha256) {
-            return Err(Denied::KeyRevoked { cluster: cluster.to_string(), serial: r.serial.clone() });
-        }
         let record = IssuedRecord {
             serial: issued.serial_hex.clone(),
             not_after: unix(issued.not_after),
