@@ -165,7 +165,8 @@ pub struct CrlRecord {
     pub pem: String,
     /// Fingerprint of the certificate that signed the first one.
     pub signer_fingerprint: String,
-    /// What the signed CRL lists: a digest of its serials and reasons (see `crate::revocation`).
+    /// A digest of what is published: the serials and reasons the signed CRL lists, and the CRLs
+    /// from above it (see `crate::revocation`).
     pub listed_digest: String,
     /// Unix seconds.
     pub this_update: i64,

@@ -170,11 +170,18 @@ pub async fn all_revoked(store: &dyn Store, now: i64) -> Result<Vec<RevokedInter
     Ok(out)
 }
 
-/// A digest of what a CRL lists, to tell whether the stored one is still what the records say.
-fn listed_digest(entries: &[Revoked]) -> String {
-    let text: String =
-        entries.iter().map(|e| format!("{}:{}:{};", e.serial_hex, e.reason, unix(e.revoked_at))).collect();
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes()))
+/// A digest of what is published: what the signer's CRL lists and the CRLs from above, to tell
+/// whether the stored record is still what the records and the secret say.
+fn listed_digest(entries: &[Revoked], above: &[Crl]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for e in entries {
+        ctx.update(format!("{}:{}:{};", e.serial_hex, e.reason, unix(e.revoked_at)).as_bytes());
+    }
+    for c in above {
+        ctx.update(b"above:");
+        ctx.update(c.der());
+    }
+    hex::encode(ctx.finish())
 }
 
 /// Whether the stored CRL must be re-signed at `now`.
@@ -218,12 +225,12 @@ pub async fn publish(
             reason: r.reason.parse().unwrap_or(Reason::Unspecified),
         })
         .collect();
-    let digest = listed_digest(&entries);
+    let above = upstream_crls(store, auth).await;
+    let digest = listed_digest(&entries, &above);
     let current = typed::get::<CrlRecord>(store, &records::crl()).await?.map(|v| v.value);
     if !due(current.as_ref(), &fingerprint, &digest, unix(now), ttl) {
         return Ok(current);
     }
-    let above = upstream_crls(store, auth).await;
     let mut signed = None;
     let next = typed::update::<CrlRecord, _>(store, &records::crl(), |cur| {
         signed = None;

@@ -21,7 +21,7 @@ use meshca_pki::{Cert, KeyAlgorithm, PrivateKey};
 use meshca_policy::Policy;
 use meshca_proto::IssueReason;
 use meshca_store::dir::DirStore;
-use meshca_store::{Precondition, typed};
+use meshca_store::{Precondition, Store, typed};
 use meshca_testsupport::openssl;
 
 const TTL: Duration = Duration::from_secs(600);
@@ -237,4 +237,54 @@ async fn an_issuance_and_a_revocation_leave_one_entry_each_in_the_audit_log() {
     assert_eq!((log[1].details["reason"].as_str(), log[1].actor.as_str()), ("keyCompromise", "operator admin"));
     let text = serde_json::to_string(&log).unwrap();
     assert!(!text.contains("PRIVATE KEY"), "{text}");
+}
+
+/// Your own intermediate: the management plane signs with the intermediate it holds, and
+/// publishes the CRLs of the CAs above it from `ca-crl.pem` in the intermediate's secret; until
+/// that is there, the record says istiod would refuse the set (agents then write none).
+#[tokio::test]
+async fn with_your_own_intermediate_the_crls_above_it_come_from_its_secret() {
+    use meshca_pki::{CaSigner, CrlParams, IntermediateParams, RootParams, TrustDomain};
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_2026();
+    let store = Arc::new(DirStore::open(tmp.path()).unwrap());
+    let now = clock.now();
+    let root =
+        CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("yours"), now)
+            .unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let params = IntermediateParams {
+        path_len: 1,
+        common_name: "your intermediate".into(),
+        ..IntermediateParams::cluster("yours", "pki", TrustDomain::new("cluster.local").unwrap())
+    };
+    let cert = root.sign_intermediate(key.public_key_spki(), &params, now).unwrap().parse().unwrap();
+    let yours = CaSigner::new(key, vec![cert, root.cert().clone()]).unwrap();
+    let secret_key = meshca_store::ObjectKey::new("meshca", "your-intermediate").unwrap();
+    let mut secret = meshca_mgmt::castore::secret_from_signer(&yours);
+    store.put(&secret_key, &secret, Precondition::Absent).await.unwrap();
+    let source = Arc::new(StorePolicy::new(store.clone()));
+    source
+        .apply("apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: { name: mesh }\nspec:\n  config:\n    intermediateRef: { namespace: meshca, name: your-intermediate }\n")
+        .await
+        .unwrap();
+    let fallback = Policy::generated_default(Duration::from_secs(3600));
+    let (_loader, authority) =
+        Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+    let auth = authority.borrow().clone();
+    let first = revocation::publish(store.as_ref(), &auth, now, TTL).await.unwrap().unwrap();
+    let crls = Crl::parse_pem_bundle(first.pem.as_bytes()).unwrap();
+    assert_eq!(crls.len(), 1);
+    crls[0].verify_signed_by(yours.cert()).unwrap();
+    assert!(first.note.contains("missing CRL signed by") && first.note.contains("Root CA"), "{}", first.note);
+
+    // The root's CRL in the secret (made by the root's owner): published with it, nothing missing.
+    let root_crl = root.sign_crl(&CrlParams { number: 9, this_update: now, next_update: now + TTL, revoked: vec![] });
+    secret.data.insert("ca-crl.pem".into(), root_crl.unwrap().to_pem().into_bytes());
+    store.put(&secret_key, &secret, Precondition::Any).await.unwrap();
+    let second = revocation::publish(store.as_ref(), &auth, now, TTL).await.unwrap().unwrap();
+    assert_eq!(second.number, 2, "a new CRL from above is published at once");
+    assert!(second.note.is_empty(), "{}", second.note);
+    let crls = Crl::parse_pem_bundle(second.pem.as_bytes()).unwrap();
+    meshca_pki::crl::check_chain_coverage(&crls, yours.chain()).unwrap();
 }
