@@ -159,9 +159,8 @@ pub async fn revoke(
 /// `now` (an expired certificate need not be listed: RFC 5280 §3.3).
 pub async fn all_revoked(store: &dyn Store, now: i64) -> Result<Vec<RevokedIntermediate>, StoreError> {
     let mut out = Vec::new();
-    for name in store.list(records::NAMESPACE).await? {
-        let Some(cluster) = name.strip_prefix(records::CLUSTER_PREFIX) else { continue };
-        let Ok(key) = records::cluster(cluster) else { continue };
+    for cluster in records::cluster_names(store).await? {
+        let Ok(key) = records::cluster(&cluster) else { continue };
         if let Some(v) = typed::get::<ClusterRecord>(store, &key).await? {
             out.extend(v.value.revoked.into_iter().filter(|r| r.not_after > now));
         }
