@@ -153,13 +153,21 @@ fn trust_of(t: &TrustState, source: &dyn IntermediateSource) -> Trust {
         },
         enrolled: t.enrolled,
         report_interval: std::time::Duration::from_secs(t.report_interval_seconds.max(0).unsigned_abs()),
+        crl_digest: cacerts::crl_digest(&t.crl),
     }
+}
+
+/// The serials the CRLs in `ca-crl.pem` list, for the log.
+fn listed(crl: &cacerts::CrlFile) -> Vec<String> {
+    let crls = crl.pem.as_deref().map(|p| meshca_pki::Crl::parse_pem_bundle(p.as_bytes()).unwrap_or_default());
+    crls.unwrap_or_default().iter().flat_map(|c| c.revoked().iter().map(|r| r.serial_hex.clone())).collect()
 }
 
 /// An intermediate obtained and validated whose write failed: kept, and written again.
 struct Pending {
     bundle: CaBundle,
     files: meshca_pki::BundleFiles,
+    crl: cacerts::CrlFile,
     stamp: Stamp,
     plan: Unwritten,
 }
@@ -347,6 +355,8 @@ pub async fn drive(
         logged: String::new(),
         own_writes: Default::default(),
         expired_logged: None,
+        upstream: Upstream::default(),
+        crl_problem: String::new(),
     };
     driver.run(link, cancel).await
 }
@@ -366,6 +376,34 @@ struct Driver {
     own_writes: std::collections::VecDeque<meshca_store::ResourceVersion>,
     /// The serial of the intermediate in service whose expiry was logged (once).
     expired_logged: Option<String>,
+    /// The CRLs the source's upstream publishes itself (Vault's PKI), when it does.
+    upstream: Upstream,
+    /// Why the last `ca-crl.pem` built was left out (empty: it was written, or none is published).
+    crl_problem: String,
+}
+
+/// CRLs fetched from the source's upstream (Vault) rather than sent by the management plane.
+#[derive(Default)]
+struct Upstream {
+    /// `Some(false)` once the source said it has none of its own; `None` before it was asked.
+    own: Option<bool>,
+    /// The last CRLs fetched (PEM).
+    pem: String,
+    /// When to fetch them again.
+    next_fetch: Option<std::time::SystemTime>,
+    /// The last fetch error logged, so a persisting one is logged once.
+    logged: String,
+}
+
+impl Driver {
+    /// Why `ca-crl.pem` is missing or stale, for the status report: the last fetch of the
+    /// upstream's CRL failed, or the last one built would not satisfy istiod.
+    fn crl_note(&self) -> String {
+        if !self.upstream.logged.is_empty() {
+            return format!("the upstream CRL cannot be read: {}", self.upstream.logged);
+        }
+        self.crl_problem.clone()
+    }
 }
 
 /// How many of its own writes the agent remembers to recognise stale watch events.
@@ -380,7 +418,14 @@ impl Driver {
         self.held = Held::classify(first, self.clock.now());
         loop {
             let l = link.borrow_and_update().clone();
-            let trust = l.trust.as_ref().map(|t| trust_of(t, self.source.as_ref()));
+            if let Some(t) = &l.trust {
+                self.fetch_upstream_crls(t).await;
+            }
+            let trust = l.trust.as_ref().map(|t| {
+                let mut plan = trust_of(t, self.source.as_ref());
+                plan.crl_digest = cacerts::crl_digest(self.published(t));
+                plan
+            });
             let now = self.clock.now();
             self.note_expiry(now);
             let step = self.runner.step(&Observation {
@@ -419,6 +464,7 @@ impl Driver {
                     Effect::RenewIdentity => self.renew_identity().await,
                     Effect::Report => self.report(trust.as_ref()).await,
                     Effect::Istiod(e) => again |= self.istiod(e).await,
+                    Effect::WriteCrl => again |= self.write_crl(l.trust.as_ref()).await,
                 }
             }
             if self.opts.once && matches!(self.held, Held::Ours { .. }) {
@@ -530,6 +576,7 @@ impl Driver {
         let Some(trust) = trust else { return false };
         match self.obtain(reason, trust).await {
             Ok(pending) => {
+                self.note_crl(&pending.crl);
                 self.pending = Some(pending);
                 self.retry_write().await
             }
@@ -570,13 +617,110 @@ impl Driver {
             issued_at: now,
         };
         let plan = Unwritten { current: cacerts::planned(&bundle, &stamp) };
-        Ok(Pending { bundle, files, stamp, plan })
+        let crl = self.crl_for(&bundle, trust, now);
+        Ok(Pending { bundle, files, crl, stamp, plan })
+    }
+
+    /// The CRLs published above the cluster intermediate: the source's own (Vault's), or the
+    /// management plane's.
+    fn published<'a>(&'a self, trust: &'a TrustState) -> &'a str {
+        if self.upstream.own == Some(true) { &self.upstream.pem } else { &trust.crl }
+    }
+
+    /// Fetches the source's own CRLs (Vault's) when it has them and they are due: at start, then
+    /// every half CRL lifetime, so a revocation made in Vault reaches `ca-crl.pem` within that.
+    async fn fetch_upstream_crls(&mut self, trust: &TrustState) {
+        let now = self.clock.now();
+        if self.upstream.own == Some(false) || self.upstream.next_fetch.is_some_and(|at| now < at) {
+            return;
+        }
+        let every = cacerts::crl_ttl(trust.crl_ttl_seconds) / 2;
+        self.upstream.next_fetch = Some(now + every);
+        match self.source.upstream_crls(trust).await {
+            None => self.upstream.own = Some(false),
+            Some(Ok(pem)) => {
+                self.upstream.own = Some(true);
+                self.upstream.pem = pem;
+                if !self.upstream.logged.is_empty() {
+                    self.upstream.logged.clear();
+                    self.runner.report_now();
+                }
+            }
+            Some(Err(e)) => {
+                // The CRLs fetched last stay in use (an empty set at first: no ca-crl.pem).
+                self.upstream.own = Some(true);
+                let error = e.to_string();
+                if self.upstream.logged != error {
+                    tracing::warn!(%error, retry_in = ?every, "reading the upstream CRL failed; ca-crl.pem keeps the last one read");
+                    self.upstream.logged = error;
+                    self.runner.report_now();
+                }
+            }
+        }
+    }
+
+    /// `ca-crl.pem` for `bundle` with what is published above it ([`Driver::note_crl`] keeps why
+    /// there is none).
+    fn crl_for(&self, bundle: &CaBundle, trust: &TrustState, now: std::time::SystemTime) -> cacerts::CrlFile {
+        cacerts::crl_file(bundle, self.published(trust), cacerts::crl_ttl(trust.crl_ttl_seconds), now)
+    }
+
+    /// Remembers why `file` has no `ca-crl.pem` (logged and reported once per reason).
+    fn note_crl(&mut self, file: &cacerts::CrlFile) {
+        let problem = file.problem.clone().unwrap_or_default();
+        if problem == self.crl_problem {
+            return;
+        }
+        if !problem.is_empty() {
+            tracing::warn!(%problem, "writing no ca-crl.pem: istiod would refuse the bundle with this one");
+        }
+        self.crl_problem = problem;
+        self.runner.report_now();
+    }
+
+    /// Writes the bundle held again with a new `ca-crl.pem`. Returns whether to step again.
+    async fn write_crl(&mut self, trust: Option<&TrustState>) -> bool {
+        let (Some(trust), Held::Ours { bundle, current, version, .. }) = (trust, &self.held) else { return false };
+        let now = self.clock.now();
+        let crl = self.crl_for(bundle, trust, now);
+        let (files, stamp) = cacerts::rewrite(bundle, current, &self.opts.cluster);
+        let secret = cacerts::secret(&files, &crl, &stamp);
+        let version = version.clone();
+        self.note_crl(&crl);
+        match self.store.put(&self.opts.cacerts, &secret, Precondition::Version(version)).await {
+            Ok(version) => {
+                tracing::info!(listed = ?listed(&crl), "ca-crl.pem written");
+                self.runner.crl_written();
+                self.remember_write(version.clone());
+                if let Held::Ours { version: v, crl: c, .. } = &mut self.held {
+                    *v = version;
+                    *c = crl.held;
+                }
+                true
+            }
+            Err(e) => {
+                let error = AgentError::Store(e).to_string();
+                let wait = self.runner.failed(error.clone(), now, jitter());
+                tracing::debug!(%error, retry_in = ?wait, "writing ca-crl.pem failed");
+                self.log_once(tracing::Level::WARN, "writing ca-crl.pem failed; retrying with backoff", &error);
+                let read = self.store.get(&self.opts.cacerts).await;
+                self.held = Held::classify(read, self.clock.now());
+                false
+            }
+        }
+    }
+
+    fn remember_write(&mut self, version: meshca_store::ResourceVersion) {
+        if self.own_writes.len() == OWN_WRITES_KEPT {
+            self.own_writes.pop_front();
+        }
+        self.own_writes.push_back(version);
     }
 
     /// Writes the pending intermediate. Returns whether to step again at once.
     async fn retry_write(&mut self) -> bool {
         let Some(p) = self.pending.take() else { return false };
-        let secret = cacerts::secret(&p.files, &p.stamp);
+        let secret = cacerts::secret(&p.files, &p.crl, &p.stamp);
         let pre = match self.held.version() {
             Some(v) => Precondition::Version(v.clone()),
             None => Precondition::Absent,
@@ -590,11 +734,8 @@ impl Driver {
                     "cacerts written"
                 );
                 self.runner.issued(self.clock.now());
-                if self.own_writes.len() == OWN_WRITES_KEPT {
-                    self.own_writes.pop_front();
-                }
-                self.own_writes.push_back(version.clone());
-                self.held = cacerts::written(p.bundle, &p.stamp, version);
+                self.remember_write(version.clone());
+                self.held = cacerts::written(p.bundle, &p.stamp, &p.crl, version);
                 self.logged.clear();
                 true
             }
@@ -712,6 +853,7 @@ impl Driver {
             foreign_cacerts: r.foreign(),
             istiod: r.istiod().map(IstiodPlan::status),
             istiod_only: trust.is_some_and(|t| t.vault_delegated),
+            crl_note: self.crl_note(),
             ..Default::default()
         };
         // The lifetime start reported is the issuance time (NotBefore is backdated), so the

@@ -41,6 +41,9 @@ pub struct Trust {
     pub vault_delegated: bool,
     /// The policy's `autoRestartPods`.
     pub auto_restart: bool,
+    /// SHA-256 (hex) of the CRLs published above the cluster intermediate (the management
+    /// plane's, or Vault's); empty when none are. `ca-crl.pem` is written again when it changes.
+    pub crl_digest: String,
 }
 
 /// The decision.
@@ -128,6 +131,7 @@ mod tests {
             report_interval: Duration::from_secs(30),
             vault_delegated: false,
             auto_restart: false,
+            crl_digest: String::new(),
         }
     }
 

@@ -77,6 +77,9 @@ pub enum Effect {
     RenewIdentity,
     /// Report status to the management plane.
     Report,
+    /// Write `ca-crl.pem` again (the published CRLs changed, or the cluster's own CRL is at
+    /// half its life), keeping the bundle as it is.
+    WriteCrl,
     /// Read or patch istiod's Deployment ([`crate::istiod`]).
     Istiod(IstiodEffect),
 }
@@ -237,8 +240,13 @@ impl Runner {
                 // Plan against what will be in service: an unwritten intermediate counts, so a
                 // failed write is retried instead of asking for yet another intermediate.
                 let current = obs.unwritten.map(|u| &u.current).or(held.current());
+                let revoked = matches!(held, Held::Ours { crl, .. } if crl.revoked) && obs.unwritten.is_none();
                 let decision = match (held, obs.trust) {
                     (_, Some(t)) if !t.enrolled => plan::decide(current, obs.trust, now, self.renewal_jitter),
+                    // The CRLs published above name the intermediate in service (a revocation the
+                    // management plane's rotation request has not reached yet, or one made in
+                    // Vault): replace it now.
+                    (_, Some(_)) if revoked => Decision::IssueNow(IssueReason::Forced),
                     (Held::OursInvalid { .. } | Held::Foreign { .. }, Some(_)) if obs.unwritten.is_none() => {
                         Decision::IssueNow(IssueReason::Initial)
                     }
@@ -293,6 +301,20 @@ impl Runner {
             }
         }
 
+        // ca-crl.pem follows the published CRLs and re-signs its own CRL before nextUpdate. It is
+        // written before any re-issue due in the same step: a new root CRL (a revocation) must
+        // reach istiod even if the re-issue it forces fails.
+        if let (Held::Ours { crl, .. }, Some(t)) = (obs.held, obs.trust)
+            && obs.unwritten.is_none()
+            && !t.vault_delegated
+        {
+            match crate::cacerts::crl_due(crl, &t.crl_digest, now) {
+                Ok(()) if backoff_over => effects.insert(0, Effect::WriteCrl),
+                Ok(()) => wake = wake.min(self.retry_at.unwrap_or(wake)),
+                Err(Some(at)) => wake = wake.min(at),
+                Err(None) => {}
+            }
+        }
         if obs.connected && obs.identity_due && self.identity_retry_at.is_none_or(|at| now >= at) {
             effects.push(Effect::RenewIdentity);
         }
@@ -311,7 +333,9 @@ impl Runner {
         }
         // istiod is planned once the management plane has said which mode the mesh is in, and
         // not while `cacerts` is about to change (the restart is for what will be in service).
-        let changing = effects.iter().any(|e| matches!(e, Effect::Issue(_) | Effect::RetryWrite | Effect::Reread));
+        let changing = effects
+            .iter()
+            .any(|e| matches!(e, Effect::Issue(_) | Effect::RetryWrite | Effect::Reread | Effect::WriteCrl));
         if let (Some(istiod), Some(t), false) = (&self.istiod, obs.trust, changing) {
             let serial = match obs.held {
                 Held::Ours { bundle, .. } => Some(bundle.ca_cert().serial_hex()),
@@ -336,6 +360,13 @@ impl Runner {
         self.phase = Phase::Ready;
         // Tell the management plane at once.
         self.next_report = Some(now);
+    }
+
+    /// `ca-crl.pem` was written.
+    pub fn crl_written(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+        self.last_error.clear();
     }
 
     /// Report at the next step (something worth telling happened).
@@ -409,6 +440,7 @@ mod tests {
             report_interval: Duration::from_secs(30),
             vault_delegated: false,
             auto_restart: false,
+            crl_digest: String::new(),
         }
     }
 
@@ -440,6 +472,7 @@ mod tests {
                 serial: "01".into(),
                 issued_at: c.not_before,
             },
+            &crate::cacerts::CrlFile::default(),
             ResourceVersion("1".into()),
         );
         if let Held::Ours { current, .. } = &mut held {
@@ -586,6 +619,31 @@ mod tests {
         assert!(r.last_error().contains("--adopt-existing"), "{}", r.last_error());
         let mut r = Runner::new(RunnerConfig { adopt_existing: true, ..cfg() }, 0.0);
         assert!(r.step(&obs(t(0), &foreign, Some(&tr), true)).effects.contains(&Effect::Issue(IssueReason::Initial)));
+    }
+
+    /// A CRL in `ca-crl.pem` naming the intermediate in service (a revocation made in Vault, or
+    /// one whose rotation request has not arrived) re-issues at once; a due CRL refresh is written
+    /// first.
+    #[test]
+    fn a_revoked_intermediate_is_replaced_at_once_after_its_crl_is_written() {
+        let mut r = Runner::new(cfg(), 0.0);
+        let tr = Trust { crl_digest: "published".into(), ..trust() };
+        let mut held = ours(current());
+        if let Held::Ours { crl, .. } = &mut held {
+            crl.upstream_digest = "published".into();
+            crl.refresh_at = Some(t(50));
+        }
+        let s = r.step(&obs(t(10), &held, Some(&tr), true));
+        assert!(!s.effects.iter().any(|e| matches!(e, Effect::Issue(_) | Effect::WriteCrl)), "{s:?}");
+        assert_eq!(s.wake, t(40), "the next report, before the CRL refresh at 50");
+        let s = r.step(&obs(t(50), &held, Some(&tr), true));
+        assert_eq!(s.effects.first(), Some(&Effect::WriteCrl), "{s:?}");
+        if let Held::Ours { crl, .. } = &mut held {
+            crl.revoked = true;
+            crl.refresh_at = Some(t(100));
+        }
+        let s = r.step(&obs(t(51), &held, Some(&tr), true));
+        assert!(s.effects.contains(&Effect::Issue(IssueReason::Forced)), "{s:?}");
     }
 
     #[test]

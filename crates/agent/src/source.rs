@@ -66,6 +66,12 @@ pub trait IntermediateSource: Send + Sync {
     /// Obtains a new intermediate. Implementations generate a fresh key for every call (or have
     /// the upstream generate it) and never write it anywhere themselves.
     async fn obtain(&self, req: Request<'_>) -> Result<Obtained, AgentError>;
+
+    /// The CRLs of the CAs above the cluster intermediate (PEM), when this source's upstream
+    /// publishes its own (Vault's PKI). `None`: the management plane's, in `TrustState.crl`.
+    async fn upstream_crls(&self, _trust: &TrustState) -> Option<Result<String, AgentError>> {
+        None
+    }
 }
 
 /// The subject an agent puts in its CSR: informative only (the issuer decides the certificate's

@@ -464,3 +464,108 @@ async fn a_persisting_failure_and_an_expiry_are_logged_once_each() {
     w.until("recovery", |w| w.serial().is_some_and(|s| s != first)).await;
     w.stop().await;
 }
+
+impl World {
+    /// `ca-crl.pem` as written, parsed; empty when there is none.
+    fn crls(&self) -> Vec<meshca_pki::Crl> {
+        let dir = self.store.inner.object_path(&self.cacerts);
+        std::fs::read(dir.join("ca-crl.pem"))
+            .map(|p| meshca_pki::Crl::parse_pem_bundle(&p).unwrap())
+            .unwrap_or_default()
+    }
+
+    /// The root's CRL as the management plane would publish it.
+    fn root_crl(&self, number: u64, revoked: &[&str]) -> String {
+        let now = self.clock.now();
+        let revoked = revoked
+            .iter()
+            .map(|s| meshca_pki::Revoked {
+                serial_hex: s.to_string(),
+                revoked_at: now,
+                reason: meshca_pki::Reason::KeyCompromise,
+            })
+            .collect();
+        let params = meshca_pki::CrlParams { number, this_update: now, next_update: now + CRL_TTL, revoked };
+        self.source.root.sign_crl(&params).unwrap().to_pem()
+    }
+
+    fn chain(&self) -> Vec<Cert> {
+        let dir = self.store.inner.object_path(&self.cacerts);
+        Cert::parse_pem_bundle(&std::fs::read(dir.join("cert-chain.pem")).unwrap()).unwrap()
+    }
+}
+
+const CRL_TTL: Duration = Duration::from_secs(100);
+
+fn with_crl(mut t: TrustState, crl: String) -> TrustState {
+    t.crl = crl;
+    t.crl_ttl_seconds = CRL_TTL.as_secs() as i64;
+    t
+}
+
+/// ca-crl.pem: written only with the root's CRL published (istiod refuses one without it), then
+/// always a CRL from every certificate of the chain; the cluster's own CRL re-signed at half its
+/// lifetime, before its nextUpdate; a new root CRL (a revocation) written at once, before the
+/// re-issue it forces. Checked with OpenSSL too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_crl_pem_holds_a_crl_from_every_ca_of_the_chain_and_is_resigned_before_next_update() {
+    let w = World::start().await;
+    assert!(w.crls().is_empty(), "nothing published: no ca-crl.pem");
+    let first = w.serial().unwrap();
+
+    // A published CRL from a CA that is not in the chain would leave the root without one:
+    // istiod would refuse the bundle, so no ca-crl.pem, and the report says why.
+    let other = CaSigner::new_root(
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        &RootParams::new("other"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let now = w.clock.now();
+    let foreign = meshca_pki::CrlParams { number: 1, this_update: now, next_update: now + CRL_TTL, revoked: vec![] };
+    w.link.send_modify(|l| l.trust = Some(with_crl(trust("g1"), other.sign_crl(&foreign).unwrap().to_pem())));
+    w.until("the reason in the report", |w| w.last_report().crl_note.contains("missing CRL signed by")).await;
+    assert!(w.crls().is_empty(), "no ca-crl.pem istiod would refuse");
+
+    w.link.send_modify(|l| l.trust = Some(with_crl(trust("g1"), w.root_crl(1, &[]))));
+    w.until("ca-crl.pem", |w| w.crls().len() == 2).await;
+    w.until("the reason cleared in the report", |w| w.last_report().crl_note.is_empty()).await;
+    assert_eq!(w.serial().unwrap(), first, "the bundle is kept; only ca-crl.pem is added");
+    let chain = w.chain();
+    meshca_pki::crl::check_chain_coverage(&w.crls(), &chain).unwrap();
+    let own = w.crls()[0].clone();
+    own.verify_signed_by(&chain[0]).unwrap();
+    assert_eq!(own.next_update(), w.clock.now() + CRL_TTL);
+
+    // OpenSSL agrees that each CRL verifies against its issuer.
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (crl, ca)) in w.crls().iter().zip(&chain).enumerate() {
+        std::fs::write(dir.path().join(format!("{i}.crl")), crl.to_pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{i}.pem")), ca.to_pem()).unwrap();
+        let crl_file = format!("{i}.crl");
+        let ca_file = format!("{i}.pem");
+        let out = meshca_testsupport::openssl_ok(
+            dir.path(),
+            &["crl", "-in", &crl_file, "-CAfile", &ca_file, "-verify", "-noout"],
+        );
+        assert!(out.contains("verify OK"), "{out}");
+    }
+
+    // Just before half its life: kept. At half: re-signed with a later nextUpdate.
+    w.advance(CRL_TTL / 2 - Duration::from_secs(1)).await;
+    assert_eq!(w.crls()[0], own);
+    w.advance(Duration::from_secs(1)).await;
+    w.until("the own CRL re-signed", |w| w.crls()[0] != own).await;
+    assert!(w.crls()[0].next_update() > own.next_update());
+    assert!(w.crls()[0].number() > own.number());
+
+    // A revocation: the root's new CRL lands at once, then the forced re-issue.
+    let mut t = with_crl(trust("g1"), w.root_crl(2, &[&first]));
+    t.rotate_requests = 1;
+    w.link.send_modify(|l| l.trust = Some(t));
+    w.until("the new intermediate", |w| w.serial().is_some_and(|s| s != first)).await;
+    assert!(w.crls()[1].lists(&first), "the root's CRL names the revoked serial");
+    meshca_pki::crl::check_chain_coverage(&w.crls(), &w.chain()).unwrap();
+    assert_eq!(w.calls().last().unwrap().1, IssueReason::Forced);
+    w.stop().await;
+}

@@ -41,6 +41,12 @@ enum Command {
     /// Ask clusters to re-issue their intermediate now, or (`meshca rotate root`) rotate the
     /// mesh's root.
     Rotate(cmd::operator::RotateArgs),
+    /// Revoke a cluster's intermediate (compromise response): it is listed in every cluster's
+    /// CRL, and the cluster re-issues with a new key at once.
+    Revoke(cmd::operator::RevokeArgs),
+    /// Print the audit log (every intermediate issued or revoked, policy change, root-rotation
+    /// phase, token and registration), or check its hash chain (`meshca audit verify`).
+    Audit(cmd::operator::AuditArgs),
     /// Manage the RootTrustPolicy.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -109,6 +115,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Operator(OperatorCmd::Revoke(a)) => cmd::operator::operator_revoke(a).await,
             Command::Status(a) => cmd::operator::status(a).await,
             Command::Rotate(a) => cmd::operator::rotate(a).await,
+            Command::Revoke(a) => cmd::operator::revoke(a).await,
+            Command::Audit(a) => cmd::operator::audit(a).await,
             Command::Policy(PolicyCmd::Apply(a)) => cmd::operator::policy_apply(a).await,
             Command::Demo(a) => cmd::demo::run(a),
             Command::Inspect(a) => cmd::inspect::run(a),

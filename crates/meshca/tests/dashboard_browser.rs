@@ -471,6 +471,7 @@ fn synthetic_document(n: usize, now: i64) -> Value {
                     reason: IssueReason::Renewal as i32,
                     key_algorithm: "ECDSA P-256".into(),
                     issuer_fingerprint: upstream.fingerprint.clone(),
+                    ..Default::default()
                 }],
             }
         })

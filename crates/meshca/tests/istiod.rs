@@ -8,7 +8,10 @@
 //! with `ISTIO_MULTIROOT_MESH=true`, `meshca rotate root` takes `root-cert.pem` from {A} to
 //! {A, B} to {B} and the intermediate from A to B: istiod accepts every step without a restart
 //! (and refuses none), and Istio's own CA client gets a leaf chaining to A, then to B, each answer
-//! carrying the roots of its phase.
+//! carrying the roots of its phase. Between the two, `meshca revoke` replaces the intermediate:
+//! istiod, which loaded meshca's `ca-crl.pem` from the start, takes the new intermediate and the
+//! CRL naming the old serial without a restart, and writes that CRL into the `istio-ca-crl`
+//! ConfigMap in the real API server.
 //! Everything is real; nothing is mocked. See `interop/istio/istiod/README.md`.
 #![allow(clippy::unwrap_used)]
 
@@ -33,6 +36,7 @@ fn real_istiod_signs_from_meshcas_intermediate_and_follows_intermediate_and_root
     assert!(out.status.success(), "istiod check failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("OK istiod"), "no OK line:\n{stdout}");
     assert!(stdout.contains("root rotation {A} -> {A,B} -> {B} followed without restart"), "{stdout}");
+    assert!(stdout.contains("with ca-crl.pem and ConfigMap istio-ca-crl"), "{stdout}");
     assert!(!stderr.contains("Updating new ROOT-CA not supported"), "istiod refused a root-set step:\n{stderr}");
     // The log lines istiod itself printed, as run.sh relays them.
     for line in [
@@ -40,6 +44,8 @@ fn real_istiod_signs_from_meshcas_intermediate_and_follows_intermediate_and_root
         "Added cacerts files watcher",
         "newly added intermediate CA",
         "Updating new ROOT-CA",
+        "Detected CRL file",
+        "Istiod has detected the newly added CRL file",
     ] {
         assert!(stderr.contains(line), "istiod did not log {line:?}:\n{stderr}");
     }

@@ -3,8 +3,8 @@
 //! every meshca process running with the service-account token those manifests define.
 //!
 //! Proven here: the CRD's schema refuses a policy with no CA mode or two; agents register and
-//! write `istio-system/cacerts` (type Opaque, four keys, the managed-by label) that passes
-//! `openssl verify`; the policy's status shows both clusters with their serials, NotAfters and
+//! write `istio-system/cacerts` (type Opaque, the four keys and `ca-crl.pem` with a CRL from every
+//! CA of the chain, the managed-by label) that passes `openssl verify`; the policy's status shows both clusters with their serials, NotAfters and
 //! conditions; the agent's credentials get 403 for every other Secret operation while the agent
 //! works; the workload CA authenticates callers by TokenReview (audience `istio-ca`, `clusterid`
 //! choosing the API server) and issues exactly `spiffe://cluster.local/ns/<ns>/sa/<sa>`, and
@@ -102,12 +102,16 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
             let managed = |s: &k8s_openapi::api::core::v1::Secret| {
                 s.metadata.labels.as_ref().is_some_and(|l| l.contains_key("app.kubernetes.io/managed-by"))
             };
-            cacerts(api).await.filter(managed)
+            // With ca-crl.pem: it comes with the first bundle, or right after it once the root's
+            // CRL is published.
+            let crl =
+                |s: &k8s_openapi::api::core::v1::Secret| s.data.as_ref().is_some_and(|d| d.contains_key("ca-crl.pem"));
+            cacerts(api).await.filter(managed).filter(crl)
         })
         .await;
         assert_eq!(secret.type_.as_deref(), Some("Opaque"));
         let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
-        assert_eq!(keys, ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]);
+        assert_eq!(keys, ["ca-cert.pem", "ca-crl.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]);
         let labels = secret.metadata.labels.clone().unwrap_or_default();
         assert_eq!(labels.get("app.kubernetes.io/managed-by").map(String::as_str), Some("meshca"));
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
@@ -120,6 +124,8 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
         openssl_verify_cacerts(&dir);
         let bundle = valid_bundle(&dir).unwrap();
         assert!(bundle.ca_cert().subject().contains(name), "{}", bundle.ca_cert().subject());
+        let crls = meshca_pki::Crl::parse_pem_bundle(&std::fs::read(dir.join("ca-crl.pem")).unwrap()).unwrap();
+        meshca_pki::crl::check_chain_coverage(&crls, bundle.signer().chain()).unwrap();
         serials.push(annotations["meshca.io/serial"].clone());
         roots.push(std::fs::read(dir.join("root-cert.pem")).unwrap());
     }

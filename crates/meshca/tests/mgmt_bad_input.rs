@@ -16,6 +16,7 @@ use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::registration_client::RegistrationClient;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, GetStatusRequest, IssueIntermediateRequest, IssueIntermediateResponse, RegisterRequest,
+    RevokeIntermediateRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -155,6 +156,7 @@ fn reused_expired_unknown_and_malformed_bootstrap_tokens_register_nothing() {
         mgmt.store.as_ref(),
         "cluster-x",
         Duration::from_secs(60),
+        "operator test",
         an_hour_ago,
     ));
     std::fs::write(&expiring, t.unwrap().token).unwrap();
@@ -366,7 +368,8 @@ fn the_issuer_rate_limits_each_cluster() {
 /// Every issuer and operator call needs a client certificate from the relay CA, for the right
 /// role: no certificate is `Unauthenticated`; a certificate from another CA (even one claiming
 /// a registered cluster's identity) fails the TLS handshake, which the server logs and survives;
-/// an operator may not ask for intermediates and an agent may not use the operator API.
+/// an operator may not ask for intermediates and an agent may not use the operator API (not even
+/// to revoke an intermediate).
 #[test]
 fn calls_without_a_relay_ca_client_certificate_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -437,6 +440,13 @@ fn calls_without_a_relay_ca_client_certificate_are_refused() {
     let r = rt.block_on(async {
         OperatorClient::new(channel(&m, client_config(&relay_pem, Some((&agent_cert, &[], &agent_key)))))
             .get_status(GetStatusRequest {})
+            .await
+    });
+    assert_refused(r, Code::PermissionDenied, &["agent of cluster cluster-1", "operator API"]);
+    // A stolen agent identity cannot revoke intermediates (its own or another cluster's).
+    let r = rt.block_on(async {
+        OperatorClient::new(channel(&m, client_config(&relay_pem, Some((&agent_cert, &[], &agent_key)))))
+            .revoke_intermediate(RevokeIntermediateRequest { cluster: "cluster-1".into(), ..Default::default() })
             .await
     });
     assert_refused(r, Code::PermissionDenied, &["agent of cluster cluster-1", "operator API"]);

@@ -1,6 +1,7 @@
 //! Vault mode end to end, against a real HashiCorp Vault started by the test (docs/peers.md):
 //! two clusters whose intermediates Vault signs, cross-cluster mTLS through rotations, the
-//! `csrPath` flow, and a search of every file for the intermediate keys.
+//! `csrPath` flow, a search of every file for the intermediate keys, and `ca-crl.pem` carrying
+//! Vault's own CRL, following a revocation made in Vault.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{Mgmt, json_file, openssl_verify_cacerts, valid_bundle, wait_until, write_secret};
-use vault_support::{Storage, Vault, files_holding, key_needles, per_cluster, up_vault, vault_policy};
+use vault_support::{Storage, Vault, files_holding, key_needles, per_cluster, up_vault, up_vault_with, vault_policy};
 
 fn rotations(status: &serde_json::Value) -> Vec<u64> {
     per_cluster(status, "intermediate_rotations")
@@ -95,6 +96,65 @@ fn two_clusters_in_vault_mode_rotate_without_a_failed_handshake_and_keys_stay_in
     assert!(std::fs::read_dir(&shm.0).unwrap().next().is_none(), "up removes its memory folders");
     let holders = files_holding(&[dir, &shm.0], &needles);
     assert!(holders.is_empty(), "after the run, intermediate keys remain in {holders:?}");
+}
+
+/// Vault mode's `ca-crl.pem`: the cluster's own CRL and the CRL Vault's PKI publishes for the
+/// issuer (`pki/issuer/default/crl`), which OpenSSL verifies against Vault's root; a revocation
+/// made in Vault (`pki/revoke`) reaches `ca-crl.pem` within half the CRL lifetime, and the
+/// cluster replaces the revoked intermediate at once; no handshake fails.
+#[test]
+fn vault_mode_ca_crl_pem_carries_vaults_crl_and_follows_a_revocation_made_in_vault() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let vault = Vault::with_signer(dir, Storage::Dev);
+    let token = vault.child_token(&["meshca-signer"], "2h");
+    let token_file = dir.join("vault-token");
+    write_secret(&token_file, &token);
+    let shm = vault_support::ShmDir::new("crl");
+    let up_dir = dir.join("up");
+    let timing = ("1h", "0.2", "200ms");
+    let mut up = up_vault_with(dir, &vault, &token_file, &shm, &up_dir, timing, &["--crl-ttl", "20s"]);
+    let crls = |d: &PathBuf| {
+        std::fs::read(d.join("ca-crl.pem")).map(|p| meshca_pki::Crl::parse_pem_bundle(&p).unwrap()).unwrap_or_default()
+    };
+    let mut memdirs: Vec<PathBuf> = Vec::new();
+    wait_until(Duration::from_secs(90), "both clusters' cacerts with a ca-crl.pem covering the chain", || {
+        memdirs = std::fs::read_dir(&shm.0)
+            .into_iter()
+            .flatten()
+            .flat_map(|e| std::fs::read_dir(e.unwrap().path()).into_iter().flatten())
+            .map(|e| e.unwrap().path())
+            .collect();
+        memdirs.sort();
+        memdirs.len() == 2
+            && memdirs.iter().all(|d| {
+                valid_bundle(d)
+                    .is_ok_and(|b| meshca_pki::crl::check_chain_coverage(&crls(d), b.signer().chain()).is_ok())
+            })
+    });
+    let d = &memdirs[0];
+    let bundle = valid_bundle(d).unwrap();
+    let root = bundle.signer().root().clone();
+    let vault_crl = crls(d).into_iter().find(|c| c.verify_signed_by(&root).is_ok()).expect("Vault's CRL");
+    std::fs::write(dir.join("vault.crl"), vault_crl.to_pem()).unwrap();
+    std::fs::write(dir.join("vault-root.pem"), root.to_pem()).unwrap();
+    let out = common::openssl_ok(dir, &["crl", "-in", "vault.crl", "-CAfile", "vault-root.pem", "-verify", "-noout"]);
+    assert!(out.contains("verify OK"), "{out}");
+
+    // Revoke the cluster's intermediate in Vault itself.
+    let serial = bundle.ca_cert().serial_hex();
+    let colons: Vec<String> = serial.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).to_lowercase()).collect();
+    vault.ok("POST", "pki/revoke", serde_json::json!({ "serial_number": colons.join(":") }));
+    wait_until(Duration::from_secs(30), "ca-crl.pem to carry Vault's CRL naming the serial", || {
+        crls(d).iter().any(|c| c.lists(&serial) && c.verify_signed_by(&root).is_ok())
+    });
+    wait_until(Duration::from_secs(30), "a new intermediate in place of the revoked one", || {
+        valid_bundle(d).is_ok_and(|b| b.ca_cert().serial_hex() != serial)
+    });
+    up.signal("TERM");
+    up.wait_exit(Duration::from_secs(30));
+    let summary = json_file(&up_dir.join("summary.json")).unwrap_or_else(|| panic!("no summary:\n{}", up.log_text()));
+    assert_eq!(summary["handshakes_failed"], 0, "{summary}");
 }
 
 /// The `csrPath` flow: Vault generates the key (`pki_int/intermediate/generate/exported`) and

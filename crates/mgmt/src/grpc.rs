@@ -44,6 +44,8 @@ pub struct Settings {
     /// accepted (calls on connections opened before the renewal; the agent reconnects at once).
     /// See [`crate::identities`].
     pub identity_overlap: Duration,
+    /// Lifetime of the published CRLs (re-signed at half of it); agents sign theirs for as long.
+    pub crl_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -54,6 +56,7 @@ impl Default for Settings {
             default_token_ttl: Duration::from_secs(3600),
             max_token_ttl: Duration::from_secs(7 * 86400),
             identity_overlap: crate::identities::DEFAULT_OVERLAP,
+            crl_ttl: crate::revocation::DEFAULT_CRL_TTL,
         }
     }
 }
@@ -219,7 +222,16 @@ impl Shared {
     async fn trust_state(&self, cluster: &str, serial: &str) -> Result<(TrustState, Standing), Status> {
         let auth = self.authority.borrow().clone();
         let (rec, standing) = self.identity_standing(cluster, serial).await?;
-        Ok((trust_state(&auth, &rec, &self.settings), standing))
+        let mut state = trust_state(&auth, &rec, &self.settings);
+        // The published CRL, when it is the current signer's (right after a signer change the
+        // publisher has not caught up yet: nothing rather than a CRL of another CA).
+        let crl = crate::revocation::published(self.store.as_ref()).await.map_err(internal)?;
+        if let (Some(c), Some(s)) = (crl, auth.signing())
+            && c.signer_fingerprint == s.signer.cert().fingerprint()
+        {
+            state.crl = c.pem;
+        }
+        Ok((state, standing))
     }
 
     /// Wakes every trust stream to look again (a rotation request, a registration, a removal).
@@ -246,6 +258,8 @@ pub fn trust_state(auth: &Authority, rec: &ClusterRecord, settings: &Settings) -
             _ => None,
         },
         auto_restart_pods: auth.policy.auto_restart_pods,
+        crl: String::new(),
+        crl_ttl_seconds: i64::try_from(settings.crl_ttl.as_secs()).unwrap_or(i64::MAX),
     }
 }
 

@@ -6,8 +6,8 @@
 //! The rules, in the order they are checked: the cluster is registered; the policy covers it;
 //! the management plane signs (not Vault, not a broken CA); the cluster is within its rate limit;
 //! the CSR proves possession of a key of the policy's algorithm and, if it names a cluster in
-//! `L=`, names the caller; this replica leads; the key was never certified before. The issued
-//! serial is recorded before the answer.
+//! `L=`, names the caller; the key is not a revoked intermediate's; this replica leads; the key
+//! was never certified before. The issued serial is recorded before the answer.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -98,6 +98,14 @@ pub enum Denied {
         #[source]
         source: IssueError,
     },
+    /// The key belongs to a revoked intermediate of the cluster.
+    #[error("the key in this CSR belongs to revoked intermediate {serial} of {cluster}; send a CSR with a new key")]
+    KeyRevoked {
+        /// The cluster.
+        cluster: String,
+        /// The revoked intermediate.
+        serial: String,
+    },
     /// The key was certified before (a replayed CSR).
     #[error("an intermediate for this key was already issued to {0}; send a CSR with a new key")]
     KeyReused(String),
@@ -120,6 +128,7 @@ impl Denied {
             Denied::OtherCluster { .. } => Status::permission_denied(message),
             Denied::NotLeader => Status::unavailable(message),
             Denied::KeyReused(_) => Status::already_exists(message),
+            Denied::KeyRevoked { .. } => Status::permission_denied(message),
             // The store's error names files and keys: logged, and the caller gets an error id.
             Denied::Store(e) => crate::error::caller_status(&e),
         }
@@ -165,9 +174,9 @@ impl Issuer {
         reason: IssueReason,
         now: SystemTime,
     ) -> Result<Issued, Denied> {
-        if typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster)?).await?.is_none() {
+        let Some(rec) = typed::get::<ClusterRecord>(self.store.as_ref(), &records::cluster(cluster)?).await? else {
             return Err(Denied::NotRegistered(cluster.to_string()));
-        }
+        };
         let auth = self.authority.borrow().clone();
         let policy = &auth.policy;
         if !policy.clusters.covers(cluster) {
@@ -189,6 +198,13 @@ impl Issuer {
         {
             return Err(Denied::OtherCluster { named: named.to_string(), caller: cluster.to_string() });
         }
+        let key_sha256 =
+            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
+        // A revoked serial is never renewed: its key is refused even once the issued log no
+        // longer remembers it.
+        if let Some(r) = rec.value.revoked.iter().find(|r| r.public_key_sha256 == key_sha256) {
+            return Err(Denied::KeyRevoked { cluster: cluster.to_string(), serial: r.serial.clone() });
+        }
         let params = IntermediateParams {
             ttl: policy.intermediate.ttl,
             permitted_dns_domains: policy.intermediate.permitted_dns_domains.clone(),
@@ -201,8 +217,6 @@ impl Issuer {
             .signer
             .sign_intermediate(csr.public_key_spki(), &params, now)
             .map_err(|source| Denied::Signing { cluster: cluster.to_string(), source })?;
-        let key_sha256 =
-            hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, csr.public_key_spki()).as_ref());
         let record = IssuedRecord {
             serial: issued.serial_hex.clone(),
             not_after: unix(issued.not_after),
@@ -234,6 +248,18 @@ impl Issuer {
             return Err(Denied::KeyReused(cluster.to_string()));
         }
         tracing::info!(%cluster, serial = %record.serial, not_after = record.not_after, reason = %reason, "issued cluster intermediate");
+        let event = crate::audit::Event::new(
+            crate::audit::Action::IntermediateIssued,
+            meshca_proto::identity::Caller::Agent { cluster: cluster.to_string() }.to_string(),
+            cluster,
+        )
+        .with("serial", &record.serial)
+        .with("keySha256", &record.public_key_sha256)
+        .with("reason", reason.name())
+        .with("policyGeneration", &record.policy_generation)
+        .with("issuerFingerprint", &record.issuer_fingerprint)
+        .with("notAfter", record.not_after.to_string());
+        crate::audit::record(self.store.as_ref(), event, now).await;
         Ok(Issued {
             certificate: issued.to_pem(),
             chain: signing.signer.chain_pems(),

@@ -10,6 +10,9 @@
 //! - [`identities`]: which agent and operator certificates are accepted (the current identity,
 //!   its predecessor for a short overlap, never a revoked or removed one); [`operators`]: operator
 //!   credentials, reused while valid and revocable; [`removal`]: `meshca cluster remove`.
+//! - [`revocation`]: `meshca revoke` and the CRL the management plane publishes (re-signed
+//!   before its nextUpdate, derived from the records).
+//! - [`audit`]: the hash-chained audit log of every trust-changing action.
 //! - [`report`]: what is accepted from an agent's status report (validated, escaped, bounded).
 //! - [`records`], [`tokens`], [`castore`], [`relay`]: what is kept in the store.
 //! - [`rotation`]: root rotation, gated on every cluster's reports ([`convergence`], the
@@ -24,6 +27,7 @@
 // `status::document` builds one large `json!` literal (its per-cluster object has many fields).
 #![recursion_limit = "256"]
 
+pub mod audit;
 pub mod authority;
 pub mod castore;
 pub mod convergence;
@@ -43,6 +47,7 @@ pub mod relay;
 pub mod removal;
 pub mod replica;
 pub mod report;
+pub mod revocation;
 pub mod rotation;
 pub mod server;
 pub mod status;

@@ -1,5 +1,6 @@
-//! The operator API: bootstrap tokens, status, rotations, policy changes, cluster removal and
-//! operator credentials, for callers with an operator identity that is not revoked.
+//! The operator API: bootstrap tokens, status, rotations, policy changes, cluster removal,
+//! operator credentials and intermediate revocation, for callers with an operator identity that
+//! is not revoked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,10 +9,11 @@ use meshca_clock::unix;
 use meshca_policy::Policy;
 use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, ApplyPolicyResponse, BootstrapToken, CreateBootstrapTokenRequest, GetStatusRequest,
-    IssueOperatorRequest, MeshStatus, OperatorCredentials, RemoveClusterRequest, RemoveClusterResponse,
-    RevokeOperatorRequest, RevokeOperatorResponse, RotateRequest, RotateResponse, RotateRootRequest,
-    RotateRootResponse, operator_server::Operator,
+    ApplyPolicyRequest, ApplyPolicyResponse, AuditLog, BootstrapToken, CreateBootstrapTokenRequest, GetAuditLogRequest,
+    GetStatusRequest, IssueOperatorRequest, MeshStatus, OperatorCredentials, RemoveClusterRequest,
+    RemoveClusterResponse, RevokeIntermediateRequest, RevokeIntermediateResponse, RevokeOperatorRequest,
+    RevokeOperatorResponse, RotateRequest, RotateResponse, RotateRootRequest, RotateRootResponse,
+    operator_server::Operator,
 };
 use meshca_store::typed;
 use tonic::{Request, Response, Status};
@@ -19,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::error::MgmtError;
 use crate::grpc::{Shared, internal, operator, require_leader};
 use crate::records::{self, ClusterRecord};
-use crate::{status, tokens};
+use crate::{audit, status, tokens};
 
 /// The operator API.
 pub struct OperatorService(pub Arc<Shared>);
@@ -35,7 +37,9 @@ impl Operator for OperatorService {
         dns_label("cluster name", &r.cluster)?;
         let s = &self.0.settings;
         let ttl = lifetime("token lifetime", r.ttl_seconds, s.default_token_ttl, s.max_token_ttl)?;
-        let t = tokens::create(self.0.store.as_ref(), &r.cluster, ttl, self.0.clock.now()).await.map_err(internal)?;
+        let by = who.to_string();
+        let t =
+            tokens::create(self.0.store.as_ref(), &r.cluster, ttl, &by, self.0.clock.now()).await.map_err(internal)?;
         tracing::info!(caller = %who, cluster = %r.cluster, expires_at = t.expires_at, "bootstrap token created");
         Ok(Response::new(BootstrapToken {
             token: t.token,
@@ -109,6 +113,10 @@ impl Operator for OperatorService {
                 if let Some(e) = current.error() {
                     return Err(Status::failed_precondition(e.to_string()));
                 }
+                let event = audit::Event::new(audit::Action::PolicyApplied, who.to_string(), "")
+                    .with("policy", &policy.name)
+                    .with("policyGeneration", &current.generation);
+                audit::record(self.0.store.as_ref(), event, self.0.clock.now()).await;
                 return Ok(Response::new(ApplyPolicyResponse { policy_generation: current.generation.clone() }));
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
@@ -220,6 +228,77 @@ impl Operator for OperatorService {
             name: revoked.name,
             already_revoked: revoked.already,
             replaced_local_credentials: replaced,
+        }))
+    }
+
+    async fn get_audit_log(&self, request: Request<GetAuditLogRequest>) -> Result<Response<AuditLog>, Status> {
+        operator(&self.0, &request).await?;
+        let entries = audit::read(self.0.store.as_ref()).await.map_err(internal)?;
+        let entries = entries.iter().map(|e| serde_json::to_string(e).map_err(internal)).collect::<Result<_, _>>()?;
+        Ok(Response::new(AuditLog { entries }))
+    }
+
+    async fn revoke_intermediate(
+        &self,
+        request: Request<RevokeIntermediateRequest>,
+    ) -> Result<Response<RevokeIntermediateResponse>, Status> {
+        use crate::revocation::{self, RevokeError};
+        let who = operator(&self.0, &request).await?.caller;
+        require_leader(&self.0)?;
+        let r = request.into_inner();
+        dns_label("cluster name", &r.cluster)?;
+        let reason = if r.reason.trim().is_empty() {
+            meshca_pki::Reason::KeyCompromise
+        } else {
+            r.reason.trim().parse().map_err(|e: meshca_pki::CrlError| Status::invalid_argument(e.to_string()))?
+        };
+        let serial = Some(r.serial.trim()).filter(|s| !s.is_empty());
+        if let Some(s) = serial
+            && meshca_pki::crl::serial_bytes(s.trim_start_matches("0x")).is_err()
+        {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a certificate serial (hexadecimal, as `meshca status -o json` prints it)",
+                meshca_proto::text::bounded(s, 80)
+            )));
+        }
+        let now = self.0.clock.now();
+        let store = self.0.store.as_ref();
+        let out =
+            revocation::revoke(store, &r.cluster, serial, reason, &who.to_string(), now).await.map_err(
+                |e| match e {
+                    RevokeError::NotRegistered(_) | RevokeError::UnknownSerial { .. } => {
+                        Status::not_found(e.to_string())
+                    }
+                    RevokeError::NothingIssued(_) => Status::failed_precondition(e.to_string()),
+                    RevokeError::Store(_) => internal(e),
+                },
+            )?;
+        // Publish at once (the background publisher would within its next wake-up too); then every
+        // trust stream looks again: the cluster re-issues, every cluster gets the CRL.
+        let auth = self.0.authority.borrow().clone();
+        let crl = revocation::publish(store, &auth, now, self.0.settings.crl_ttl).await;
+        let crl_number = match &crl {
+            Ok(Some(c)) => c.number,
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "the revocation is recorded but the CRL could not be signed; the publisher retries");
+                0
+            }
+        };
+        self.0.nudge();
+        let rv = &out.revoked;
+        if out.already {
+            tracing::info!(caller = %who, cluster = %r.cluster, serial = %rv.serial, "intermediate was already revoked");
+        } else {
+            tracing::warn!(caller = %who, cluster = %r.cluster, serial = %rv.serial, reason = %rv.reason, crl_number, "cluster intermediate revoked; the cluster re-issues with a new key");
+        }
+        Ok(Response::new(RevokeIntermediateResponse {
+            cluster: r.cluster,
+            serial: rv.serial.clone(),
+            reason: rv.reason.clone(),
+            revoked_at: rv.revoked_at,
+            already_revoked: out.already,
+            crl_number,
         }))
     }
 }

@@ -57,6 +57,11 @@ pub fn status(cluster: &str) -> Result<ObjectKey, StoreError> {
     key(&format!("status-{cluster}"))
 }
 
+/// The CRL the management plane publishes ([`CrlRecord`]).
+pub fn crl() -> ObjectKey {
+    fixed("published-crl")
+}
+
 /// Operator credentials issued and revoked ([`OperatorLog`]).
 pub fn operators() -> ObjectKey {
     fixed("operator-credentials")
@@ -118,6 +123,59 @@ pub struct ClusterRecord {
     /// Operator-requested rotations (`meshca rotate`); the agent re-issues when this grows.
     #[serde(default)]
     pub rotate_requests: u64,
+    /// The cluster's intermediates revoked with `meshca revoke`, oldest first. Kept in this
+    /// record so a revocation and the re-issue it forces (`rotate_requests`) are one write: a
+    /// management plane stopped in between cannot leave one without the other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<RevokedIntermediate>,
+}
+
+impl ClusterRecord {
+    /// The revocation of `serial`, if it is revoked.
+    pub fn revocation(&self, serial: &str) -> Option<&RevokedIntermediate> {
+        self.revoked.iter().find(|r| r.serial.eq_ignore_ascii_case(serial))
+    }
+}
+
+/// A revoked cluster intermediate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedIntermediate {
+    /// Uppercase hex.
+    pub serial: String,
+    /// The RFC 5280 reason name (`keyCompromise`).
+    pub reason: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// The operator who revoked it.
+    pub by: String,
+    /// Unix seconds: its NotAfter (after which it need not be listed).
+    pub not_after: i64,
+    /// SHA-256 of its public key, hex: the issuer never certifies that key again.
+    pub public_key_sha256: String,
+    /// SHA-256 fingerprint of the certificate that signed it: the CRL of that signer lists it.
+    pub issuer_fingerprint: String,
+}
+
+/// The CRL the management plane publishes, as last signed (by the leader).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrlRecord {
+    /// The CRL number of the last one signed (grows by one each time).
+    pub number: u64,
+    /// The CRLs to publish (PEM): the signer's, then any supplied for the certificates above it.
+    pub pem: String,
+    /// Fingerprint of the certificate that signed the first one.
+    pub signer_fingerprint: String,
+    /// A digest of what is published: the serials and reasons the signed CRL lists, and the CRLs
+    /// from above it (see `crate::revocation`).
+    pub listed_digest: String,
+    /// Unix seconds.
+    pub this_update: i64,
+    /// Unix seconds.
+    pub next_update: i64,
+    /// Why the published set cannot satisfy istiod (a certificate above the signer without a
+    /// CRL), empty when it can.
+    #[serde(default)]
+    pub note: String,
 }
 
 /// A bootstrap token: only a hash of its secret is stored.
@@ -282,6 +340,10 @@ pub struct StatusRecord {
     /// records (read as `reported_at`).
     #[serde(default)]
     pub cacerts_reported_at: i64,
+    /// Why the cluster's `cacerts` has no (current) `ca-crl.pem`, as its agent says; empty when
+    /// all is well.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub crl_note: String,
 }
 
 /// What a cluster's agent reported about istiod's Deployment (`IstiodStatus` on the wire).

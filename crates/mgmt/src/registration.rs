@@ -110,6 +110,13 @@ impl Registration for RegistrationService {
         };
         let cert = register_identity(s, &csr, &cluster).await?;
         tracing::info!(%cluster, serial = %cert.serial_hex(), "cluster registered; any earlier identity of it is refused from now on");
+        let event = crate::audit::Event::new(
+            crate::audit::Action::ClusterRegistered,
+            meshca_proto::identity::Caller::Agent { cluster: cluster.clone() }.to_string(),
+            &cluster,
+        )
+        .with("identitySerial", cert.serial_hex());
+        crate::audit::record(s.store.as_ref(), event, s.clock.now()).await;
         Ok(Response::new(s.identity_response(&cert, &cluster)))
     }
 }

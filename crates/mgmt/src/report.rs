@@ -96,6 +96,7 @@ pub fn accept(s: &ClusterStatus, now: i64) -> Result<StatusRecord, InvalidReport
         policy_generation: shaped("policy_generation", &s.policy_generation, 128, "a policy generation", token)?,
         last_renewal: time("last_renewal", s.last_renewal)?,
         last_error: bounded(&s.last_error, MAX_ERROR_CHARS),
+        crl_note: bounded(&s.crl_note, MAX_ERROR_CHARS),
         key_location: match s.key_location.as_str() {
             "" | "store" | "memory" => s.key_location.clone(),
             other => {

@@ -305,6 +305,15 @@ async fn run(
         crate::dashboard::spawn(d, wiring, cancel.child_token(), tasks)?;
     }
     let (nudge, _) = watch::channel(0u64);
+    let publisher = crate::revocation::Publisher {
+        store: store.clone(),
+        authority: authority.clone(),
+        nudge: nudge.clone(),
+        clock: clock.clone(),
+        ttl: opts.settings.crl_ttl,
+        leader: with.leader.clone(),
+    };
+    tasks.spawn(publisher.run(cancel.child_token()));
     let issuer = Issuer::new(
         store.clone(),
         authority.clone(),

@@ -33,6 +33,7 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
         foreign_cacerts: s.foreign_cacerts,
         chain_root_fingerprint: s.chain_root_fingerprint.clone(),
         intermediate_issuer_fingerprint: s.intermediate_issuer_fingerprint.clone(),
+        crl_note: s.crl_note.clone(),
     }
 }
 
@@ -54,7 +55,8 @@ pub async fn collect(
     }
     names.sort();
     for name in names {
-        let registered = typed::get::<ClusterRecord>(store, &records::cluster(&name)?).await?.is_some();
+        let record = typed::get::<ClusterRecord>(store, &records::cluster(&name)?).await?.map(|v| v.value);
+        let registered = record.is_some();
         let status = typed::get::<StatusRecord>(store, &records::status(&name)?).await?.map(|v| v.value);
         let issued =
             typed::get::<IssuedLog>(store, &records::issued(&name)?).await?.map(|v| v.value).unwrap_or_default();
@@ -69,14 +71,20 @@ pub async fn collect(
                 .records
                 .iter()
                 .take(8)
-                .map(|r| IssuedRecord {
-                    serial: r.serial.clone(),
-                    not_after: r.not_after,
-                    issued_at: r.issued_at,
-                    reason: r.reason as i32,
-                    not_before: r.not_before,
-                    key_algorithm: r.key_algorithm.clone(),
-                    issuer_fingerprint: r.issuer_fingerprint.clone(),
+                .map(|r| {
+                    let revoked = record.as_ref().and_then(|c| c.revocation(&r.serial));
+                    IssuedRecord {
+                        revoked_at: revoked.map_or(0, |x| x.revoked_at),
+                        revocation_reason: revoked.map(|x| x.reason.clone()).unwrap_or_default(),
+                        revoked_by: revoked.map(|x| x.by.clone()).unwrap_or_default(),
+                        serial: r.serial.clone(),
+                        not_after: r.not_after,
+                        issued_at: r.issued_at,
+                        reason: r.reason as i32,
+                        not_before: r.not_before,
+                        key_algorithm: r.key_algorithm.clone(),
+                        issuer_fingerprint: r.issuer_fingerprint.clone(),
+                    }
                 })
                 .collect(),
             name,
@@ -337,7 +345,7 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 "issuerFingerprint": current.map(|r| r.issuer_fingerprint.as_str()).unwrap_or(""),
                 "rootSetFingerprint": s.root_set_fingerprint, "policyGeneration": s.policy_generation,
                 "chainRootFingerprint": s.chain_root_fingerprint,
-                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error,
+                "lastRenewal": s.last_renewal, "nextRenewal": s.next_renewal, "lastError": s.last_error, "crlNote": s.crl_note,
                 "keyLocation": s.key_location, "foreignCacerts": s.foreign_cacerts,
                 "istiod": s.istiod.as_ref().map(|i| json!({
                     "state": named(i.state().name()), "deployment": i.deployment, "message": i.message,
@@ -346,6 +354,7 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 "issued": c.issued.iter().map(|r| json!({
                     "serial": r.serial, "notBefore": r.not_before, "notAfter": r.not_after, "issuedAt": r.issued_at,
                     "reason": match r.reason() { meshca_proto::IssueReason::Unspecified => "unspecified", x => x.name() }, "keyAlgorithm": r.key_algorithm, "issuerFingerprint": r.issuer_fingerprint,
+                    "revoked": (r.revoked_at > 0).then(|| json!({"at": r.revoked_at, "reason": r.revocation_reason, "by": r.revoked_by})),
                 })).collect::<Vec<_>>(),
             })
         }).collect::<Vec<_>>(),
@@ -426,6 +435,7 @@ mod tests {
                     reason: meshca_proto::IssueReason::Forced as i32,
                     key_algorithm: "ECDSA P-384".into(),
                     issuer_fingerprint: issuer.into(),
+                    ..Default::default()
                 },
                 IssuedRecord {
                     serial: "OLD".into(),
@@ -435,6 +445,7 @@ mod tests {
                     reason: meshca_proto::IssueReason::Initial as i32,
                     key_algorithm: "ECDSA P-256".into(),
                     issuer_fingerprint: "fp-a".into(),
+                    ..Default::default()
                 },
             ],
         }

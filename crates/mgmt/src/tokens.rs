@@ -133,7 +133,15 @@ async fn sweep_if_due(store: &dyn Store, now: SystemTime) -> Result<(), MgmtErro
 
 /// Creates a token registering `cluster`, valid for `ttl` (and, every [`SWEEP_INTERVAL`], sweeps
 /// old records).
-pub async fn create(store: &dyn Store, cluster: &str, ttl: Duration, now: SystemTime) -> Result<NewToken, MgmtError> {
+/// Creates a bootstrap token for `cluster`, valid for `ttl` from `now`, on behalf of `by` (the
+/// operator, for the audit log, which records the token's id and never its secret).
+pub async fn create(
+    store: &dyn Store,
+    cluster: &str,
+    ttl: Duration,
+    by: &str,
+    now: SystemTime,
+) -> Result<NewToken, MgmtError> {
     if let Err(e) = sweep_if_due(store, now).await {
         tracing::warn!(error = %e, "sweeping old bootstrap-token records failed; will retry on the next token");
     }
@@ -143,6 +151,10 @@ pub async fn create(store: &dyn Store, cluster: &str, ttl: Duration, now: System
     let record =
         TokenRecord { cluster: cluster.to_string(), secret_sha256: sha256_hex(&secret), expires_at, used_at: None };
     typed::put(store, &records::token(&id)?, &record, Precondition::Absent).await?;
+    let event = crate::audit::Event::new(crate::audit::Action::BootstrapTokenCreated, by, cluster)
+        .with("tokenId", &id)
+        .with("expiresAt", expires_at.to_string());
+    crate::audit::record(store, event, now).await;
     Ok(NewToken { token: format!("{id}.{secret}"), expires_at })
 }
 
@@ -210,7 +222,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DirStore::open(dir.path()).expect("store");
         let now = meshca_clock::ManualClock::at_2026().now();
-        let t = create(&store, "cluster-1", Duration::from_secs(60), now).await.expect("create");
+        let t = create(&store, "cluster-1", Duration::from_secs(60), "operator test", now).await.expect("create");
         assert_eq!(t.token.len(), 31);
         let (id, _) = parse(&t.token).expect("well formed");
 
@@ -224,7 +236,7 @@ mod tests {
         assert_eq!(consume(&store, &t.token, Some("cluster-1"), now).await.expect("ok"), Ok("cluster-1".into()));
         assert_eq!(consume(&store, &t.token, None, now).await.expect("ok"), Err(TokenError::AlreadyUsed(id.into())));
 
-        let t2 = create(&store, "cluster-2", Duration::from_secs(60), now).await.expect("create");
+        let t2 = create(&store, "cluster-2", Duration::from_secs(60), "operator test", now).await.expect("create");
         let later = now + Duration::from_secs(61);
         assert!(matches!(consume(&store, &t2.token, None, later).await.expect("ok"), Err(TokenError::Expired { .. })));
 
@@ -241,11 +253,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DirStore::open(dir.path()).expect("store");
         let t0 = meshca_clock::ManualClock::at_2026().now();
-        let used = create(&store, "cluster-1", Duration::from_secs(3600), t0).await.expect("create");
+        let used = create(&store, "cluster-1", Duration::from_secs(3600), "operator test", t0).await.expect("create");
         consume(&store, &used.token, None, t0).await.expect("ok").expect("registers");
-        let expired = create(&store, "cluster-2", Duration::from_secs(60), t0).await.expect("create");
-        let fresh = create(&store, "cluster-3", Duration::from_secs(3600), t0).await.expect("create");
-        let long = create(&store, "cluster-4", Duration::from_secs(30 * 86400), t0).await.expect("create");
+        let expired = create(&store, "cluster-2", Duration::from_secs(60), "operator test", t0).await.expect("create");
+        let fresh = create(&store, "cluster-3", Duration::from_secs(3600), "operator test", t0).await.expect("create");
+        let long =
+            create(&store, "cluster-4", Duration::from_secs(30 * 86400), "operator test", t0).await.expect("create");
 
         // Within the retention, a late retry still gets the precise answer.
         let soon = t0 + Duration::from_secs(86400);
@@ -254,7 +267,7 @@ mod tests {
 
         // Past it, the used and the expired records go; an unused, unexpired one stays usable.
         let later = t0 + RECORD_RETENTION + Duration::from_secs(2 * 3600);
-        create(&store, "cluster-5", Duration::from_secs(60), later).await.expect("create sweeps");
+        create(&store, "cluster-5", Duration::from_secs(60), "operator test", later).await.expect("create sweeps");
         for gone in [&used.token, &expired.token, &fresh.token] {
             assert!(matches!(consume(&store, gone, None, later).await.expect("ok"), Err(TokenError::Unknown(_))));
         }

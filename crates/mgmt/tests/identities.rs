@@ -130,10 +130,15 @@ impl Plane {
 
     /// Registers `cluster` with a fresh bootstrap token, as an agent does.
     async fn register(&self, cluster: &str) -> Identity {
-        let token =
-            meshca_mgmt::tokens::create(self.store.as_ref(), cluster, Duration::from_secs(600), self.clock.now())
-                .await
-                .unwrap();
+        let token = meshca_mgmt::tokens::create(
+            self.store.as_ref(),
+            cluster,
+            Duration::from_secs(600),
+            "operator test",
+            self.clock.now(),
+        )
+        .await
+        .unwrap();
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let resp = RegistrationClient::new(self.channel(None))
             .register(RegisterRequest {
@@ -296,9 +301,15 @@ async fn a_new_registration_and_a_removal_end_every_earlier_identity_at_once() {
     let mut stream_c = trust_stream(&p, &c).await;
 
     // An unused token for the cluster, which removal must void too.
-    let spare = meshca_mgmt::tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(600), clock.now())
-        .await
-        .unwrap();
+    let spare = meshca_mgmt::tokens::create(
+        p.store.as_ref(),
+        "cluster-1",
+        Duration::from_secs(600),
+        "operator test",
+        clock.now(),
+    )
+    .await
+    .unwrap();
     let removed = p
         .operator()
         .remove_cluster(RemoveClusterRequest { cluster: "cluster-1".into() })
@@ -475,9 +486,15 @@ async fn the_agent_renews_its_identity_reconnects_and_keeps_working_past_the_ove
     let tmp = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(SystemTime::now());
     let p = Plane::start(tmp.path(), &clock).await;
-    let token = meshca_mgmt::tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(600), clock.now())
-        .await
-        .unwrap();
+    let token = meshca_mgmt::tokens::create(
+        p.store.as_ref(),
+        "cluster-1",
+        Duration::from_secs(600),
+        "operator test",
+        clock.now(),
+    )
+    .await
+    .unwrap();
     let agent_store = Arc::new(DirStore::open(tmp.path().join("agent")).unwrap());
     let mut opts = meshca_agent::AgentOptions::new("cluster-1", &p.addr.to_string()).unwrap();
     opts.bootstrap_token = Some(token.token);

@@ -213,7 +213,9 @@ async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
 async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     let p = Plane::start(&policy(""), 5, 6.0).await;
     let service = p.registration(meshca_mgmt::server::DEFAULT_PEER_RATE).await;
-    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
+    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), "operator test", p.clock.now())
+        .await
+        .unwrap();
     let identity_csr = || build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &[]).unwrap();
     let request = |token: &str| {
         tonic::Request::new(RegisterRequest {
@@ -227,7 +229,9 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(s.message().contains("expired at") && s.message().contains("meshca cluster add"), "{}", s.message());
 
-    let fresh = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
+    let fresh = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), "operator test", p.clock.now())
+        .await
+        .unwrap();
     p.clock.advance(Duration::from_secs(59));
     let id = service.register(request(&fresh.token)).await.expect("within its lifetime").into_inner();
     assert_eq!(id.cluster, "cluster-1");
@@ -255,7 +259,9 @@ async fn a_registration_flood_from_one_address_spends_only_its_own_budget() {
             }
         }
     }
-    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), p.clock.now()).await.unwrap();
+    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), "operator test", p.clock.now())
+        .await
+        .unwrap();
     let id = service.register(register_request(&token.token, [192, 0, 2, 1])).await.expect("another address registers");
     assert_eq!(id.into_inner().cluster, "cluster-1");
     p.clock.advance(Duration::from_secs(1));

@@ -23,6 +23,10 @@ pub const CA_KEY: &str = "ca-key.pem";
 pub const CERT_CHAIN: &str = "cert-chain.pem";
 /// `root-cert.pem`: the trusted root set.
 pub const ROOT_CERT: &str = "root-cert.pem";
+/// `ca-crl.pem`: optional; the CRLs istiod hands to Envoy and replicates into the
+/// `istio-ca-crl` ConfigMap. When present it must hold a CRL from every certificate of
+/// `cert-chain.pem` ([`crate::crl::check_chain_coverage`]).
+pub const CA_CRL: &str = "ca-crl.pem";
 /// The four files, in the order meshca writes them.
 pub const FILES: [&str; 4] = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT];
 

@@ -70,6 +70,14 @@ pub enum IssueError {
         /// Certificate subject.
         subject: String,
     },
+    /// The signer certificate may not sign CRLs.
+    #[error(
+        "certificate {subject} has a keyUsage without cRLSign, so it cannot sign the CRLs istiod needs from every CA in the chain"
+    )]
+    NoCrlSign {
+        /// Certificate subject.
+        subject: String,
+    },
     /// A zero lifetime was requested.
     #[error("certificate lifetime must be positive")]
     ZeroTtl,
@@ -346,6 +354,11 @@ impl CaSigner {
     /// The root at the end of the chain.
     pub fn root(&self) -> &Cert {
         self.chain.last().unwrap_or(&self.cert)
+    }
+
+    /// The authority key identifier extension of everything this CA signs.
+    pub(crate) fn authority_key_id_extension(&self) -> &Extension {
+        &self.aki
     }
 
     /// The signer's key (for writing it to its owner only).

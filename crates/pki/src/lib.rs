@@ -8,6 +8,7 @@
 pub mod bundle;
 pub mod cert;
 pub mod chain;
+pub mod crl;
 pub mod csr;
 mod der_util;
 pub mod issue;
@@ -20,6 +21,7 @@ pub mod spiffe;
 pub use bundle::{BundleError, BundleFiles, CaBundle};
 pub use cert::{Cert, CertError};
 pub use chain::{ChainError, Usage, verify_chain};
+pub use crl::{Crl, CrlError, CrlParams, Reason, Revoked};
 pub use csr::{CsrError, CsrPolicy, VerifiedCsr, build_csr, verify_csr};
 pub use der_util::{PublicKeyError, SignatureError};
 pub use issue::{CaSigner, IntermediateParams, IssueError, Issued, LeafParams, RootParams};

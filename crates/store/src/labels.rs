@@ -14,5 +14,8 @@ pub const ANN_SERIAL: &str = "meshca.io/serial";
 /// Annotation: when the intermediate was issued (unix seconds). Its NotBefore is backdated, so
 /// renewal planning measures the lifetime from here.
 pub const ANN_ISSUED_AT: &str = "meshca.io/issued-at";
+/// Annotation: SHA-256 (hex) of the CRLs the management plane published that `ca-crl.pem` was
+/// written with (empty: none were published), so the agent knows when to write it again.
+pub const ANN_CRL_UPSTREAM: &str = "meshca.io/crl-upstream-sha256";
 /// Annotation: the cluster a `cacerts` belongs to.
 pub const ANN_CLUSTER: &str = "meshca.io/cluster";

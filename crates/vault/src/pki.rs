@@ -239,6 +239,16 @@ pub async fn signing_root(spec: &meshca_policy::VaultSpec) -> Result<Cert, Vault
     Ok(root)
 }
 
+/// The CRL of the issuer the sign path uses (PEM), as Vault publishes it
+/// (`<mount>/issuer/<ref>/crl`, unauthenticated). Empty when Vault has none (CRL building
+/// disabled on the mount).
+pub async fn read_crl(client: &VaultClient, sign: &SignPath) -> Result<String, VaultError> {
+    let path = format!("{}/issuer/{}/crl", sign.mount, sign.issuer.as_deref().unwrap_or("default"));
+    let v = client.call(http::Method::GET, &path, None, None).await?;
+    let crl = v.get("data").and_then(|d| d.get("crl")).and_then(Value::as_str).unwrap_or_default();
+    Ok(crl.trim().to_string())
+}
+
 /// Reads the issuing CA (and its chain) the sign path uses.
 pub async fn read_issuer(client: &VaultClient, sign: &SignPath) -> Result<Issuer, VaultError> {
     let path = sign.issuer_path();

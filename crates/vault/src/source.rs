@@ -23,7 +23,7 @@ use meshca_agent::source::{IntermediateSource, KeyLocation, Obtained, Request, c
 use meshca_clock::SharedClock;
 use meshca_pki::{CaBundle, PrivateKey, RootSet};
 use meshca_policy::VaultDelivery;
-use meshca_proto::mgmt::VaultConfig;
+use meshca_proto::mgmt::{TrustState, VaultConfig};
 
 use crate::VaultError;
 use crate::auth::{AuthMethod, Session};
@@ -263,8 +263,30 @@ async fn once(
     Ok(Obtained { files, serial })
 }
 
+impl VaultSource {
+    /// Vault's CRL for the issuer that signs the cluster intermediates (see [`pki::read_crl`]).
+    pub async fn crl(&self, delivered: Option<&VaultConfig>) -> Result<String, VaultError> {
+        let active = self.active_for(Settings::resolve(delivered, &self.overrides)?)?;
+        pki::read_crl(active.client.as_ref(), &active.settings.sign).await
+    }
+}
+
 #[async_trait::async_trait]
 impl IntermediateSource for VaultSource {
+    async fn upstream_crls(&self, trust: &TrustState) -> Option<Result<String, AgentError>> {
+        let crl = self.crl(trust.vault.as_ref()).await.map_err(|e| AgentError::Upstream(Box::new(e)));
+        Some(crl.and_then(|pem| {
+            if pem.is_empty() {
+                Err(AgentError::BadAnswer {
+                    call: "Vault CRL",
+                    reason: "Vault publishes no CRL for this issuer (is CRL building disabled on the mount?)".into(),
+                })
+            } else {
+                Ok(pem)
+            }
+        }))
+    }
+
     fn key_location(&self) -> KeyLocation {
         KeyLocation::Memory
     }

@@ -7,6 +7,11 @@
 //! refused loudly and the last good one stays in service. A directory that cannot be *read*
 //! (out of file descriptors, permissions) is reported as exactly that — never mistaken for a
 //! missing bundle — and the last good bundle stays in service too.
+//!
+//! `ca-crl.pem` is read with the bundle. A bundle whose `ca-cert.pem` (or a CA above it) a CRL
+//! from its issuer revokes is refused, like any invalid bundle; when the CRL revoking it arrives
+//! for the bundle *in service*, that bundle is marked revoked and nothing is signed with it any
+//! more (requests are answered UNAVAILABLE) until the agent writes the new intermediate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,21 +40,52 @@ pub struct CaState {
     pub chain_pems: Vec<String>,
     /// Digest of the files it was loaded from.
     pub digest: [u8; 32],
+    /// Set when `ca-crl.pem` revokes the signing certificate (or a CA above it): nothing is
+    /// signed with this bundle. Says which certificate, for the caller and the log.
+    pub revoked: Option<String>,
 }
 
 impl CaState {
-    fn new(bundle: CaBundle, digest: [u8; 32]) -> Arc<Self> {
+    fn new(bundle: CaBundle, digest: [u8; 32], revoked: Option<String>) -> Arc<Self> {
         let mut chain_pems = bundle.signer().chain_pems();
         // The chain ends with the root it was issued under, which the root set contains.
         chain_pems.pop();
         chain_pems.push(bundle.roots().to_pem());
-        Arc::new(CaState { bundle, chain_pems, digest })
+        Arc::new(CaState { bundle, chain_pems, digest, revoked })
     }
 }
 
-fn digest(files: &BundleFiles) -> [u8; 32] {
+/// Which certificate of `bundle`'s chain the CRLs in `crl_pem` revoke (each checked against a
+/// CRL signed by its own issuer), or why the CRL file is refused (istiod refuses a bundle whose
+/// `ca-crl.pem` does not parse).
+pub fn revocation(bundle: &CaBundle, crl_pem: &[u8]) -> Result<Option<String>, String> {
+    let crls = meshca_pki::Crl::parse_pem_bundle(crl_pem).map_err(|e| format!("{}: {e}", bundle::CA_CRL))?;
+    Ok(meshca_pki::crl::revoked_in_chain(&crls, bundle.signer().chain())
+        .map(|(serial, subject)| format!("{subject} (serial {serial}) is revoked by {}", bundle::CA_CRL)))
+}
+
+/// Reads `dir/name`: `None` when it does not exist; any other failure is an error, so that running
+/// out of file descriptors is not taken for a missing file.
+fn read_optional(dir: &Path, name: &str) -> Result<Option<Vec<u8>>, ReadError> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => {
+            let exhausted = meshca_serve::fd::exhaustion(&source);
+            Err(ReadError { path: path.display().to_string(), exhausted, source })
+        }
+    }
+}
+
+/// Reads `ca-crl.pem` from `dir` (missing: empty).
+fn read_crl(dir: &Path) -> Result<Vec<u8>, ReadError> {
+    Ok(read_optional(dir, bundle::CA_CRL)?.unwrap_or_default())
+}
+
+fn digest(files: &BundleFiles, crl: &[u8]) -> [u8; 32] {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    for (name, data) in files.entries() {
+    for (name, data) in files.entries().into_iter().chain([(bundle::CA_CRL, crl)]) {
         ctx.update(name.as_bytes());
         ctx.update(&(data.len() as u64).to_be_bytes());
         ctx.update(data);
@@ -78,16 +114,11 @@ pub struct ReadError {
 /// failure is an error, so that running out of file descriptors is not taken for a missing file.
 pub fn read_cacerts_dir(dir: &Path) -> Result<BundleFiles, ReadError> {
     let mut failure = None;
-    let files = BundleFiles::from_lookup(|name| {
-        let path = dir.join(name);
-        match std::fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                let exhausted = meshca_serve::fd::exhaustion(&source);
-                failure.get_or_insert(ReadError { path: path.display().to_string(), exhausted, source });
-                None
-            }
+    let files = BundleFiles::from_lookup(|name| match read_optional(dir, name) {
+        Ok(b) => b,
+        Err(e) => {
+            failure.get_or_insert(e);
+            None
         }
     });
     match failure {
@@ -138,15 +169,28 @@ pub enum LoadError {
         #[source]
         source: meshca_pki::BundleError,
     },
+    /// `ca-crl.pem` refuses the bundle (it revokes the intermediate, or does not parse).
+    #[error("{dir}: {reason}")]
+    Revoked {
+        /// The directory.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl CaHolder {
     /// Loads and validates the bundle in `dir`, at the clock's time.
     pub fn load(dir: &Path, metrics: Arc<Metrics>, clock: SharedClock) -> Result<Arc<Self>, LoadError> {
         let files = read_cacerts_dir(dir)?;
+        let crl = read_crl(dir)?;
         let bundle = CaBundle::validate(&files, clock.now())
             .map_err(|source| LoadError::Invalid { dir: dir.display().to_string(), source })?;
-        let state = CaState::new(bundle, digest(&files));
+        let refused = |reason| LoadError::Revoked { dir: dir.display().to_string(), reason };
+        if let Some(reason) = revocation(&bundle, &crl).map_err(refused)? {
+            return Err(refused(reason));
+        }
+        let state = CaState::new(bundle, digest(&files, &crl), None);
         let holder = Arc::new(CaHolder {
             current: ArcSwap::new(state),
             dir: dir.to_path_buf(),
@@ -181,7 +225,7 @@ impl CaHolder {
     /// reported once, not on every poll.
     pub fn poll(&self, pending: &mut Option<Pending>) -> bool {
         self.check_expiry();
-        let files = match read_cacerts_dir(&self.dir) {
+        let files = match read_cacerts_dir(&self.dir).and_then(|f| Ok((f, read_crl(&self.dir)?))) {
             Ok(f) => f,
             Err(e) => {
                 let error = e.to_string();
@@ -197,15 +241,37 @@ impl CaHolder {
                 return false;
             }
         };
-        let d = digest(&files);
+        let (files, crl) = files;
+        let d = digest(&files, &crl);
         if d == self.current.load().digest {
             *pending = None;
             return false;
         }
         let result = CaBundle::validate(&files, self.clock.now()).map_err(|e| e.to_string()).and_then(|b| {
             bundle::check_root_transition(self.current.load().bundle.roots(), b.roots()).map_err(|e| e.to_string())?;
-            Ok(b)
+            let revoked = revocation(&b, &crl)?;
+            Ok((b, revoked))
         });
+        let current = self.current.load_full();
+        let result = match result {
+            // The bundle in service itself is revoked: it stays loaded (there is nothing better)
+            // but signs nothing from now on.
+            Ok((b, Some(reason))) if b.ca_cert() == current.bundle.ca_cert() => {
+                if current.revoked.is_none() {
+                    tracing::error!(
+                        dir = %self.dir.display(),
+                        %reason,
+                        "the cluster intermediate in service is REVOKED: nothing is signed with it; requests are answered UNAVAILABLE until the agent writes a new cacerts"
+                    );
+                }
+                self.current.store(CaState::new(b, d, Some(reason)));
+                *pending = None;
+                return true;
+            }
+            Ok((_, Some(reason))) => Err(reason),
+            Ok((b, None)) => Ok(b),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(b) => {
                 let ca = b.ca_cert();
@@ -216,7 +282,7 @@ impl CaHolder {
                     roots = %b.roots().fingerprint(),
                     "loaded a new cacerts bundle; new leaves are signed by it"
                 );
-                self.current.store(CaState::new(b, d));
+                self.current.store(CaState::new(b, d, None));
                 self.metrics.reloads.inc();
                 self.publish_gauges();
                 *pending = None;

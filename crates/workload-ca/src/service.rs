@@ -218,6 +218,12 @@ impl WorkloadCa {
         let state = self.ca.current();
         let now = self.ca.clock().now();
         let ca = state.bundle.ca_cert();
+        if let Some(reason) = &state.revoked {
+            self.metrics.sign_errors.inc();
+            return Err(Status::unavailable(format!(
+                "this cluster's intermediate CA cannot sign: {reason}; the cluster's meshca agent is writing a new one (see `meshca status`)"
+            )));
+        }
         if ca.not_after() <= now {
             self.metrics.sign_errors.inc();
             return Err(Status::unavailable(format!(
@@ -298,6 +304,75 @@ mod tests {
     use crate::authn::{ISTIO_CA_AUDIENCE, JwtAuthenticator};
     use crate::idp::DemoIdp;
 
+    /// A workload CA on a `cacerts` directory (root → cluster intermediate, one hour), with a
+    /// caller's token and CSR.
+    struct Fixture {
+        root: CaSigner,
+        cert: meshca_pki::Cert,
+        dir: tempfile::TempDir,
+        metrics: Arc<Metrics>,
+        holder: Arc<CaHolder>,
+        ca: WorkloadCa,
+        token: String,
+        csr: String,
+    }
+
+    impl Fixture {
+        fn new(clock: &ManualClock) -> Fixture {
+            let now = clock.now();
+            let root = CaSigner::new_root(
+                PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup"),
+                &RootParams::new("t"),
+                now,
+            )
+            .expect("test setup");
+            let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup");
+            let td = TrustDomain::new("cluster.local").expect("test setup");
+            let params = IntermediateParams {
+                ttl: Duration::from_secs(3600),
+                ..IntermediateParams::cluster("o", "cluster-1", td.clone())
+            };
+            let cert = root
+                .sign_intermediate(key.public_key_spki(), &params, now)
+                .expect("test setup")
+                .parse()
+                .expect("test setup");
+            let roots = RootSet::from_certs(vec![root.cert().clone()]).expect("test setup");
+            let files = CaBundle::assemble(&key, &cert, &[root.cert().clone()], &roots);
+            let dir = tempfile::tempdir().expect("test setup");
+            for (name, data) in files.entries() {
+                std::fs::write(dir.path().join(name), data).expect("test setup");
+            }
+            let metrics = Metrics::new();
+            let holder = CaHolder::load(dir.path(), metrics.clone(), clock.shared()).expect("test setup");
+            let idp = DemoIdp::generate("https://idp.test").expect("test setup");
+            let auth = JwtAuthenticator::from_jwks("https://idp.test", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
+                .expect("test setup")
+                .with_clock(clock.shared());
+            let ca = WorkloadCa::new(
+                holder.clone(),
+                Arc::new(auth),
+                td,
+                TtlPolicy::default(),
+                metrics.clone(),
+                Limits::default(),
+            );
+            let token = idp
+                .mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(4 * 3600), now)
+                .expect("test setup");
+            let csr = meshca_pki::build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup"), &[])
+                .expect("test setup");
+            Fixture { root, cert, dir, metrics, holder, ca, token, csr }
+        }
+
+        fn request(&self) -> Request<IstioCertificateRequest> {
+            let mut r =
+                Request::new(IstioCertificateRequest { csr: self.csr.clone(), validity_duration: 0, metadata: None });
+            r.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse().expect("test setup"));
+            r
+        }
+    }
+
     /// The attack: once the cluster intermediate in service had expired, callers learned nothing
     /// but a TLS error. The service itself now answers UNAVAILABLE naming the intermediate and
     /// when it expired (what a caller whose handshake still succeeds — a resumed TLS session, a
@@ -308,70 +383,65 @@ mod tests {
     #[tokio::test]
     async fn an_expired_intermediate_is_answered_unavailable_with_the_reason_and_flagged_once() {
         let clock = ManualClock::new(std::time::SystemTime::now());
+        let f = Fixture::new(&clock);
+        f.ca.create_certificate(f.request()).await.expect("signs while the intermediate is valid");
+        let gauge = || {
+            let text = f.metrics.render();
+            text.lines().find(|l| l.starts_with("meshca_workload_ca_intermediate_expired ")).map(str::to_string)
+        };
+        let mut pending = None;
+        f.holder.poll(&mut pending);
+        assert_eq!(gauge().as_deref(), Some("meshca_workload_ca_intermediate_expired 0"));
+
+        clock.advance(Duration::from_secs(3601));
+        let s = f.ca.create_certificate(f.request()).await.expect_err("nothing can be signed");
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        assert!(s.message().contains(&f.cert.serial_hex()) && s.message().contains("expired at"), "{}", s.message());
+        f.holder.poll(&mut pending);
+        f.holder.poll(&mut pending);
+        assert_eq!(gauge().as_deref(), Some("meshca_workload_ca_intermediate_expired 1"));
+    }
+
+    /// A CRL from the root naming the intermediate in service, written beside it: from the next
+    /// poll nothing is signed with it (UNAVAILABLE naming the serial), and a restart refuses the
+    /// directory outright. A CRL from another CA naming the same serial changes nothing.
+    #[tokio::test]
+    async fn a_revoked_intermediate_signs_nothing_and_is_refused_at_load() {
+        use meshca_pki::{CrlParams, Reason, Revoked};
+        let clock = ManualClock::new(std::time::SystemTime::now());
+        let f = Fixture::new(&clock);
         let now = clock.now();
-        let root = CaSigner::new_root(
+        let crl_path = f.dir.path().join(meshca_pki::bundle::CA_CRL);
+        let listing = |signer: &CaSigner| {
+            let revoked =
+                vec![Revoked { serial_hex: f.cert.serial_hex(), revoked_at: now, reason: Reason::KeyCompromise }];
+            let params = CrlParams { number: 1, this_update: now, next_update: now + Duration::from_secs(60), revoked };
+            signer.sign_crl(&params).expect("test setup").to_pem()
+        };
+        let impostor = CaSigner::new_root(
             PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup"),
             &RootParams::new("t"),
             now,
         )
         .expect("test setup");
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup");
-        let td = TrustDomain::new("cluster.local").expect("test setup");
-        let params = IntermediateParams {
-            ttl: Duration::from_secs(3600),
-            ..IntermediateParams::cluster("o", "cluster-1", td.clone())
-        };
-        let cert = root
-            .sign_intermediate(key.public_key_spki(), &params, now)
-            .expect("test setup")
-            .parse()
-            .expect("test setup");
-        let roots = RootSet::from_certs(vec![root.cert().clone()]).expect("test setup");
-        let files = CaBundle::assemble(&key, &cert, &[root.cert().clone()], &roots);
-        let dir = tempfile::tempdir().expect("test setup");
-        for (name, data) in files.entries() {
-            std::fs::write(dir.path().join(name), data).expect("test setup");
-        }
-        let metrics = Metrics::new();
-        let holder = CaHolder::load(dir.path(), metrics.clone(), clock.shared()).expect("test setup");
-        let idp = DemoIdp::generate("https://idp.test").expect("test setup");
-        let auth = JwtAuthenticator::from_jwks("https://idp.test", &idp.jwks_json(), ISTIO_CA_AUDIENCE)
-            .expect("test setup")
-            .with_clock(clock.shared());
-        let ca = WorkloadCa::new(
-            holder.clone(),
-            Arc::new(auth),
-            td,
-            TtlPolicy::default(),
-            metrics.clone(),
-            Limits::default(),
-        );
-        let token =
-            idp.mint("default", "sleep", ISTIO_CA_AUDIENCE, Duration::from_secs(4 * 3600), now).expect("test setup");
-        let csr = meshca_pki::build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("test setup"), &[])
-            .expect("test setup");
-        let request = || {
-            let mut r =
-                Request::new(IstioCertificateRequest { csr: csr.clone(), validity_duration: 0, metadata: None });
-            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("test setup"));
-            r
-        };
-        ca.create_certificate(request()).await.expect("signs while the intermediate is valid");
-        let gauge = || {
-            let text = metrics.render();
-            text.lines().find(|l| l.starts_with("meshca_workload_ca_intermediate_expired ")).map(str::to_string)
-        };
         let mut pending = None;
-        holder.poll(&mut pending);
-        assert_eq!(gauge().as_deref(), Some("meshca_workload_ca_intermediate_expired 0"));
+        std::fs::write(&crl_path, listing(&impostor)).expect("test setup");
+        f.holder.poll(&mut pending);
+        assert!(f.holder.current().revoked.is_none(), "a CRL the issuer did not sign says nothing");
+        f.ca.create_certificate(f.request()).await.expect("still signs");
 
-        clock.advance(Duration::from_secs(3601));
-        let s = ca.create_certificate(request()).await.expect_err("nothing can be signed");
+        std::fs::write(&crl_path, listing(&f.root)).expect("test setup");
+        assert!(f.holder.poll(&mut pending), "the in-service bundle is marked");
+        let s = f.ca.create_certificate(f.request()).await.expect_err("nothing is signed");
         assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
-        assert!(s.message().contains(&cert.serial_hex()) && s.message().contains("expired at"), "{}", s.message());
-        holder.poll(&mut pending);
-        holder.poll(&mut pending);
-        assert_eq!(gauge().as_deref(), Some("meshca_workload_ca_intermediate_expired 1"));
+        assert!(s.message().contains(&f.cert.serial_hex()) && s.message().contains("revoked"), "{}", s.message());
+        match CaHolder::load(f.dir.path(), Metrics::new(), clock.shared()) {
+            Err(crate::ca::LoadError::Revoked { reason, .. }) => {
+                assert!(reason.contains(&f.cert.serial_hex()), "{reason}")
+            }
+            Err(e) => panic!("expected a revoked bundle, got {e}"),
+            Ok(_) => panic!("expected a revoked bundle to be refused at load"),
+        }
     }
 
     #[test]

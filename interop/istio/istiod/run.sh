@@ -12,6 +12,10 @@
 #      leaf <- meshca's current intermediate <- meshca's root
 #   5. `meshca rotate`: the agent swaps in a new intermediate (same root); istiod must pick it up
 #      without a restart, and the next cert must be signed by the new intermediate
+#   5b. `meshca revoke`: the intermediate is revoked; the agent writes a new one and a ca-crl.pem whose
+#      root CRL names the old serial; istiod (which loaded meshca's ca-crl.pem from the start) accepts
+#      both without a restart, signs with the new intermediate, and replicates the CRL into the
+#      istio-ca-crl ConfigMap of namespace demo in the real API server
 #   6. `meshca rotate root` (istiod runs with ISTIO_MULTIROOT_MESH=true): root-cert.pem goes
 #      {A} -> {A, B} -> {B} and the intermediate moves from A to B; istiod accepts every step
 #      without a restart ("Updating new ROOT-CA", never "not supported"), and Istio's CA client
@@ -153,6 +157,9 @@ CACERTS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["clust
 OPERATOR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["management_plane"]["credentials"])' "$W/mesh/topology.json")
 for _ in $(seq 30); do [ -s "$CACERTS/ca-key.pem" ] && break; sleep 1; done
 [ -s "$CACERTS/ca-key.pem" ] || die "meshca wrote no cacerts in $CACERTS"
+# ca-crl.pem comes with the bundle (or right after it, once the root's CRL is published).
+for _ in $(seq 30); do [ -s "$CACERTS/ca-crl.pem" ] && break; sleep 1; done
+[ -s "$CACERTS/ca-crl.pem" ] || die "meshca wrote no ca-crl.pem in $CACERTS"
 "$HARNESS" check-cacerts "$CACERTS" >&2 || die "meshca's cacerts rejected by Istio's own checks"
 
 # ---- 4. istiod ------------------------------------------------------------------------------------
@@ -180,6 +187,7 @@ done
 [ $ready = 1 ] || { grep -E "^[^ ]+\s+(warn|error)|waiting for sync" "$W/istiod.log" | sort -u -k2 | tail -n 10 >&2; die "istiod did not open its CA port within 180s (log: $W/istiod.log)"; }
 grep -q "Use local CA certificate" "$W/istiod.log" || die "istiod did not log plug-in CA mode ('Use local CA certificate')"
 grep -q "Added cacerts files watcher at $CACERTS" "$W/istiod.log" || die "istiod did not watch $CACERTS"
+grep -q "Detected CRL file" "$W/istiod.log" || die "istiod did not load meshca's ca-crl.pem ('Detected CRL file')"
 
 fp() { openssl x509 -noout -fingerprint -sha256 | cut -d= -f2; }
 nth_cert() { awk -v n="$2" '/-----BEGIN CERTIFICATE-----/{i++} i==n{print} /-----END CERTIFICATE-----/ && i==n{exit}' "$1"; }
@@ -218,9 +226,46 @@ kill -0 "$istiod_pid" 2>/dev/null || die "istiod exited after the rotation"
 request "$W/cert2" || die "istiod refused the CSR after rotation (log: $W/istiod.log)"
 issuer_is_current "$W/cert2" "after rotation"
 
-# ---- 6. root rotation: {A} -> {A, B} -> {B}, istiod following without a restart ---------------------
+# ---- 5b. revoke the intermediate: istiod takes the new one and the CRL naming the old serial -------
 count() { grep -c "$1" "$W/istiod.log" || true; }
 reloaded() { count "Istiod has detected the newly added intermediate CA"; }
+serial_of() { openssl x509 -noout -serial | cut -d= -f2; }
+# Whether one of the CRLs in a PEM file lists serial $2 (`openssl crl` reads one CRL at a time).
+crl_lists() { # FILE SERIAL
+    local i=1 c
+    while c=$(awk -v n=$i '/-----BEGIN X509 CRL-----/{k++} k==n{print} /-----END X509 CRL-----/ && k==n{exit}' "$1") && [ -n "$c" ]; do
+        echo "$c" | openssl crl -noout -text | grep -q "Serial Number: $2" && return 0
+        i=$((i + 1))
+    done
+    return 1
+}
+revoked=$(serial_of <"$CACERTS/ca-cert.pem")
+crl_reloads=$(count "Istiod has detected the newly added CRL file")
+"$MESHCA" revoke --cluster "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["clusters"][0]["name"])' "$W/mesh/topology.json")" \
+    --credentials "$OPERATOR" >"$W/revoke.log" 2>&1 || { cat "$W/revoke.log" >&2; die "meshca revoke failed"; }
+for _ in $(seq 60); do [ "$(serial_of <"$CACERTS/ca-cert.pem")" != "$revoked" ] && crl_lists "$CACERTS/ca-crl.pem" "$revoked" && break; sleep 1; done
+[ "$(serial_of <"$CACERTS/ca-cert.pem")" != "$revoked" ] || die "no new intermediate within 60s of meshca revoke"
+crl_lists "$CACERTS/ca-crl.pem" "$revoked" || die "ca-crl.pem does not name the revoked serial $revoked"
+for _ in $(seq 30); do [ "$(count "Istiod has detected the newly added CRL file")" -gt "$crl_reloads" ] && break; sleep 1; done
+[ "$(count "Istiod has detected the newly added CRL file")" -gt "$crl_reloads" ] || die "istiod did not load the new ca-crl.pem within 30s"
+got=''
+for _ in $(seq 60); do
+    kube "$KUBE_URL/api/v1/namespaces/demo/configmaps/istio-ca-crl" 2>/dev/null |
+        python3 -c 'import json,sys; sys.stdout.write(json.load(sys.stdin)["data"]["ca-crl.pem"])' >"$W/configmap-crl.pem" 2>/dev/null &&
+        crl_lists "$W/configmap-crl.pem" "$revoked" && { got=1; break; }
+    sleep 1
+done
+[ -n "$got" ] || die "istiod did not write the revoked serial $revoked into ConfigMap demo/istio-ca-crl within 60s"
+# istiod reloads the new intermediate within a moment: ask until it signs with it.
+for _ in $(seq 30); do
+    request "$W/cert2b" 2>/dev/null && [ "$(nth_cert "$W/cert2b/chain.pem" 2 | fp)" = "$(fp <"$CACERTS/ca-cert.pem")" ] && break
+    sleep 1
+done
+issuer_is_current "$W/cert2b" "after revoke"
+kill -0 "$istiod_pid" 2>/dev/null || die "istiod exited after the revocation"
+log "revoked intermediate $revoked: istiod signs with the new one and wrote the CRL into demo/istio-ca-crl"
+
+# ---- 6. root rotation: {A} -> {A, B} -> {B}, istiod following without a restart ---------------------
 roots_in_file() { # PEM: the sha256 fingerprints of its certificates, in order
     local i=1 c
     while c=$(nth_cert "$1" $i) && [ -n "$c" ]; do echo "$c" | fp; i=$((i + 1)); done
@@ -289,10 +334,11 @@ chains_to "$W/cert5" "$rootB" "after the root rotation"
 kill -0 "$istiod_pid" 2>/dev/null || die "istiod exited during the root rotation"
 [ "$(count 'Updating new ROOT-CA not supported')" = 0 ] || die "istiod refused a root-set step (log: $W/istiod.log)"
 [ "$(count 'Multi root is disabled')" = 0 ] || die "istiod ran without ISTIO_MULTIROOT_MESH"
+[ "$(count 'Failed to update new Plug-in CA certs')" = 0 ] || die "istiod refused a cacerts update (log: $W/istiod.log)"
 [ $(($(count 'Updating new ROOT-CA') - $(count 'Updating new ROOT-CA not supported'))) -ge 2 ] ||
     die "istiod did not log both root-set steps ('Updating new ROOT-CA')"
 log "Retiring: istiod accepted {B} and its answers carry B alone"
 
 log "istiod log lines:"
-grep -E "Use local CA certificate|Added cacerts files watcher|Update Istiod cacerts|Updating new ROOT-CA|newly added intermediate CA" "$W/istiod.log" >&2
-echo "OK istiod $ISTIO_VERSION (kube-apiserver $(kube "$KUBE_URL/version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])')): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart; root rotation {A} -> {A,B} -> {B} followed without restart (A $rootA, B $rootB)"
+grep -E "Use local CA certificate|Added cacerts files watcher|Update Istiod cacerts|Updating new ROOT-CA|newly added intermediate CA|Detected CRL file|newly added CRL file" "$W/istiod.log" >&2
+echo "OK istiod $ISTIO_VERSION (kube-apiserver $(kube "$KUBE_URL/version" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gitVersion"])')): plug-in CA on meshca cacerts; signed with intermediate $int1, then $int2 after rotation without restart; revoked $revoked with ca-crl.pem and ConfigMap istio-ca-crl; root rotation {A} -> {A,B} -> {B} followed without restart (A $rootA, B $rootB)"

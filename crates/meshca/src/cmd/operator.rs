@@ -1,5 +1,5 @@
-//! The operator's commands: `cluster add`, `cluster remove`, `status`, `rotate`, `policy apply`,
-//! `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
+//! The operator's commands: `cluster add`, `cluster remove`, `status`, `rotate`, `revoke`,
+//! `audit`, `policy apply`, `operator issue`, `operator revoke`. They call the management plane's operator API over mutual
 //! TLS with the credentials `meshca server` wrote (or `meshca operator issue` made).
 
 use std::path::PathBuf;
@@ -10,8 +10,9 @@ use meshca_mgmt::server::creds;
 use meshca_mgmt::status::{document, human};
 use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_proto::mgmt::{
-    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetStatusRequest, IssueOperatorRequest, MeshStatus,
-    RemoveClusterRequest, RevokeOperatorRequest, RotateRequest, RotateRootRequest,
+    ApplyPolicyRequest, CreateBootstrapTokenRequest, GetAuditLogRequest, GetStatusRequest, IssueOperatorRequest,
+    MeshStatus, RemoveClusterRequest, RevokeIntermediateRequest, RevokeOperatorRequest, RotateRequest,
+    RotateRootRequest,
 };
 use meshca_proto::text::terminal_safe;
 use meshca_store::fsutil;
@@ -228,6 +229,11 @@ pub fn render(st: &MeshStatus) -> String {
     if !st.policy_error.is_empty() {
         out.push_str(&format!("\npolicy: {}\n", safe(&st.policy_error)));
     }
+    for c in &st.clusters {
+        if let Some(note) = c.status.as_ref().map(|s| &s.crl_note).filter(|n| !n.is_empty()) {
+            out.push_str(&format!("\n{}: no ca-crl.pem: {}\n", safe(&c.name), short(note, 200)));
+        }
+    }
     if st.alerts.is_empty() {
         out.push_str("\nno alerts\n");
     } else {
@@ -349,6 +355,126 @@ pub async fn rotate(a: RotateArgs) -> anyhow::Result<()> {
         bail!("no registered clusters");
     }
     println!("rotation requested for {}", r.clusters.join(", "));
+    Ok(())
+}
+
+/// Arguments of `meshca revoke`.
+#[derive(clap::Args)]
+pub struct RevokeArgs {
+    /// The cluster whose intermediate is compromised.
+    #[arg(long)]
+    cluster: String,
+    /// Serial (hex) of the intermediate to revoke; default: the one the cluster has in service.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Why (RFC 5280): keyCompromise, cACompromise, affiliationChanged, superseded,
+    /// cessationOfOperation, privilegeWithdrawn, unspecified.
+    #[arg(long, default_value = "keyCompromise")]
+    reason: String,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// `meshca revoke --cluster C [--serial S] [--reason R]`.
+pub async fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
+    // Refused here with the list of names before anything is sent.
+    let reason: meshca_pki::Reason = a.reason.parse()?;
+    let mut client = connect(&a.creds).await?;
+    let r = client
+        .revoke_intermediate(RevokeIntermediateRequest {
+            cluster: a.cluster,
+            serial: a.serial.unwrap_or_default(),
+            reason: reason.as_str().to_string(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    if r.already_revoked {
+        println!(
+            "intermediate {} of {} was already revoked ({}); nothing changed",
+            r.serial,
+            safe(&r.cluster),
+            safe(&r.reason)
+        );
+        return Ok(());
+    }
+    println!(
+        "intermediate {} of {} revoked ({}): {} re-issues with a new key now, and every cluster's ca-crl.pem lists it{}",
+        r.serial,
+        safe(&r.cluster),
+        safe(&r.reason),
+        safe(&r.cluster),
+        if r.crl_number > 0 { format!(" (CRL number {})", r.crl_number) } else { String::new() }
+    );
+    Ok(())
+}
+
+/// Arguments of `meshca audit`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    what: Option<AuditWhat>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(flatten)]
+    creds: Creds,
+}
+
+#[derive(clap::Subcommand)]
+enum AuditWhat {
+    /// Check the hash chain; exit non-zero naming the first entry changed, removed or reordered.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditVerifyArgs {
+    #[command(flatten)]
+    creds: Creds,
+}
+
+/// Reads the audit log from the management plane, parsing each entry as stored.
+async fn audit_entries(creds: &Creds) -> anyhow::Result<Vec<meshca_mgmt::audit::Entry>> {
+    let mut client = connect(creds).await?;
+    let log = client.get_audit_log(GetAuditLogRequest {}).await.map_err(status_err)?.into_inner();
+    log.entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::from_str(e).with_context(|| format!("audit entry at position {i} does not parse")))
+        .collect()
+}
+
+/// `meshca audit [-o json]`, `meshca audit verify`. The chain is checked here, by the caller.
+pub async fn audit(a: AuditArgs) -> anyhow::Result<()> {
+    if let Some(AuditWhat::Verify(v)) = a.what {
+        let entries = audit_entries(&v.creds).await?;
+        match meshca_mgmt::audit::verify(&entries) {
+            Ok(head) => {
+                println!("audit log intact: {} entries, head {head}", entries.len());
+                return Ok(());
+            }
+            Err(e) => bail!("audit log broken: {e}"),
+        }
+    }
+    let entries = audit_entries(&a.creds).await?;
+    if a.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!("{:<6} {:<20} {:<24} {:<28} {:<12} DETAILS", "SEQ", "TIME", "ACTION", "ACTOR", "CLUSTER");
+    for e in &entries {
+        let details: Vec<String> = e.details.iter().map(|(k, v)| format!("{k}={}", safe(v))).collect();
+        println!(
+            "{:<6} {:<20} {:<24} {:<28} {:<12} {}",
+            e.seq,
+            meshca_pki::chain::rfc3339(meshca_clock::from_unix(e.at)),
+            safe(&e.action),
+            short(&e.actor, 28),
+            short(&e.cluster, 12),
+            details.join(" ")
+        );
+    }
     Ok(())
 }
 

@@ -38,6 +38,10 @@ pub struct Args {
     /// How often agents report status.
     #[arg(long, default_value = "30s")]
     report_interval: DurationArg,
+    /// Lifetime of the CRLs in every cluster's ca-crl.pem (nextUpdate − thisUpdate); each is
+    /// re-signed at half of it.
+    #[arg(long, default_value = "24h")]
+    crl_ttl: DurationArg,
     /// Intermediate issuances a cluster may make at once.
     #[arg(long, default_value_t = 5)]
     issue_burst: u32,
@@ -161,6 +165,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::anyhow!("{}: {e}", args.policy.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
         })?;
     }
+    meshca_mgmt::revocation::check_crl_ttl(args.crl_ttl.0).map_err(|e| anyhow::anyhow!("--crl-ttl: {e}"))?;
     let metrics_token = args.metrics_token_file.as_deref().map(super::read_token_file).transpose()?;
     let opts = ServerOptions {
         listen: args.listen,
@@ -168,7 +173,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         policy_yaml,
         default_policy: Policy::generated_default(Duration::from_secs(720 * 3600)),
         operator_dir: Some(args.data_dir.join("operator")),
-        settings: Settings { report_interval: args.report_interval.0, ..Settings::default() },
+        settings: Settings { report_interval: args.report_interval.0, crl_ttl: args.crl_ttl.0, ..Settings::default() },
         issue_burst: args.issue_burst,
         issue_per_minute: args.issue_per_minute,
         metrics_listen: args.metrics_listen,

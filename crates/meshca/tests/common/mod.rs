@@ -244,8 +244,13 @@ impl StoreView {
 
     /// The management plane's store.
     pub fn mgmt(m: &Mgmt) -> StoreView {
+        StoreView::database(&m.data)
+    }
+
+    /// The management-plane database in `data_dir` (`meshca server --data-dir`, `<up>/mgmt`).
+    pub fn database(data_dir: &Path) -> StoreView {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let path = m.data.join(meshca_store::migrate::DB_FILE);
+        let path = data_dir.join(meshca_store::migrate::DB_FILE);
         StoreView { rt, store: std::sync::Arc::new(meshca_store::sqlite::SqliteStore::open(path).unwrap()) }
     }
 

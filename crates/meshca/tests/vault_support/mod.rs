@@ -434,31 +434,41 @@ pub fn up_vault(
     up_dir: &Path,
     timing: (&str, &str, &str),
 ) -> crate::common::Proc {
+    up_vault_with(dir, vault, token_file, shm, up_dir, timing, &[])
+}
+
+/// [`up_vault`] with more `meshca up` arguments.
+pub fn up_vault_with(
+    dir: &Path,
+    vault: &Vault,
+    token_file: &Path,
+    shm: &ShmDir,
+    up_dir: &Path,
+    timing: (&str, &str, &str),
+    extra: &[&str],
+) -> crate::common::Proc {
     let (ttl, ratio, interval) = timing;
-    crate::common::spawn_meshca_logging(
+    let mut args = vec![
         "up",
-        dir,
-        &[
-            "up",
-            "--ca",
-            "vault",
-            "--vault-addr",
-            &vault.addr,
-            "--vault-token-file",
-            token_file.to_str().unwrap(),
-            "--memory-dir-root",
-            shm.0.to_str().unwrap(),
-            "--dir",
-            up_dir.to_str().unwrap(),
-            "--intermediate-ttl",
-            ttl,
-            "--grace-ratio",
-            ratio,
-            "--leaf-ttl",
-            "12s",
-            "--call-interval",
-            interval,
-        ],
-        AGENT_LOG,
-    )
+        "--ca",
+        "vault",
+        "--vault-addr",
+        &vault.addr,
+        "--vault-token-file",
+        token_file.to_str().unwrap(),
+        "--memory-dir-root",
+        shm.0.to_str().unwrap(),
+        "--dir",
+        up_dir.to_str().unwrap(),
+        "--intermediate-ttl",
+        ttl,
+        "--grace-ratio",
+        ratio,
+        "--leaf-ttl",
+        "12s",
+        "--call-interval",
+        interval,
+    ];
+    args.extend_from_slice(extra);
+    crate::common::spawn_meshca_logging("up", dir, &args, AGENT_LOG)
 }

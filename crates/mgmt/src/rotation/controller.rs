@@ -309,8 +309,12 @@ impl Controller {
     }
 
     async fn write(&self, j: Versioned<Journal>) -> Result<Versioned<Journal>, StoreError> {
+        let before = read_journal(self.store.as_ref()).await?.value;
         let pre = if j.version.0.is_empty() { Precondition::Absent } else { Precondition::Version(j.version.clone()) };
         typed::put(self.store.as_ref(), &journal_key(), &j.value, pre).await?;
+        for event in phase_changes(&before, &j.value) {
+            crate::audit::record(self.store.as_ref(), event, self.clock.now()).await;
+        }
         read_journal(self.store.as_ref()).await
     }
 
@@ -740,6 +744,39 @@ impl Controller {
         self.pass().await;
         Ok(r)
     }
+}
+
+/// The audit events between two journals: each phase a rotation entered, and its end.
+fn phase_changes(before: &Journal, after: &Journal) -> Vec<crate::audit::Event> {
+    use crate::audit::{Action, Event};
+    let event = |r: &Rotation, phase: &str, note: &str| {
+        Event::new(Action::RootRotationPhase, "management plane", "")
+            .with("rotation", &r.id)
+            .with("phase", phase)
+            .with("note", note)
+            .with("from", &r.from.fingerprint)
+            .with("to", &r.to.fingerprint)
+    };
+    let mut out = Vec::new();
+    match (&before.rotation, &after.rotation) {
+        (Some(b), Some(a)) if b.id == a.id => {
+            for t in a.transitions.iter().skip(b.transitions.len()) {
+                out.push(event(a, t.phase.name(), &t.note));
+            }
+        }
+        (b, a) => {
+            if let Some(b) = b {
+                let outcome = if b.aborted { "aborted" } else { "complete" };
+                out.push(event(b, RotationPhase::Idle.name(), outcome));
+            }
+            if let Some(a) = a {
+                for t in &a.transitions {
+                    out.push(event(a, t.phase.name(), &t.note));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A new rotation from `from` to `to`, started at `now`.

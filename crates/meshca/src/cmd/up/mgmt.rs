@@ -149,7 +149,7 @@ pub async fn start(
         policy_yaml: None,
         default_policy: policy,
         operator_dir: Some(dir.join("mgmt").join("operator")),
-        settings: Settings { report_interval: Duration::from_secs(5), ..Settings::default() },
+        settings: Settings { report_interval: Duration::from_secs(5), crl_ttl: a.crl_ttl.0, ..Settings::default() },
         issue_burst: 5,
         issue_per_minute: 30.0,
         metrics_listen: None,

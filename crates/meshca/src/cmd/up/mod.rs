@@ -61,6 +61,9 @@ pub struct Args {
     /// Lifetime of the workload leaves (e.g. 30s).
     #[arg(long, default_value = "24h")]
     leaf_ttl: DurationArg,
+    /// Lifetime of the CRLs in ca-crl.pem (e.g. 20s to watch them re-signed at half of it).
+    #[arg(long, default_value = "24h")]
+    crl_ttl: DurationArg,
     /// Renew intermediates when less than this fraction of their lifetime remains.
     #[arg(long, default_value_t = 0.2)]
     grace_ratio: f64,
@@ -207,6 +210,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if !(a.root_rotation_ratio > 0.0 && a.root_rotation_ratio < 1.0) {
         bail!("--root-rotation-ratio must be in (0, 1)");
     }
+    meshca_mgmt::revocation::check_crl_ttl(a.crl_ttl.0).map_err(|e| anyhow::anyhow!("--crl-ttl: {e}"))?;
     let clock = meshca_clock::system();
     let dir = match &a.dir {
         Some(d) => d.clone(),
