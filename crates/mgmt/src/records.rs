@@ -75,6 +75,9 @@ pub fn archived_cluster(name: &str, removed_at: i64) -> Result<ObjectKey, StoreE
     key(&format!("{ARCHIVE_PREFIX}{name}.{removed_at}"))
 }
 
+/// The data key of an archived cluster's registration record (its `revoked` list stays in force).
+pub const ARCHIVED_CLUSTER_KEY: &str = "cluster.json";
+
 /// Prefix of cluster records, for listing.
 pub const CLUSTER_PREFIX: &str = "cluster-";
 

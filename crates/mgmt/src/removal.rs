@@ -39,7 +39,7 @@ pub async fn remove(store: &dyn Store, cluster: &str, by: &str, now: SystemTime)
         .annotation("meshca.io/removed-by", by)
         .annotation("meshca.io/removed-at", &unix(now).to_string())
         .annotation("meshca.io/cluster", cluster);
-    archive.data.insert("cluster.json".into(), record_bytes(&registration.value));
+    archive.data.insert(records::ARCHIVED_CLUSTER_KEY.into(), record_bytes(&registration.value));
     for (name, key) in [("issued.json", &issued_key), ("status.json", &status_key)] {
         if let Some(v) = store.get(key).await? {
             archive.data.insert(name.into(), record_bytes(&v.value));

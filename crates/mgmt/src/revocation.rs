@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use meshca_clock::{SharedClock, from_unix, unix};
 use meshca_pki::crl::{self, Crl, CrlParams, Reason, Revoked};
-use meshca_store::{Store, StoreError, typed};
+use meshca_store::{ObjectKey, Store, StoreError, typed};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -155,8 +155,9 @@ pub async fn revoke(
     })
 }
 
-/// Every revocation of every registered cluster, still within its certificate's lifetime at
-/// `now` (an expired certificate need not be listed: RFC 5280 §3.3).
+/// Every revocation of every registered cluster, and of every removed one (`meshca cluster
+/// remove` archives the record; a revoked key stays revoked), still within its certificate's
+/// lifetime at `now` (an expired certificate need not be listed: RFC 5280 §3.3).
 pub async fn all_revoked(store: &dyn Store, now: i64) -> Result<Vec<RevokedIntermediate>, StoreError> {
     let mut out = Vec::new();
     for cluster in records::cluster_names(store).await? {
@@ -164,6 +165,17 @@ pub async fn all_revoked(store: &dyn Store, now: i64) -> Result<Vec<RevokedInter
         if let Some(v) = typed::get::<ClusterRecord>(store, &key).await? {
             out.extend(v.value.revoked.into_iter().filter(|r| r.not_after > now));
         }
+    }
+    for name in store.list(records::NAMESPACE).await? {
+        if !name.starts_with(records::ARCHIVE_PREFIX) {
+            continue;
+        }
+        let key = ObjectKey::new(records::NAMESPACE, &name)?;
+        let Some(archive) = store.get(&key).await? else { continue };
+        let Some(bytes) = archive.value.get(records::ARCHIVED_CLUSTER_KEY) else { continue };
+        let rec: ClusterRecord = serde_json::from_slice(bytes)
+            .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: format!("cluster.json: {e}") })?;
+        out.extend(rec.revoked.into_iter().filter(|r| r.not_after > now));
     }
     out.sort_by(|a, b| a.serial.cmp(&b.serial));
     Ok(out)

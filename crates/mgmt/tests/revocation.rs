@@ -181,6 +181,24 @@ async fn the_published_crl_lists_the_revoked_serial_verifies_with_openssl_and_is
     assert_eq!(crl.next_update(), p.clock.now() + TTL);
 }
 
+/// `meshca cluster remove` archives the cluster's record; the intermediates revoked before
+/// stay listed in the CRL (a stolen key does not become good again when its cluster goes).
+#[tokio::test]
+async fn a_removed_clusters_revoked_serial_stays_in_the_crl() {
+    let p = Plane::start().await;
+    p.register("cluster-2").await;
+    let (_, serial) = p.issue("cluster-2").await;
+    revocation::revoke(p.store.as_ref(), "cluster-2", None, Reason::KeyCompromise, "o", p.clock.now()).await.unwrap();
+    assert!(Crl::parse_pem_bundle(p.publish().await.pem.as_bytes()).unwrap()[0].lists(&serial));
+    let removed = meshca_mgmt::removal::remove(p.store.as_ref(), "cluster-2", "operator/admin", p.clock.now())
+        .await
+        .unwrap()
+        .expect("registered");
+    assert!(removed.archive.starts_with(records::ARCHIVE_PREFIX), "{}", removed.archive);
+    let after = p.publish().await;
+    assert!(Crl::parse_pem_bundle(after.pem.as_bytes()).unwrap()[0].lists(&serial), "still revoked after removal");
+}
+
 /// The publisher task on the manual clock: it publishes at start, and again at half the CRL's
 /// lifetime, with nobody calling it. It starts after a revocation whose CRL was never signed (a
 /// management plane stopped right after recording it): its first CRL lists the serial.
