@@ -15,6 +15,7 @@
 
 mod common;
 mod kube_support;
+mod vault_support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +29,7 @@ use kube::{Client, ResourceExt};
 use kube_support::*;
 use meshca_kube::testing::ApiServer;
 use serde_json::{Value, json};
+use vault_support::{Storage, Vault};
 
 const MODES: [&str; 4] = ["generated", "secretRef", "intermediateRef", "vault"];
 
@@ -421,8 +423,27 @@ async fn istiod_wiring(api: &ApiServer, d: &Path, kc: &Path) {
         // the stored policy; what follows waits for its effect anyway.
         assert!(ok || err.contains("the policy was stored but has not been loaded yet"), "{out}{err}");
     };
-    let vault = "    vault: { server: \"https://vault.example.com:8200\", caPath: pki/root/sign-intermediate, auth: { token: { tokenFile: /var/run/vault/token } } }";
-    tokio::task::block_in_place(|| policy(vault, "720h", false));
+    // Vault mode on the mesh's own root: a real Vault whose `pki` mount holds the root meshca
+    // generated (imported), so this is a change of CA mode only. (A mount with another root is a
+    // root rotation, crates/meshca/tests/root_rotation_vault.rs; the management plane reads the
+    // mount's root before it lets a policy name it.)
+    let vault_server = tokio::task::block_in_place(|| {
+        let vault = Vault::start(&d.join("vault"), Storage::Dev);
+        let root = StoreView::mgmt(&m).get("meshca", "root-ca").expect("the generated root");
+        let pem = |k: &str| String::from_utf8(root.get(k).unwrap().to_vec()).unwrap();
+        vault.pki_mount("pki", "87600h");
+        vault.ok(
+            "POST",
+            "pki/config/ca",
+            json!({ "pem_bundle": format!("{}{}", pem("ca-cert.pem"), pem("ca-key.pem")) }),
+        );
+        vault
+    });
+    let vault = format!(
+        "    vault: {{ server: \"{}\", caPath: pki/root/sign-intermediate, auth: {{ token: {{ tokenFile: /var/run/vault/token }} }} }}",
+        vault_server.addr
+    );
+    tokio::task::block_in_place(|| policy(&vault, "720h", false));
     let wired = eventually(Duration::from_secs(30), "the sidecar", || async {
         let d = get_istiod(api).await;
         pod_spec(&d)["containers"].as_array().unwrap().iter().any(|c| c["name"] == "meshca-vault-agent").then_some(d)

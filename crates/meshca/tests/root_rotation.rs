@@ -49,9 +49,12 @@ fn an_operators_rotation_completes_and_an_aborted_one_returns_to_the_old_root_wi
     wait_until(ROTATION, "cluster-1 to trust {A, B}", || {
         log.latest("cluster-1").is_some_and(|h| h.roots == [a.clone(), b.clone()])
     });
-    let before = Leaf::get(&up, d, "cluster-1", "before-switch");
-    let learned: Vec<String> = before.trusted().iter().map(Cert::fingerprint).collect();
-    assert_eq!(learned, [a.clone(), b.clone()], "the last element is the root set, A first");
+    // The workload CA picks the new cacerts up on its next look (it polls every 200 ms).
+    let before = wait_for(Duration::from_secs(10), "cluster-1's workload CA to hand out {A, B}", || {
+        let leaf = Leaf::get(&up, d, "cluster-1", "before-switch");
+        let learned: Vec<String> = leaf.trusted().iter().map(Cert::fingerprint).collect();
+        (learned == [a.clone(), b.clone()]).then_some(leaf)
+    });
     assert_eq!(before.chain_root(&before.trusted()), a, "issued under A");
     // While it distributes, status says what it waits for.
     let st = status(&creds);
@@ -60,8 +63,10 @@ fn an_operators_rotation_completes_and_an_aborted_one_returns_to_the_old_root_wi
     }
 
     wait_until(ROTATION, "cluster-2 to sign under B", || log.latest("cluster-2").is_some_and(|h| h.chain_root == b));
-    let after = Leaf::get(&up, d, "cluster-2", "after-switch");
-    assert_eq!(after.chain_root(&after.trusted()), b, "issued under B");
+    let after = wait_for(Duration::from_secs(10), "cluster-2's workload CA to sign under B", || {
+        let leaf = Leaf::get(&up, d, "cluster-2", "after-switch");
+        (leaf.chain_root(&leaf.trusted()) == b).then_some(leaf)
+    });
     // Pre-switch leaf (under A) and post-switch leaf (under B), each trusting what its workload
     // learned: mutual TLS in OpenSSL, both ways.
     let r = openssl_mtls(d, &before.party(), &after.party());
@@ -89,7 +94,10 @@ fn an_operators_rotation_completes_and_an_aborted_one_returns_to_the_old_root_wi
         assert_eq!(sets[2], [sets[1][1].clone()], "{c}: B alone");
     }
     // A new leaf chains to B, and OpenSSL verifies it against the cluster's root-cert.pem ({B}).
-    let fresh = Leaf::get(&up, d, "cluster-3", "fresh");
+    let fresh = wait_for(Duration::from_secs(10), "cluster-3's workload CA to hand out {B}", || {
+        let leaf = Leaf::get(&up, d, "cluster-3", "fresh");
+        (leaf.trusted().iter().map(Cert::fingerprint).collect::<Vec<_>>() == [b.clone()]).then_some(leaf)
+    });
     let ca_file = PathBuf::from(up["clusters"][2]["workload_ca"]["ca_file"].as_str().unwrap());
     let (ok, out) = openssl_verify_leaf(d, &fresh.files, &ca_file);
     assert!(ok, "{out}");
