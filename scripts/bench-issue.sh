@@ -87,8 +87,11 @@ vapi POST pki/root/generate/internal '{"common_name":"bench root","key_type":"ec
 printf '%s' "$vtoken" >"$data/vault/token"
 log "vault $("$vault" version | head -n1) pid $vault_pid on $vaddr (raft storage, EC P-256 root)"
 
-# ---- meshca: the default store, the issuance rate limit lifted ----
+# ---- meshca: the default store, the rate limits lifted ----
+# (The per-cluster issuance limit and the per-address budget of calls without a client certificate
+# are policies, not costs; every simulated cluster here shares 127.0.0.1.)
 "$meshca" server --data-dir "$data/meshca" --listen 127.0.0.1:0 --issue-burst 1000000 --issue-per-minute 1e9 \
+    --peer-requests-per-second 0 \
     2>"$data/meshca-server.log" &
 server_pid=$!
 pids+=("$server_pid")

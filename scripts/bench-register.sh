@@ -69,7 +69,9 @@ fi
 log "machine: $(nproc) cores; $(uptime)"
 log "data directory: $data ($(df -T "$data" | awk 'NR == 2 { print $2 }'))"
 # Port 0: the server binds a free port and records it in operator/server.
+# The per-address budget of registrations is lifted: every simulated cluster shares 127.0.0.1.
 "$meshca" server --data-dir "$data" --listen 127.0.0.1:0 --store "${BENCH_STORE:-sqlite}" "${policy_args[@]}" \
+    --peer-requests-per-second 0 \
     2>"$data/server.log" &
 server_pid=$!
 for _ in $(seq 300); do

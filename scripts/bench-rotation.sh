@@ -2,7 +2,7 @@
 # Root rotation benchmark (docs/root-rotation.md, docs/benchmarks.md): how long a whole root rotation
 # takes in `meshca up` with N clusters and sample traffic, against its lower bound — the waits the
 # protocol cannot skip, half the maximum leaf lifetime plus skew, then the maximum leaf lifetime plus
-# skew (1.5 L + 2 s). What is left over is what meshca adds: agents re-issuing and reporting at each
+# skew (1.5 L + 2 × skew). What is left over is what meshca adds: agents re-issuing and reporting at each
 # of the four steps, the controller noticing.
 #
 # Starts `meshca up --clusters N --leaf-ttl L --rotation-skew S`, waits until every cluster serves,
@@ -105,5 +105,5 @@ bound = 1.5 * L + 2 * S
 print(f"clusters {n}, leaf lifetime {L}s, skew {S}s, {st['handshakes_ok']} handshakes ok, 0 failed")
 for name, a, b in zip(names, t, t[1:]):
     print(f"  {name:<12} {b - a:5d} s   (protocol wait {waits[name]:5.1f} s)")
-print(f"  whole rotation {total:6.1f} s (meshca rotate root -> status Idle); lower bound 1.5 L + 2 s = {bound:.1f} s; overhead {total - bound:.1f} s ({100 * (total - bound) / bound:.0f} %)")
+print(f"  whole rotation {total:6.1f} s (meshca rotate root -> status Idle); lower bound 1.5 L + 2 skew = {bound:.1f} s; overhead {total - bound:.1f} s ({100 * (total - bound) / bound:.0f} %)")
 EOF

@@ -185,10 +185,33 @@ async fn segment_indices(store: &dyn Store) -> Result<Vec<u64>, StoreError> {
     Ok(out)
 }
 
+/// The index of the last segment (0 when there is none), found by probing segment objects
+/// rather than listing the namespace: segments are created one after another and never removed,
+/// so their existence is a prefix of the indices, and a doubling then halving search takes
+/// O(log n) reads. (Listing the namespace on every append cost O(records) per issuance: with
+/// 10,000 clusters, quadratic.)
+async fn last_segment(store: &dyn Store) -> Result<u64, StoreError> {
+    let exists = |i: u64| async move { Ok::<bool, StoreError>(store.get(&segment_key(i)).await?.is_some()) };
+    if !exists(0).await? {
+        return Ok(0);
+    }
+    // Invariant: `lo` exists; `hi` does not.
+    let (mut lo, mut hi) = (0u64, 1u64);
+    while exists(hi).await? {
+        lo = hi;
+        hi = hi.saturating_mul(2);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if exists(mid).await? { lo = mid } else { hi = mid }
+    }
+    Ok(lo)
+}
+
 /// Appends `event` at `now`; returns the entry written.
 pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result<Entry, StoreError> {
     loop {
-        let index = segment_indices(store).await?.last().copied().unwrap_or(0);
+        let index = last_segment(store).await?;
         // The chain continues from the previous segment's last entry when this one is empty.
         let before = match index.checked_sub(1) {
             Some(i) => typed::get::<Segment>(store, &segment_key(i))
