@@ -208,8 +208,23 @@ async fn last_segment(store: &dyn Store) -> Result<u64, StoreError> {
     Ok(lo)
 }
 
+/// One lock per store instance in this process: appends from concurrent calls (64 issuances at
+/// once) take turns instead of racing for the last segment's compare-and-swap, where every loser
+/// re-reads and rewrites the whole segment. Other processes (another replica) still meet at the
+/// compare-and-swap, which is what keeps the chain from forking.
+fn append_lock(store: &dyn Store) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<usize, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    let id = store as *const dyn Store as *const () as usize;
+    let mut locks = LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    locks.entry(id).or_default().clone()
+}
+
 /// Appends `event` at `now`; returns the entry written.
 pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result<Entry, StoreError> {
+    let lock = append_lock(store);
+    let _turn = lock.lock().await;
     loop {
         let index = last_segment(store).await?;
         // The chain continues from the previous segment's last entry when this one is empty.
