@@ -12,9 +12,9 @@
   const ROOT_ROTATION_PHASES = ['Idle', 'Distributing', 'Switching', 'Draining', 'Retiring'];
 
   // The states of a certificate, most severe first. Each has a colour in app.css
-  // (.state-<name>). Adding one (revoked, once intermediates can be revoked) is a row here, a
-  // rule in classifyCluster, and a colour.
+  // (.state-<name>), a row here and a rule in classifyCluster.
   const STATES = [
+    { name: 'revoked', label: 'revoked' },
     { name: 'expired', label: 'expired' },
     { name: 'degraded', label: 'degraded' },
     { name: 'renewing', label: 'renewing' },
@@ -59,6 +59,9 @@
 
   function classifyCluster(c, now, alerted) {
     if (!c.registered || !c.intermediateSerial) return 'pending';
+    // `meshca revoke` makes the cluster re-issue at once, so this lasts until its new
+    // intermediate is in place (or for good, if the cluster cannot get one).
+    if ((c.issued || []).some((r) => r.serial === c.intermediateSerial && r.revoked)) return 'revoked';
     if (c.intermediateNotAfter > 0 && now >= c.intermediateNotAfter) return 'expired';
     if (c.phase === 'Degraded' || !c.connected || alerted.has(c.name)) return 'degraded';
     if (c.phase === 'Renewing' || (c.nextRenewal > 0 && now >= c.nextRenewal)) return 'renewing';
@@ -542,7 +545,7 @@
         { text: `${time(r.issuedAt)} (${ago(m.now, r.issuedAt)})` },
         { text: cluster },
         { text: r.reason },
-        { text: short(r.serial, 20), cls: 'mono' },
+        { text: r.revoked ? `${short(r.serial, 20)} (revoked: ${r.revoked.reason})` : short(r.serial, 20), cls: r.revoked ? 'mono revoked' : 'mono' },
         { text: r.keyAlgorithm || '–' },
         { text: time(r.notAfter) },
       ],

@@ -471,7 +471,10 @@ fn synthetic_document(n: usize, now: i64) -> Value {
                     reason: IssueReason::Renewal as i32,
                     key_algorithm: "ECDSA P-256".into(),
                     issuer_fingerprint: upstream.fingerprint.clone(),
-                    ..Default::default()
+                    // One cluster whose intermediate in service was just revoked (`meshca revoke`).
+                    revoked_at: if i == 3 { now - 5 } else { 0 },
+                    revocation_reason: if i == 3 { "keyCompromise".into() } else { String::new() },
+                    revoked_by: if i == 3 { "operator/admin".into() } else { String::new() },
                 }],
             }
         })
@@ -604,6 +607,11 @@ fn two_hundred_clusters_stay_readable() {
         assert!(rotation[1].contains(shown), "{shown:?} in {rotation:?}");
     }
     assert!(!rotation[1].contains("No root rotation in progress"), "{rotation:?}");
+    // The cluster whose intermediate in service is revoked shows as revoked, and only it.
+    let revoked: Vec<String> = tab.eval(
+        "() => [...document.querySelectorAll('[data-cluster][data-state=\"revoked\"]')].map((c) => c.dataset.cluster)",
+    );
+    assert_eq!(revoked, ["cluster-3"], "{revoked:?}");
     // Filtering by state narrows the tree and the timeline together.
     let degraded: usize =
         tab.eval("() => { document.querySelector('.chip[data-state=\"degraded\"]').click(); return document.querySelectorAll('[data-cluster]').length; }");
