@@ -36,23 +36,9 @@ if [ -z "$meshca" ]; then
 fi
 [ -x "$meshca" ] || { log "missing $meshca"; exit 1; }
 
-dir=$(mktemp -d "${TMPDIR:-/tmp}/meshca-bench-revoke.XXXXXX")
-up_pid=
-cleanup() {
-    if [ -n "$up_pid" ] && kill -0 "$up_pid" 2>/dev/null; then
-        kill -INT "$up_pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$up_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$up_pid" 2>/dev/null || true
-    fi
-    if [ -n "${BENCH_KEEP_DATA:-}" ]; then log "kept $dir"; else rm -rf "$dir"; fi
-}
-trap cleanup EXIT
+. scripts/lib/bench-up.sh
 
-"$meshca" up --dir "$dir/up" --clusters "$clusters" --intermediate-ttl 1h --call-interval 500ms \
-    >"$dir/up.out" 2>&1 &
-up_pid=$!
-for _ in $(seq 300); do [ -f "$dir/up/topology.json" ] && break; kill -0 $up_pid || exit 1; sleep 0.2; done
-[ -f "$dir/up/topology.json" ] || { log "no topology.json"; exit 1; }
+bench_up revoke "$meshca" --clusters "$clusters" --intermediate-ttl 1h --call-interval 500ms
 
 python3 - "$meshca" "$dir/up" <<'EOF'
 import base64, json, os, re, subprocess, sys, time

@@ -43,23 +43,10 @@ if [ -z "$meshca" ]; then
 fi
 [ -x "$meshca" ] || { log "missing $meshca"; exit 1; }
 
-dir=$(mktemp -d "${TMPDIR:-/tmp}/meshca-bench-rotation.XXXXXX")
-up_pid=
-cleanup() {
-    if [ -n "$up_pid" ] && kill -0 "$up_pid" 2>/dev/null; then
-        kill -INT "$up_pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$up_pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$up_pid" 2>/dev/null || true
-    fi
-    if [ -n "${BENCH_KEEP_DATA:-}" ]; then log "kept $dir"; else rm -rf "$dir"; fi
-}
-trap cleanup EXIT
+. scripts/lib/bench-up.sh
 
-"$meshca" up --dir "$dir/up" --clusters "$clusters" --leaf-ttl "$leaf" --rotation-skew "$skew" \
-    --intermediate-ttl 1h --call-interval 1s >"$dir/up.out" 2>&1 &
-up_pid=$!
-for _ in $(seq 600); do [ -f "$dir/up/topology.json" ] && break; kill -0 "$up_pid" || { cat "$dir/up.out" >&2; exit 1; }; sleep 0.2; done
-[ -f "$dir/up/topology.json" ] || { log "meshca up wrote no topology.json"; exit 1; }
+bench_up rotation "$meshca" --clusters "$clusters" --leaf-ttl "$leaf" --rotation-skew "$skew" \
+    --intermediate-ttl 1h --call-interval 1s
 creds=$dir/up/mgmt/operator
 status() { "$meshca" status -o json --credentials "$creds"; }
 # Every cluster reporting Ready under the current generation.
