@@ -254,6 +254,11 @@ impl Cert {
         &self.issuer_der
     }
 
+    /// The numbers of the public key (a JSON Web Key's `x`/`y` or `n`/`e`).
+    pub fn public_key_components(&self) -> Result<der_util::PublicKeyComponents, PublicKeyError> {
+        der_util::public_key_components(&self.spki_der)
+    }
+
     /// The DER `SubjectPublicKeyInfo`.
     pub fn spki_der(&self) -> &[u8] {
         &self.spki_der
@@ -282,6 +287,12 @@ impl Cert {
     /// `true` when basicConstraints says CA:TRUE.
     pub fn is_ca(&self) -> bool {
         self.ext.basic_constraints.as_ref().is_some_and(|b| b.ca)
+    }
+
+    /// Whether this certificate may sign certificates: CA:TRUE and a key usage (when present)
+    /// allowing keyCertSign.
+    pub fn can_sign_certificates(&self) -> bool {
+        self.is_ca() && self.allows_key_usage(KeyUsages::KeyCertSign)
     }
 
     /// The pathLenConstraint, when present on a CA.

@@ -139,17 +139,21 @@ pub(crate) fn public_key_kind(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<Publ
 /// The public exponent of an RSA `SubjectPublicKeyInfo`, as big-endian bytes without leading
 /// zeros (`RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }`, RFC 8017).
 pub(crate) fn rsa_public_exponent(spki: &SubjectPublicKeyInfoRef<'_>) -> Result<Vec<u8>, PublicKeyError> {
-    #[derive(der::Sequence)]
-    struct RsaPublicKey<'a> {
-        _modulus: der::asn1::UintRef<'a>,
-        public_exponent: der::asn1::UintRef<'a>,
-    }
+    Ok(rsa_public_key(spki)?.public_exponent.as_bytes().to_vec())
+}
+
+#[derive(der::Sequence)]
+struct RsaPublicKey<'a> {
+    modulus: der::asn1::UintRef<'a>,
+    public_exponent: der::asn1::UintRef<'a>,
+}
+
+fn rsa_public_key<'a>(spki: &SubjectPublicKeyInfoRef<'a>) -> Result<RsaPublicKey<'a>, PublicKeyError> {
     let bytes = spki
         .subject_public_key
         .as_bytes()
         .ok_or_else(|| PublicKeyError::Malformed("RSA public key is not a whole number of bytes".into()))?;
-    let key = RsaPublicKey::from_der(bytes).map_err(|e| PublicKeyError::Malformed(format!("RSA public key: {e}")))?;
-    Ok(key.public_exponent.as_bytes().to_vec())
+    RsaPublicKey::from_der(bytes).map_err(|e| PublicKeyError::Malformed(format!("RSA public key: {e}")))
 }
 
 /// A readable name for an OID: its registered name where known, else the dotted form.
@@ -372,5 +376,47 @@ mod tests {
         assert!(pem_blocks(bad.as_bytes()).is_err());
         let cut = rewrap(&pem, 76, "\n");
         assert!(pem_blocks(&cut.as_bytes()[..cut.len() - 12]).is_err());
+    }
+}
+
+/// The numbers of a public key, as a JSON Web Key carries them (RFC 7518 §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKeyComponents {
+    /// An EC point: the curve and its coordinates, each the curve's full width (big-endian).
+    Ec {
+        /// The curve.
+        curve: Curve,
+        /// X coordinate.
+        x: Vec<u8>,
+        /// Y coordinate.
+        y: Vec<u8>,
+    },
+    /// An RSA key: modulus and public exponent, big-endian without leading zeros.
+    Rsa {
+        /// Modulus.
+        n: Vec<u8>,
+        /// Public exponent.
+        e: Vec<u8>,
+    },
+}
+
+/// The components of a `SubjectPublicKeyInfo` meshca accepts (P-256/P-384 or RSA).
+pub(crate) fn public_key_components(spki_der: &[u8]) -> Result<PublicKeyComponents, PublicKeyError> {
+    let spki = SubjectPublicKeyInfoRef::from_der(spki_der)
+        .map_err(|e| PublicKeyError::Malformed(format!("SubjectPublicKeyInfo: {e}")))?;
+    match public_key_kind(&spki)? {
+        PublicKeyKind::Ec(curve) => {
+            // `public_key_kind` checked: an uncompressed point, 0x04 || X || Y.
+            let point = &spki.subject_public_key.raw_bytes()[1..];
+            let (x, y) = point.split_at(point.len() / 2);
+            Ok(PublicKeyComponents::Ec { curve, x: x.to_vec(), y: y.to_vec() })
+        }
+        PublicKeyKind::Rsa { .. } => {
+            let key = rsa_public_key(&spki)?;
+            Ok(PublicKeyComponents::Rsa {
+                n: key.modulus.as_bytes().to_vec(),
+                e: key.public_exponent.as_bytes().to_vec(),
+            })
+        }
     }
 }

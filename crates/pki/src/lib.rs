@@ -23,7 +23,7 @@ pub use cert::{Cert, CertError};
 pub use chain::{ChainError, Usage, verify_chain};
 pub use crl::{Crl, CrlError, CrlParams, Reason, Revoked};
 pub use csr::{CsrError, CsrPolicy, VerifiedCsr, build_csr, verify_csr};
-pub use der_util::{PublicKeyError, SignatureError};
+pub use der_util::{PublicKeyComponents, PublicKeyError, SignatureError};
 pub use issue::{CaSigner, IntermediateParams, IssueError, Issued, LeafParams, RootParams};
 pub use key::{Curve, KeyAlgorithm, KeyError, PrivateKey, PublicKeyKind};
 pub use rootset::{RootSet, RootSetError};
