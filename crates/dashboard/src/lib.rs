@@ -79,7 +79,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DashboardError> {
     let app = http::router(http::AppState::new(dashboard, SESSION_TTL));
-    let listener = listener::TlsListener::new(listener, tls).map_err(DashboardError::Io)?;
+    let listener = listener::TlsListener::new(listener, tls, listener::LIMITS).map_err(DashboardError::Io)?;
     axum::serve(listener, app.into_make_service_with_connect_info::<listener::Peer>())
         .with_graceful_shutdown(shutdown)
         .await

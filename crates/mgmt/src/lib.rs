@@ -20,6 +20,8 @@
 //!   (the signer and root set of the rotation's phase) that everything else reads.
 //! - [`error`]: the errors, and the one mapping from an internal failure to what a caller sees
 //!   ([`error::caller_status`]: an error id, never a path).
+//! - [`federation`]: the SPIFFE bundle endpoint, serving the root set to other trust domains
+//!   with a sequence number that follows the root rotation.
 //! - [`status`], [`metrics`], [`dashboard`]: what operators see; [`replica`]: several replicas,
 //!   one leader.
 //! - [`server`]: the wiring, with every task supervised.
@@ -33,6 +35,7 @@ pub mod castore;
 pub mod convergence;
 pub mod dashboard;
 pub mod error;
+pub mod federation;
 pub mod grpc;
 pub mod identities;
 pub mod issuer;
@@ -55,5 +58,6 @@ pub mod tokens;
 
 pub use dashboard::DashboardListener;
 pub use error::MgmtError;
+pub use federation::BundleEndpoint;
 pub use grpc::Settings;
 pub use server::{ServeWith, ServerOptions, serve, serve_with};

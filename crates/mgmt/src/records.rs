@@ -62,6 +62,12 @@ pub fn crl() -> ObjectKey {
     fixed("published-crl")
 }
 
+/// The SPIFFE bundle's sequence number per trust domain
+/// ([`crate::federation::publish::Sequences`]).
+pub fn spiffe_bundle() -> ObjectKey {
+    fixed("spiffe-bundle")
+}
+
 /// Operator credentials issued and revoked ([`OperatorLog`]).
 pub fn operators() -> ObjectKey {
     fixed("operator-credentials")

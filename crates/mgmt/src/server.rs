@@ -2,7 +2,7 @@
 //! behind one TLS listener.
 //!
 //! Every task the server starts (the authority loader, the serving certificate's renewal, the
-//! metrics endpoint, the dashboard, the status publisher) runs in one `JoinSet` under one cancellation token,
+//! metrics endpoint, the dashboard, the SPIFFE bundle endpoint, the status publisher) runs in one `JoinSet` under one cancellation token,
 //! and its connections and calls are owned by [`meshca_serve::GrpcServer`]: when the server
 //! stops, the token fires, long-lived trust streams end, calls in flight get
 //! [`ServerOptions::serve`]'s drain timeout, and each child gets [`CHILD_GRACE`] more, so
@@ -143,11 +143,19 @@ pub struct ServeWith {
     pub clock: SharedClock,
     /// The web dashboard's listener, when it is served.
     pub dashboard: Option<crate::dashboard::DashboardListener>,
+    /// The SPIFFE bundle endpoint's listener and profile, when it is served.
+    pub bundle_endpoint: Option<crate::federation::BundleEndpoint>,
 }
 
 impl Default for ServeWith {
     fn default() -> Self {
-        ServeWith { policy_source: None, leader: None, clock: meshca_clock::system(), dashboard: None }
+        ServeWith {
+            policy_source: None,
+            leader: None,
+            clock: meshca_clock::system(),
+            dashboard: None,
+            bundle_endpoint: None,
+        }
     }
 }
 
@@ -303,6 +311,15 @@ async fn run(
             serving: swappable.clone(),
         };
         crate::dashboard::spawn(d, wiring, cancel.child_token(), tasks)?;
+    }
+    if let Some(e) = with.bundle_endpoint {
+        let wiring = crate::federation::endpoint::Wiring {
+            store: store.clone(),
+            authority: authority.clone(),
+            clock: clock.clone(),
+            leader: with.leader.clone(),
+        };
+        crate::federation::endpoint::spawn(e, wiring, cancel.child_token(), tasks)?;
     }
     let (nudge, _) = watch::channel(0u64);
     let publisher = crate::revocation::Publisher {

@@ -10,12 +10,15 @@
 //! - [`limit`]: rate limits keyed by address (before authentication) or identity (after);
 //! - [`admission`]: a bounded, fair queue in front of expensive work (a herd of re-requests);
 //! - [`pushback`]: `RESOURCE_EXHAUSTED` carrying a retry hint;
-//! - [`metrics`]: what all of that counts.
+//! - [`metrics`]: what all of that counts;
+//! - [`https`]: the same care (handshake deadline, connection cap) for the small HTTPS servers
+//!   (the dashboard, the SPIFFE bundle endpoint).
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod conn;
 pub mod fd;
+pub mod https;
 pub mod limit;
 pub mod metrics;
 pub mod pushback;

@@ -36,7 +36,7 @@ impl VaultClient {
         namespace: Option<&str>,
         timeout: Duration,
     ) -> Result<Self, VaultError> {
-        let http = HttpClient::new(server, ca_file, timeout)
+        let http = crate::http::client(server, ca_file, timeout)
             .map_err(|message| VaultError::Config { field: "spec.config.vault.server".into(), message })?;
         Ok(VaultClient {
             http,
@@ -72,7 +72,7 @@ impl VaultClient {
             .http
             .send(method.clone(), &format!("/v1/{path}"), &headers, body)
             .await
-            .map_err(|reason| VaultError::Unreachable { server: self.server.clone(), reason })?;
+            .map_err(|e| VaultError::Unreachable { server: self.server.clone(), reason: e.to_string() })?;
         let json: Option<Value> = serde_json::from_slice(&resp.body).ok();
         if !(200..300).contains(&resp.status) {
             return Err(VaultError::Api {

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 pub mod agent;
+pub mod bundle_endpoint;
 pub mod dashboard;
 pub mod demo;
 pub mod inspect;

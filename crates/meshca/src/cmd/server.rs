@@ -72,6 +72,8 @@ pub struct Args {
     #[arg(long, default_value_t = meshca_serve::server::DEFAULT_MAX_PER_IDENTITY)]
     max_connections_per_identity: usize,
     #[command(flatten)]
+    bundle: super::bundle_endpoint::Args,
+    #[command(flatten)]
     serve: super::ServeArgs,
     #[command(flatten)]
     kube: super::kube::KubeArgs,
@@ -195,12 +197,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let bundle_endpoint = match args.bundle.bundle_endpoint_addr {
+        Some(addr) => {
+            let td = bundle_trust_domain(store.as_ref(), opts.policy_yaml.as_deref(), &opts.default_policy).await;
+            let (endpoint, access) = args.bundle.open(addr, &opts.hostnames, &td).await?;
+            eprintln!("SPIFFE bundle endpoint on {}", access.describe());
+            Some(endpoint)
+        }
+        None => None,
+    };
     let creds = args.data_dir.join("operator");
     let on_bound = move |addr| {
         eprintln!("management plane listening on {addr}; operator credentials in {}", creds.display());
     };
     let Some(client) = kube else {
-        let with = meshca_mgmt::ServeWith { dashboard, ..Default::default() };
+        let with = meshca_mgmt::ServeWith { dashboard, bundle_endpoint, ..Default::default() };
         meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await?;
         return Ok(());
     };
@@ -228,6 +239,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         leader: Some(election.view()),
         clock: meshca_clock::system(),
         dashboard,
+        bundle_endpoint,
     };
     let result = meshca_mgmt::serve_with(store, opts, with, on_bound, super::ctrl_c()).await;
     // Signing has stopped: the lease is handed over at once instead of after the lease duration
@@ -235,4 +247,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     election.stop().await;
     result?;
     Ok(())
+}
+
+/// The trust domain the bundle endpoint is expected to serve, for the line printed at start: the
+/// policy given, else the stored one, else the default. (The endpoint itself always serves the
+/// policy in force; in Kubernetes mode that is the RootTrustPolicy resource, which this does not
+/// read, so the line may name the default trust domain there.)
+async fn bundle_trust_domain(
+    store: &dyn meshca_store::Store,
+    policy_yaml: Option<&str>,
+    default: &Policy,
+) -> meshca_pki::TrustDomain {
+    if let Some(p) = policy_yaml.and_then(|t| Policy::from_yaml(t).ok()) {
+        return p.trust_domain;
+    }
+    match meshca_mgmt::loader::stored_policy(store).await {
+        Ok(Some(p)) => p.trust_domain,
+        _ => default.trust_domain.clone(),
+    }
 }

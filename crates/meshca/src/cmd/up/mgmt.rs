@@ -83,6 +83,8 @@ pub struct Started {
     pub memory_root: Option<PathBuf>,
     /// The dashboard's URL and login token.
     pub dashboard: crate::cmd::dashboard::Access,
+    /// The SPIFFE bundle endpoint's URL and profile.
+    pub bundle: crate::cmd::bundle_endpoint::Access,
 }
 
 /// Starts the management plane for `a` under `dir`, its tasks in `tasks`.
@@ -143,6 +145,8 @@ pub async fn start(
     }
     let hostnames = vec!["localhost".to_string()];
     let (dashboard_listener, dashboard) = crate::cmd::dashboard::open(a.dashboard_addr, &hostnames).await?;
+    let bundle_addr = a.bundle.bundle_endpoint_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (bundle_endpoint, bundle) = a.bundle.open(bundle_addr, &hostnames, &a.trust_domain).await?;
     let opts = ServerOptions {
         listen: "127.0.0.1:0".parse()?,
         hostnames,
@@ -159,8 +163,12 @@ pub async fn start(
     };
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let with =
-        meshca_mgmt::ServeWith { clock: clock.clone(), dashboard: Some(dashboard_listener), ..Default::default() };
+    let with = meshca_mgmt::ServeWith {
+        clock: clock.clone(),
+        dashboard: Some(dashboard_listener),
+        bundle_endpoint: Some(bundle_endpoint),
+        ..Default::default()
+    };
     let server_store = store.clone();
     let server_stop = stop.clone();
     tasks.spawn(async move {
@@ -187,5 +195,5 @@ pub async fn start(
         }
     };
     let relay_ca = std::fs::read(dir.join("mgmt").join("operator").join("relay-ca.pem"))?;
-    Ok(Started { addr, store, relay_ca, memory_root, dashboard })
+    Ok(Started { addr, store, relay_ca, memory_root, dashboard, bundle })
 }

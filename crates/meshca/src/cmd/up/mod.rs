@@ -102,6 +102,8 @@ pub struct Args {
     #[arg(long, required_if_eq("ca", "byo-intermediate"))]
     intermediate_from: Option<PathBuf>,
     #[command(flatten)]
+    bundle: crate::cmd::bundle_endpoint::Args,
+    #[command(flatten)]
     vault: VaultArgs,
 }
 
@@ -254,6 +256,7 @@ async fn run_topology(
         mgmt.dashboard.token.secret(),
         credentials
     );
+    say!("  SPIFFE bundle     {}", mgmt.bundle.describe());
 
     let mut topo = Vec::new();
     let mut runs: Vec<ClusterRun> = Vec::new();
@@ -275,6 +278,11 @@ async fn run_topology(
             address: mgmt.addr.to_string(),
             credentials,
             dashboard: mgmt.dashboard.url.clone(),
+            bundle_endpoint: topology::TopologyBundle {
+                url: mgmt.bundle.url.clone(),
+                profile: mgmt.bundle.profile.into(),
+                spiffe_id: mgmt.bundle.spiffe_id.clone(),
+            },
         },
     };
     write(&dir.join("topology.json"), serde_json::to_string_pretty(&topology)?.as_bytes(), 0o644)?;

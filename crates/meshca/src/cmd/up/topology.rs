@@ -33,4 +33,16 @@ pub struct TopologyMgmt {
     pub credentials: String,
     /// The dashboard's URL (its login token is printed, not written).
     pub dashboard: String,
+    /// The SPIFFE bundle endpoint.
+    pub bundle_endpoint: TopologyBundle,
+}
+
+#[derive(Serialize)]
+pub struct TopologyBundle {
+    /// `https://<host>:<port>/`.
+    pub url: String,
+    /// `https_web` or `https_spiffe`.
+    pub profile: String,
+    /// The serving SVID's SPIFFE ID (`https_spiffe`).
+    pub spiffe_id: Option<String>,
 }
