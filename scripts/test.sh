@@ -73,6 +73,10 @@ peer() { # VAR COMMAND...: run COMMAND (it prints the path last) unless VAR name
     fi
     echo "   $var=${!var} (${SECONDS}s so far)" >&2
 }
+# The harness is keyed by the hash of its sources and build.sh answers in seconds when that build
+# is cached, so it always decides: a path exported for an older harness (without a newer
+# subcommand) is never reused.
+unset MESHCA_ISTIO_INTEROP
 peer MESHCA_ISTIO_INTEROP bash interop/istio/build.sh
 peer MESHCA_VAULT_BIN bash scripts/peers/vault.sh build
 peer MESHCA_KUBE_APISERVER_BIN bash scripts/peers/kube-apiserver.sh build

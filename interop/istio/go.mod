@@ -4,6 +4,9 @@ go 1.26.0
 
 require istio.io/istio v0.0.0-20260827124520-eed52ebb66ad
 
+// The bundle document's shape as Istio's pkg/spiffe decodes it (spiffebundle.go).
+require github.com/go-jose/go-jose/v4 v4.1.4
+
 require (
 	cloud.google.com/go/compute/metadata v0.9.0 // indirect
 	github.com/beorn7/perks v1.0.1 // indirect
@@ -15,7 +18,6 @@ require (
 	github.com/envoyproxy/go-control-plane/envoy v1.37.1-0.20260713214202-ca8ce173c36f // indirect
 	github.com/envoyproxy/protoc-gen-validate v1.3.3 // indirect
 	github.com/fxamacker/cbor/v2 v2.9.1 // indirect
-	github.com/go-jose/go-jose/v4 v4.1.4 // indirect
 	github.com/go-logr/logr v1.4.3 // indirect
 	github.com/go-logr/stdr v1.2.2 // indirect
 	github.com/go-openapi/jsonpointer v0.23.1 // indirect

@@ -24,6 +24,7 @@ subcommands:
                --trust-domain TD [--cluster-id ID] [--ttl 1h] [--key-type rsa|ec]
                [--expect-id spiffe://...] [--csr-host spiffe://...] [--out-dir DIR] [--timeout 30s]
   check-topology [--timeout 30s] [--key-type rsa|ec] TOPOLOGY_JSON
+  spiffe-bundle --trust-domain TD --url https://HOST:PORT/ --ca-file ROOT_PEM [--timeout 10s]
 
 Exit status: 0 all checks passed, 1 a check failed (one line on stderr says which
 Istio check rejected what), 2 usage error.
@@ -101,6 +102,8 @@ func main() {
 		err = cmdRequestCert(args)
 	case "check-topology":
 		err = cmdCheckTopology(args)
+	case "spiffe-bundle":
+		err = cmdSpiffeBundle(args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 		return

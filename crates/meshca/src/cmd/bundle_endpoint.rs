@@ -13,7 +13,7 @@ use super::DurationArg;
 
 /// Where and how the SPIFFE bundle endpoint is served.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub struct BundleEndpointArgs {
     /// Serve the trust domain's SPIFFE bundle (its root set as a JWK Set, with a sequence number
     /// that grows with every change of the root set) over HTTPS at `/` on this address. Anyone
     /// who reaches it may read it: a trust bundle is public. `meshca up` serves it on a free
@@ -54,7 +54,7 @@ impl Access {
     }
 }
 
-impl Args {
+impl BundleEndpointArgs {
     /// Binds the endpoint on `addr` (or the flag's address) and reads the `https_web`
     /// certificate. The URL names the certificate's first DNS name (`https_web`) or the
     /// management plane's first host name.

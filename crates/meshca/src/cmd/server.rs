@@ -72,7 +72,7 @@ pub struct Args {
     #[arg(long, default_value_t = meshca_serve::server::DEFAULT_MAX_PER_IDENTITY)]
     max_connections_per_identity: usize,
     #[command(flatten)]
-    bundle: super::bundle_endpoint::Args,
+    bundle: super::bundle_endpoint::BundleEndpointArgs,
     #[command(flatten)]
     serve: super::ServeArgs,
     #[command(flatten)]

@@ -102,7 +102,7 @@ pub struct Args {
     #[arg(long, required_if_eq("ca", "byo-intermediate"))]
     intermediate_from: Option<PathBuf>,
     #[command(flatten)]
-    bundle: crate::cmd::bundle_endpoint::Args,
+    bundle: crate::cmd::bundle_endpoint::BundleEndpointArgs,
     #[command(flatten)]
     vault: VaultArgs,
 }
