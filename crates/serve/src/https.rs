@@ -159,3 +159,89 @@ impl AsyncWrite for Conn {
         Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::SystemTime;
+
+    use meshca_pki::{CaSigner, Cert, KeyAlgorithm, LeafParams, PrivateKey, RootParams, RootSet};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// An HTTPS server (one route, `/`) behind a [`TlsListener`] with `limits`, serving a
+    /// `localhost` certificate from a fresh CA; returns its address and that CA.
+    async fn server(limits: Limits) -> (SocketAddr, RootSet) {
+        meshca_tls::provider::install();
+        let now = SystemTime::now();
+        let ca = CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("t"), now)
+            .unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let params = LeafParams { identity: None, dns_names: vec!["localhost".into()], ttl: Duration::from_secs(600) };
+        let leaf = Cert::from_der(ca.sign_leaf(key.public_key_spki(), &params, now).unwrap().der).unwrap();
+        let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(meshca_tls::SwappableCert::new(ck));
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = TlsListener::<SocketAddr>::new(tcp, Arc::new(config), limits).unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, RootSet::from_certs(vec![ca.cert().clone()]).unwrap())
+    }
+
+    async fn get(addr: SocketAddr, roots: &RootSet) -> Result<String, meshca_http::HttpError> {
+        let url = meshca_http::Url::parse(&format!("https://localhost:{}/", addr.port())).unwrap();
+        let tls = meshca_tls::client_config(
+            meshca_tls::ServerTrust::Roots(roots),
+            meshca_tls::ClientAuth::None,
+            meshca_tls::Versions::Tls13And12,
+        )
+        .unwrap();
+        let r = meshca_http::Client::new(&url, Some(tls), Duration::from_secs(5), 1024)
+            .unwrap()
+            .send(http::Method::GET, "/", &[], None)
+            .await?;
+        Ok(String::from_utf8_lossy(&r.body).into_owned())
+    }
+
+    /// Whether the server closed `tcp` (a read ends) within `within`.
+    async fn closed(tcp: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(tokio::time::timeout(within, tcp.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_handshake_is_dropped_at_the_deadline() {
+        let limits = Limits { server: "test", handshake_timeout: Duration::from_millis(300), max_connections: 8 };
+        let (addr, roots) = server(limits).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut silent, Duration::from_secs(5)).await, "the silent client is disconnected");
+        // Meanwhile, and after, others are served.
+        assert_eq!(get(addr, &roots).await.unwrap(), "ok");
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_a_new_connection_is_closed_at_once_and_a_freed_slot_serves_again() {
+        let limits = Limits { server: "test", handshake_timeout: Duration::from_secs(30), max_connections: 2 };
+        let (addr, roots) = server(limits).await;
+        let mut held = vec![TcpStream::connect(addr).await.unwrap(), TcpStream::connect(addr).await.unwrap()];
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut third, Duration::from_secs(5)).await, "over the cap: closed");
+        assert!(get(addr, &roots).await.is_err(), "no slot while two sockets are held");
+        for h in &mut held {
+            assert!(!closed(h, Duration::from_millis(100)).await, "the held connections stay open");
+        }
+        drop(held);
+        let served = meshca_testsupport::wait::eventually(Duration::from_secs(5), "a freed slot", || async {
+            get(addr, &roots).await.ok()
+        })
+        .await;
+        assert_eq!(served, "ok");
+    }
+}

@@ -86,7 +86,7 @@ pub struct Publisher {
 const RETRY: Duration = Duration::from_secs(5);
 
 impl Publisher {
-    /// Runs until cancelled: at start, whenever the authority changes, and every [`RETRY`]
+    /// Runs until cancelled: at start, whenever the authority changes, and every five seconds
     /// while the document lags the root set.
     pub async fn run(mut self, cancel: CancellationToken) {
         loop {
