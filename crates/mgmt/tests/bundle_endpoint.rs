@@ -263,3 +263,254 @@ async fn the_sequence_grows_through_a_root_rotation_and_survives_a_restart() {
     assert_eq!((after.sequence, after.authorities), (3, last.authorities));
     again.stop().await;
 }
+
+// ---- reading another trust domain's bundle (federation::fetch) ----
+
+use meshca_mgmt::federation::fetch::{EndpointAuth, Federated, FetchError, Source, fetch};
+
+/// Another management plane's view: plane `p`'s trust domain fetched over `https_spiffe`,
+/// authenticated by `held` (the operator's first bundle, then the last good one).
+fn spiffe_source(p: &Plane) -> Source {
+    Source {
+        trust_domain: td(),
+        url: format!("https://localhost:{}/", p.bundle.port()),
+        auth: EndpointAuth::Spiffe(endpoint_id(&td())),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+fn bundle_of(roots: &RootSet) -> Bundle {
+    Bundle { trust_domain: td(), sequence: 0, refresh_hint: None, authorities: roots.iter().cloned().collect() }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_bundle_is_fetched_over_https_spiffe_with_the_first_bundle_and_the_endpoint_id() {
+    let p = Plane::start(None, ManualClock::new(SystemTime::now()), Profile::Spiffe).await;
+    let roots = p.roots().await;
+    let now = p.clock.now();
+    let source = spiffe_source(&p);
+    let first = bundle_of(&roots);
+    let state = Federated::new(Some(first.clone()), now);
+    let got =
+        eventually(WAIT, "the fetch", || async { fetch(&source, state.last_good.as_ref(), now).await.ok() }).await;
+    assert_eq!(got.authorities, first.authorities);
+    let next = state.observe(Ok(got), now);
+    assert_eq!(next.next_fetch, now + Duration::from_secs(60), "the publisher's refresh hint");
+    assert_eq!(next.failure, None);
+
+    // Held roots that do not vouch for the endpoint, or another endpoint ID: refused in the handshake.
+    let stranger =
+        CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("s"), now).unwrap();
+    let e = fetch(&source, Some(&bundle_of(&RootSet::from_certs(vec![stranger.cert().clone()]).unwrap())), now)
+        .await
+        .expect_err("stranger roots");
+    assert!(matches!(e, FetchError::Http { source: HttpError::Handshake { .. }, .. }), "{e}");
+    let other_id =
+        Source { auth: EndpointAuth::Spiffe(SpiffeId::new(td(), "spire/server").unwrap()), ..source.clone() };
+    let e = fetch(&other_id, Some(&first), now).await.expect_err("another endpoint ID");
+    assert!(matches!(e, FetchError::Http { source: HttpError::Handshake { .. }, .. }), "{e}");
+    // An endpoint ID outside the trust domain, or no first bundle: a configuration error.
+    let elsewhere = Source {
+        auth: EndpointAuth::Spiffe(SpiffeId::new(TrustDomain::new("other.example").unwrap(), "x").unwrap()),
+        ..source.clone()
+    };
+    assert!(matches!(fetch(&elsewhere, Some(&first), now).await, Err(FetchError::Config { .. })));
+    assert!(matches!(fetch(&source, None, now).await, Err(FetchError::Config { .. })));
+    p.stop().await;
+}
+
+/// What the hostile endpoint answers.
+#[derive(Clone)]
+enum Answer {
+    Body(u16, Vec<u8>),
+    Hang,
+}
+
+/// A real HTTPS server standing in for a foreign trust domain's bundle endpoint that answers
+/// whatever the test sets (bad documents, errors, nothing at all): the inputs meshca must refuse
+/// come from outside by definition, so the test plays that outside. `https_web` with a
+/// `localhost` certificate from its own CA.
+struct Hostile {
+    addr: SocketAddr,
+    ca: RootSet,
+    answer: Arc<std::sync::Mutex<Answer>>,
+}
+
+impl Hostile {
+    async fn start() -> Hostile {
+        meshca_tls::provider::install();
+        let now = SystemTime::now();
+        let ca = CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("h"), now)
+            .unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let params = LeafParams { identity: None, dns_names: vec!["localhost".into()], ttl: Duration::from_secs(3600) };
+        let leaf = Cert::from_der(ca.sign_leaf(key.public_key_spki(), &params, now).unwrap().der).unwrap();
+        let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(meshca_tls::SwappableCert::new(ck));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let listener = meshca_serve::https::TlsListener::<SocketAddr>::new(
+            tcp,
+            Arc::new(config),
+            meshca_serve::https::Limits::new("hostile"),
+        )
+        .unwrap();
+        let answer = Arc::new(std::sync::Mutex::new(Answer::Body(404, Vec::new())));
+        let shared = answer.clone();
+        let app = axum::Router::new().route(
+            "/bundle",
+            axum::routing::get(move || {
+                let a = shared.lock().unwrap().clone();
+                async move {
+                    match a {
+                        Answer::Body(status, body) => (axum::http::StatusCode::from_u16(status).unwrap(), body),
+                        Answer::Hang => std::future::pending().await,
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Hostile { addr, ca: RootSet::from_certs(vec![ca.cert().clone()]).unwrap(), answer }
+    }
+
+    fn answer(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+
+    fn serve(&self, doc: &Bundle) {
+        self.answer(Answer::Body(200, doc.to_document().unwrap().into_bytes()));
+    }
+
+    fn source(&self) -> Source {
+        Source {
+            trust_domain: foreign(),
+            url: format!("https://localhost:{}/bundle", self.addr.port()),
+            auth: EndpointAuth::Web(self.ca.clone()),
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+fn foreign() -> TrustDomain {
+    TrustDomain::new("foreign.example").unwrap()
+}
+
+fn root_cert(name: &str, ttl: Duration, now: SystemTime) -> Cert {
+    let params = RootParams { ttl, ..RootParams::new(name) };
+    CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &params, now).unwrap().cert().clone()
+}
+
+/// Each bad answer is refused with a status that names what was wrong, and the last good bundle
+/// is kept throughout; a good one replaces it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_bundles_and_a_hanging_endpoint_are_refused_and_the_last_good_one_is_kept() {
+    let h = Hostile::start().await;
+    let source = h.source();
+    let now = SystemTime::now();
+    let doc = |authorities: Vec<Cert>, sequence: u64| Bundle {
+        trust_domain: foreign(),
+        sequence,
+        refresh_hint: Some(Duration::from_secs(5)),
+        authorities,
+    };
+    let good = doc(vec![root_cert("good", Duration::from_secs(86400), now)], 4);
+    h.serve(&good);
+    let mut state = Federated::new(None, now);
+    state = state.observe(fetch(&source, None, now).await, now);
+    assert_eq!(state.last_good.as_ref(), Some(&good));
+    assert_eq!(state.next_fetch, now + Duration::from_secs(30), "a 5 s hint is raised to the 30 s floor");
+
+    // Certificates made for the cases: a leaf (not a CA), a root that expires in a minute, a CA
+    // of another trust domain (OpenSSL, with its URI SAN).
+    let signer =
+        CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("x"), now).unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let id = SpiffeId::new(foreign(), "workload").unwrap();
+    let leaf = signer.sign_leaf(key.public_key_spki(), &LeafParams::workload(id, Duration::from_secs(600)), now);
+    let leaf = Cert::from_der(leaf.unwrap().der).unwrap();
+    let short = root_cert("short", Duration::from_secs(60), now);
+    let dir = tempfile::tempdir().unwrap();
+    meshca_testsupport::openssl::openssl_ok(
+        dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-out",
+            "c.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/O=elsewhere",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-addext",
+            "subjectAltName=URI:spiffe://mesh.example",
+        ],
+    );
+    let elsewhere = Cert::from_pem(&std::fs::read(dir.path().join("c.pem")).unwrap()).unwrap();
+    let later = now + Duration::from_secs(120);
+
+    let cases: Vec<(&str, Answer, SystemTime, &str)> = vec![
+        (
+            "a key that is not a CA",
+            Answer::Body(200, doc(vec![leaf], 5).to_document().unwrap().into()),
+            now,
+            "is not a CA",
+        ),
+        ("an expired root", Answer::Body(200, doc(vec![short], 5).to_document().unwrap().into()), later, "expired at"),
+        (
+            "a root of another trust domain",
+            Answer::Body(200, doc(vec![elsewhere], 5).to_document().unwrap().into()),
+            now,
+            "belongs to trust domain mesh.example",
+        ),
+        (
+            "a document over the size limit",
+            Answer::Body(200, vec![b' '; meshca_spiffe_bundle::MAX_DOCUMENT_BYTES + 1]),
+            now,
+            "larger than",
+        ),
+        ("an endpoint that hangs", Answer::Hang, now, "no answer from"),
+        ("an error status", Answer::Body(503, b"down".to_vec()), now, "HTTP status 503"),
+        ("not JSON", Answer::Body(200, b"<html>".to_vec()), now, "not a SPIFFE bundle"),
+        (
+            "an older sequence with other roots",
+            Answer::Body(
+                200,
+                doc(vec![root_cert("old", Duration::from_secs(86400), now)], 2).to_document().unwrap().into(),
+            ),
+            now,
+            "went back from sequence 4 to 2",
+        ),
+    ];
+    let mut first_failure = None;
+    for (what, answer, at, expected) in cases {
+        h.answer(answer);
+        state = state.observe(fetch(&source, state.last_good.as_ref(), at).await, at);
+        let (why, since) = state.failure.clone().unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(why.contains(expected), "{what}: {why}");
+        assert!(why.contains("foreign.example"), "{what}: the status names the trust domain: {why}");
+        assert_eq!(state.last_good.as_ref(), Some(&good), "{what}: the last good bundle is kept");
+        assert_eq!(state.next_fetch, at + meshca_mgmt::federation::fetch::RETRY, "{what}");
+        assert_eq!(*first_failure.get_or_insert(since), since, "failing since the first failure");
+    }
+
+    // The endpoint recovers: a newer bundle replaces the last good one and clears the failure.
+    let newer = doc(vec![root_cert("newer", Duration::from_secs(86400), now)], 6);
+    h.serve(&newer);
+    state = state.observe(fetch(&source, state.last_good.as_ref(), now).await, now);
+    assert_eq!((state.last_good.as_ref(), state.failure.as_ref()), (Some(&newer), None));
+}

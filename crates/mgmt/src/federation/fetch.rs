@@ -1,0 +1,224 @@
+//! Reading another trust domain's bundle from its bundle endpoint: one fetch, authenticated by
+//! the endpoint's profile, bounded in time and size, checked by [`Bundle::parse`]; and the pure
+//! step ([`Federated::observe`]) that keeps the last good bundle when a fetch fails and says when
+//! to fetch again (the publisher's refresh hint, within bounds).
+//!
+//! Not yet wired to a policy: what a policy names as federated trust domains, and handing their
+//! bundles to the clusters' verifiers, build on this.
+
+use std::time::{Duration, SystemTime};
+
+use meshca_http::{Client, HttpError, Url};
+use meshca_pki::{RootSet, SpiffeId, TrustDomain};
+use meshca_spiffe_bundle::{Bundle, BundleError, MAX_DOCUMENT_BYTES};
+use meshca_tls::{ClientAuth, PeerPolicy, ServerTrust, SpiffeVerifier, Versions};
+
+/// How long one fetch (connect, handshake, answer) may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The refresh interval when a bundle gives no hint (the specification's suggested default).
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+
+/// Refresh hints are honoured within these bounds: no endpoint makes meshca poll it more than
+/// twice a minute, and none is left unread for more than a day.
+pub const REFRESH_BOUNDS: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(24 * 3600));
+
+/// After a failed fetch, the next try.
+pub const RETRY: Duration = Duration::from_secs(30);
+
+/// How a bundle endpoint proves itself.
+#[derive(Debug, Clone)]
+pub enum EndpointAuth {
+    /// `https_web`: a certificate for the URL's host from one of these CAs.
+    Web(RootSet),
+    /// `https_spiffe`: an SVID with exactly this SPIFFE ID, under the trust domain's bundle held
+    /// (at first, the one the operator configured).
+    Spiffe(SpiffeId),
+}
+
+/// A foreign trust domain's bundle endpoint.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The trust domain the endpoint serves (the operator's `<trust domain, endpoint>` pair).
+    pub trust_domain: TrustDomain,
+    /// `https://host:port/path`.
+    pub url: String,
+    /// How the endpoint is authenticated.
+    pub auth: EndpointAuth,
+    /// How long one fetch may take ([`FETCH_TIMEOUT`] unless a test says otherwise).
+    pub timeout: Duration,
+}
+
+/// Why a fetch gave no usable bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The URL or the profile cannot be used.
+    #[error("bundle endpoint of {trust_domain}: {reason}")]
+    Config {
+        /// The trust domain.
+        trust_domain: TrustDomain,
+        /// Why.
+        reason: String,
+    },
+    /// No answer: unreachable, refused in the TLS handshake, too slow, too large.
+    #[error("fetching the bundle of {trust_domain} from {url}: {source}")]
+    Http {
+        /// The trust domain.
+        trust_domain: TrustDomain,
+        /// The endpoint.
+        url: String,
+        /// What failed.
+        #[source]
+        source: HttpError,
+    },
+    /// An answer other than 200.
+    #[error("fetching the bundle of {trust_domain} from {url}: HTTP status {status}")]
+    Status {
+        /// The trust domain.
+        trust_domain: TrustDomain,
+        /// The endpoint.
+        url: String,
+        /// The status.
+        status: u16,
+    },
+    /// The document was refused.
+    #[error("the bundle of {trust_domain} from {url} was refused: {source}")]
+    Bundle {
+        /// The trust domain.
+        trust_domain: TrustDomain,
+        /// The endpoint.
+        url: String,
+        /// Why.
+        #[source]
+        source: BundleError,
+    },
+}
+
+/// Fetches and checks `source`'s bundle at `now`. For `https_spiffe`, `held` is the trust
+/// domain's bundle meshca holds (the last good one, or the operator's first one): the endpoint's
+/// SVID must chain to it.
+pub async fn fetch(source: &Source, held: Option<&Bundle>, now: SystemTime) -> Result<Bundle, FetchError> {
+    let td = &source.trust_domain;
+    let config = |reason: String| FetchError::Config { trust_domain: td.clone(), reason };
+    let url = Url::parse(&source.url).map_err(|e| config(e.to_string()))?;
+    if !url.https {
+        return Err(config(format!("{} is not https: a bundle must be fetched over TLS", source.url)));
+    }
+    let trust = match &source.auth {
+        EndpointAuth::Web(roots) => ServerTrust::Roots(roots),
+        EndpointAuth::Spiffe(id) => {
+            if id.trust_domain() != td {
+                return Err(config(format!("the endpoint SPIFFE ID {id} is not in trust domain {td}")));
+            }
+            let held = held.ok_or_else(|| config("https_spiffe needs a first bundle of the trust domain".into()))?;
+            let roots = RootSet::from_certs(held.authorities.clone())
+                .map_err(|e| config(format!("the bundle held cannot authenticate the endpoint: {e}")))?;
+            let verifier = SpiffeVerifier::new(&roots, PeerPolicy::AnyOf(vec![id.clone()]), false)
+                .map_err(|e| config(e.to_string()))?;
+            ServerTrust::Verifier(verifier)
+        }
+    };
+    let tls =
+        meshca_tls::client_config(trust, ClientAuth::None, Versions::Tls13And12).map_err(|e| config(e.to_string()))?;
+    let client = Client::new(&url, Some(tls), source.timeout, MAX_DOCUMENT_BYTES).map_err(|e| config(e.to_string()))?;
+    let resp = client.send(http::Method::GET, &url.path, &[], None).await.map_err(|e| FetchError::Http {
+        trust_domain: td.clone(),
+        url: source.url.clone(),
+        source: e,
+    })?;
+    if resp.status != 200 {
+        return Err(FetchError::Status { trust_domain: td.clone(), url: source.url.clone(), status: resp.status });
+    }
+    Bundle::parse(&resp.body, td, now).map_err(|e| FetchError::Bundle {
+        trust_domain: td.clone(),
+        url: source.url.clone(),
+        source: e,
+    })
+}
+
+/// What meshca knows of one foreign trust domain's bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Federated {
+    /// The last bundle that passed every check (the operator's first one until a fetch succeeds).
+    pub last_good: Option<Bundle>,
+    /// When it was fetched (`None`: the operator's, never fetched).
+    pub fetched_at: Option<SystemTime>,
+    /// The last fetch's failure, while fetches fail: what, and since when.
+    pub failure: Option<(String, SystemTime)>,
+    /// When to fetch next.
+    pub next_fetch: SystemTime,
+}
+
+impl Federated {
+    /// Nothing fetched yet; `first` is the operator's first bundle (needed for `https_spiffe`).
+    pub fn new(first: Option<Bundle>, now: SystemTime) -> Self {
+        Federated { last_good: first, fetched_at: None, failure: None, next_fetch: now }
+    }
+
+    /// The pure step after a fetch at `now`. A good bundle replaces the last good one (unless
+    /// its sequence goes back with different roots: an older copy of the document, refused) and
+    /// schedules the next fetch at its refresh hint, within [`REFRESH_BOUNDS`]. A failure keeps
+    /// the last good bundle, records why (since the first failure of a run), and retries after
+    /// [`RETRY`].
+    pub fn observe(&self, result: Result<Bundle, FetchError>, now: SystemTime) -> Federated {
+        let failed = |why: String| Federated {
+            last_good: self.last_good.clone(),
+            fetched_at: self.fetched_at,
+            failure: Some((why, self.failure.as_ref().map_or(now, |(_, since)| *since))),
+            next_fetch: now + RETRY,
+        };
+        match result {
+            Ok(b) => {
+                if let Some(old) =
+                    self.last_good.as_ref().filter(|o| self.fetched_at.is_some() && o.sequence > b.sequence)
+                    && old.authorities != b.authorities
+                {
+                    return failed(format!(
+                        "the bundle of {} went back from sequence {} to {} with other roots; the newer one is kept",
+                        b.trust_domain, old.sequence, b.sequence
+                    ));
+                }
+                let (lo, hi) = REFRESH_BOUNDS;
+                let refresh = b.refresh_hint.unwrap_or(DEFAULT_REFRESH).clamp(lo, hi);
+                Federated { last_good: Some(b), fetched_at: Some(now), failure: None, next_fetch: now + refresh }
+            }
+            Err(e) => failed(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(sequence: u64, hint: Option<Duration>) -> Bundle {
+        Bundle {
+            trust_domain: TrustDomain::new("foreign.example").expect("td"),
+            sequence,
+            refresh_hint: hint,
+            authorities: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_refresh_hint_is_honoured_within_bounds() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Federated::new(None, now);
+        let at = |hint| s.observe(Ok(bundle(1, hint)), now).next_fetch;
+        assert_eq!(at(None), now + DEFAULT_REFRESH);
+        assert_eq!(at(Some(Duration::from_secs(600))), now + Duration::from_secs(600));
+        assert_eq!(at(Some(Duration::from_secs(1))), now + REFRESH_BOUNDS.0);
+        assert_eq!(at(Some(Duration::from_secs(30 * 86400))), now + REFRESH_BOUNDS.1);
+    }
+
+    #[test]
+    fn an_older_copy_with_the_same_roots_is_accepted_and_the_operators_first_bundle_never_blocks() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // The operator's first bundle (never fetched) may carry any sequence.
+        let s = Federated::new(Some(bundle(9, None)), now).observe(Ok(bundle(3, None)), now);
+        assert_eq!((s.last_good.map(|b| b.sequence), s.failure), (Some(3), None));
+        // A fetched bundle followed by a lower sequence with the same roots (a replica behind).
+        let s = Federated::new(None, now).observe(Ok(bundle(5, None)), now).observe(Ok(bundle(4, None)), now);
+        assert_eq!(s.failure, None);
+    }
+}
