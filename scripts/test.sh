@@ -14,6 +14,7 @@
 #        MESHCA_PILOT_DISCOVERY_BIN istiod (interop/istio/istiod/run.sh build)
 #        MESHCA_HELM_BIN            helm v4 (scripts/peers/helm.sh build), for the charts' tests
 #        MESHCA_CHROMIUM_BIN        Debian's Chromium, for the dashboard (scripts/peers/chromium.sh build)
+#        MESHCA_SPIRE_BIN           SPIRE's server, for SPIFFE federation (scripts/peers/spire.sh build)
 #   3. the tests that run meshca's processes and the peers: the integration tests of the crates
 #      in END_TO_END below (Istio's own code, istiod, Vault, Kubernetes, `meshca up`, ...).
 #
@@ -87,6 +88,9 @@ peer MESHCA_PILOT_DISCOVERY_BIN bash interop/istio/istiod/run.sh build
 peer MESHCA_HELM_BIN bash scripts/peers/helm.sh build
 # Headless Chromium for the dashboard's browser tests (crates/meshca/tests/dashboard_browser.rs; an apt package).
 peer MESHCA_CHROMIUM_BIN bash scripts/peers/chromium.sh build
+# SPIRE's server from the module proxy, for tests/spire.rs (SPIFFE federation both ways; cold ~10 min
+# of CPU, seconds afterwards).
+peer MESHCA_SPIRE_BIN bash scripts/peers/spire.sh build
 
 # ---- 3. the end-to-end tests -----------------------------------------------------------------
 step "end-to-end tests (${END_TO_END[*]})"

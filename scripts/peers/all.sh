@@ -28,6 +28,7 @@ step "vault" "$here/vault.sh" build
 step "cfssl" "$here/cfssl.sh" install
 step "helm" "$here/helm.sh" build
 step "chromium" "$here/chromium.sh" build
+step "spire" "$here/spire.sh" build
 
 peers_log "kube-apiserver: $("$here/kube-apiserver.sh" path)"
 peers_log "etcd:           $(command -v etcd)"
@@ -35,6 +36,7 @@ peers_log "vault:          $("$here/vault.sh" path)"
 peers_log "cfssl:          $("$here/cfssl.sh" path)"
 peers_log "helm:           $("$here/helm.sh" path)"
 peers_log "chromium:       $("$here/chromium.sh" path)"
+peers_log "spire-server:   $("$here/spire.sh" path)"
 
 if [ -n "$smoke" ]; then
     "$here/smoke.sh"
