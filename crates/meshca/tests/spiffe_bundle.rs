@@ -57,9 +57,9 @@ fn status_roots(creds: &str) -> BTreeSet<String> {
     status(creds)["roots"].as_array().unwrap().iter().map(|r| r["fingerprint"].as_str().unwrap().to_string()).collect()
 }
 
-/// A CA and a `localhost` serving certificate under it, made with OpenSSL: the `https_web`
-/// certificate an operator would get from their company or a public CA.
-fn web_pki(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// A self-signed CA `<name>.pem` (key `<name>.key`) made with OpenSSL.
+fn openssl_ca(d: &Path, name: &str) -> PathBuf {
+    let (key, cert, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/O={name}"));
     openssl_ok(
         d,
         &[
@@ -71,19 +71,26 @@ fn web_pki(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "web-ca.key",
+            &key,
             "-out",
-            "web-ca.pem",
+            &cert,
             "-days",
             "2",
             "-subj",
-            "/O=Web CA",
+            &subj,
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
             "keyUsage=critical,keyCertSign",
         ],
     );
+    d.join(cert)
+}
+
+/// A CA and a `localhost` serving certificate under it, made with OpenSSL: the `https_web`
+/// certificate an operator would get from their company or a public CA.
+fn web_pki(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca = openssl_ca(d, "web-ca");
     openssl_ok(
         d,
         &[
@@ -122,7 +129,7 @@ fn web_pki(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
             "web.ext",
         ],
     );
-    (d.join("web-ca.pem"), d.join("web.pem"), d.join("web.key"))
+    (ca, d.join("web.pem"), d.join("web.key"))
 }
 
 #[test]
@@ -167,27 +174,8 @@ fn istio_loads_the_bundle_and_follows_a_root_rotation_through_its_sequence() {
     assert_eq!(first, Fetched { sequence: 1, roots: a.clone() });
 
     // https_web authenticates the endpoint: trusting another CA, Istio refuses it.
-    openssl_ok(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/O=Other CA",
-        ],
-    );
-    let e = istio_fetch(&bin, &url, &d.join("other-ca.pem"), "1s").expect_err("not the endpoint's CA");
+    let other_ca = openssl_ca(d, "other-ca");
+    let e = istio_fetch(&bin, &url, &other_ca, "1s").expect_err("not the endpoint's CA");
     assert!(e.contains("RetrieveSpiffeBundleRootCerts") && e.contains("certificate"), "{e}");
 
     // A root rotation: {A, B} (sequence 2), then {B} (sequence 3), each what meshca reports.

@@ -155,6 +155,17 @@ fn spiffe_client(roots: &RootSet, id: SpiffeId) -> rustls::ClientConfig {
     meshca_tls::client_config(ServerTrust::Verifier(verifier), ClientAuth::None, Versions::Tls13And12).unwrap()
 }
 
+/// A `localhost` serving certificate (for `https_web`) from a fresh CA, and that CA.
+fn web_identity(now: SystemTime) -> (RootSet, Arc<rustls::sign::CertifiedKey>) {
+    let ca = CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("web"), now)
+        .unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let params = LeafParams { identity: None, dns_names: vec!["localhost".into()], ttl: Duration::from_secs(3600) };
+    let leaf = Cert::from_der(ca.sign_leaf(key.public_key_spki(), &params, now).unwrap().der).unwrap();
+    let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
+    (RootSet::from_certs(vec![ca.cert().clone()]).unwrap(), ck)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn https_spiffe_serves_the_root_set_under_an_svid_of_the_trust_domain() {
     let p = Plane::start(None, ManualClock::new(SystemTime::now()), Profile::Spiffe).await;
@@ -191,15 +202,8 @@ async fn https_spiffe_serves_the_root_set_under_an_svid_of_the_trust_domain() {
 async fn https_web_serves_the_configured_certificate() {
     meshca_tls::provider::install();
     let now = SystemTime::now();
-    let web_ca =
-        CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("web"), now)
-            .unwrap();
-    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-    let params = LeafParams { identity: None, dns_names: vec!["localhost".into()], ttl: Duration::from_secs(3600) };
-    let leaf = Cert::from_der(web_ca.sign_leaf(key.public_key_spki(), &params, now).unwrap().der).unwrap();
-    let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
+    let (web_roots, ck) = web_identity(now);
     let p = Plane::start(None, ManualClock::new(now), Profile::Web(ck)).await;
-    let web_roots = RootSet::from_certs(vec![web_ca.cert().clone()]).unwrap();
     let web =
         meshca_tls::client_config(ServerTrust::Roots(&web_roots), ClientAuth::None, Versions::Tls13And12).unwrap();
     let roots = p.roots().await;
@@ -339,13 +343,7 @@ struct Hostile {
 impl Hostile {
     async fn start() -> Hostile {
         meshca_tls::provider::install();
-        let now = SystemTime::now();
-        let ca = CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &RootParams::new("h"), now)
-            .unwrap();
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let params = LeafParams { identity: None, dns_names: vec!["localhost".into()], ttl: Duration::from_secs(3600) };
-        let leaf = Cert::from_der(ca.sign_leaf(key.public_key_spki(), &params, now).unwrap().der).unwrap();
-        let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
+        let (ca, ck) = web_identity(SystemTime::now());
         let config = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -374,7 +372,7 @@ impl Hostile {
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Hostile { addr, ca: RootSet::from_certs(vec![ca.cert().clone()]).unwrap(), answer }
+        Hostile { addr, ca, answer }
     }
 
     fn answer(&self, a: Answer) {
