@@ -218,20 +218,26 @@ async fn renew_svid(
             Some(s) => {
                 let signer = s.signer.cert().fingerprint();
                 let td = &auth.policy.trust_domain;
-                if svid_due(held.as_ref(), &signer, td, now) {
+                // Never sooner than RETRY: an SVID clamped to a signer about to expire would
+                // otherwise be re-issued in a loop.
+                if !svid_due(held.as_ref(), &signer, td, now) {
+                    held.as_ref().map_or(now + RETRY, |h| h.renew_at.max(now + RETRY))
+                } else {
                     match issue_svid(&s.signer, td, now) {
                         Ok((ck, renew_at)) => {
                             svid.current.store(Some(ck));
                             tracing::info!(id = %endpoint_id(td), "bundle endpoint: serving SVID issued");
                             held = Some(SvidHeld { signer, trust_domain: td.clone(), renew_at });
                             warned = false;
+                            renew_at.max(now + RETRY)
                         }
+                        // The SVID in force (if any) stays until a retry succeeds.
                         Err(e) => {
-                            tracing::error!(error = %e, "bundle endpoint: issuing the serving SVID failed; will retry")
+                            tracing::error!(error = %e, "bundle endpoint: issuing the serving SVID failed; will retry");
+                            now + RETRY
                         }
                     }
                 }
-                held.as_ref().filter(|h| h.renew_at > now).map_or(now + RETRY, |h| h.renew_at)
             }
             None => {
                 if !warned {
