@@ -9,7 +9,7 @@ use meshca_pki::RootSet;
 use rustls::ClientConfig;
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::ServerCertVerifier;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 
 use crate::{Identity, TlsError, provider};
 
@@ -17,6 +17,9 @@ use crate::{Identity, TlsError, provider};
 pub enum ServerTrust<'a> {
     /// A server certificate chaining to one of these roots, for the name dialled.
     Roots(&'a RootSet),
+    /// Like `Roots`, and every certificate of the server's chain checked against these CRLs
+    /// (rustls-webpki's check; a certificate whose issuer has no CRL here is accepted).
+    RootsWithCrls(&'a RootSet, &'a [meshca_pki::Crl]),
     /// A ready-made root store (the system's, or a CA file's).
     Store(rustls::RootCertStore),
     /// A custom verifier (SPIFFE peers, whose certificates carry no DNS name).
@@ -51,6 +54,19 @@ pub fn client_config(trust: ServerTrust<'_>, auth: ClientAuth, versions: Version
     let builder = ClientConfig::builder_with_provider(provider::get()).with_protocol_versions(versions)?;
     let builder = match trust {
         ServerTrust::Roots(roots) => builder.with_root_certificates(root_store(roots)?),
+        ServerTrust::RootsWithCrls(roots, crls) if !crls.is_empty() => {
+            let crls = crls.iter().map(|c| CertificateRevocationListDer::from(c.der().to_vec()));
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(root_store(roots)?),
+                provider::get(),
+            )
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| TlsError::Crl(e.to_string()))?;
+            builder.with_webpki_verifier(verifier)
+        }
+        ServerTrust::RootsWithCrls(roots, _) => builder.with_root_certificates(root_store(roots)?),
         ServerTrust::Store(store) => builder.with_root_certificates(store),
         ServerTrust::Verifier(v) => builder.dangerous().with_custom_certificate_verifier(v),
     };
