@@ -347,6 +347,9 @@ pub struct StatusRecord {
     /// all is well.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub crl_note: String,
+    /// The upstream PKI (Vault) publishes no CRL for the signing issuer, or it cannot be read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upstream_crl_unavailable: bool,
 }
 
 /// What a cluster's agent reported about istiod's Deployment (`IstiodStatus` on the wire).
