@@ -114,6 +114,10 @@ impl PolicySource for CrdPolicy {
         }))
     }
 
+    fn audit_actor(&self) -> Option<String> {
+        Some(format!("kubernetes {}", self.what()))
+    }
+
     async fn publish_status(&self, st: &MeshStatus, authority: &Authority) -> Result<(), MgmtError> {
         let Some(obj) = self.api.get_opt(&self.name).await.map_err(|e| self.backend(e))? else { return Ok(()) };
         let previous = obj.data.get("status").cloned().unwrap_or(Value::Null);
