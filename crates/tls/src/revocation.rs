@@ -2,7 +2,8 @@
 //! revoked cluster's leaves are replaced.
 //!
 //! The check itself is rustls-webpki's: every certificate of the verified path (the leaf and each
-//! CA above it) against the CRLs its issuer signed; a certificate whose issuer published no CRL
+//! CA above it) against the CRLs its issuer signed (only those are handed to it:
+//! [`CrlSet::signed_on_path`]); a certificate whose issuer published no CRL
 //! here has an unknown status and is accepted (a cluster's own CRL reaches only that cluster, the
 //! root's reaches every cluster). A stale CRL (past its nextUpdate) still counts: a management
 //! plane that cannot re-sign must not take the mesh down, and what it revoked stays revoked.
@@ -78,14 +79,23 @@ impl CrlSet {
         &self.parsed
     }
 
-    /// rustls-webpki's references to the CRLs, for [`Self::options`].
-    pub(crate) fn refs(&self) -> Vec<&webpki::CertRevocationList<'static>> {
-        self.webpki.iter().collect()
+    /// The CRLs as rustls-webpki reads them, in the order of [`Self::crls`].
+    pub(crate) fn webpki(&self) -> &[webpki::CertRevocationList<'static>] {
+        &self.webpki
+    }
+
+    /// The indices of the CRLs that a CA of the verified path `chain` (the end entity first, each
+    /// issuer after the certificate it issued) signed: its name and a signature its key made.
+    /// rustls-webpki picks a CRL by issuer name alone, so two CAs with one name (a re-keyed root
+    /// during a rotation) would otherwise fail each other's chains.
+    pub fn signed_on_path(&self, chain: &[Cert]) -> Vec<usize> {
+        let cas = chain.get(1..).unwrap_or_default();
+        (0..self.parsed.len()).filter(|&i| cas.iter().any(|ca| self.parsed[i].verify_signed_by(ca).is_ok())).collect()
     }
 }
 
 /// Revocation options over `refs`: the whole chain, unknown status allowed, stale CRLs counted.
-/// `None` when there is no CRL at all.
+/// `None` when there is no CRL to check against.
 pub(crate) fn options<'a>(refs: &'a [&'a webpki::CertRevocationList<'a>]) -> Option<webpki::RevocationOptions<'a>> {
     let builder = webpki::RevocationOptionsBuilder::new(refs).ok()?;
     Some(

@@ -132,57 +132,63 @@ impl SpiffeVerifier {
     ) -> Result<(), Error> {
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_err)?;
         let roots = self.roots.load();
+        let path = ee
+            .verify_for_usage(self.algorithms.all, &roots.anchors, intermediates, now, usage, None, None)
+            .map_err(pki_err)?;
+        let leaf = Cert::from_der(end_entity.to_vec()).map_err(|e| other(Arc::new(e)))?;
         let crls = self.crls.load();
-        let refs = crls.refs();
-        let checked = revocation::options(&refs);
-        match ee.verify_for_usage(self.algorithms.all, &roots.anchors, intermediates, now, usage, checked, None) {
-            Ok(_) => {}
-            Err(webpki::Error::CertRevoked) => self.grace(end_entity, &roots, &crls, intermediates, now, usage)?,
-            Err(e) => return Err(pki_err(e)),
+        if !crls.is_empty() {
+            let used: Vec<CertificateDer<'_>> = path.intermediate_certificates().map(|c| c.der()).collect();
+            let mut chain = vec![leaf.clone()];
+            for der in &used {
+                chain.push(Cert::from_der(der.to_vec()).map_err(|e| other(Arc::new(e)))?);
+            }
+            // The anchor webpki chose is one of ours: its certificate ends the chain.
+            let anchor = roots.anchors.iter().position(|a| std::ptr::eq(a, path.anchor()));
+            chain.extend(anchor.map(|i| roots.certs[i].clone()));
+            self.check_revocation(&ee, &roots, &crls, &chain, &used, now, usage)?;
         }
-        let cert = Cert::from_der(end_entity.to_vec())
-            .map_err(|e| Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
-        if self.policy.allows(cert.uri_sans()) {
+        if self.policy.allows(leaf.uri_sans()) {
             Ok(())
         } else {
             Err(Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }
-}
 
-impl SpiffeVerifier {
-    /// A chain rustls-webpki found revoked: accepted only within the grace
-    /// ([`revocation::within_grace`], on the path it verified).
-    fn grace(
+    /// rustls-webpki's revocation check of the verified path `chain` (the end entity first, the
+    /// anchor's certificate last; `used`: its intermediates), against the CRLs signed by an issuer
+    /// on that path — so a CRL from another CA with the same name (a re-keyed root during a
+    /// rotation) is never taken for the issuer's — then the grace for a revoked CA's leaves.
+    #[allow(clippy::too_many_arguments)]
+    fn check_revocation(
         &self,
-        end_entity: &CertificateDer<'_>,
+        ee: &webpki::EndEntityCert<'_>,
         roots: &Roots,
         crls: &CrlSet,
-        intermediates: &[CertificateDer<'_>],
+        chain: &[Cert],
+        used: &[CertificateDer<'_>],
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<(), Error> {
-        let revoked = || Error::InvalidCertificate(rustls::CertificateError::Revoked);
-        if self.grace == RevocationGrace::NONE {
-            return Err(revoked());
+        let relevant = crls.signed_on_path(chain);
+        let refs = relevant.iter().map(|&i| &crls.webpki()[i]).collect::<Vec<_>>();
+        let Some(options) = revocation::options(&refs) else { return Ok(()) };
+        match ee.verify_for_usage(self.algorithms.all, &roots.anchors, used, now, usage, Some(options), None) {
+            Ok(_) => Ok(()),
+            Err(webpki::Error::CertRevoked) => {
+                let parsed: Vec<meshca_pki::Crl> = relevant.iter().map(|&i| crls.crls()[i].clone()).collect();
+                revocation::within_grace(chain, &parsed, revocation::system_time(now), self.grace).map_err(|why| {
+                    tracing::debug!(%why, "refusing a peer certificate");
+                    Error::InvalidCertificate(rustls::CertificateError::Revoked)
+                })
+            }
+            Err(e) => Err(pki_err(e)),
         }
-        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_err)?;
-        let path = ee
-            .verify_for_usage(self.algorithms.all, &roots.anchors, intermediates, now, usage, None, None)
-            .map_err(pki_err)?;
-        let anchor = roots.anchors.iter().position(|a| std::ptr::eq(a, path.anchor())).ok_or_else(revoked)?;
-        let mut chain = Vec::new();
-        let ders =
-            std::iter::once(end_entity.to_vec()).chain(path.intermediate_certificates().map(|c| c.der().to_vec()));
-        for der in ders {
-            chain.push(Cert::from_der(der).map_err(|_| revoked())?);
-        }
-        chain.push(roots.certs[anchor].clone());
-        revocation::within_grace(&chain, crls.crls(), revocation::system_time(now), self.grace).map_err(|why| {
-            tracing::debug!(%why, "refusing a peer certificate");
-            revoked()
-        })
     }
+}
+
+fn other(e: Arc<dyn std::error::Error + Send + Sync>) -> Error {
+    Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(e)))
 }
 
 fn pki_err(e: webpki::Error) -> Error {
