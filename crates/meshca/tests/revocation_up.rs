@@ -244,16 +244,14 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
         .sign_leaf(
             mallory_key.public_key_spki(),
             &LeafParams::workload(mallory_id, Duration::from_secs(3600)),
-            std::time::SystemTime::now(),
+            std::time::SystemTime::now() + Duration::from_secs(1),
         )
         .unwrap()
         .parse()
         .unwrap();
     let minted_chain = [minted, stolen.cert().clone()];
     let refused = wait_for(Duration::from_secs(10), "cluster-1's workload to refuse the minted leaf", || {
-        let r = ping(&rt, &target1, &minted_chain, &mallory_key, &root_file);
-
-        r.err()
+        ping(&rt, &target1, &minted_chain, &mallory_key, &root_file).err()
     });
     assert!(refused.contains("CertificateRevoked"), "{refused}");
     // cluster-2's sample workloads renew under the new intermediate as soon as the CRL names
