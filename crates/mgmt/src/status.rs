@@ -564,13 +564,18 @@ mod tests {
         assert_eq!(kinds(st.root_rotation_threshold + 1), ["RootExpiresWithinIntermediateLifetime"]);
     }
 
-    #[tokio::test]
-    async fn a_foreign_cacerts_and_an_unwired_istiod_are_alerts_a_wired_one_is_not() {
+    /// A generated-root authority in a fresh store (kept alive by the returned folder), and now.
+    async fn generated_authority() -> (tempfile::TempDir, crate::authority::Authority, std::time::SystemTime) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
         let now = std::time::SystemTime::now();
         let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
-        let authority = crate::authority::load(&store, policy, now).await;
+        (dir, crate::authority::load(&store, policy, now).await, now)
+    }
+
+    #[tokio::test]
+    async fn a_foreign_cacerts_and_an_unwired_istiod_are_alerts_a_wired_one_is_not() {
+        let (_dir, authority, now) = generated_authority().await;
         let view = |foreign: bool, state: IstiodState| ClusterView {
             name: "c1".into(),
             registered: true,
@@ -605,11 +610,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_upstream_crl_is_an_alert_naming_the_cluster_and_why() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
-        let now = std::time::SystemTime::now();
-        let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
-        let authority = crate::authority::load(&store, policy, now).await;
+        let (_dir, authority, now) = generated_authority().await;
         let view = |missing: bool| ClusterView {
             name: "c1".into(),
             registered: true,
