@@ -29,6 +29,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// How often a workload re-reads its cluster's `ca-crl.pem`.
 pub const CRL_POLL: Duration = Duration::from_millis(250);
@@ -37,7 +38,6 @@ pub const CRL_POLL: Duration = Duration::from_millis(250);
 /// workload CA answers UNAVAILABLE until the agent writes the new intermediate, which it polls
 /// for every 200 ms); other failures are retried every second.
 const REVOKED_RETRY: Duration = Duration::from_millis(200);
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Counters shared with the display.
 #[derive(Default)]
@@ -167,7 +167,10 @@ pub fn decide(chain: &[Cert], roots: &RootSet, crls: &[Crl], now: SystemTime, du
 }
 
 /// Reads `file` every [`CRL_POLL`] and publishes its CRLs (to the verifier and to `tx`) when
-/// they change. A file that does not parse keeps the last good set (the agent never writes one).
+/// they change. A file that does not parse keeps the last good set (the agent never writes one),
+/// and so does a file that went away or cannot be read (the agent writes none while it cannot
+/// satisfy istiod, e.g. during a root rotation until the cluster re-issues): what was revoked
+/// stays revoked.
 async fn watch_crls(
     file: std::path::PathBuf,
     verifier: Arc<SpiffeVerifier>,
@@ -176,7 +179,8 @@ async fn watch_crls(
 ) {
     let mut seen: Option<Vec<u8>> = None;
     loop {
-        let bytes = std::fs::read(&file).unwrap_or_default();
+        // Missing (or unreadable): the last set stays; none yet reads as none.
+        let bytes = std::fs::read(&file).ok().or_else(|| seen.clone()).unwrap_or_default();
         if seen.as_ref() != Some(&bytes) {
             match Crl::parse_pem_bundle(&bytes) {
                 Ok(crls) => match verifier.set_crls(&crls) {
