@@ -130,6 +130,23 @@ impl SpiffeVerifier {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<(), Error> {
+        let leaf = self.verify_chain(end_entity, intermediates, now, usage)?;
+        if self.policy.allows(leaf.uri_sans()) {
+            Ok(())
+        } else {
+            Err(Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+        }
+    }
+
+    /// The chain check without the peer policy: `end_entity` chains to the roots for `usage`,
+    /// and no certificate of its path is revoked (beyond the grace). Returns the end entity.
+    pub fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<Cert, Error> {
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_err)?;
         let roots = self.roots.load();
         let path = ee
@@ -148,11 +165,7 @@ impl SpiffeVerifier {
             chain.extend(anchor.map(|i| roots.certs[i].clone()));
             self.check_revocation(&ee, &roots, &crls, &chain, &used, now, usage)?;
         }
-        if self.policy.allows(leaf.uri_sans()) {
-            Ok(())
-        } else {
-            Err(Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
-        }
+        Ok(leaf)
     }
 
     /// rustls-webpki's revocation check of the verified path `chain` (the end entity first, the
