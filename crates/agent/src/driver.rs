@@ -391,7 +391,8 @@ struct Upstream {
     pem: String,
     /// When to fetch them again.
     next_fetch: Option<std::time::SystemTime>,
-    /// The last fetch error logged, so a persisting one is logged once.
+    /// The last fetch error logged, so a persisting one is logged once; empty once a fetch
+    /// succeeds. Non-empty is what the report's `upstream_crl_unavailable` says (an alert).
     logged: String,
 }
 
@@ -854,6 +855,7 @@ impl Driver {
             istiod: r.istiod().map(IstiodPlan::status),
             istiod_only: trust.is_some_and(|t| t.vault_delegated),
             crl_note: self.crl_note(),
+            upstream_crl_unavailable: !self.upstream.logged.is_empty(),
             ..Default::default()
         };
         // The lifetime start reported is the issuance time (NotBefore is backdated), so the

@@ -114,6 +114,10 @@ impl PolicySource for CrdPolicy {
         }))
     }
 
+    fn audit_actor(&self) -> Option<String> {
+        Some(format!("kubernetes {}", self.what()))
+    }
+
     async fn publish_status(&self, st: &MeshStatus, authority: &Authority) -> Result<(), MgmtError> {
         let Some(obj) = self.api.get_opt(&self.name).await.map_err(|e| self.backend(e))? else { return Ok(()) };
         let previous = obj.data.get("status").cloned().unwrap_or(Value::Null);
@@ -359,7 +363,7 @@ mod tests {
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let signer = CaSigner::new_root(key, &RootParams::new("test"), at).unwrap();
         let roots = RootSet::from_certs(vec![signer.cert().clone()]).unwrap();
-        let signing = Signing { signer: std::sync::Arc::new(signer), roots };
+        let signing = Signing { signer: std::sync::Arc::new(signer), roots, crl_also: Vec::new() };
         let mut a = Authority::new(
             Policy::generated_default(std::time::Duration::from_secs(3600)),
             Capability::Signing(std::sync::Arc::new(signing)),

@@ -5,7 +5,7 @@
 //! Proven here: the CRD's schema refuses a policy with no CA mode or two; agents register and
 //! write `istio-system/cacerts` (type Opaque, the four keys and `ca-crl.pem` with a CRL from every
 //! CA of the chain, the managed-by label) that passes `openssl verify`; the policy's status shows both clusters with their serials, NotAfters and
-//! conditions; the agent's credentials get 403 for every other Secret operation while the agent
+//! conditions, and the audit log records the policy applied through the resource once; the agent's credentials get 403 for every other Secret operation while the agent
 //! works; the workload CA authenticates callers by TokenReview (audience `istio-ca`, `clusterid`
 //! choosing the API server) and issues exactly `spiffe://cluster.local/ns/<ns>/sa/<sa>`, and
 //! refuses a token the API server vouches for whose `exp` is out of range.
@@ -172,6 +172,15 @@ async fn a_management_cluster_and_two_workload_clusters_on_real_api_servers() {
         assert_eq!(cond["status"], "True", "{cond}");
         assert!(cond["lastTransitionTime"].as_str().unwrap().ends_with('Z'), "{cond}");
     }
+    // The policy put in force from the resource (applied with the API, never through meshca's
+    // operator API) is in the audit log exactly once, by the resource's name.
+    let (ok, out, err) = tokio::task::block_in_place(|| run(&["audit", "-o", "json", "--credentials", &m.creds()]));
+    assert!(ok, "{err}");
+    let entries: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let applied: Vec<&Value> = entries.iter().filter(|e| e["action"] == "policy-applied").collect();
+    assert_eq!(applied.len(), 1, "{out}");
+    assert_eq!(applied[0]["actor"], "kubernetes RootTrustPolicy meshca/mesh", "{out}");
+    assert_eq!(applied[0]["details"]["policyGeneration"], status["policyGeneration"], "{out}");
     // The issued-serial log is a Secret in the management cluster.
     let issued = mgmt_secret_record(&mgmt_api, "issued-cluster-1").await;
     assert_eq!(issued["records"][0]["serial"], serials[0].as_str());

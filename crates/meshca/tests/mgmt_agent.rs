@@ -278,3 +278,97 @@ fn a_foreign_cacerts_is_left_alone_unless_adoption_is_asked_for() {
     assert_eq!(read_bundle(&cacerts_dir(d, "cluster-1")).ca_cert, before, "still untouched");
     a.kill();
 }
+
+/// The serials a cacerts directory's `ca-crl.pem` lists.
+fn crl_lists(dir: &std::path::Path, serial: &str) -> bool {
+    std::fs::read(dir.join("ca-crl.pem"))
+        .ok()
+        .and_then(|p| meshca_pki::Crl::parse_pem_bundle(&p).ok())
+        .is_some_and(|crls| crls.iter().any(|c| c.lists(serial)))
+}
+
+/// `meshca revoke`, then SIGKILL of the management plane — once right after the CLI answered,
+/// once at a random moment while it runs — and a restart on the same address: the revoked
+/// cluster ends on a new intermediate (a new key), every cluster's `ca-crl.pem` names the serial,
+/// and `meshca audit verify` passes with at most one revocation entry for it (exactly one when
+/// the kill came after the answer). A kill before the revocation was stored loses it, so the
+/// operator's repeat after the restart (the same serial, idempotent) is part of the recovery.
+#[test]
+fn a_management_plane_killed_during_or_right_after_meshca_revoke_finishes_it_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let policy = short_policy(d, "1h", 0.2);
+    let port = Ports::one();
+    let mut m = Mgmt::start_on(d, &port, &["--policy", policy.to_str().unwrap()]);
+    let (t1, relay) = m.add_cluster(d, "cluster-1");
+    let (t2, _) = m.add_cluster(d, "cluster-2");
+    let _a1 = agent(d, &m, "cluster-1", Some(&t1), Some(&relay), &[]);
+    let _a2 = agent(d, &m, "cluster-2", Some(&t2), Some(&relay), &[]);
+    let serial_of = |c: &str| valid_bundle(&cacerts_dir(d, c)).ok().map(|b| b.ca_cert().serial_hex());
+    // Both clusters hold an intermediate and have reported it (revoke picks the one reported).
+    wait_for(Duration::from_secs(30), "both clusters reporting their intermediates", || {
+        let st = m.status_json();
+        ["cluster-1", "cluster-2"]
+            .iter()
+            .all(|c| {
+                let reported =
+                    status_cluster(&st, c).and_then(|x| x["intermediateSerial"].as_str().map(str::to_string));
+                reported.is_some() && reported == serial_of(c)
+            })
+            .then_some(())
+    });
+    let creds = m.creds();
+
+    let check_recovered = |cluster: &str, serial: &str, exactly_one: bool| {
+        // The operator repeats the command after the restart: a no-op if it had been stored.
+        let (ok, out, err) = run(&["revoke", "--cluster", cluster, "--serial", serial, "--credentials", &creds]);
+        assert!(ok, "{out}{err}");
+        wait_for(Duration::from_secs(60), &format!("{cluster} on a new intermediate"), || {
+            serial_of(cluster).filter(|s| s != serial)
+        });
+        wait_for(Duration::from_secs(60), "every ca-crl.pem naming the serial", || {
+            ["cluster-1", "cluster-2"].iter().all(|c| crl_lists(&cacerts_dir(d, c), serial)).then_some(())
+        });
+        let (ok, out, err) = run(&["audit", "verify", "--credentials", &creds]);
+        assert!(ok && out.contains("audit log intact"), "{out}{err}");
+        let (ok, out, err) = run(&["audit", "-o", "json", "--credentials", &creds]);
+        assert!(ok, "{err}");
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let n = entries
+            .iter()
+            .filter(|e| e["action"] == "intermediate-revoked" && e["details"]["serial"] == serial)
+            .count();
+        if exactly_one {
+            assert_eq!(n, 1, "{out}");
+        } else {
+            assert!(n <= 1, "{out}");
+        }
+    };
+
+    // 1. Killed right after `meshca revoke` answered.
+    let s2 = serial_of("cluster-2").unwrap();
+    let (ok, out, err) = run(&["revoke", "--cluster", "cluster-2", "--credentials", &creds]);
+    assert!(ok && out.contains(&s2), "{out}{err}");
+    m.proc.kill();
+    m = Mgmt::start_on(d, &port, &[]);
+    check_recovered("cluster-2", &s2, true);
+
+    // 2. Killed at a random moment while `meshca revoke` runs (its round trip is tens of ms).
+    let s1 = serial_of("cluster-1").unwrap();
+    let mut cli = std::process::Command::new(meshca())
+        .args(["revoke", "--cluster", "cluster-1", "--credentials", &creds])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut b = [0u8; 1];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    let delay = Duration::from_millis(u64::from(b[0]) % 60);
+    std::thread::sleep(delay);
+    m.proc.kill();
+    let _ = cli.wait();
+    eprintln!("killed {delay:?} into meshca revoke");
+    m = Mgmt::start_on(d, &port, &[]);
+    check_recovered("cluster-1", &s1, false);
+    drop(m);
+}

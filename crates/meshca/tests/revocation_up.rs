@@ -2,8 +2,13 @@
 //! `meshca revoke --cluster cluster-2` puts the old serial in every cluster's `ca-crl.pem`, gives
 //! cluster-2 a new intermediate whose leaves it serves, and OpenSSL (`verify -crl_check_all` with
 //! the CRLs from `cacerts`) rejects a leaf under the revoked intermediate while a healthy
-//! cluster's leaf passes; no handshake between the sample workloads fails. Hostile and wrong
-//! input through the CLI: the same serial twice, an unknown serial, an unknown reason.
+//! cluster's leaf passes; no handshake between the sample workloads fails. `meshca up`'s own
+//! verifiers enforce the CRLs: a leaf minted with the revoked intermediate's key after the
+//! revocation is refused as revoked at once, cluster-2's sample workloads renew under the new
+//! intermediate, and once the revocation grace is over a leaf it signed before is refused as
+//! revoked too (over real mTLS to a sample workload), while the sample traffic never failed.
+//! Hostile and wrong input through the CLI: the same serial twice, an unknown serial, an unknown
+//! reason.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use meshca_pki::{Cert, Crl};
+use meshca_pki::{CaSigner, Cert, Crl, LeafParams, PrivateKey, RootSet, SpiffeId, TrustDomain};
+use meshca_tls::{ClientAuth, Identity, PeerPolicy, ServerTrust, SpiffeVerifier, Versions};
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn cluster<'a>(topology: &'a Value, name: &str) -> &'a Value {
     topology["clusters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()
@@ -54,6 +61,56 @@ fn try_leaf(
 
 fn leaf(rt: &tokio::runtime::Runtime, topology: &Value, d: &Path, name: &str, file: &str) -> (ChainFiles, Cert) {
     try_leaf(rt, topology, d, name, file).unwrap_or_else(|s| panic!("{name} refused a leaf: {s:?}"))
+}
+
+/// One mutual-TLS ping to a sample workload at `addr`, presenting `chain` (leaf first) and `key`:
+/// the workload's answer, or the error (the workload's verifier refuses a client certificate
+/// with a TLS alert, which in TLS 1.3 the client reads after its side of the handshake).
+fn ping(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    chain: &[Cert],
+    key: &PrivateKey,
+    root: &Path,
+) -> Result<String, String> {
+    let roots = RootSet::from_pem(&std::fs::read(root).unwrap()).unwrap();
+    let server =
+        SpiffeVerifier::new(&roots, PeerPolicy::TrustDomain(TrustDomain::new("cluster.local").unwrap()), true).unwrap();
+    let identity = Identity::new(&chain[0], &chain[1..], key);
+    let config =
+        meshca_tls::client_config(ServerTrust::Verifier(server), ClientAuth::Identity(identity), Versions::Tls13)
+            .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from("workload").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"ping\n").await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&mut tls).read_line(&mut line).await.map_err(|e| e.to_string())?;
+        Ok(line.trim().to_string())
+    })
+}
+
+/// The certificates of a PEM file (a workload's `cert-chain.pem`, a leaf written by OpenSSL).
+fn certs(path: &Path) -> Vec<Cert> {
+    Cert::parse_pem_bundle(&std::fs::read(path).unwrap_or_default()).unwrap_or_default()
+}
+
+/// The sample workloads of `name`: (SPIFFE ID, address, chain file).
+fn workloads(topology: &Value, name: &str) -> Vec<(String, String, PathBuf)> {
+    cluster(topology, name)["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let s = |k: &str| w[k].as_str().unwrap().to_string();
+            (s("id"), s("address"), PathBuf::from(s("cert_chain")))
+        })
+        .collect()
 }
 
 /// `meshca audit`: one entry per action (the repeated revocation none), nothing secret in it, and
@@ -121,7 +178,7 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
     let d = tmp.path();
     let started = Instant::now();
     let (mut proc, topology) =
-        start_up(d, &["--clusters", "3", "--crl-ttl", "20s", "--call-interval", "200ms", "--duration", "40s"]);
+        start_up(d, &["--clusters", "3", "--crl-ttl", "20s", "--call-interval", "200ms", "--duration", "55s"]);
     let creds = d.join("up").join("mgmt").join("operator");
     let creds = creds.to_str().unwrap();
     let names = ["cluster-1", "cluster-2", "cluster-3"];
@@ -144,6 +201,21 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
     let serial = revoked_int.serial_hex();
     // The CRL cluster-2's old intermediate signed (OpenSSL's -crl_check_all wants one from every CA).
     std::fs::copy(cacerts(&topology, "cluster-2").join("ca-crl.pem"), d.join("old2-own.crl")).unwrap();
+    // The "stolen" key: the revoked intermediate as an attacker would hold it.
+    let stolen = {
+        let dir = cacerts(&topology, "cluster-2");
+        let key = PrivateKey::from_pem(&std::fs::read(dir.join("ca-key.pem")).unwrap()).unwrap();
+        CaSigner::new(key, Cert::parse_pem_bundle(&std::fs::read(dir.join("cert-chain.pem")).unwrap()).unwrap())
+            .unwrap()
+    };
+    let old2_key = PrivateKey::from_pem(&std::fs::read(d.join("old2.key")).unwrap()).unwrap();
+    let old2_chain = [certs(&old2.leaf), certs(&old2.middle)].concat();
+    let root_file = PathBuf::from(cluster(&topology, "cluster-1")["workload_ca"]["ca_file"].as_str().unwrap());
+    let (_, target1, _) = workloads(&topology, "cluster-1").remove(0);
+    assert!(
+        ping(&rt, &target1, &old2_chain, &old2_key, &root_file).unwrap().starts_with("pong"),
+        "before the revocation"
+    );
 
     let t0 = Instant::now();
     let (ok, out, err) = run(&["revoke", "--cluster", "cluster-2", "--credentials", creds]);
@@ -161,6 +233,36 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
     });
     let reissued = t0.elapsed();
     eprintln!("revoke → CRL in every cacerts: {crl_everywhere:?}; → cluster-2's new intermediate: {reissued:?}");
+
+    // A leaf the attacker mints with the revoked key after the revocation: cluster-1's workload
+    // refuses it as revoked as soon as it has read the CRL, grace or not. (Dated a second on:
+    // certificate and CRL times count whole seconds, and a leaf of the revocation's own second
+    // counts as issued before it.)
+    let mallory_key = PrivateKey::generate(meshca_pki::KeyAlgorithm::EcdsaP256).unwrap();
+    let mallory_id = SpiffeId::workload(&TrustDomain::new("cluster.local").unwrap(), "default", "sleep-2").unwrap();
+    let minted = stolen
+        .sign_leaf(
+            mallory_key.public_key_spki(),
+            &LeafParams::workload(mallory_id, Duration::from_secs(3600)),
+            std::time::SystemTime::now() + Duration::from_secs(1),
+        )
+        .unwrap()
+        .parse()
+        .unwrap();
+    let minted_chain = [minted, stolen.cert().clone()];
+    let refused = wait_for(Duration::from_secs(10), "cluster-1's workload to refuse the minted leaf", || {
+        ping(&rt, &target1, &minted_chain, &mallory_key, &root_file).err()
+    });
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
+    // cluster-2's sample workloads renew under the new intermediate as soon as the CRL names
+    // their issuer, without waiting for half their (24 h) leaf lifetime.
+    let renewed = wait_for(Duration::from_secs(15), "cluster-2's workloads' leaves from the new intermediate", || {
+        workloads(&topology, "cluster-2")
+            .iter()
+            .all(|(_, _, file)| certs(file).get(1).is_some_and(|i| i.serial_hex() == new_serial))
+            .then(|| t0.elapsed())
+    });
+    eprintln!("revoke → cluster-2's workloads on the new intermediate: {renewed:?}");
     // Its workload CA signs with the new one (it polls cacerts every 200 ms). Between the CRL
     // and the new intermediate it signs nothing (UNAVAILABLE): never with the revoked one.
     wait_for(Duration::from_secs(10), "a cluster-2 leaf from the new intermediate", || {
@@ -250,6 +352,19 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
         (grown && held.iter().all(|c| c.next_update() > now)).then_some(())
     });
 
+    // Once the grace (20 s by default) after the revocation date is over, the leaf the revoked
+    // intermediate signed before it is refused as revoked by the sample workloads' verifier; a
+    // healthy cluster's leaf still passes.
+    let (_, target3, _) = workloads(&topology, "cluster-3").remove(0);
+    let healthy1_chain = [certs(&healthy1.leaf), certs(&healthy1.middle)].concat();
+    let healthy1_key = PrivateKey::from_pem(&std::fs::read(d.join("healthy1.key")).unwrap()).unwrap();
+    let refused = wait_for(Duration::from_secs(40), "the old cluster-2 leaf refused after the grace", || {
+        ping(&rt, &target1, &old2_chain, &old2_key, &root_file).err()
+    });
+    assert!(refused.contains("CertificateRevoked"), "{refused}");
+    let answer = ping(&rt, &target3, &healthy1_chain, &healthy1_key, &root_file).unwrap();
+    assert!(answer.starts_with("pong"), "{answer}");
+
     // Healthy workloads kept working throughout.
     let status = proc.wait_exit(Duration::from_secs(120).saturating_sub(started.elapsed()));
     let log = std::fs::read_to_string(d.join("up").join("meshca-up.log")).unwrap_or_default();
@@ -258,4 +373,6 @@ fn meshca_revoke_reaches_every_cluster_and_openssl_rejects_leaves_under_the_revo
         serde_json::from_str(&std::fs::read_to_string(d.join("up").join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["handshakes_failed"], 0, "{summary:#}");
     assert!(summary["handshakes_ok"].as_u64().unwrap() > 100, "{summary:#}");
+    let c2 = summary["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "cluster-2").unwrap();
+    assert!(c2["workload_issuers"].as_array().unwrap().iter().all(|s| *s == new_serial.as_str()), "{summary:#}");
 }

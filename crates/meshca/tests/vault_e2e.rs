@@ -1,7 +1,7 @@
 //! Vault mode end to end, against a real HashiCorp Vault started by the test (docs/peers.md):
 //! two clusters whose intermediates Vault signs, cross-cluster mTLS through rotations, the
 //! `csrPath` flow, a search of every file for the intermediate keys, and `ca-crl.pem` carrying
-//! Vault's own CRL, following a revocation made in Vault.
+//! Vault's own CRL, following a revocation made in Vault, with an alert while it cannot be read.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -151,6 +151,30 @@ fn vault_mode_ca_crl_pem_carries_vaults_crl_and_follows_a_revocation_made_in_vau
     wait_until(Duration::from_secs(30), "a new intermediate in place of the revoked one", || {
         valid_bundle(d).is_ok_and(|b| b.ca_cert().serial_hex() != serial)
     });
+
+    // Vault's CRL cannot be read (Vault hung: SIGSTOP): at the next read (every half CRL
+    // lifetime, 10 s) each agent reports it and the management plane raises an
+    // UpstreamCrlUnavailable alert naming the cluster; once Vault answers again it clears.
+    let creds = up_dir.join("mgmt").join("operator");
+    let crl_alerts = || -> BTreeSet<String> {
+        let (ok, out, err) = common::run(&["status", "-o", "json", "--credentials", creds.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        st["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "UpstreamCrlUnavailable")
+            .map(|a| a["cluster"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(crl_alerts().is_empty(), "no alert while Vault's CRL is read");
+    vault.signal("STOP");
+    wait_until(Duration::from_secs(60), "an UpstreamCrlUnavailable alert for both clusters", || {
+        crl_alerts() == BTreeSet::from(["cluster-1".to_string(), "cluster-2".to_string()])
+    });
+    vault.signal("CONT");
+    wait_until(Duration::from_secs(40), "the alerts cleared once Vault answers", || crl_alerts().is_empty());
     up.signal("TERM");
     up.wait_exit(Duration::from_secs(30));
     let summary = json_file(&up_dir.join("summary.json")).unwrap_or_else(|| panic!("no summary:\n{}", up.log_text()));

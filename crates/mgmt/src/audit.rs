@@ -53,6 +53,8 @@ pub enum Action {
     BootstrapTokenCreated,
     /// A cluster registered with a bootstrap token.
     ClusterRegistered,
+    /// A cluster was removed (`meshca cluster remove`): its records archived.
+    ClusterRemoved,
 }
 
 impl Action {
@@ -65,6 +67,7 @@ impl Action {
             Action::RootRotationPhase => "root-rotation-phase",
             Action::BootstrapTokenCreated => "bootstrap-token-created",
             Action::ClusterRegistered => "cluster-registered",
+            Action::ClusterRemoved => "cluster-removed",
         }
     }
 }

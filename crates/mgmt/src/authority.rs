@@ -26,6 +26,10 @@ pub struct Signing {
     pub signer: Arc<CaSigner>,
     /// The root set clusters trust.
     pub roots: RootSet,
+    /// Other CAs clusters may still be under — during a root rotation, the root not signing —
+    /// whose CRL the published one carries too, so those clusters can still write a
+    /// `ca-crl.pem` istiod accepts (it wants a CRL from every certificate of their chain).
+    pub crl_also: Vec<Arc<CaSigner>>,
 }
 
 /// Vault signs cluster intermediates: what each cluster's `meshca vault-agent` is told.
@@ -207,7 +211,7 @@ pub async fn load(store: &dyn Store, policy: Policy, now: SystemTime) -> Authori
     let capability = loaded
         .and_then(|signer| {
             let roots = RootSet::from_certs(vec![signer.root().clone()]).map_err(|e| MgmtError::pki("root set", e))?;
-            Ok(Capability::Signing(Arc::new(Signing { signer: Arc::new(signer), roots })))
+            Ok(Capability::Signing(Arc::new(Signing { signer: Arc::new(signer), roots, crl_also: Vec::new() })))
         })
         .unwrap_or_else(|e| Capability::Unavailable { reason: unavailable_reason(&e) });
     Authority::new(policy, capability, warning)

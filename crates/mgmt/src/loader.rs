@@ -34,6 +34,14 @@ pub trait PolicySource: Send + Sync + 'static {
     /// validated and its CA loaded already.
     async fn apply(&self, text: &str) -> Result<(), MgmtError>;
 
+    /// Who puts a policy read from here in force, for the audit log — `None` when the writer
+    /// records it itself (the store object: `meshca policy apply` goes through the operator API,
+    /// which appends the entry). The Kubernetes resource is changed with `kubectl apply`, which
+    /// meshca never sees: the loader records it ([`audit_applied`]).
+    fn audit_actor(&self) -> Option<String> {
+        None
+    }
+
     /// Publishes the mesh's status where operators look for it. Called on the leader only.
     async fn publish_status(
         &self,
@@ -111,6 +119,9 @@ impl Loader {
         };
         let initial = authority::load(store.as_ref(), policy.clone(), clock.now()).await;
         log_authority(&initial);
+        if let Some(actor) = source.audit_actor() {
+            audit_applied(store.as_ref(), &actor, &initial, clock.now()).await;
+        }
         let (tx, rx) = watch::channel(Arc::new(initial));
         (Loader { store, source, clock, resync, policy, tx }, rx)
     }
@@ -171,9 +182,58 @@ impl Loader {
             || current.policy != next.policy
         {
             log_authority(&next);
+            if let Some(actor) = self.source.audit_actor() {
+                audit_applied(self.store.as_ref(), &actor, &next, self.clock.now()).await;
+            }
             self.tx.send_replace(Arc::new(next));
         }
     }
+}
+
+/// Records `authority`'s policy as applied by `actor` in the audit log — once, however many
+/// replicas load it and however often: the policy's digest is swapped into the marker
+/// ([`records::policy_audited`]) by compare-and-swap first, and only the replica whose swap
+/// wins appends the entry (a crash between the two loses the entry rather than doubling it). A
+/// policy that cannot sign is not in force and is not recorded (it is once its CA loads).
+pub async fn audit_applied(store: &dyn Store, actor: &str, authority: &Authority, now: std::time::SystemTime) {
+    if authority.error().is_some() {
+        return;
+    }
+    let digest = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{:?}", authority.policy).as_bytes(),
+    ));
+    let key = records::policy_audited();
+    loop {
+        let current = match store.get(&key).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the audit marker failed; this policy has no audit entry");
+                return;
+            }
+        };
+        if current.as_ref().and_then(|v| v.value.get("digest")) == Some(digest.as_bytes()) {
+            return;
+        }
+        let precondition = match &current {
+            Some(v) => meshca_store::Precondition::Version(v.version.clone()),
+            None => meshca_store::Precondition::Absent,
+        };
+        let marker = meshca_store::Secret::with_data([("digest", digest.as_bytes().to_vec())]);
+        match store.put(&key, &marker, precondition).await {
+            Ok(_) => break,
+            // Another replica moved it: look again.
+            Err(meshca_store::StoreError::Conflict { .. } | meshca_store::StoreError::AlreadyExists(_)) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "writing the audit marker failed; this policy has no audit entry");
+                return;
+            }
+        }
+    }
+    let event = crate::audit::Event::new(crate::audit::Action::PolicyApplied, actor, "")
+        .with("policy", &authority.policy.name)
+        .with("policyGeneration", &authority.generation);
+    crate::audit::record(store, event, now).await;
 }
 
 fn log_authority(a: &Authority) {

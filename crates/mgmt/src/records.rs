@@ -32,6 +32,12 @@ pub fn policy() -> ObjectKey {
     fixed("root-trust-policy")
 }
 
+/// The digest of the last policy from the Kubernetes resource recorded in the audit log
+/// (`crate::loader::audit_applied`).
+pub fn policy_audited() -> ObjectKey {
+    fixed("policy-applied-audit")
+}
+
 /// When bootstrap-token records were last swept (`crate::tokens::create`).
 pub fn token_sweep() -> ObjectKey {
     fixed("token-sweep")
@@ -353,6 +359,9 @@ pub struct StatusRecord {
     /// all is well.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub crl_note: String,
+    /// The upstream PKI (Vault) publishes no CRL for the signing issuer, or it cannot be read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upstream_crl_unavailable: bool,
 }
 
 /// What a cluster's agent reported about istiod's Deployment (`IstiodStatus` on the wire).
@@ -452,7 +461,7 @@ mod tests {
 
     #[test]
     fn fixed_names_are_valid_and_input_names_are_checked() {
-        let _ = (root_ca(), relay_ca(), policy(), operators(), token_sweep());
+        let _ = (root_ca(), relay_ca(), policy(), policy_audited(), operators(), token_sweep());
         assert!(archived_cluster(&"c".repeat(63), i64::MAX).is_ok(), "the longest cluster name archives");
         let a = archived_cluster("cluster-1", 1).expect("archive");
         assert!(!a.name().starts_with(CLUSTER_PREFIX) && !a.name().starts_with(TOKEN_PREFIX), "{a}");

@@ -6,6 +6,7 @@
 //!    (`archived.<name>.<unix time>`, created, never overwritten);
 //! 2. the registration record is deleted — from this moment every certificate of the cluster's
 //!    agent is refused on every call ([`crate::identities`]) and the issuer signs nothing for it;
+//!    the audit log gets its one `cluster-removed` entry;
 //! 3. its unused bootstrap tokens are deleted (they would register it again);
 //! 4. the issued log and status are deleted (they are in the archive).
 //!
@@ -50,6 +51,11 @@ pub async fn remove(store: &dyn Store, cluster: &str, by: &str, now: SystemTime)
     // The registration goes only if nobody changed it since it was archived (a concurrent
     // renewal would otherwise be lost from the archive); the caller retries on a conflict.
     store.delete(&cluster_key, Precondition::Version(registration.version)).await?;
+    // The removal has happened (a retry finds nothing to remove): one audit entry, whatever
+    // happens to the clean-up below.
+    let event =
+        crate::audit::Event::new(crate::audit::Action::ClusterRemoved, by, cluster).with("archive", archive_key.name());
+    crate::audit::record(store, event, now).await;
 
     let mut tokens = 0;
     for name in store.list(records::NAMESPACE).await? {

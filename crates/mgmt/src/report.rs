@@ -97,6 +97,7 @@ pub fn accept(s: &ClusterStatus, now: i64) -> Result<StatusRecord, InvalidReport
         last_renewal: time("last_renewal", s.last_renewal)?,
         last_error: bounded(&s.last_error, MAX_ERROR_CHARS),
         crl_note: bounded(&s.crl_note, MAX_ERROR_CHARS),
+        upstream_crl_unavailable: s.upstream_crl_unavailable,
         key_location: match s.key_location.as_str() {
             "" | "store" | "memory" => s.key_location.clone(),
             other => {

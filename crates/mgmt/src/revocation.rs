@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use meshca_clock::{SharedClock, from_unix, unix};
+use meshca_pki::CaSigner;
 use meshca_pki::crl::{self, Crl, CrlParams, Reason, Revoked};
 use meshca_store::{ObjectKey, Store, StoreError, typed};
 use tokio::sync::watch;
@@ -226,18 +227,30 @@ pub async fn publish(
     let Some(signing) = auth.signing() else { return Ok(None) };
     let signer = &signing.signer;
     let fingerprint = signer.cert().fingerprint();
-    let entries: Vec<Revoked> = all_revoked(store, unix(now))
-        .await?
-        .into_iter()
-        .filter(|r| r.issuer_fingerprint.is_empty() || r.issuer_fingerprint == fingerprint)
-        .map(|r| Revoked {
-            serial_hex: r.serial,
-            revoked_at: from_unix(r.revoked_at),
-            reason: r.reason.parse().unwrap_or(Reason::Unspecified),
-        })
-        .collect();
+    let revoked = all_revoked(store, unix(now)).await?;
+    // What `ca` lists: the revocations of what it issued (an entry without an issuer, from an
+    // older record, goes to the signer's).
+    let listed_by = |ca: &CaSigner, main: bool| -> Vec<Revoked> {
+        let fp = ca.cert().fingerprint();
+        revoked
+            .iter()
+            .filter(|r| r.issuer_fingerprint == fp || main && r.issuer_fingerprint.is_empty())
+            .map(|r| Revoked {
+                serial_hex: r.serial.clone(),
+                revoked_at: from_unix(r.revoked_at),
+                reason: r.reason.parse().unwrap_or(Reason::Unspecified),
+            })
+            .collect()
+    };
+    let entries = listed_by(signer, true);
+    // During a root rotation, the other root's CRL too (its clusters may not have re-issued yet).
+    let also: Vec<(&CaSigner, Vec<Revoked>)> =
+        signing.crl_also.iter().map(|ca| (ca.as_ref(), listed_by(ca, false))).collect();
     let above = upstream_crls(store, auth).await;
-    let digest = listed_digest(&entries, &above);
+    let mut digest = listed_digest(&entries, &above);
+    for (ca, listed) in &also {
+        digest = format!("{digest}+{}:{}", ca.cert().fingerprint(), listed_digest(listed, &[]));
+    }
     let current = typed::get::<CrlRecord>(store, &records::crl()).await?.map(|v| v.value);
     if !due(current.as_ref(), &fingerprint, &digest, unix(now), ttl) {
         return Ok(current);
@@ -259,6 +272,12 @@ pub async fn publish(
         };
         let mut all = vec![own];
         all.extend(above.iter().cloned());
+        for (ca, listed) in &also {
+            match ca.sign_crl(&CrlParams { revoked: listed.clone(), ..params.clone() }) {
+                Ok(c) => all.push(c),
+                Err(e) => tracing::warn!(ca = %ca.cert().subject(), error = %e, "the other root's CRL cannot be signed"),
+            }
+        }
         let note = match crl::check_chain_coverage(&all, signer.chain()) {
             Ok(()) => String::new(),
             Err(e) => format!(

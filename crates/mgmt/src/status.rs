@@ -34,6 +34,7 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
         chain_root_fingerprint: s.chain_root_fingerprint.clone(),
         intermediate_issuer_fingerprint: s.intermediate_issuer_fingerprint.clone(),
         crl_note: s.crl_note.clone(),
+        upstream_crl_unavailable: s.upstream_crl_unavailable,
     }
 }
 
@@ -182,7 +183,9 @@ pub fn human(secs: i64) -> String {
 ///   (`ClusterNotReporting`);
 /// - a `cacerts` meshca did not write, left alone (`ForeignCacerts`);
 /// - an agent that may manage istiod but could not (`IstiodNotWired`: the Deployment is missing,
-///   RBAC forbids the patch, another field manager owns a field meshca would set).
+///   RBAC forbids the patch, another field manager owns a field meshca would set);
+/// - a cluster whose upstream PKI (Vault) publishes no CRL for the signing issuer, or whose last
+///   read of it failed (`UpstreamCrlUnavailable`).
 pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_interval: Duration) -> Vec<Alert> {
     let mut out = Vec::new();
     if let Some(e) = authority.error() {
@@ -249,6 +252,17 @@ pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_
                         AlertKind::IstiodNotWired,
                         &c.name,
                         format!("{}: istiod Deployment {}: {}: {}", c.name, i.deployment, i.state(), i.message),
+                    ));
+                }
+                if s.upstream_crl_unavailable {
+                    out.push(alert(
+                        AlertKind::UpstreamCrlUnavailable,
+                        &c.name,
+                        format!(
+                            "{}: the upstream PKI's CRL for the issuer that signs its intermediates is missing ({}): ca-crl.pem lacks it or holds a stale one, and a revocation made there does not reach the cluster",
+                            c.name,
+                            if s.crl_note.is_empty() { "no reason given" } else { &s.crl_note }
+                        ),
                     ));
                 }
                 if now - c.last_seen > CONNECTED_INTERVALS * interval {
@@ -550,13 +564,18 @@ mod tests {
         assert_eq!(kinds(st.root_rotation_threshold + 1), ["RootExpiresWithinIntermediateLifetime"]);
     }
 
-    #[tokio::test]
-    async fn a_foreign_cacerts_and_an_unwired_istiod_are_alerts_a_wired_one_is_not() {
+    /// A generated-root authority in a fresh store (kept alive by the returned folder), and now.
+    async fn generated_authority() -> (tempfile::TempDir, crate::authority::Authority, std::time::SystemTime) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
         let now = std::time::SystemTime::now();
         let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
-        let authority = crate::authority::load(&store, policy, now).await;
+        (dir, crate::authority::load(&store, policy, now).await, now)
+    }
+
+    #[tokio::test]
+    async fn a_foreign_cacerts_and_an_unwired_istiod_are_alerts_a_wired_one_is_not() {
+        let (_dir, authority, now) = generated_authority().await;
         let view = |foreign: bool, state: IstiodState| ClusterView {
             name: "c1".into(),
             registered: true,
@@ -587,5 +606,34 @@ mod tests {
         assert!(kinds(view(false, IstiodState::Unspecified)).is_empty(), "an agent that does not manage istiod");
         let a = alerts(unix(now), &authority, &[view(false, IstiodState::NotFound)], Duration::from_secs(5));
         assert_eq!(a[0].message, "c1: istiod Deployment istio-system/istiod: NotFound: forbidden");
+    }
+
+    #[tokio::test]
+    async fn a_missing_upstream_crl_is_an_alert_naming_the_cluster_and_why() {
+        let (_dir, authority, now) = generated_authority().await;
+        let view = |missing: bool| ClusterView {
+            name: "c1".into(),
+            registered: true,
+            enrolled: true,
+            connected: true,
+            last_seen: unix(now),
+            status: Some(ClusterStatus {
+                phase: meshca_proto::Phase::Ready as i32,
+                upstream_crl_unavailable: missing,
+                crl_note: if missing {
+                    "the upstream CRL cannot be read: Vault publishes no CRL".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let a = alerts(unix(now), &authority, &[view(true)], Duration::from_secs(5));
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(a[0].kind(), AlertKind::UpstreamCrlUnavailable);
+        assert_eq!(a[0].cluster, "c1");
+        assert!(a[0].message.contains("Vault publishes no CRL"), "{}", a[0].message);
+        assert!(alerts(unix(now), &authority, &[view(false)], Duration::from_secs(5)).is_empty());
     }
 }

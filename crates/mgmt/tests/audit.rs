@@ -78,3 +78,75 @@ async fn an_entry_changed_removed_or_moved_in_the_store_is_named() {
     typed::put(&store, &key, &original, Precondition::Any).await.unwrap();
     audit::verify(&audit::read(&store).await.unwrap()).unwrap();
 }
+
+/// A policy source whose policies nobody else records (like the Kubernetes resource, which is
+/// changed with `kubectl apply`): the store object, with the resource's audit actor. The real
+/// RootTrustPolicy resource on a real API server: `crates/meshca/tests/kube_e2e.rs`.
+struct Unrecorded(meshca_mgmt::loader::StorePolicy);
+
+#[async_trait::async_trait]
+impl meshca_mgmt::loader::PolicySource for Unrecorded {
+    async fn read(&self) -> Result<Option<meshca_policy::Policy>, meshca_mgmt::error::MgmtError> {
+        self.0.read().await
+    }
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
+        self.0.changes()
+    }
+    async fn apply(&self, text: &str) -> Result<(), meshca_mgmt::error::MgmtError> {
+        self.0.apply(text).await
+    }
+    fn audit_actor(&self) -> Option<String> {
+        Some("kubernetes RootTrustPolicy meshca/mesh".into())
+    }
+}
+
+/// Two replicas load each policy from the resource (at start, on its change, on every resync):
+/// one `policy-applied` entry per policy put in force, never two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_from_the_resource_is_recorded_once_however_many_replicas_load_it() {
+    use meshca_mgmt::loader::{Loader, PolicySource, StorePolicy};
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_2026();
+    let policy = |ttl: &str| {
+        format!(
+            "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: mesh }}\nspec:\n  config:\n    generated: {{}}\n  intermediateCertOptions: {{ ttl: {ttl} }}\n"
+        )
+    };
+    let store: Arc<dyn Store> = Arc::new(DirStore::open(tmp.path()).unwrap());
+    let source = Arc::new(Unrecorded(StorePolicy::new(store.clone())));
+    source.apply(&policy("1h")).await.unwrap();
+    let fallback = meshca_policy::Policy::generated_default(std::time::Duration::from_secs(3600));
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let replica: Arc<dyn Store> = Arc::new(DirStore::open(tmp.path()).unwrap());
+        let (loader, rx) = Loader::start(
+            replica,
+            source.clone(),
+            fallback.clone(),
+            clock.shared(),
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+        replicas.push((loader, rx));
+    }
+    let applied = || async {
+        let log = audit::read(store.as_ref()).await.unwrap();
+        audit::verify(&log).unwrap();
+        log.into_iter().filter(|e| e.action == "policy-applied").collect::<Vec<_>>()
+    };
+    let first = applied().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].actor, "kubernetes RootTrustPolicy meshca/mesh");
+    assert_eq!(first[0].details["policyGeneration"], replicas[0].1.borrow().generation);
+
+    // The resource changes: both replicas reload it (at once, as replicas do), and reload again.
+    source.apply(&policy("2h")).await.unwrap();
+    for _ in 0..2 {
+        let (a, b) = replicas.split_at_mut(1);
+        tokio::join!(a[0].0.reload(), b[0].0.reload());
+    }
+    let second = applied().await;
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert_eq!(second[1].details["policyGeneration"], replicas[1].1.borrow().generation);
+    assert_ne!(second[0].details["policyGeneration"], second[1].details["policyGeneration"]);
+}

@@ -347,6 +347,15 @@ async fn a_new_registration_and_a_removal_end_every_earlier_identity_at_once() {
     // Removing it again is a not-found; adding it back starts afresh.
     let again = p.operator().remove_cluster(RemoveClusterRequest { cluster: "cluster-1".into() }).await;
     assert_eq!(again.expect_err("not registered").code(), Code::NotFound);
+    // One audit entry for the removal (the repeat left none), naming the operator and the archive,
+    // and the chain verifies.
+    let log = meshca_mgmt::audit::read(p.store.as_ref()).await.unwrap();
+    let removals: Vec<_> = log.iter().filter(|e| e.action == "cluster-removed").collect();
+    assert_eq!(removals.len(), 1, "{removals:?}");
+    assert_eq!(removals[0].cluster, "cluster-1");
+    assert!(removals[0].actor.contains("operator"), "{:?}", removals[0]);
+    assert_eq!(removals[0].details.get("archive").map(String::as_str), Some(removed.archive.as_str()));
+    meshca_mgmt::audit::verify(&log).unwrap();
     let d = p.register("cluster-1").await;
     report_as(&p, &d).await.unwrap();
     refused(report_as(&p, &c).await, "not the current identity");

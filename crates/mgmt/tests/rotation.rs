@@ -466,6 +466,22 @@ fn root_fp(m: &Mesh) -> String {
     m.plane().authority.borrow().roots().unwrap().iter().next().unwrap().fingerprint()
 }
 
+/// The roots (fingerprints) a CRL published now is signed by — so that clusters under each can
+/// write a `ca-crl.pem` istiod accepts.
+async fn crl_signers(m: &Mesh) -> std::collections::BTreeSet<String> {
+    let auth = m.plane().authority.borrow().clone();
+    let store = m.plane().store.as_ref();
+    let rec =
+        meshca_mgmt::revocation::publish(store, &auth, m.clock.now(), Duration::from_secs(600)).await.unwrap().unwrap();
+    let crls = meshca_pki::Crl::parse_pem_bundle(rec.pem.as_bytes()).unwrap();
+    auth.roots()
+        .unwrap()
+        .iter()
+        .filter(|r| crls.iter().any(|c| c.verify_signed_by(r).is_ok()))
+        .map(Cert::fingerprint)
+        .collect()
+}
+
 /// Runs a started rotation through Distributing, checking its gate exactly, up to Switching.
 async fn through_distributing(m: &Mesh) -> i64 {
     m.until("every cluster to trust {A, B}", |m| {
@@ -524,9 +540,22 @@ async fn a_rotation_passes_every_gate_over_simulated_hours_and_no_write_breaks_t
     let e = m.plane().rotation.start().await.expect_err("one at a time");
     assert!(e.to_string().contains("already in progress"), "{e}");
 
+    assert_eq!(
+        crl_signers(&m).await,
+        std::collections::BTreeSet::from([a.clone(), b.clone()]),
+        "Distributing: a CRL from each root"
+    );
     through_distributing(&m).await;
+    // Switching: clusters still under A (they re-issue one by one) need A's CRL, those under B
+    // B's — the published CRL carries both.
+    assert_eq!(
+        crl_signers(&m).await,
+        std::collections::BTreeSet::from([a.clone(), b.clone()]),
+        "Switching: a CRL from each root"
+    );
     through_draining(&m, &b).await;
     m.until("Idle again", |m| m.journal().rotation.is_none()).await;
+    assert_eq!(crl_signers(&m).await, std::collections::BTreeSet::from([b.clone()]), "after the rotation: B's alone");
     m.check_barrier(&a, &b);
     for (cluster, history) in m.root_set_history(&a, &b) {
         assert_eq!(history, ["A", "AB", "B"], "{cluster}");
@@ -577,9 +606,22 @@ async fn a_stopped_agent_stalls_the_rotation_with_an_alert_naming_it_until_it_re
 
     // The agent returns: it catches up, and the rotation completes.
     m.start_agent("cluster-2");
+    assert_eq!(
+        crl_signers(&m).await,
+        std::collections::BTreeSet::from([a.clone(), b.clone()]),
+        "Distributing: a CRL from each root"
+    );
     through_distributing(&m).await;
+    // Switching: clusters still under A (they re-issue one by one) need A's CRL, those under B
+    // B's — the published CRL carries both.
+    assert_eq!(
+        crl_signers(&m).await,
+        std::collections::BTreeSet::from([a.clone(), b.clone()]),
+        "Switching: a CRL from each root"
+    );
     through_draining(&m, &b).await;
     m.until("Idle again", |m| m.journal().rotation.is_none()).await;
+    assert_eq!(crl_signers(&m).await, std::collections::BTreeSet::from([b.clone()]), "after the rotation: B's alone");
     m.check_barrier(&a, &b);
     assert!(m.status().await.alerts.is_empty());
 }

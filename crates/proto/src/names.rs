@@ -78,6 +78,7 @@ names!(AlertKind, "alert kind", {
     ForeignCacerts => "ForeignCacerts",
     IstiodNotWired => "IstiodNotWired",
     RootRotationStalled => "RootRotationStalled",
+    UpstreamCrlUnavailable => "UpstreamCrlUnavailable",
 });
 
 names!(IstiodState, "istiod state", {

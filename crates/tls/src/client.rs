@@ -9,14 +9,20 @@ use meshca_pki::RootSet;
 use rustls::ClientConfig;
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::ServerCertVerifier;
-use rustls_pki_types::CertificateDer;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::{Identity, TlsError, provider};
+use crate::{Identity, PeerPolicy, RevocationGrace, SpiffeVerifier, TlsError, provider};
 
 /// How the client authenticates the server.
 pub enum ServerTrust<'a> {
     /// A server certificate chaining to one of these roots, for the name dialled.
     Roots(&'a RootSet),
+    /// Like `Roots`, and every certificate of the server's chain checked against these CRLs
+    /// (as [`crate::SpiffeVerifier`] does, without a grace: only CRLs a CA of the path signed;
+    /// a certificate whose issuer has no CRL here is accepted).
+    RootsWithCrls(&'a RootSet, &'a [meshca_pki::Crl]),
     /// A ready-made root store (the system's, or a CA file's).
     Store(rustls::RootCertStore),
     /// A custom verifier (SPIFFE peers, whose certificates carry no DNS name).
@@ -51,6 +57,23 @@ pub fn client_config(trust: ServerTrust<'_>, auth: ClientAuth, versions: Version
     let builder = ClientConfig::builder_with_provider(provider::get()).with_protocol_versions(versions)?;
     let builder = match trust {
         ServerTrust::Roots(roots) => builder.with_root_certificates(root_store(roots)?),
+        ServerTrust::RootsWithCrls(roots, crls) if !crls.is_empty() => {
+            let named = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(root_store(roots)?),
+                provider::get(),
+            )
+            .build()
+            .map_err(|e| TlsError::Roots(e.to_string()))?;
+            let chain = SpiffeVerifier::with_revocation(
+                roots,
+                PeerPolicy::UriPrefix(String::new()),
+                false,
+                RevocationGrace::NONE,
+            )?;
+            chain.set_crls(crls)?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NamedWithCrls { named, chain }))
+        }
+        ServerTrust::RootsWithCrls(roots, _) => builder.with_root_certificates(root_store(roots)?),
         ServerTrust::Store(store) => builder.with_root_certificates(store),
         ServerTrust::Verifier(v) => builder.dangerous().with_custom_certificate_verifier(v),
     };
@@ -68,4 +91,50 @@ pub fn root_store(roots: &RootSet) -> Result<rustls::RootCertStore, TlsError> {
         store.add(CertificateDer::from(r.der().to_vec())).map_err(|e| TlsError::Roots(e.to_string()))?;
     }
     Ok(store)
+}
+
+/// rustls' server verification (roots and the name dialled), then the chain's CRL check of a
+/// [`SpiffeVerifier`] (its path-scoped CRLs: rustls' own CRL support picks a CRL by issuer name,
+/// and a cluster's successive intermediates share one name).
+#[derive(Debug)]
+struct NamedWithCrls {
+    named: Arc<rustls::client::WebPkiServerVerifier>,
+    chain: Arc<SpiffeVerifier>,
+}
+
+impl ServerCertVerifier for NamedWithCrls {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.named.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.chain.verify_chain(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.named.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.named.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.named.supported_verify_schemes()
+    }
 }

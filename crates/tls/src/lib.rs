@@ -5,6 +5,7 @@
 //! - [`identity`]: a certificate chain and key as rustls wants them.
 //! - [`reload`]: a certificate that can be swapped while connections are accepted, so rotation
 //!   never needs a restart.
+//! - [`revocation`]: the CRLs the peer verifiers check, and the grace for a revoked CA's leaves.
 //! - [`spiffe`]: peer verification for URI-only (SPIFFE) certificates, in both directions, with a
 //!   root set that can change during a root rotation.
 //! - [`grpc`]: tonic clients over these rustls configs, the server ALPN, and the peer certificate
@@ -16,11 +17,13 @@ pub mod grpc;
 pub mod identity;
 pub mod provider;
 pub mod reload;
+pub mod revocation;
 pub mod spiffe;
 
 pub use client::{ClientAuth, ServerTrust, Versions, client_config};
 pub use identity::Identity;
 pub use reload::SwappableCert;
+pub use revocation::RevocationGrace;
 pub use spiffe::{PeerPolicy, SpiffeVerifier};
 
 /// TLS setup failures.
@@ -35,6 +38,9 @@ pub enum TlsError {
     /// The trust roots are unusable.
     #[error("TLS trust roots: {0}")]
     Roots(String),
+    /// A CRL rustls-webpki cannot use.
+    #[error("TLS CRL: {0}")]
+    Crl(String),
     /// The endpoint address is not a valid URI.
     #[error("invalid endpoint {0:?}")]
     Endpoint(String),

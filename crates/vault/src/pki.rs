@@ -240,13 +240,19 @@ pub async fn signing_root(spec: &meshca_policy::VaultSpec) -> Result<Cert, Vault
 }
 
 /// The CRL of the issuer the sign path uses (PEM), as Vault publishes it
-/// (`<mount>/issuer/<ref>/crl`, unauthenticated). Empty when Vault has none (CRL building
-/// disabled on the mount).
+/// (`<mount>/issuer/<ref>/crl`, unauthenticated). An answer without one is an error: the
+/// cluster's `ca-crl.pem` cannot carry it (the agent reports it, and the management plane alerts).
 pub async fn read_crl(client: &VaultClient, sign: &SignPath) -> Result<String, VaultError> {
     let path = format!("{}/issuer/{}/crl", sign.mount, sign.issuer.as_deref().unwrap_or("default"));
     let v = client.call(http::Method::GET, &path, None, None).await?;
-    let crl = v.get("data").and_then(|d| d.get("crl")).and_then(Value::as_str).unwrap_or_default();
-    Ok(crl.trim().to_string())
+    let crl = v.get("data").and_then(|d| d.get("crl")).and_then(Value::as_str).unwrap_or_default().trim();
+    if crl.is_empty() {
+        return Err(VaultError::BadResponse {
+            path,
+            reason: "Vault publishes no CRL for this issuer (is CRL building disabled on the mount?)".into(),
+        });
+    }
+    Ok(crl.to_string())
 }
 
 /// Reads the issuing CA (and its chain) the sign path uses.

@@ -274,17 +274,7 @@ impl VaultSource {
 #[async_trait::async_trait]
 impl IntermediateSource for VaultSource {
     async fn upstream_crls(&self, trust: &TrustState) -> Option<Result<String, AgentError>> {
-        let crl = self.crl(trust.vault.as_ref()).await.map_err(|e| AgentError::Upstream(Box::new(e)));
-        Some(crl.and_then(|pem| {
-            if pem.is_empty() {
-                Err(AgentError::BadAnswer {
-                    call: "Vault CRL",
-                    reason: "Vault publishes no CRL for this issuer (is CRL building disabled on the mount?)".into(),
-                })
-            } else {
-                Ok(pem)
-            }
-        }))
+        Some(self.crl(trust.vault.as_ref()).await.map_err(|e| AgentError::Upstream(Box::new(e))))
     }
 
     fn key_location(&self) -> KeyLocation {

@@ -162,10 +162,16 @@ async fn run(
         let on_reload = serving.clone();
         let td = opts.trust_domain.clone();
         let reload_clock = clock.clone();
+        // A bundle marked revoked signs nothing, not even the serving certificate: the current
+        // one stays until the agent writes the new intermediate (clients that check the CRLs
+        // refuse it meanwhile; the CA would answer UNAVAILABLE anyway).
         tasks.spawn(holder.clone().watch(
-            move |state| match serving_identity(state, &td, reload_clock.now()) {
-                Ok(ck) => on_reload.swap(ck),
-                Err(e) => tracing::error!(error = %e, "re-issuing the serving certificate failed"),
+            move |state| match state.revoked {
+                Some(_) => {}
+                None => match serving_identity(state, &td, reload_clock.now()) {
+                    Ok(ck) => on_reload.swap(ck),
+                    Err(e) => tracing::error!(error = %e, "re-issuing the serving certificate failed"),
+                },
             },
             cancel.child_token(),
         ));
@@ -180,7 +186,11 @@ async fn run(
                     _ = stop.cancelled() => return,
                     _ = clock.sleep(SERVING_RENEWAL) => {}
                 }
-                match serving_identity(&holder.current(), &td, clock.now()) {
+                let state = holder.current();
+                if state.revoked.is_some() {
+                    continue;
+                }
+                match serving_identity(&state, &td, clock.now()) {
                     Ok(ck) => serving.swap(ck),
                     Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
                 }

@@ -595,7 +595,7 @@ impl Controller {
                     s.root().fingerprint(),
                     anchor.fingerprint
                 )),
-                Ok(signer) => Capability::Signing(Arc::new(Signing { signer, roots })),
+                Ok(signer) => Capability::Signing(Arc::new(Signing { signer, roots, crl_also: Vec::new() })),
             },
             SignerRef::Vault { spec } => match VaultSpec::from_doc(spec) {
                 Err(e) => unavailable(format!("the Vault block in the journal: {e}")),
@@ -629,6 +629,7 @@ impl Controller {
     /// journal says.
     async fn effective(&mut self, j: &Journal) -> Authority {
         let base = self.base.borrow().clone();
+        let mut other = None;
         let (signer_anchor, roots, note) = match (&j.rotation, &j.established) {
             (Some(r), _) => {
                 let (signer, roots) = plan::holding(r);
@@ -637,7 +638,11 @@ impl Controller {
                     Signer::Target => r.target().clone(),
                 };
                 let roots = match roots {
-                    Roots::Both => vec![r.from.root_pem.clone(), r.to.root_pem.clone()],
+                    Roots::Both => {
+                        // Clusters may be under either root: the one not signing publishes a CRL too.
+                        other = Some(if signer_anchor.fingerprint == r.from.fingerprint { &r.to } else { &r.from });
+                        vec![r.from.root_pem.clone(), r.to.root_pem.clone()]
+                    }
                     Roots::Target => vec![r.target().root_pem.clone()],
                 };
                 (signer_anchor, roots, None)
@@ -679,10 +684,23 @@ impl Controller {
             },
             (None, None) => return (*base).clone(),
         };
-        let capability = match roots_of(&roots) {
+        let mut capability = match roots_of(&roots) {
             Ok(roots) => self.capability_of(&signer_anchor, roots, &base.policy).await,
             Err(reason) => Capability::Unavailable { reason: format!("root rotation: {reason}") },
         };
+        if let (Capability::Signing(s), Some(Anchor { signer: SignerRef::Stored { object }, .. })) =
+            (&capability, other)
+        {
+            match self.stored(object).await {
+                Ok(also) => {
+                    let s = Signing { signer: s.signer.clone(), roots: s.roots.clone(), crl_also: vec![also] };
+                    capability = Capability::Signing(Arc::new(s));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the other root's CA cannot sign CRLs; its clusters write no ca-crl.pem")
+                }
+            }
+        }
         let warning = match (note, &base.warning) {
             (Some(n), Some(w)) => Some(format!("{n}; {w}")),
             (n, w) => n.or_else(|| w.clone()),

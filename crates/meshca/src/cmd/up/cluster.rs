@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::display::{ClusterRun, short};
 use super::mgmt::Started;
-use super::topology::{TopologyCa, TopologyCluster};
+use super::topology::{TopologyCa, TopologyCluster, TopologyWorkload};
 use super::workload::{CaEndpoint, Workload};
 use super::{Args, abs, issuer_for, random_token, write};
 
@@ -133,14 +133,21 @@ pub async fn start(
     let endpoint = CaEndpoint {
         address: ca_addr.to_string(),
         root_file: cacerts.join("root-cert.pem"),
+        crl_file: cacerts.join(meshca_pki::bundle::CA_CRL),
         cluster: name.clone(),
         idp,
         clock: clock.clone(),
     };
     let mut workloads = Vec::new();
+    let grace = meshca_tls::RevocationGrace(a.revocation_grace.0);
     for sa in ["sleep", "httpbin"] {
-        let id = SpiffeId::workload(&a.trust_domain, "default", &format!("{sa}-{i}"))?;
-        workloads.push(Workload::start(&name, id, &a.trust_domain, endpoint.clone(), a.leaf_ttl.0, tasks, stop).await?);
+        let name_i = format!("{sa}-{i}");
+        let id = SpiffeId::workload(&a.trust_domain, "default", &name_i)?;
+        let chain_file = cdir.join("workloads").join(&name_i).join("cert-chain.pem");
+        let ttl = a.leaf_ttl.0;
+        workloads.push(
+            Workload::start(&name, id, &a.trust_domain, endpoint.clone(), ttl, grace, chain_file, tasks, stop).await?,
+        );
     }
 
     let ca = bundle.ca_cert();
@@ -164,6 +171,14 @@ pub async fn start(
         },
         token_file: abs(&token_file),
         jwt_issuer: issuer,
+        workloads: workloads
+            .iter()
+            .map(|w| TopologyWorkload {
+                id: w.id.to_string(),
+                address: w.addr.to_string(),
+                cert_chain: abs(&w.chain_file),
+            })
+            .collect(),
     };
     let run = ClusterRun { name, cacerts, serial: ca.serial_hex(), rotations: 0 };
     Ok(Cluster { run, topology, workloads })

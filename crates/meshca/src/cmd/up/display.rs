@@ -35,6 +35,8 @@ pub struct ClusterSummary {
     pub leaves_failed: u64,
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
+    /// Serials of the intermediates that signed its sample workloads' current leaves.
+    pub workload_issuers: Vec<String>,
     pub last_error: String,
 }
 
@@ -83,6 +85,7 @@ pub async fn collect(
             c.handshakes_failed += w.counters.failed.load(Ordering::Relaxed);
             c.leaves_issued += w.counters.leaves.load(Ordering::Relaxed);
             c.leaves_failed += w.counters.leaves_failed.load(Ordering::Relaxed);
+            c.workload_issuers.push(w.issuer_serial.lock().await.clone());
             let e = w.counters.last_error.lock().await.clone();
             if !e.is_empty() {
                 c.last_error = e;

@@ -64,6 +64,11 @@ pub struct Args {
     /// Lifetime of the CRLs in ca-crl.pem (e.g. 20s to watch them re-signed at half of it).
     #[arg(long, default_value = "24h")]
     crl_ttl: DurationArg,
+    /// How long after an intermediate's revocation the sample workloads still accept leaves it
+    /// signed before it (its cluster's workloads renew under the new intermediate as soon as
+    /// the CRL reaches them; a leaf it signed after the revocation is refused at once).
+    #[arg(long, default_value = "20s")]
+    revocation_grace: DurationArg,
     /// Renew intermediates when less than this fraction of their lifetime remains.
     #[arg(long, default_value_t = 0.2)]
     grace_ratio: f64,

@@ -16,6 +16,17 @@ pub struct TopologyCluster {
     pub workload_ca: TopologyCa,
     pub token_file: String,
     pub jwt_issuer: String,
+    /// Its sample workloads.
+    pub workloads: Vec<TopologyWorkload>,
+}
+
+/// A sample workload: where it serves mutual TLS, and the file holding its current leaf's chain
+/// (rewritten at every renewal).
+#[derive(Serialize)]
+pub struct TopologyWorkload {
+    pub id: String,
+    pub address: String,
+    pub cert_chain: String,
 }
 
 #[derive(Serialize)]

@@ -2,6 +2,14 @@
 //! istio-agent does (CSR + service-account token), renews it at half life, serves mutual TLS, and
 //! keeps dialling workloads in the other clusters, verifying their SPIFFE IDs. Every handshake is
 //! counted; a failure is what meshca exists to prevent.
+//!
+//! Revocation: the workload reads its cluster's `ca-crl.pem` as a file, as Istio's proxies read
+//! the `istio-ca-crl` ConfigMap istiod fills from it (every [`CRL_POLL`]). Its verifier checks
+//! every peer chain against those CRLs (with the grace of [`meshca_tls::revocation`]), its calls
+//! to the workload CA check the CA's serving chain against them, and when they name the issuer of
+//! its own leaf (or a CA above it) it renews at once instead of at half life — so a revoked
+//! cluster's workloads hold leaves from its new intermediate long before their peers stop
+//! accepting the old ones ([`decide`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,16 +20,24 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use anyhow::{Context, anyhow};
-use meshca_pki::{Cert, KeyAlgorithm, PrivateKey, RootSet, SpiffeId, TrustDomain, build_csr};
+use meshca_pki::{Cert, Crl, KeyAlgorithm, PrivateKey, RootSet, SpiffeId, TrustDomain, build_csr};
 use meshca_proto::istio::IstioCertificateRequest;
 use meshca_proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
-use meshca_tls::{Identity, PeerPolicy, SpiffeVerifier, SwappableCert};
+use meshca_tls::{Identity, PeerPolicy, RevocationGrace, SpiffeVerifier, SwappableCert};
 use meshca_workload_ca::{DemoIdp, ISTIO_CA_AUDIENCE};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// How often a workload re-reads its cluster's `ca-crl.pem`.
+pub const CRL_POLL: Duration = Duration::from_millis(250);
+
+/// How soon a failed renewal is retried while the current leaf is under a revoked CA (the
+/// workload CA answers UNAVAILABLE until the agent writes the new intermediate, which it polls
+/// for every 200 ms); other failures are retried every second.
+const REVOKED_RETRY: Duration = Duration::from_millis(200);
 
 /// Counters shared with the display.
 #[derive(Default)]
@@ -52,6 +68,10 @@ pub struct Workload {
     pub counters: Arc<Counters>,
     /// NotAfter of the current leaf.
     pub leaf_not_after: Mutex<SystemTime>,
+    /// Serial of the intermediate that signed the current leaf.
+    pub issuer_serial: Mutex<String>,
+    /// Where the current leaf and its chain are written (PEM, public), for scripts and tests.
+    pub chain_file: std::path::PathBuf,
     clock: SharedClock,
 }
 
@@ -63,6 +83,8 @@ pub struct CaEndpoint {
     /// The cluster's root-cert.pem (to verify the workload CA, as istio-agent does); read at
     /// every request so a root rotation is followed.
     pub root_file: std::path::PathBuf,
+    /// The cluster's ca-crl.pem, read every [`CRL_POLL`].
+    pub crl_file: std::path::PathBuf,
     /// The cluster name (sent as `clusterid`).
     pub cluster: String,
     /// The time (tokens are minted on it).
@@ -71,12 +93,21 @@ pub struct CaEndpoint {
     pub idp: Arc<DemoIdp>,
 }
 
-/// Requests a leaf: returns the TLS identity, the root set from the response, and the leaf.
-async fn fetch_leaf(ca: &CaEndpoint, id: &SpiffeId, ttl: Duration) -> anyhow::Result<(Identity, RootSet, Cert)> {
+/// A leaf just obtained.
+struct Fetched {
+    identity: Identity,
+    /// The root set from the response.
+    roots: RootSet,
+    /// The leaf, then each CA above it below the root.
+    chain: Vec<Cert>,
+}
+
+/// Requests a leaf; the CA's serving chain is checked against `crls`.
+async fn fetch_leaf(ca: &CaEndpoint, id: &SpiffeId, ttl: Duration, crls: &[Crl]) -> anyhow::Result<Fetched> {
     let root_pem = std::fs::read(&ca.root_file).with_context(|| format!("reading {}", ca.root_file.display()))?;
     let roots = RootSet::from_pem(&root_pem).context("cluster root-cert.pem")?;
     let config = meshca_tls::client_config(
-        meshca_tls::ServerTrust::Roots(&roots),
+        meshca_tls::ServerTrust::RootsWithCrls(&roots, crls),
         meshca_tls::ClientAuth::None,
         meshca_tls::Versions::Tls13And12,
     )?;
@@ -102,25 +133,92 @@ async fn fetch_leaf(ca: &CaEndpoint, id: &SpiffeId, ttl: Duration) -> anyhow::Re
     let leaf = certs[0].clone();
     anyhow::ensure!(leaf.uri_sans() == [id.to_string()], "the leaf carries {:?}, not {id}", leaf.uri_sans());
     let root_set = RootSet::from_pem(last.as_bytes())?;
-    let intermediates = &certs[1..];
-    Ok((Identity::new(&leaf, intermediates, &key), root_set, leaf))
+    let identity = Identity::new(&leaf, &certs[1..], &key);
+    Ok(Fetched { identity, roots: root_set, chain: certs })
+}
+
+/// Why a workload renews its leaf now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Half its lifetime has passed (istio-agent's default).
+    HalfLife,
+    /// A CRL names the certificate with this subject and serial in the leaf's chain (its
+    /// issuer, normally): the leaf will soon stop being accepted.
+    Revoked {
+        /// The revoked certificate.
+        subject: String,
+        /// Its serial.
+        serial: String,
+    },
+}
+
+/// Whether to renew now: when `crls` revoke a certificate of `chain` (the leaf first, then each
+/// CA above it; the root it was issued under is looked up in `roots`), or when `due` (half the
+/// leaf's lifetime) has come.
+pub fn decide(chain: &[Cert], roots: &RootSet, crls: &[Crl], now: SystemTime, due: SystemTime) -> Option<Renewal> {
+    let mut full = chain.to_vec();
+    if let Some(root) = chain.last().and_then(|top| roots.iter().find(|r| r.subject_der() == top.issuer_der())) {
+        full.push(root.clone());
+    }
+    if let Some((serial, subject)) = meshca_pki::crl::revoked_in_chain(crls, &full) {
+        return Some(Renewal::Revoked { subject, serial });
+    }
+    (now >= due).then_some(Renewal::HalfLife)
+}
+
+/// Reads `file` every [`CRL_POLL`] and publishes its CRLs (to the verifier and to `tx`) when
+/// they change. A file that does not parse keeps the last good set (the agent never writes one),
+/// and so does a file that went away or cannot be read (the agent writes none while it cannot
+/// satisfy istiod, e.g. during a root rotation until the cluster re-issues): what was revoked
+/// stays revoked.
+async fn watch_crls(
+    file: std::path::PathBuf,
+    verifier: Arc<SpiffeVerifier>,
+    tx: watch::Sender<Arc<Vec<Crl>>>,
+    clock: SharedClock,
+) {
+    let mut seen: Option<Vec<u8>> = None;
+    loop {
+        // Missing (or unreadable): the last set stays; none yet reads as none.
+        let bytes = std::fs::read(&file).ok().or_else(|| seen.clone()).unwrap_or_default();
+        if seen.as_ref() != Some(&bytes) {
+            match Crl::parse_pem_bundle(&bytes) {
+                Ok(crls) => match verifier.set_crls(&crls) {
+                    Ok(()) => {
+                        tracing::debug!(file = %file.display(), crls = crls.len(), "CRLs loaded");
+                        tx.send_replace(Arc::new(crls));
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), error = %e, "CRLs unusable; keeping the last ones")
+                    }
+                },
+                Err(e) => tracing::warn!(file = %file.display(), error = %e, "CRLs unreadable; keeping the last ones"),
+            }
+            seen = Some(bytes);
+        }
+        clock.sleep(CRL_POLL).await;
+    }
 }
 
 impl Workload {
-    /// Gets the first leaf and starts serving and renewing, in `tasks` until `stop`.
+    /// Gets the first leaf and starts serving, watching the CRLs and renewing, in `tasks` until
+    /// `stop`. `chain_file` receives each leaf's chain.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         cluster: &str,
         id: SpiffeId,
         td: &TrustDomain,
         ca: CaEndpoint,
         leaf_ttl: Duration,
+        grace: RevocationGrace,
+        chain_file: std::path::PathBuf,
         tasks: &mut JoinSet<()>,
         stop: &CancellationToken,
     ) -> anyhow::Result<Arc<Workload>> {
-        let (identity, roots, leaf) =
-            fetch_leaf(&ca, &id, leaf_ttl).await.with_context(|| format!("first leaf for {id}"))?;
-        let cert = SwappableCert::new(identity.certified_key()?);
-        let verifier = SpiffeVerifier::new(&roots, PeerPolicy::TrustDomain(td.clone()), true)?;
+        let crls = Crl::parse_pem_bundle(&std::fs::read(&ca.crl_file).unwrap_or_default()).unwrap_or_default();
+        let first = fetch_leaf(&ca, &id, leaf_ttl, &crls).await.with_context(|| format!("first leaf for {id}"))?;
+        let cert = SwappableCert::new(first.identity.certified_key()?);
+        let verifier = SpiffeVerifier::with_revocation(&first.roots, PeerPolicy::TrustDomain(td.clone()), true, grace)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let w = Arc::new(Workload {
             cluster: cluster.to_string(),
@@ -129,10 +227,14 @@ impl Workload {
             cert,
             verifier,
             counters: Arc::new(Counters::default()),
-            leaf_not_after: Mutex::new(leaf.not_after()),
+            leaf_not_after: Mutex::new(first.chain[0].not_after()),
+            issuer_serial: Mutex::new(String::new()),
+            chain_file,
             clock: ca.clock.clone(),
         });
+        w.record(&first.chain).await;
         w.counters.leaves.fetch_add(1, Ordering::Relaxed);
+        let (crl_tx, crl_rx) = watch::channel(Arc::new(Vec::new()));
         let s = stop.clone();
         let me = w.clone();
         tasks.spawn(async move {
@@ -142,35 +244,85 @@ impl Workload {
             }
         });
         let s = stop.clone();
+        let (file, verifier, clock) = (ca.crl_file.clone(), w.verifier.clone(), w.clock.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = watch_crls(file, verifier, crl_tx, clock) => {}
+            }
+        });
+        let s = stop.clone();
         let me = w.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = s.cancelled() => {}
-                _ = me.renew(ca, leaf_ttl, leaf) => {}
+                _ = me.renew(ca, leaf_ttl, first, crl_rx) => {}
             }
         });
         Ok(w)
     }
 
-    /// Renews the leaf at half its lifetime (istio-agent's default); on failure retries every
-    /// second while the current leaf is still valid. Like istio-agent, the lifetime is counted from
-    /// when the leaf was received: NotBefore is backdated for clock skew.
-    async fn renew(self: Arc<Self>, ca: CaEndpoint, ttl: Duration, mut leaf: Cert) {
+    /// Notes a new leaf: its NotAfter and issuer for the display, its chain in `chain_file`.
+    async fn record(&self, chain: &[Cert]) {
+        *self.leaf_not_after.lock().await = chain[0].not_after();
+        *self.issuer_serial.lock().await = chain.get(1).map(Cert::serial_hex).unwrap_or_default();
+        let pem: String = chain.iter().map(Cert::to_pem).collect();
+        if let Err(e) = super::write(&self.chain_file, pem.as_bytes(), 0o644) {
+            tracing::warn!(id = %self.id, error = %e, "writing the leaf's chain failed");
+        }
+    }
+
+    /// Renews the leaf at half its lifetime (istio-agent's default), or at once when the CRLs
+    /// name a certificate of its chain ([`decide`]); on failure retries while the current leaf
+    /// is still valid. Like istio-agent, the lifetime is counted from when the leaf was received:
+    /// NotBefore is backdated for clock skew.
+    async fn renew(
+        self: Arc<Self>,
+        ca: CaEndpoint,
+        ttl: Duration,
+        current: Fetched,
+        mut crls: watch::Receiver<Arc<Vec<Crl>>>,
+    ) {
+        let (mut chain, mut roots) = (current.chain, current.roots);
         let mut received = self.clock.now();
         loop {
-            let life = leaf.not_after().duration_since(received).unwrap_or_default();
-            self.clock.sleep_until(received + life / 2).await;
+            let life = chain[0].not_after().duration_since(received).unwrap_or_default();
+            let due = received + life / 2;
+            let why = loop {
+                let held = crls.borrow_and_update().clone();
+                if let Some(why) = decide(&chain, &roots, &held, self.clock.now(), due) {
+                    break why;
+                }
+                tokio::select! {
+                    _ = self.clock.sleep_until(due) => {}
+                    changed = crls.changed() => if changed.is_err() { return },
+                }
+            };
+            let retry = match &why {
+                Renewal::HalfLife => Duration::from_secs(1),
+                Renewal::Revoked { subject, serial } => {
+                    tracing::warn!(id = %self.id, %subject, %serial, "the CRL names this workload's certificate chain; renewing its leaf now");
+                    REVOKED_RETRY
+                }
+            };
             loop {
-                match fetch_leaf(&ca, &self.id, ttl).await {
-                    Ok((identity, roots, next)) => match identity.certified_key() {
+                let held = crls.borrow().clone();
+                match fetch_leaf(&ca, &self.id, ttl, &held).await {
+                    Ok(next) => match next.identity.certified_key() {
                         Ok(ck) => {
                             self.cert.swap(ck);
-                            if let Err(e) = self.verifier.set_roots(&roots) {
+                            if let Err(e) = self.verifier.set_roots(&next.roots) {
                                 tracing::warn!(error = %e, "updating trusted roots failed");
                             }
-                            *self.leaf_not_after.lock().await = next.not_after();
+                            self.record(&next.chain).await;
                             self.counters.leaves.fetch_add(1, Ordering::Relaxed);
-                            leaf = next;
+                            tracing::info!(
+                                id = %self.id,
+                                issuer = %next.chain.get(1).map(Cert::serial_hex).unwrap_or_default(),
+                                reason = ?why,
+                                "leaf renewed"
+                            );
+                            (chain, roots) = (next.chain, next.roots);
                             received = self.clock.now();
                             break;
                         }
@@ -181,7 +333,7 @@ impl Workload {
                         tracing::warn!(id = %self.id, error = %e, "leaf renewal failed; retrying");
                     }
                 }
-                self.clock.sleep(Duration::from_secs(1)).await;
+                self.clock.sleep(retry).await;
             }
         }
     }
@@ -277,5 +429,60 @@ pub async fn traffic(me: Arc<Workload>, peers: Vec<Arc<Workload>>, interval: Dur
             _ = stop.cancelled() => return,
             _ = me.clock.sleep(interval) => {}
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use meshca_pki::{
+        CaSigner, CrlParams, IntermediateParams, KeyAlgorithm, LeafParams, PrivateKey, Reason, Revoked, RootParams,
+        RootSet, SpiffeId, TrustDomain,
+    };
+
+    use super::{Renewal, decide};
+
+    fn key() -> PrivateKey {
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap()
+    }
+
+    #[test]
+    fn a_workload_renews_at_half_life_or_at_once_when_a_crl_names_its_issuer() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let root = CaSigner::new_root(key(), &RootParams::new("meshca"), now).unwrap();
+        let int_key = key();
+        let params = IntermediateParams::cluster("meshca", "cluster-2", td.clone());
+        let int = root.sign_intermediate(int_key.public_key_spki(), &params, now).unwrap().parse().unwrap();
+        let int = CaSigner::new(int_key, vec![int, root.cert().clone()]).unwrap();
+        let leaf_key = key();
+        let id = SpiffeId::workload(&td, "default", "sleep-2").unwrap();
+        let leaf = int
+            .sign_leaf(leaf_key.public_key_spki(), &LeafParams::workload(id, Duration::from_secs(3600)), now)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let chain = [leaf, int.cert().clone()];
+        let roots = RootSet::from_pem(root.cert().to_pem().as_bytes()).unwrap();
+        let due = now + Duration::from_secs(1800);
+        let crl = |by: &CaSigner, revoked: Vec<Revoked>| {
+            by.sign_crl(&CrlParams { number: 1, this_update: now, next_update: due, revoked }).unwrap()
+        };
+        let naming_int =
+            vec![Revoked { serial_hex: int.cert().serial_hex(), revoked_at: now, reason: Reason::KeyCompromise }];
+
+        assert_eq!(decide(&chain, &roots, &[], now, due), None);
+        assert_eq!(decide(&chain, &roots, &[crl(&root, vec![])], now, due), None, "a CRL naming nothing");
+        assert_eq!(decide(&chain, &roots, &[], due, due), Some(Renewal::HalfLife));
+        let revoked = decide(&chain, &roots, &[crl(&root, naming_int.clone())], now, due);
+        assert_eq!(
+            revoked,
+            Some(Renewal::Revoked { subject: int.cert().subject(), serial: int.cert().serial_hex() }),
+            "the root's CRL names the leaf's issuer"
+        );
+        let impostor = CaSigner::new_root(key(), &RootParams::new("meshca"), now).unwrap();
+        assert_eq!(decide(&chain, &roots, &[crl(&impostor, naming_int)], now, due), None, "not signed by the root");
     }
 }
