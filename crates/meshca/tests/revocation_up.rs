@@ -114,7 +114,8 @@ fn workloads(topology: &Value, name: &str) -> Vec<(String, String, PathBuf)> {
 }
 
 /// `meshca audit`: one entry per action (the repeated revocation none), nothing secret in it, and
-/// `meshca audit verify` naming the entry when one is changed, removed or moved in the database.
+/// `meshca audit verify` naming the entry when one is changed or removed in the database, and
+/// saying so when the newest entries are cut off.
 fn audit_log_records_each_action_once_and_names_tampering(
     d: &Path,
     topology: &Value,
@@ -148,26 +149,38 @@ fn audit_log_records_each_action_once_and_names_tampering(
     let (ok, out, err) = run(&["audit", "verify", "--credentials", creds]);
     assert!(ok && out.contains(&format!("audit log intact: {} entries", entries.len())), "{out}{err}");
 
-    // Tampering in the database itself (another process may open it while the server runs).
+    // Tampering in the database itself (another process may open it while the server runs). The
+    // log is in blocks (`audit-entries-<first seq>`), one per append batch.
     let db = StoreView::database(&d.join("up").join("mgmt"));
-    let original = db.get("meshca", "audit-log-00000000").unwrap();
-    let record: Value = serde_json::from_slice(original.get("record.json").unwrap()).unwrap();
-    let tampered = |f: &dyn Fn(&mut Vec<Value>)| {
-        let mut r = record.clone();
-        f(r["entries"].as_array_mut().unwrap());
-        meshca_store::Secret::with_data([("record.json", serde_json::to_vec(&r).unwrap())])
-    };
-    let cases: [(meshca_store::Secret, &str); 3] = [
-        (tampered(&|e| e[2]["actor"] = "operator mallory".into()), "entry 2 was changed"),
-        (tampered(&|e| drop(e.remove(1))), "entry 1 carries seq 2"),
-        (tampered(&|e| e.swap(3, 4)), "entry 3 carries seq 4"),
-    ];
-    for (secret, says) in cases {
-        db.put("meshca", "audit-log-00000000", &secret);
+    let first = |name: &str| name.trim_start_matches("audit-entries-").parse::<usize>().unwrap();
+    let blocks: Vec<String> = db.list("meshca").into_iter().filter(|n| n.starts_with("audit-entries-")).collect();
+    let holding = |seq: usize| blocks.iter().rev().find(|n| first(n) <= seq).unwrap().clone();
+    let verify = |says: &str| {
         let (ok, out, err) = run(&["audit", "verify", "--credentials", creds]);
         assert!(!ok && err.contains(says), "expected {says:?}: {out}{err}");
-    }
-    db.put("meshca", "audit-log-00000000", &original);
+    };
+    let block = holding(2);
+    let original = db.get("meshca", &block).unwrap();
+    let record: Value = serde_json::from_slice(original.get("record.json").unwrap()).unwrap();
+    let mut changed = record.clone();
+    changed["entries"][2 - first(&block)]["actor"] = "operator mallory".into();
+    db.put(
+        "meshca",
+        &block,
+        &meshca_store::Secret::with_data([("record.json", serde_json::to_vec(&changed).unwrap())]),
+    );
+    verify("entry 2 was changed");
+    // Removed: the block holding entry 2 gone, the next entry is out of place.
+    db.delete("meshca", &block);
+    let held = record["entries"].as_array().unwrap().len();
+    verify(&format!("entry {} carries seq {}", first(&block), first(&block) + held));
+    db.create("meshca", &block, &original);
+    // Cut off: the newest block gone; the chain alone would pass, the head says what is missing.
+    let newest = blocks.last().unwrap();
+    let kept = db.get("meshca", newest).unwrap();
+    db.delete("meshca", newest);
+    verify("the newest entries were removed");
+    db.create("meshca", newest, &kept);
     let (ok, out, err) = run(&["audit", "verify", "--credentials", creds]);
     assert!(ok, "restored: {out}{err}");
 }

@@ -5,37 +5,83 @@
 //!
 //! Each entry carries the digest of the one before it (`prev`) and its own (`digest`, SHA-256 over
 //! a fixed prefix, `prev` and the entry's other fields as canonical JSON). Editing, removing or
-//! reordering any entry breaks the chain at that entry, which [`verify`] names. Entries live in
-//! segments of [`SEGMENT_ENTRIES`] (`meshca/audit-log-00000000`, …); an entry is appended by a
-//! compare-and-swap of the last segment, its `prev` taken inside that swap, so two replicas (a
-//! leader and its successor) can never fork the chain: one of two racing appends retries after the
-//! other. A management plane restarted reads the chain where it is.
+//! reordering any entry breaks the chain at that entry, which [`verify`] names.
+//!
+//! **Layout.** Entries are written in blocks: one store object per append batch,
+//! `meshca/audit-entries-<seq of its first entry, 12 digits>` ([`Block`]), created only if absent
+//! and never rewritten, plus one small head record `meshca/audit-head` ([`Head`]: how many
+//! entries the log holds and the last one's digest), advanced after each block. An append is
+//! therefore one new object and one small update, whatever the log's length. Two replicas (a
+//! leader and its successor) never fork the chain: both try to create the block at the same
+//! sequence number, one of them finds it there and continues after it. Within a process,
+//! concurrent appends are batched: whoever holds the writer's turn writes every entry queued
+//! meanwhile (up to [`MAX_BATCH`]) as one block, so 64 issuances at once cost a few writes, not
+//! 64 rewrites of a shared object. The head is what makes cutting off the newest entries
+//! detectable ([`verify_anchored`]); an entry written whose head update did not land (a crash in
+//! between) is still read, since the head only ever lags.
+//!
+//! Logs written before blocks (segments of up to [`SEGMENT_ENTRIES`] entries,
+//! `meshca/audit-log-00000000`, …) are read as the log's beginning; the first block continues
+//! their chain, and reading such a log without a head anchors it ([`read_log`]).
+//!
+//! **When an entry cannot be written.** [`append`] returns the error, and every entry of a batch
+//! whose write failed gets it; callers that can still refuse the action they record (an
+//! intermediate not yet handed out) refuse it, so nothing is answered as if audited that is not.
+//! [`record`] is for actions that have already taken effect: it logs what the log is missing.
+//! A write whose outcome is unknown (the store failed after it may have stored the block) can
+//! leave an entry for an action that was then refused — the log may say more than happened,
+//! never less.
 //!
 //! Entries never carry key material or tokens: serials, key *fingerprints*, token *ids*.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use meshca_clock::unix;
-use meshca_store::{ObjectKey, Precondition, Store, StoreError, typed};
+use meshca_store::{ObjectKey, Precondition, ResourceVersion, Store, StoreError, typed};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::records;
 
-/// Entries per segment object.
+/// Entries per segment object in the layout before blocks (read, never written any more).
 pub const SEGMENT_ENTRIES: usize = 128;
 
 /// The `prev` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Prefix of the segment objects.
+/// Prefix of the segment objects of the layout before blocks.
 pub const SEGMENT_PREFIX: &str = "audit-log-";
 
-/// The segment object `index`.
+/// Prefix of the block objects ([`Block`]).
+pub const BLOCK_PREFIX: &str = "audit-entries-";
+
+/// Name of the head record ([`Head`]).
+pub const HEAD_NAME: &str = "audit-head";
+
+/// The most entries one block holds: a burst larger than this is written as several blocks, so
+/// no object grows past ~100 kB (a Kubernetes Secret holds 1 MiB).
+pub const MAX_BATCH: usize = 128;
+
+/// The segment object `index` (the layout before blocks).
 pub fn segment_key(index: u64) -> ObjectKey {
     // "audit-log-" and eight digits make a valid DNS-1123 name.
     ObjectKey::new(records::NAMESPACE, &format!("{SEGMENT_PREFIX}{index:08}"))
         .unwrap_or_else(|_| unreachable!("segment names are valid"))
+}
+
+/// The block whose first entry has sequence number `first`.
+pub fn block_key(first: u64) -> ObjectKey {
+    // "audit-entries-" and twelve digits (more when a log ever passes 10^12 entries) make a valid
+    // DNS-1123 name, and names sort in log order.
+    ObjectKey::new(records::NAMESPACE, &format!("{BLOCK_PREFIX}{first:012}"))
+        .unwrap_or_else(|_| unreachable!("block names are valid"))
+}
+
+/// The head record.
+pub fn head_key() -> ObjectKey {
+    records::fixed(HEAD_NAME)
 }
 
 /// What happened, by its name in the log.
@@ -167,13 +213,52 @@ impl Entry {
     }
 }
 
-/// One segment object.
+/// One segment object of the layout before blocks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     /// Its index (also in its name).
     pub index: u64,
     /// Its entries, in order.
     pub entries: Vec<Entry>,
+}
+
+/// One block: the entries of one append batch, consecutive, in order; written once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// Its entries (the first one's seq is in the block's name).
+    pub entries: Vec<Entry>,
+}
+
+/// The head record: the log held `count` entries after the last append whose head update
+/// landed, the last of them with digest `digest` ([`GENESIS`] for none). A log that holds fewer
+/// entries, or another entry at that place, was cut or rewritten ([`verify_anchored`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// Entries in the log.
+    pub count: u64,
+    /// The digest of entry `count - 1`.
+    pub digest: String,
+}
+
+/// Where the next entry goes: its seq and the digest it chains to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tip {
+    next: u64,
+    prev: String,
+}
+
+impl Tip {
+    fn genesis() -> Tip {
+        Tip { next: 0, prev: GENESIS.to_string() }
+    }
+
+    fn after(e: &Entry) -> Tip {
+        Tip { next: e.seq + 1, prev: e.digest.clone() }
+    }
+
+    fn head(&self) -> Head {
+        Head { count: self.next, digest: self.prev.clone() }
+    }
 }
 
 /// The indices of the segment objects in the store, in order.
@@ -189,10 +274,9 @@ async fn segment_indices(store: &dyn Store) -> Result<Vec<u64>, StoreError> {
 }
 
 /// The index of the last segment (0 when there is none), found by probing segment objects
-/// rather than listing the namespace: segments are created one after another and never removed,
+/// rather than listing the namespace: segments were created one after another and never removed,
 /// so their existence is a prefix of the indices, and a doubling then halving search takes
-/// O(log n) reads. (Listing the namespace on every append cost O(records) per issuance: with
-/// 10,000 clusters, quadratic.)
+/// O(log n) reads.
 async fn last_segment(store: &dyn Store) -> Result<u64, StoreError> {
     let exists = |i: u64| async move { Ok::<bool, StoreError>(store.get(&segment_key(i)).await?.is_some()) };
     if !exists(0).await? {
@@ -211,84 +295,286 @@ async fn last_segment(store: &dyn Store) -> Result<u64, StoreError> {
     Ok(lo)
 }
 
-/// One lock per store instance in this process: appends from concurrent calls (64 issuances at
-/// once) take turns instead of racing for the last segment's compare-and-swap, where every loser
-/// re-reads and rewrites the whole segment. Other processes (another replica) still meet at the
-/// compare-and-swap, which is what keeps the chain from forking.
-fn append_lock(store: &dyn Store) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<usize, std::sync::Arc<tokio::sync::Mutex<()>>>>,
-    > = std::sync::OnceLock::new();
-    let id = store as *const dyn Store as *const () as usize;
-    let mut locks = LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    locks.entry(id).or_default().clone()
+/// Where the segments of the layout before blocks end (genesis when there are none).
+async fn segments_tip(store: &dyn Store) -> Result<Tip, StoreError> {
+    // The last segment may be empty: it was created when the one before it filled up.
+    for i in (0..=last_segment(store).await?).rev() {
+        if let Some(s) = typed::get::<Segment>(store, &segment_key(i)).await?
+            && let Some(e) = s.value.entries.last()
+        {
+            return Ok(Tip::after(e));
+        }
+    }
+    Ok(Tip::genesis())
 }
 
-/// Appends `event` at `now`; returns the entry written.
-pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result<Entry, StoreError> {
-    let lock = append_lock(store);
-    let _turn = lock.lock().await;
-    loop {
-        let index = last_segment(store).await?;
-        // The chain continues from the previous segment's last entry when this one is empty.
-        let before = match index.checked_sub(1) {
-            Some(i) => typed::get::<Segment>(store, &segment_key(i))
-                .await?
-                .and_then(|s| s.value.entries.last().map(|e| (e.seq + 1, e.digest.clone()))),
-            None => None,
-        };
-        let mut written = None;
-        let mut full = false;
-        typed::update::<Segment, _>(store, &segment_key(index), |cur| {
-            // A retried attempt (a conflicting writer) starts over: what an earlier attempt made
-            // was not stored.
-            written = None;
-            full = false;
-            let mut seg = cur.cloned().unwrap_or(Segment { index, entries: Vec::new() });
-            if seg.entries.len() >= SEGMENT_ENTRIES {
-                full = true;
-                return None;
-            }
-            let (seq, prev) = match seg.entries.last() {
-                Some(e) => (e.seq + 1, e.digest.clone()),
-                None => before.clone().unwrap_or((0, GENESIS.to_string())),
-            };
-            let e = Entry::new(seq, prev, event, now);
-            written = Some(e.clone());
-            seg.entries.push(e);
-            Some(seg)
-        })
-        .await?;
-        if let Some(e) = written {
-            return Ok(e);
-        }
-        if full {
-            let next = Segment { index: index + 1, entries: Vec::new() };
-            match typed::put(store, &segment_key(index + 1), &next, Precondition::Absent).await {
-                Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
-                Err(e) => return Err(e),
+/// Follows the blocks from `tip` to the log's end.
+async fn walk(store: &dyn Store, mut tip: Tip) -> Result<Tip, StoreError> {
+    while let Some(b) = typed::get::<Block>(store, &block_key(tip.next)).await? {
+        match b.value.entries.last() {
+            // A block ends at or after its first entry; anything else was not written by `append`.
+            Some(last) if last.seq >= tip.next => tip = Tip::after(last),
+            _ => {
+                return Err(StoreError::Corrupt {
+                    key: block_key(tip.next),
+                    reason: "the block does not hold the entries its name says".to_string(),
+                });
             }
         }
     }
+    Ok(tip)
 }
 
-/// Appends `event`, logging instead of failing: the action it records has already happened (and
-/// is in its own record); the log line says what the audit log is missing.
+/// The queue and the writer's turn of one store in this process.
+#[derive(Default)]
+struct Appender {
+    queue: Mutex<Vec<Pending>>,
+    writer: tokio::sync::Mutex<Writer>,
+}
+
+/// An event waiting to be written, and who waits for its entry.
+struct Pending {
+    event: Event,
+    now: SystemTime,
+    reply: oneshot::Sender<Result<Entry, StoreError>>,
+}
+
+/// What the writer keeps between batches.
+#[derive(Default)]
+struct Writer {
+    /// The tip after this writer's last block, and the head's version it then wrote: when the
+    /// head still says the same, no other writer has appended and the next block goes right
+    /// after it.
+    last: Option<(Tip, ResourceVersion)>,
+    /// The batch being written. It lives here, not in the writing call, so that if that call is
+    /// cancelled (its client went away) the next writer finishes the batch: every queued event
+    /// gets exactly one entry and an answer.
+    batch: Vec<Pending>,
+}
+
+/// One appender per store instance in this process, by address. (Only the queue and the turn
+/// are shared by address: what the writer remembers is checked against the head record before
+/// it is used, so a store dropped and another allocated at its address is harmless.)
+fn appender(store: &dyn Store) -> Arc<Appender> {
+    static APPENDERS: OnceLock<Mutex<HashMap<usize, Arc<Appender>>>> = OnceLock::new();
+    let id = store as *const dyn Store as *const () as usize;
+    let mut all = APPENDERS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    all.entry(id).or_default().clone()
+}
+
+impl Writer {
+    /// Writes the batch in hand, then whatever is queued, until the queue is empty.
+    async fn flush(&mut self, store: &dyn Store, queue: &Mutex<Vec<Pending>>) {
+        loop {
+            if self.batch.is_empty() {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                let n = q.len().min(MAX_BATCH);
+                self.batch = q.drain(..n).collect();
+            }
+            if self.batch.is_empty() {
+                return;
+            }
+            let result = self.write(store).await;
+            let batch = std::mem::take(&mut self.batch);
+            match result {
+                Ok(entries) => {
+                    for (p, e) in batch.into_iter().zip(entries) {
+                        let _ = p.reply.send(Ok(e));
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(duplicate(&e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the batch as one block after the log's end and advances the head.
+    async fn write(&mut self, store: &dyn Store) -> Result<Vec<Entry>, StoreError> {
+        let head = typed::get::<Head>(store, &head_key()).await?;
+        let mut tip = match (&head, &self.last) {
+            // Nobody appended since this writer did: the next block goes right after its last.
+            (Some(h), Some((tip, version))) if &h.version == version => tip.clone(),
+            (Some(h), _) => walk(store, Tip { next: h.value.count, prev: h.value.digest.clone() }).await?,
+            // No head yet: a new log, or one written before blocks.
+            (None, _) => walk(store, segments_tip(store).await?).await?,
+        };
+        let entries = loop {
+            let entries = chained(&tip, &self.batch);
+            match typed::put(store, &block_key(tip.next), &Block { entries: entries.clone() }, Precondition::Absent)
+                .await
+            {
+                Ok(()) => break entries,
+                Err(StoreError::AlreadyExists(_)) => {
+                    // Another replica appended first — or this very batch was stored by a write
+                    // whose caller was cancelled before it heard back.
+                    let there = typed::get::<Block>(store, &block_key(tip.next)).await?;
+                    if there.is_some_and(|b| b.value.entries == entries) {
+                        break entries;
+                    }
+                    tip = walk(store, tip).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let after = entries.last().map_or_else(|| tip.clone(), Tip::after);
+        self.last = advance_head(store, head.map(|h| h.version), &after).await.map(|v| (after, v));
+        Ok(entries)
+    }
+}
+
+/// The batch's entries, chained from `tip`.
+fn chained(tip: &Tip, batch: &[Pending]) -> Vec<Entry> {
+    let mut out: Vec<Entry> = Vec::with_capacity(batch.len());
+    for (seq, p) in (tip.next..).zip(batch) {
+        let prev = out.last().map_or_else(|| tip.prev.clone(), |e| e.digest.clone());
+        out.push(Entry::new(seq, prev, &p.event, p.now));
+    }
+    out
+}
+
+/// Moves the head forward to `tip` (never back: a slower replica's older head is not written
+/// over a newer one). Returns the head's new version when this call wrote it. A failure is
+/// logged, not returned: the entries are stored and are read; the head only lags until the next
+/// append, and a lagging head is what a crash between the two writes leaves too.
+async fn advance_head(store: &dyn Store, seen: Option<ResourceVersion>, tip: &Tip) -> Option<ResourceVersion> {
+    let head = tip.head();
+    let pre = seen.map_or(Precondition::Absent, Precondition::Version);
+    let bytes = match serde_json::to_vec(&head) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding the audit log's head failed");
+            return None;
+        }
+    };
+    let secret = meshca_store::Secret::with_data([(typed::RECORD_KEY, bytes)]);
+    match store.put(&head_key(), &secret, pre).await {
+        Ok(v) => return Some(v),
+        Err(StoreError::Conflict { .. } | StoreError::AlreadyExists(_) | StoreError::NotFound(_)) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, count = head.count, "advancing the audit log's head failed; it lags until the next append");
+            return None;
+        }
+    }
+    // Another writer moved the head meanwhile: compare and move it only forward.
+    let moved = typed::update::<Head, _>(store, &head_key(), |cur| match cur {
+        Some(c) if c.count >= head.count => None,
+        _ => Some(head.clone()),
+    })
+    .await;
+    if let Err(e) = moved {
+        tracing::warn!(error = %e, count = head.count, "advancing the audit log's head failed; it lags until the next append");
+    }
+    None
+}
+
+/// The same failure again, for each entry of a batch that failed as one ([`StoreError`] holds an
+/// `io::Error`, which cannot be cloned).
+fn duplicate(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::InvalidKey(s) => StoreError::InvalidKey(s.clone()),
+        StoreError::Conflict { key, expected, found } => {
+            StoreError::Conflict { key: key.clone(), expected: expected.clone(), found: found.clone() }
+        }
+        StoreError::AlreadyExists(k) => StoreError::AlreadyExists(k.clone()),
+        StoreError::NotFound(k) => StoreError::NotFound(k.clone()),
+        StoreError::Corrupt { key, reason } => StoreError::Corrupt { key: key.clone(), reason: reason.clone() },
+        StoreError::Forbidden { key, reason } => StoreError::Forbidden { key: key.clone(), reason: reason.clone() },
+        StoreError::Io { path, source } => StoreError::Io {
+            path: path.clone(),
+            source: match source.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(source.kind(), source.to_string()),
+            },
+        },
+        StoreError::Backend(s) => StoreError::Backend(s.clone()),
+    }
+}
+
+/// Appends `event` at `now`; returns the entry written (once it is stored).
+pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result<Entry, StoreError> {
+    let app = appender(store);
+    let (reply, mut answer) = oneshot::channel();
+    app.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Pending { event: event.clone(), now, reply });
+    // Whoever holds the turn writes everything queued; by the time this call has the turn its
+    // event is either written (answered) or still queued or in a batch, which this call writes.
+    let mut writer = app.writer.lock().await;
+    if let Ok(result) = answer.try_recv() {
+        return result;
+    }
+    writer.flush(store, &app.queue).await;
+    drop(writer);
+    answer.await.unwrap_or_else(|_| Err(StoreError::Backend("the audit log's writer went away".to_string())))
+}
+
+/// Appends `event`, logging instead of failing: for actions that have already taken effect (and
+/// are in their own records), where refusing would undo nothing; the log line says what the
+/// audit log is missing.
 pub async fn record(store: &dyn Store, event: Event, now: SystemTime) {
     if let Err(e) = append(store, &event, now).await {
         tracing::error!(error = %e, action = event.action.as_str(), cluster = %event.cluster, "writing the audit log failed; this action has no audit entry");
     }
 }
 
-/// Every entry, in order (as stored; [`verify`] checks them).
+/// The names of the block objects, by their first seq, in order.
+fn block_firsts(names: &[String]) -> Vec<u64> {
+    let mut out: Vec<u64> = names.iter().filter_map(|n| n.strip_prefix(BLOCK_PREFIX)?.parse().ok()).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Every entry, in order (as stored; [`verify`] checks them): the segments of the layout before
+/// blocks, then the blocks.
 pub async fn read(store: &dyn Store) -> Result<Vec<Entry>, StoreError> {
+    let names = store.list(records::NAMESPACE).await?;
     let mut out = Vec::new();
     for i in segment_indices(store).await? {
         if let Some(s) = typed::get::<Segment>(store, &segment_key(i)).await? {
             out.extend(s.value.entries);
         }
     }
+    for first in block_firsts(&names) {
+        if let Some(b) = typed::get::<Block>(store, &block_key(first)).await? {
+            out.extend(b.value.entries);
+        }
+    }
     Ok(out)
+}
+
+/// The log and its head, as `meshca audit verify` checks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// Every entry, in order.
+    pub entries: Vec<Entry>,
+    /// The head record (`None`: there is none).
+    pub head: Option<Head>,
+}
+
+/// The head record as stored.
+pub async fn read_head(store: &dyn Store) -> Result<Option<Head>, StoreError> {
+    Ok(typed::get::<Head>(store, &head_key()).await?.map(|v| v.value))
+}
+
+/// Every entry and the head. A log written before blocks and heads existed, and not appended to
+/// since, gets its head here (once): from now on cutting its newest entries off is detected.
+pub async fn read_log(store: &dyn Store) -> Result<Log, StoreError> {
+    let entries = read(store).await?;
+    let mut head = read_head(store).await?;
+    let blocks = !block_firsts(&store.list(records::NAMESPACE).await?).is_empty();
+    if head.is_none()
+        && !blocks
+        && let Some(last) = entries.last()
+    {
+        let anchored = Tip::after(last).head();
+        match typed::put(store, &head_key(), &anchored, Precondition::Absent).await {
+            Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        head = read_head(store).await?;
+    }
+    Ok(Log { entries, head })
 }
 
 /// Where the chain breaks.
@@ -319,6 +605,28 @@ pub enum Broken {
         /// The seq it carries.
         seq: u64,
     },
+    /// The log is shorter than its head records.
+    #[error("the log holds {count} entries but its head records {anchored}: the newest entries were removed")]
+    Truncated {
+        /// Entries in the log.
+        count: u64,
+        /// Entries the head records.
+        anchored: u64,
+    },
+    /// The entry the head points at is another one.
+    #[error("entry {seq} is not the one the log's head records: the newest entries were replaced")]
+    NotTheHead {
+        /// The entry the head points at.
+        seq: u64,
+    },
+    /// Entries and no head record.
+    #[error(
+        "the log holds {count} entries but has no head record: it was removed, and the newest entries may have been too"
+    )]
+    NoHead {
+        /// Entries in the log.
+        count: u64,
+    },
 }
 
 /// Checks the chain; returns the digest of the last entry (the log's head).
@@ -337,6 +645,29 @@ pub fn verify(entries: &[Entry]) -> Result<String, Broken> {
         prev = e.digest.clone();
     }
     Ok(prev)
+}
+
+/// Checks the chain ([`verify`]) and that it reaches as far as its head records, which is what
+/// shows that no entry was cut off its end; returns the digest of the last entry. Entries past
+/// the head are accepted: the head is advanced after each block is written, so it may lag (a
+/// crash in between), never lead.
+pub fn verify_anchored(entries: &[Entry], head: Option<&Head>) -> Result<String, Broken> {
+    let last = verify(entries)?;
+    let count = entries.len() as u64;
+    let Some(head) = head else {
+        return if count == 0 { Ok(last) } else { Err(Broken::NoHead { count }) };
+    };
+    if count < head.count {
+        return Err(Broken::Truncated { count, anchored: head.count });
+    }
+    let at = match head.count.checked_sub(1) {
+        Some(seq) => entries.get(seq as usize).map(|e| e.digest.as_str()),
+        None => Some(GENESIS),
+    };
+    if at != Some(head.digest.as_str()) {
+        return Err(Broken::NotTheHead { seq: head.count.saturating_sub(1) });
+    }
+    Ok(last)
 }
 
 #[cfg(test)]

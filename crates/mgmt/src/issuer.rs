@@ -7,7 +7,9 @@
 //! the management plane signs (not Vault, not a broken CA); the cluster is within its rate limit;
 //! the CSR proves possession of a key of the policy's algorithm and, if it names a cluster in
 //! `L=`, names the caller; the key is not a revoked intermediate's; this replica leads; the key
-//! was never certified before. The issued serial is recorded before the answer.
+//! was never certified before. The issued serial is recorded, and the issuance's audit entry
+//! written, before the answer: an intermediate whose audit entry cannot be written is not handed
+//! out ([`Denied::Unaudited`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -109,6 +111,16 @@ pub enum Denied {
     /// The key was certified before (a replayed CSR).
     #[error("an intermediate for this key was already issued to {0}; send a CSR with a new key")]
     KeyReused(String),
+    /// The issuance's audit entry could not be written, so the certificate was not handed out
+    /// (its serial stays in the issued log: it was signed, and is never used).
+    #[error("the audit log could not be written, so no intermediate was handed out to {cluster}; retry")]
+    Unaudited {
+        /// The cluster.
+        cluster: String,
+        /// Why the entry could not be written.
+        #[source]
+        source: StoreError,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -131,6 +143,11 @@ impl Denied {
             Denied::KeyRevoked { .. } => Status::permission_denied(message),
             // The store's error names files and keys: logged, and the caller gets an error id.
             Denied::Store(e) => crate::error::caller_status(&e),
+            // Retryable: the next attempt (a new key) is audited or refused the same way.
+            Denied::Unaudited { source, .. } => {
+                let logged = crate::error::caller_status(&source);
+                Status::unavailable(format!("{message} ({})", logged.message()))
+            }
         }
     }
 }
@@ -259,7 +276,10 @@ impl Issuer {
         .with("policyGeneration", &record.policy_generation)
         .with("issuerFingerprint", &record.issuer_fingerprint)
         .with("notAfter", record.not_after.to_string());
-        crate::audit::record(self.store.as_ref(), event, now).await;
+        // Fail closed: an intermediate whose entry is not in the audit log is not handed out.
+        if let Err(source) = crate::audit::append(self.store.as_ref(), &event, now).await {
+            return Err(Denied::Unaudited { cluster: cluster.to_string(), source });
+        }
         Ok(Issued {
             certificate: issued.to_pem(),
             chain: signing.signer.chain_pems(),

@@ -233,9 +233,14 @@ impl Operator for OperatorService {
 
     async fn get_audit_log(&self, request: Request<GetAuditLogRequest>) -> Result<Response<AuditLog>, Status> {
         operator(&self.0, &request).await?;
-        let entries = audit::read(self.0.store.as_ref()).await.map_err(internal)?;
-        let entries = entries.iter().map(|e| serde_json::to_string(e).map_err(internal)).collect::<Result<_, _>>()?;
-        Ok(Response::new(AuditLog { entries }))
+        let log = audit::read_log(self.0.store.as_ref()).await.map_err(internal)?;
+        let entries =
+            log.entries.iter().map(|e| serde_json::to_string(e).map_err(internal)).collect::<Result<_, _>>()?;
+        let head = match &log.head {
+            Some(h) => serde_json::to_string(h).map_err(internal)?,
+            None => String::new(),
+        };
+        Ok(Response::new(AuditLog { entries, head }))
     }
 
     async fn revoke_intermediate(

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// The management plane's namespace in its store.
 pub const NAMESPACE: &str = "meshca";
 
-fn fixed(name: &'static str) -> ObjectKey {
+pub(crate) fn fixed(name: &'static str) -> ObjectKey {
     // The constant names below are valid DNS-1123 names (checked by a unit test).
     ObjectKey::new(NAMESPACE, name).unwrap_or_else(|_| unreachable!("constant object name {name:?}"))
 }

@@ -154,7 +154,9 @@ pub async fn create(
     let event = crate::audit::Event::new(crate::audit::Action::BootstrapTokenCreated, by, cluster)
         .with("tokenId", &id)
         .with("expiresAt", expires_at.to_string());
-    crate::audit::record(store, event, now).await;
+    // Fail closed: a token whose creation is not in the audit log is never shown (its record
+    // without its secret is useless, and swept once it expires).
+    crate::audit::append(store, &event, now).await?;
     Ok(NewToken { token: format!("{id}.{secret}"), expires_at })
 }
 

@@ -25,7 +25,7 @@ use meshca_proto::IssueReason;
 use meshca_proto::mgmt::RegisterRequest;
 use meshca_proto::mgmt::registration_server::Registration;
 use meshca_store::dir::DirStore;
-use meshca_store::{Precondition, typed};
+use meshca_store::{Precondition, Store, typed};
 use tokio::sync::watch;
 use tonic::Code;
 
@@ -182,6 +182,46 @@ async fn every_denial_says_why_with_the_right_status() {
     p.issue("cluster-1", &good).await.unwrap();
     let (c, m) = code(p.issue("cluster-1", &good).await.expect_err("replay"));
     assert_eq!(c, Code::AlreadyExists, "{m}");
+}
+
+/// Fail closed: while the audit log cannot be written (here its head record is corrupt, as a
+/// damaged or hand-edited store leaves it) no intermediate and no bootstrap token is handed out,
+/// and the caller is told to retry (UNAVAILABLE); once the log can be written again the next
+/// issuance is answered and is the only one in the log.
+#[tokio::test]
+async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
+    use meshca_mgmt::audit;
+    let p = Plane::start(&policy(""), 5, 6.0).await;
+    p.register("cluster-1").await;
+    p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
+    let garbage = meshca_store::Secret::with_data([(typed::RECORD_KEY, b"{ not json".to_vec())]);
+    p.store.put(&audit::head_key(), &garbage, Precondition::Any).await.unwrap();
+
+    let denied = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap_err();
+    assert!(matches!(denied, Denied::Unaudited { .. }), "{denied:?}");
+    let status = denied.into_status();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("the audit log could not be written, so no intermediate was handed out"),
+        "{status:?}"
+    );
+    let token =
+        tokens::create(p.store.as_ref(), "cluster-2", Duration::from_secs(60), "operator test", p.clock.now()).await;
+    assert!(token.is_err(), "a token was shown although its creation is not in the audit log");
+
+    p.store.delete(&audit::head_key(), Precondition::Any).await.unwrap();
+    let issued = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
+    let log = audit::read_log(p.store.as_ref()).await.unwrap();
+    audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
+    let issuances: Vec<&str> = log
+        .entries
+        .iter()
+        .filter(|e| e.action == audit::Action::IntermediateIssued.as_str())
+        .map(|e| e.details["serial"].as_str())
+        .collect();
+    assert_eq!(issuances.len(), 2, "the refused issuance has no entry: {issuances:?}");
+    assert_eq!(issuances[1], issued.serial);
+    assert!(log.entries.iter().all(|e| e.action != audit::Action::BootstrapTokenCreated.as_str()));
 }
 
 #[tokio::test]

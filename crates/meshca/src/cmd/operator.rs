@@ -424,7 +424,8 @@ pub struct AuditArgs {
 
 #[derive(clap::Subcommand)]
 enum AuditWhat {
-    /// Check the hash chain; exit non-zero naming the first entry changed, removed or reordered.
+    /// Check the hash chain; exit non-zero naming the first entry changed, removed or reordered, or
+    /// the newest entries cut off.
     Verify(AuditVerifyArgs),
 }
 
@@ -434,30 +435,37 @@ struct AuditVerifyArgs {
     creds: Creds,
 }
 
-/// Reads the audit log from the management plane, parsing each entry as stored.
-async fn audit_entries(creds: &Creds) -> anyhow::Result<Vec<meshca_mgmt::audit::Entry>> {
+/// Reads the audit log from the management plane, parsing each entry (and the head) as stored.
+async fn audit_log(creds: &Creds) -> anyhow::Result<meshca_mgmt::audit::Log> {
     let mut client = connect(creds).await?;
     let log = client.get_audit_log(GetAuditLogRequest {}).await.map_err(status_err)?.into_inner();
-    log.entries
+    let entries = log
+        .entries
         .iter()
         .enumerate()
         .map(|(i, e)| serde_json::from_str(e).with_context(|| format!("audit entry at position {i} does not parse")))
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    let head = match log.head.as_str() {
+        "" => None,
+        h => Some(serde_json::from_str(h).context("the audit log's head record does not parse")?),
+    };
+    Ok(meshca_mgmt::audit::Log { entries, head })
 }
 
-/// `meshca audit [-o json]`, `meshca audit verify`. The chain is checked here, by the caller.
+/// `meshca audit [-o json]`, `meshca audit verify`. The chain, and that it reaches its head, are
+/// checked here, by the caller.
 pub async fn audit(a: AuditArgs) -> anyhow::Result<()> {
     if let Some(AuditWhat::Verify(v)) = a.what {
-        let entries = audit_entries(&v.creds).await?;
-        match meshca_mgmt::audit::verify(&entries) {
+        let log = audit_log(&v.creds).await?;
+        match meshca_mgmt::audit::verify_anchored(&log.entries, log.head.as_ref()) {
             Ok(head) => {
-                println!("audit log intact: {} entries, head {head}", entries.len());
+                println!("audit log intact: {} entries, head {head}", log.entries.len());
                 return Ok(());
             }
             Err(e) => bail!("audit log broken: {e}"),
         }
     }
-    let entries = audit_entries(&a.creds).await?;
+    let entries = audit_log(&a.creds).await?.entries;
     if a.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());

@@ -278,6 +278,12 @@ impl StoreView {
         self.rt.block_on(self.store.put(&Self::key(ns, name), secret, Precondition::Any)).unwrap();
     }
 
+    /// Deletes an object (it must exist).
+    pub fn delete(&self, ns: &str, name: &str) {
+        use meshca_store::Precondition;
+        self.rt.block_on(self.store.delete(&Self::key(ns, name), Precondition::Any)).unwrap();
+    }
+
     /// Creates an object (it must not exist yet).
     pub fn create(&self, ns: &str, name: &str, secret: &meshca_store::Secret) {
         use meshca_store::Precondition;
