@@ -10,7 +10,7 @@
 //! **Layout.** Entries are written in blocks: one store object per append batch,
 //! `meshca/audit-entries-<seq of its first entry, 12 digits>` ([`Block`]), created only if absent
 //! and never rewritten, plus one small head record `meshca/audit-head` ([`Head`]: how many
-//! entries the log holds and the last one's digest), advanced after each block. An append is
+//! entries the log holds and the last one's digest), advanced after the blocks. An append is
 //! therefore one new object and one small update, whatever the log's length. Two replicas (a
 //! leader and its successor) never fork the chain: both try to create the block at the same
 //! sequence number, one of them finds it there and continues after it. Within a process,
@@ -350,6 +350,9 @@ struct Writer {
     /// cancelled (its client went away) the next writer finishes the batch: every queued event
     /// gets exactly one entry and an answer.
     batch: Vec<Pending>,
+    /// Where the batch was last sent to be written: a write cancelled before it answered may
+    /// have landed, and is then the batch's entries (not written a second time further on).
+    attempted: Option<Tip>,
 }
 
 /// One appender per store instance in this process, by address. (Only the queue and the turn
@@ -362,9 +365,19 @@ fn appender(store: &dyn Store) -> Arc<Appender> {
     all.entry(id).or_default().clone()
 }
 
+/// Where a flush writes: the log's end, and the head's version when the flush found it.
+struct Position {
+    tip: Tip,
+    head: Option<ResourceVersion>,
+}
+
 impl Writer {
-    /// Writes the batch in hand, then whatever is queued, until the queue is empty.
+    /// Writes the batch in hand, then whatever is queued, until the queue is empty; each batch's
+    /// callers are answered as soon as its block is stored. The head is advanced once, after the
+    /// last block: under a steady stream of appends it lags by at most one flush.
     async fn flush(&mut self, store: &dyn Store, queue: &Mutex<Vec<Pending>>) {
+        let mut at: Option<Position> = None;
+        let mut wrote = false;
         loop {
             if self.batch.is_empty() {
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -372,56 +385,83 @@ impl Writer {
                 self.batch = q.drain(..n).collect();
             }
             if self.batch.is_empty() {
-                return;
+                break;
             }
-            let result = self.write(store).await;
+            let result = self.write(store, &mut at).await;
             let batch = std::mem::take(&mut self.batch);
+            self.attempted = None;
             match result {
                 Ok(entries) => {
+                    wrote = true;
                     for (p, e) in batch.into_iter().zip(entries) {
                         let _ = p.reply.send(Ok(e));
                     }
                 }
                 Err(e) => {
+                    // Found afresh by the next batch: the failed write may have landed.
+                    at = None;
+                    self.last = None;
                     for p in batch {
                         let _ = p.reply.send(Err(duplicate(&e)));
                     }
                 }
             }
         }
+        if let Some(Position { tip, head }) = at.filter(|_| wrote) {
+            self.last = advance_head(store, head, &tip).await.map(|v| (tip, v));
+        }
     }
 
-    /// Writes the batch as one block after the log's end and advances the head.
-    async fn write(&mut self, store: &dyn Store) -> Result<Vec<Entry>, StoreError> {
+    /// Finds the log's end: right after this writer's last block when the head is still the one
+    /// it wrote (nobody else appended), else from the head (or, without one, the segments of the
+    /// layout before blocks) along the blocks.
+    async fn find(&self, store: &dyn Store) -> Result<Position, StoreError> {
         let head = typed::get::<Head>(store, &head_key()).await?;
-        let mut tip = match (&head, &self.last) {
-            // Nobody appended since this writer did: the next block goes right after its last.
+        let tip = match (&head, &self.last) {
             (Some(h), Some((tip, version))) if &h.version == version => tip.clone(),
             (Some(h), _) => walk(store, Tip { next: h.value.count, prev: h.value.digest.clone() }).await?,
-            // No head yet: a new log, or one written before blocks.
             (None, _) => walk(store, segments_tip(store).await?).await?,
         };
-        let entries = loop {
-            let entries = chained(&tip, &self.batch);
-            match typed::put(store, &block_key(tip.next), &Block { entries: entries.clone() }, Precondition::Absent)
-                .await
-            {
-                Ok(()) => break entries,
+        Ok(Position { tip, head: head.map(|h| h.version) })
+    }
+
+    /// Writes the batch as one block at the log's end.
+    async fn write(&mut self, store: &dyn Store, at: &mut Option<Position>) -> Result<Vec<Entry>, StoreError> {
+        if let Some(t) = self.attempted.clone() {
+            let block = Block { entries: chained(&t, &self.batch) };
+            if typed::get::<Block>(store, &block_key(t.next)).await?.is_some_and(|b| b.value == block) {
+                // Found again from the head by the next batch.
+                *at = None;
+                return Ok(block.entries);
+            }
+        }
+        let mut pos = match at.take() {
+            Some(p) => p,
+            None => self.find(store).await?,
+        };
+        loop {
+            let entries = chained(&pos.tip, &self.batch);
+            let block = Block { entries };
+            self.attempted = Some(pos.tip.clone());
+            match typed::put(store, &block_key(pos.tip.next), &block, Precondition::Absent).await {
+                Ok(()) => {}
                 Err(StoreError::AlreadyExists(_)) => {
-                    // Another replica appended first — or this very batch was stored by a write
-                    // whose caller was cancelled before it heard back.
-                    let there = typed::get::<Block>(store, &block_key(tip.next)).await?;
-                    if there.is_some_and(|b| b.value.entries == entries) {
-                        break entries;
+                    // Another replica appended first (or this batch's own earlier write that
+                    // answered nothing, now answering late).
+                    let there = typed::get::<Block>(store, &block_key(pos.tip.next)).await?;
+                    if !there.is_some_and(|b| b.value == block) {
+                        pos.tip = walk(store, pos.tip).await?;
+                        continue;
                     }
-                    tip = walk(store, tip).await?;
                 }
                 Err(e) => return Err(e),
             }
-        };
-        let after = entries.last().map_or_else(|| tip.clone(), Tip::after);
-        self.last = advance_head(store, head.map(|h| h.version), &after).await.map(|v| (after, v));
-        Ok(entries)
+            if let Some(last) = block.entries.last() {
+                pos.tip = Tip::after(last);
+            }
+            *at = Some(pos);
+            return Ok(block.entries);
+        }
     }
 }
 
@@ -649,7 +689,7 @@ pub fn verify(entries: &[Entry]) -> Result<String, Broken> {
 
 /// Checks the chain ([`verify`]) and that it reaches as far as its head records, which is what
 /// shows that no entry was cut off its end; returns the digest of the last entry. Entries past
-/// the head are accepted: the head is advanced after each block is written, so it may lag (a
+/// the head are accepted: the head is advanced after the blocks are written, so it may lag (a
 /// crash in between), never lead.
 pub fn verify_anchored(entries: &[Entry], head: Option<&Head>) -> Result<String, Broken> {
     let last = verify(entries)?;

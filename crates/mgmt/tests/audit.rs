@@ -101,6 +101,50 @@ async fn concurrent_appends_share_blocks_and_each_event_is_written_once() {
     }
 }
 
+/// Callers that go away mid-append (a client disconnecting cancels its call) lose nobody else's
+/// entry and duplicate none: every append that answered is in the log once, every cancelled one at
+/// most once, and the chain holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_cancelled_midway_neither_lose_nor_duplicate_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_2026();
+    for (backend, store, _) in backends(tmp.path()) {
+        let mut answered = Vec::new();
+        for round in 0..6usize {
+            let mut tasks = Vec::new();
+            for i in 0..40usize {
+                let (store, now) = (store.clone(), clock.now());
+                let id = format!("{round}-{i}");
+                tasks.push(tokio::spawn(async move {
+                    let e = Event::new(Action::IntermediateIssued, "agent", "c").with("id", id);
+                    audit::append(store.as_ref(), &e, now).await.unwrap()
+                }));
+            }
+            for _ in 0..round * 3 {
+                tokio::task::yield_now().await;
+            }
+            for t in tasks.iter().skip(round % 3).step_by(3) {
+                t.abort();
+            }
+            for t in tasks {
+                if let Ok(e) = t.await {
+                    answered.push(e);
+                }
+            }
+        }
+        let log = audit::read_log(store.as_ref()).await.unwrap();
+        audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
+        let mut ids: Vec<&str> = log.entries.iter().map(|e| e.details["id"].as_str()).collect();
+        ids.sort_unstable();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), before, "{backend}: an event was written twice");
+        for e in &answered {
+            assert_eq!(&log.entries[e.seq as usize], e, "{backend}: an answered entry is missing");
+        }
+    }
+}
+
 /// Appends five entries one at a time (five blocks).
 async fn five(store: &dyn Store, clock: &ManualClock) {
     for i in 0..5 {
