@@ -137,6 +137,9 @@ pub(crate) struct AgentCall {
     pub cluster: String,
     /// The serial presented.
     pub serial: String,
+    /// The cluster's record, as read for the check (the issuer uses it rather than reading it
+    /// again).
+    pub record: ClusterRecord,
 }
 
 /// The calling agent, checked against its cluster's record: a replaced, superseded or removed
@@ -147,8 +150,8 @@ pub(crate) async fn agent<T>(s: &Shared, req: &Request<T>) -> Result<AgentCall, 
         Caller::Agent { cluster } => cluster,
         other => return Err(Status::permission_denied(format!("{other} may not call the certificate issuer"))),
     };
-    s.identity_standing(&cluster, &p.serial).await?;
-    Ok(AgentCall { cluster, serial: p.serial })
+    let (record, _) = s.identity_standing(&cluster, &p.serial).await?;
+    Ok(AgentCall { cluster, serial: p.serial, record })
 }
 
 /// The calling operator's name and certificate serial; a revoked certificate is refused
@@ -333,10 +336,10 @@ impl CertificateIssuer for IssuerService {
         &self,
         request: Request<IssueIntermediateRequest>,
     ) -> Result<Response<IssueIntermediateResponse>, Status> {
-        let cluster = agent(&self.0, &request).await?.cluster;
+        let call = agent(&self.0, &request).await?;
         let r = request.into_inner();
         let reason = IssueReason::try_from(r.reason).unwrap_or(IssueReason::Unspecified);
-        let issued = self.0.issuer.issue(&cluster, &r.csr, reason, self.0.clock.now()).await?;
+        let issued = self.0.issuer.issue_registered(&call.cluster, &call.record, &r.csr, reason, self.0.clock.now()).await?;
         Ok(Response::new(IssueIntermediateResponse {
             certificate: issued.certificate,
             chain: issued.chain,

@@ -15,6 +15,8 @@ use crate::records::{self, TokenRecord};
 
 const ID_LEN: usize = 6;
 const SECRET_LEN: usize = 24;
+/// Ids drawn again when one is taken, before giving up.
+const ID_ATTEMPTS: usize = 8;
 const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
 /// Why a token was refused. Deliberately coarse where detail would help an attacker.
@@ -145,12 +147,21 @@ pub async fn create(
     if let Err(e) = sweep_if_due(store, now).await {
         tracing::warn!(error = %e, "sweeping old bootstrap-token records failed; will retry on the next token");
     }
-    let id = random_string(ID_LEN)?;
     let secret = random_string(SECRET_LEN)?;
     let expires_at = unix(now + ttl);
     let record =
         TokenRecord { cluster: cluster.to_string(), secret_sha256: sha256_hex(&secret), expires_at, used_at: None };
-    typed::put(store, &records::token(&id)?, &record, Precondition::Absent).await?;
+    // Ids are short (six characters of 36), so among thousands of live tokens two can meet: a
+    // taken id is drawn again rather than failing the request (10,000 tokens: ~2 % of the time).
+    let mut attempts = 0;
+    let id = loop {
+        let id = random_string(ID_LEN)?;
+        match typed::put(store, &records::token(&id)?, &record, Precondition::Absent).await {
+            Ok(()) => break id,
+            Err(StoreError::AlreadyExists(_)) if attempts < ID_ATTEMPTS => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    };
     let event = crate::audit::Event::new(crate::audit::Action::BootstrapTokenCreated, by, cluster)
         .with("tokenId", &id)
         .with("expiresAt", expires_at.to_string());
