@@ -1,6 +1,7 @@
 //! The Kubernetes store against a real kube-apiserver + etcd: the same contract as the
 //! directory store (preconditions, atomic multi-key writes, labels, watch), compare-and-swap races
-//! between two clients, and creation allowed by a Role that names the one Secret.
+//! between two clients, creation allowed by a Role that names the one Secret, and the management
+//! plane's audit log (blocks created only if absent, the head) appended by two clients at once.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -34,13 +35,14 @@ async fn next_within(stream: &mut (impl futures::Stream<Item = Item> + Unpin)) -
 async fn the_kubernetes_store_against_a_real_api_server() {
     let tmp = tempfile::tempdir().unwrap();
     let api = ApiServer::start(&tmp.path().join("kube")).await;
-    for ns in ["contract", "race", "watch", "istio-system"] {
+    for ns in ["contract", "race", "watch", "istio-system", "meshca"] {
         api.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {ns} }}\n")).await;
     }
     let store = KubeStore::new(api.admin().await);
 
     contract(&store).await;
     racing_writers_lose_no_update(&api).await;
+    two_replicas_append_one_audit_chain(&api).await;
     watch(&store).await;
     a_role_naming_one_secret_lets_the_store_create_and_update_it_and_nothing_else(&api).await;
     a_watch_survives_an_api_server_restart(api, &store).await;
@@ -128,6 +130,41 @@ async fn racing_writers_lose_no_update(api: &ApiServer) {
     assert_eq!(last.value.get("n").unwrap(), total.to_string().as_bytes());
     assert!(race.conflicts > 0, "the writers should actually have raced");
     eprintln!("race: {total} increments, {} conflicts resolved by resource version", race.conflicts);
+}
+
+/// Two management-plane replicas, each its own client, append to the audit log at once (as a
+/// leader and its successor can): one chain, every entry once, the head at its end, and the newest
+/// block deleted is named as cut off.
+async fn two_replicas_append_one_audit_chain(api: &ApiServer) {
+    use meshca_mgmt::audit::{self, Action, Broken, Event};
+    const EACH: usize = 25;
+    let stores = [Arc::new(KubeStore::new(api.admin().await)), Arc::new(KubeStore::new(api.admin().await))];
+    let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let appends = stores.iter().enumerate().map(|(r, store)| async move {
+        for i in 0..EACH {
+            let e = Event::new(Action::BootstrapTokenCreated, format!("replica {r}"), "c").with("i", i.to_string());
+            audit::append(store.as_ref(), &e, now).await.unwrap();
+        }
+    });
+    futures::future::join_all(appends).await;
+    let log = audit::read_log(stores[0].as_ref()).await.unwrap();
+    assert_eq!(log.entries.len(), 2 * EACH);
+    audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
+    assert_eq!(log.head.as_ref().map(|h| h.count), Some(2 * EACH as u64));
+    for r in 0..2 {
+        let mine: Vec<&str> =
+            log.entries.iter().filter(|e| e.actor == format!("replica {r}")).map(|e| e.details["i"].as_str()).collect();
+        assert_eq!(mine, (0..EACH).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+    let newest = stores[0].list("meshca").await.unwrap().into_iter().rfind(|n| n.starts_with(audit::BLOCK_PREFIX));
+    let newest = key("meshca", &newest.unwrap());
+    let held = stores[0].get(&newest).await.unwrap().unwrap().value;
+    stores[0].delete(&newest, Precondition::Any).await.unwrap();
+    let cut = audit::read_log(stores[1].as_ref()).await.unwrap();
+    assert!(
+        matches!(audit::verify_anchored(&cut.entries, cut.head.as_ref()), Err(Broken::Truncated { anchored, .. }) if anchored == 2 * EACH as u64)
+    );
+    stores[0].put(&newest, &held, Precondition::Absent).await.unwrap();
 }
 
 async fn watch(store: &KubeStore) {

@@ -339,7 +339,8 @@ impl CertificateIssuer for IssuerService {
         let call = agent(&self.0, &request).await?;
         let r = request.into_inner();
         let reason = IssueReason::try_from(r.reason).unwrap_or(IssueReason::Unspecified);
-        let issued = self.0.issuer.issue_registered(&call.cluster, &call.record, &r.csr, reason, self.0.clock.now()).await?;
+        let issued =
+            self.0.issuer.issue_registered(&call.cluster, &call.record, &r.csr, reason, self.0.clock.now()).await?;
         Ok(Response::new(IssueIntermediateResponse {
             certificate: issued.certificate,
             chain: issued.chain,
