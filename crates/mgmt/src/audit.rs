@@ -261,16 +261,12 @@ impl Tip {
     }
 }
 
-/// The indices of the segment objects in the store, in order.
-async fn segment_indices(store: &dyn Store) -> Result<Vec<u64>, StoreError> {
-    let mut out: Vec<u64> = store
-        .list(records::NAMESPACE)
-        .await?
-        .iter()
-        .filter_map(|n| n.strip_prefix(SEGMENT_PREFIX)?.parse().ok())
-        .collect();
+/// The numbers in the names of the objects called `<prefix><number>`, in order (segment
+/// indices, blocks' first seqs).
+fn numbered(names: &[String], prefix: &str) -> Vec<u64> {
+    let mut out: Vec<u64> = names.iter().filter_map(|n| n.strip_prefix(prefix)?.parse().ok()).collect();
     out.sort_unstable();
-    Ok(out)
+    out
 }
 
 /// The index of the last segment (0 when there is none), found by probing segment objects
@@ -558,24 +554,21 @@ pub async fn record(store: &dyn Store, event: Event, now: SystemTime) {
     }
 }
 
-/// The names of the block objects, by their first seq, in order.
-fn block_firsts(names: &[String]) -> Vec<u64> {
-    let mut out: Vec<u64> = names.iter().filter_map(|n| n.strip_prefix(BLOCK_PREFIX)?.parse().ok()).collect();
-    out.sort_unstable();
-    out
-}
-
 /// Every entry, in order (as stored; [`verify`] checks them): the segments of the layout before
 /// blocks, then the blocks.
 pub async fn read(store: &dyn Store) -> Result<Vec<Entry>, StoreError> {
-    let names = store.list(records::NAMESPACE).await?;
+    read_listed(store, &store.list(records::NAMESPACE).await?).await
+}
+
+/// [`read`] with the namespace's names already listed.
+async fn read_listed(store: &dyn Store, names: &[String]) -> Result<Vec<Entry>, StoreError> {
     let mut out = Vec::new();
-    for i in segment_indices(store).await? {
+    for i in numbered(names, SEGMENT_PREFIX) {
         if let Some(s) = typed::get::<Segment>(store, &segment_key(i)).await? {
             out.extend(s.value.entries);
         }
     }
-    for first in block_firsts(&names) {
+    for first in numbered(names, BLOCK_PREFIX) {
         if let Some(b) = typed::get::<Block>(store, &block_key(first)).await? {
             out.extend(b.value.entries);
         }
@@ -600,9 +593,10 @@ pub async fn read_head(store: &dyn Store) -> Result<Option<Head>, StoreError> {
 /// Every entry and the head. A log written before blocks and heads existed, and not appended to
 /// since, gets its head here (once): from now on cutting its newest entries off is detected.
 pub async fn read_log(store: &dyn Store) -> Result<Log, StoreError> {
-    let entries = read(store).await?;
+    let names = store.list(records::NAMESPACE).await?;
+    let entries = read_listed(store, &names).await?;
     let mut head = read_head(store).await?;
-    let blocks = !block_firsts(&store.list(records::NAMESPACE).await?).is_empty();
+    let blocks = !numbered(&names, BLOCK_PREFIX).is_empty();
     if head.is_none()
         && !blocks
         && let Some(last) = entries.last()
