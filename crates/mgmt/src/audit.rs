@@ -22,7 +22,9 @@
 //!
 //! Logs written before blocks (segments of up to [`SEGMENT_ENTRIES`] entries,
 //! `meshca/audit-log-00000000`, …) are read as the log's beginning; the first block continues
-//! their chain, and reading such a log without a head anchors it ([`read_log`]).
+//! their chain, and reading such a log without a head anchors it ([`read_log`]). Replicas sharing
+//! a store are upgraded together: one of the version before blocks would go on appending to the
+//! segments, beside the blocks.
 //!
 //! **When an entry cannot be written.** [`append`] returns the error, and every entry of a batch
 //! whose write failed gets it; callers that can still refuse the action they record (an
