@@ -58,6 +58,33 @@ pub struct SpecDoc {
     /// How root rotations run (every CA mode).
     #[serde(default)]
     pub root_rotation: RootRotationDoc,
+    /// Foreign trust domains whose bundles the mesh accepts SVIDs of (docs/federation.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federation: Vec<FederationDoc>,
+}
+
+/// `spec.federation[]`: one foreign trust domain and its SPIFFE bundle endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FederationDoc {
+    /// The foreign trust domain (not the mesh's own).
+    #[serde(default)]
+    pub trust_domain: String,
+    /// Its bundle endpoint, `https://host:port/path`.
+    #[serde(default)]
+    pub bundle_endpoint_url: String,
+    /// `https_web` or `https_spiffe`.
+    #[serde(default)]
+    pub profile: String,
+    /// `https_spiffe`: the SPIFFE ID the endpoint presents.
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<String>,
+    /// `https_spiffe`: the trust domain's bundle (a JWK Set document), obtained out of band.
+    #[serde(default)]
+    pub first_bundle: Option<String>,
+    /// `https_web`: the CA certificates (PEM) the endpoint's certificate chains to.
+    #[serde(default)]
+    pub endpoint_ca: Option<String>,
 }
 
 /// `spec.rootRotation`: when a generated root is rotated, and the leaf lifetimes the rotation's

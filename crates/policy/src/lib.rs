@@ -15,15 +15,17 @@
 pub mod defaults;
 pub mod doc;
 pub mod duration;
+pub mod federation;
 pub mod generation;
 pub mod validate;
 pub mod vault;
 
 pub use doc::{
-    ConfigDoc, GeneratedDoc, IntermediateCertOptionsDoc, IntermediateRefDoc, Metadata, RootRotationDoc,
+    ConfigDoc, FederationDoc, GeneratedDoc, IntermediateCertOptionsDoc, IntermediateRefDoc, Metadata, RootRotationDoc,
     RootTrustPolicyDoc, SecretRef, SpecDoc, VaultAppRoleDoc, VaultAuthDoc, VaultDoc, VaultKubernetesDoc, VaultTlsDoc,
     VaultTokenDoc,
 };
+pub use federation::{Federation, FederationProfile};
 pub use generation::{SignerMaterial, generation, key_algorithm_from_wire, key_algorithm_to_wire};
 pub use validate::{CaMode, ClusterSelector, IntermediateOptions, Policy, RootRotationOptions, is_cluster_name};
 pub use vault::{VaultAuth, VaultDelivery, VaultSpec};

@@ -141,6 +141,8 @@ pub struct Policy {
     pub auto_restart_pods: bool,
     /// How root rotations run.
     pub root_rotation: RootRotationOptions,
+    /// Foreign trust domains federated with (`spec.federation`).
+    pub federation: Vec<crate::Federation>,
 }
 
 fn parse_duration(field: &str, v: &Option<String>, default: Duration) -> Result<Duration, PolicyError> {
@@ -272,6 +274,7 @@ impl Policy {
             organization: o.org_name.clone().unwrap_or_else(|| defaults::ORGANIZATION.into()),
             permitted_dns_domains: permitted,
         };
+        let federation = crate::federation::from_docs(&spec.federation, &trust_domain)?;
         Ok(Policy {
             name: doc.metadata.name.clone(),
             namespace,
@@ -281,6 +284,7 @@ impl Policy {
             intermediate,
             auto_restart_pods: spec.auto_restart_pods,
             root_rotation: RootRotationOptions::from_doc(&spec.root_rotation)?,
+            federation,
         })
     }
 
@@ -305,6 +309,7 @@ impl Policy {
             },
             auto_restart_pods: false,
             root_rotation: RootRotationOptions::default(),
+            federation: Vec::new(),
         }
     }
 }
