@@ -7,10 +7,17 @@
 //! [`PeerPolicy`]. The roots can be replaced at run time (root rotation: A → A+B → B), and so can
 //! the CRLs the whole chain is checked against (see [`crate::revocation`] for the policy: unknown
 //! status allowed, and a grace for leaves issued before their CA was revoked).
+//!
+//! Federation ([`SpiffeVerifier::set_federation`]): once the verifier knows its own trust domain
+//! and the bundles of the foreign ones, a peer's chain is checked against the roots of the
+//! trust domain its SPIFFE ID names, and only those: the mesh's own roots for the mesh's own
+//! trust domain, a foreign bundle for its trust domain, nothing for any other. A foreign root can
+//! thus never vouch for an SVID of the mesh (or of a third trust domain).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use meshca_pki::{Cert, RootSet, SpiffeId, TrustDomain};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -30,6 +37,9 @@ pub enum PeerPolicy {
     AnyOf(Vec<SpiffeId>),
     /// Any URI SAN starting with this prefix (e.g. `spiffe://meshca.internal/`).
     UriPrefix(String),
+    /// Any SPIFFE ID of a trust domain the verifier holds roots for: its own, or a federated one
+    /// ([`SpiffeVerifier::set_federation`]; without it, the own roots' only).
+    Trusted,
 }
 
 impl PeerPolicy {
@@ -40,6 +50,8 @@ impl PeerPolicy {
             }
             PeerPolicy::AnyOf(ids) => uris.iter().any(|u| ids.iter().any(|id| id.to_string() == *u)),
             PeerPolicy::UriPrefix(p) => uris.iter().any(|u| u.starts_with(p.as_str())),
+            // The chain was checked against the roots of the peer's trust domain.
+            PeerPolicy::Trusted => uris.iter().any(|u| u.parse::<SpiffeId>().is_ok()),
         }
     }
 }
@@ -72,10 +84,18 @@ impl Roots {
     }
 }
 
+/// The trust domains a verifier accepts, each with its own roots.
+#[derive(Debug)]
+struct Federation {
+    own: TrustDomain,
+    foreign: BTreeMap<TrustDomain, Arc<Roots>>,
+}
+
 /// Verifies SPIFFE peers against a swappable root set and swappable CRLs.
 #[derive(Debug)]
 pub struct SpiffeVerifier {
     roots: ArcSwap<Roots>,
+    federation: ArcSwapOption<Federation>,
     crls: ArcSwap<CrlSet>,
     grace: RevocationGrace,
     policy: PeerPolicy,
@@ -102,6 +122,7 @@ impl SpiffeVerifier {
     ) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(SpiffeVerifier {
             roots: ArcSwap::from_pointee(Roots::new(roots)?),
+            federation: ArcSwapOption::empty(),
             crls: ArcSwap::from_pointee(CrlSet::default()),
             grace,
             policy,
@@ -121,6 +142,38 @@ impl SpiffeVerifier {
     pub fn set_crls(&self, crls: &[meshca_pki::Crl]) -> Result<(), TlsError> {
         self.crls.store(CrlSet::new(crls)?);
         Ok(())
+    }
+
+    /// Federates: from now on a peer of trust domain `own` is checked against the roots of
+    /// [`SpiffeVerifier::new`] / [`SpiffeVerifier::set_roots`], a peer of one of `foreign`'s trust
+    /// domains against that bundle's roots only, and any other peer is refused. A bundle for
+    /// `own` is refused (it would let a foreign root vouch for the mesh), as is one named twice.
+    pub fn set_federation(&self, own: &TrustDomain, foreign: &[(TrustDomain, RootSet)]) -> Result<(), TlsError> {
+        let mut map = BTreeMap::new();
+        for (td, roots) in foreign {
+            if td == own {
+                return Err(TlsError::Roots(format!("a federated bundle for the own trust domain {own} is refused")));
+            }
+            if map.insert(td.clone(), Arc::new(Roots::new(roots)?)).is_some() {
+                return Err(TlsError::Roots(format!("two federated bundles for trust domain {td}")));
+            }
+        }
+        self.federation.store(Some(Arc::new(Federation { own: own.clone(), foreign: map })));
+        Ok(())
+    }
+
+    /// The roots a peer presenting `uris` is checked against: all the own roots without
+    /// federation; with it, those of the trust domain of its SPIFFE ID (exactly one, or none).
+    fn roots_for(&self, uris: &[String]) -> Result<Arc<Roots>, Error> {
+        let Some(f) = self.federation.load_full() else { return Ok(self.roots.load_full()) };
+        let refuse = || Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure);
+        let ids: Vec<SpiffeId> = uris.iter().filter_map(|u| u.parse().ok()).collect();
+        let [id] = ids.as_slice() else { return Err(refuse()) };
+        if id.trust_domain() == &f.own {
+            Ok(self.roots.load_full())
+        } else {
+            f.foreign.get(id.trust_domain()).cloned().ok_or_else(refuse)
+        }
     }
 
     fn verify(
@@ -148,11 +201,11 @@ impl SpiffeVerifier {
         usage: webpki::KeyUsage,
     ) -> Result<Cert, Error> {
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(pki_err)?;
-        let roots = self.roots.load();
+        let leaf = Cert::from_der(end_entity.to_vec()).map_err(|e| other(Arc::new(e)))?;
+        let roots = self.roots_for(leaf.uri_sans())?;
         let path = ee
             .verify_for_usage(self.algorithms.all, &roots.anchors, intermediates, now, usage, None, None)
             .map_err(pki_err)?;
-        let leaf = Cert::from_der(end_entity.to_vec()).map_err(|e| other(Arc::new(e)))?;
         let crls = self.crls.load();
         if !crls.is_empty() {
             let used: Vec<CertificateDer<'_>> = path.intermediate_certificates().map(|c| c.der()).collect();
@@ -291,5 +344,82 @@ impl ClientCertVerifier for SpiffeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use meshca_pki::{CaSigner, KeyAlgorithm, LeafParams, PrivateKey, RootParams};
+
+    use super::*;
+
+    const T: u64 = 1_780_000_000;
+
+    fn root(org: &str) -> CaSigner {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        CaSigner::new_root(key, &RootParams::new(org), SystemTime::UNIX_EPOCH + Duration::from_secs(T)).expect("root")
+    }
+
+    /// A workload leaf for `id` signed by `ca`.
+    fn leaf(ca: &CaSigner, id: &str) -> CertificateDer<'static> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        let params = LeafParams::workload(id.parse().expect("id"), Duration::from_secs(3600));
+        let issued = ca.sign_leaf(key.public_key_spki(), &params, SystemTime::UNIX_EPOCH + Duration::from_secs(T));
+        CertificateDer::from(issued.expect("leaf").der)
+    }
+
+    fn roots(ca: &CaSigner) -> RootSet {
+        RootSet::from_certs(vec![ca.root().clone()]).expect("roots")
+    }
+
+    fn td(s: &str) -> TrustDomain {
+        TrustDomain::new(s).expect("td")
+    }
+
+    /// Whether `v` accepts `cert` as a client and as a server.
+    fn accepts(v: &SpiffeVerifier, cert: &CertificateDer<'_>) -> bool {
+        let now = UnixTime::since_unix_epoch(Duration::from_secs(T + 60));
+        let client = v.verify_client_cert(cert, &[], now).is_ok();
+        let name = ServerName::try_from("workload").expect("name");
+        let server = v.verify_server_cert(cert, &[], &name, &[], now).is_ok();
+        assert_eq!(client, server, "client and server verification agree");
+        client
+    }
+
+    #[test]
+    fn a_foreign_svid_is_accepted_for_its_trust_domain_only_and_only_once_federated() {
+        let (mesh, other) = (root("mesh"), root("other"));
+        let v = SpiffeVerifier::new(&roots(&mesh), PeerPolicy::Trusted, true).expect("verifier");
+        let own = leaf(&mesh, "spiffe://mesh.example/ns/a/sa/a");
+        let foreign = leaf(&other, "spiffe://other.example/ns/b/sa/b");
+        let foreign_claiming_ours = leaf(&other, "spiffe://mesh.example/ns/a/sa/a");
+        let foreign_claiming_a_third = leaf(&other, "spiffe://third.example/ns/c/sa/c");
+        let ours_claiming_foreign = leaf(&mesh, "spiffe://other.example/ns/b/sa/b");
+
+        // Not federated: the foreign root is unknown.
+        assert!(accepts(&v, &own));
+        assert!(!accepts(&v, &foreign), "no federation, no foreign SVID");
+
+        v.set_federation(&td("mesh.example"), &[(td("other.example"), roots(&other))]).expect("federate");
+        assert!(accepts(&v, &own));
+        assert!(accepts(&v, &foreign), "a federated trust domain's SVID under its bundle");
+        assert!(!accepts(&v, &foreign_claiming_ours), "a foreign root never vouches for the mesh's own trust domain");
+        assert!(!accepts(&v, &foreign_claiming_a_third), "nor for a trust domain not federated");
+        assert!(!accepts(&v, &ours_claiming_foreign), "the mesh's roots do not vouch for a foreign trust domain");
+
+        // Federation dropped (an empty set): the foreign SVID is refused again.
+        v.set_federation(&td("mesh.example"), &[]).expect("unfederate");
+        assert!(!accepts(&v, &foreign));
+        assert!(accepts(&v, &own));
+    }
+
+    #[test]
+    fn a_bundle_for_the_own_trust_domain_is_refused() {
+        let mesh = root("mesh");
+        let v = SpiffeVerifier::new(&roots(&mesh), PeerPolicy::Trusted, true).expect("verifier");
+        let e = v.set_federation(&td("mesh.example"), &[(td("mesh.example"), roots(&root("evil")))]).expect_err("own");
+        assert!(e.to_string().contains("own trust domain mesh.example"), "{e}");
     }
 }
