@@ -234,6 +234,8 @@ impl Shared {
         {
             state.crl = c.pem;
         }
+        let federated = crate::federation::poll::read(self.store.as_ref()).await.map_err(internal)?;
+        state.federated_bundles = crate::federation::poll::bundles(&federated, &auth.policy.federation);
         Ok((state, standing))
     }
 
@@ -262,6 +264,7 @@ pub fn trust_state(auth: &Authority, rec: &ClusterRecord, settings: &Settings) -
         },
         auto_restart_pods: auth.policy.auto_restart_pods,
         crl: String::new(),
+        federated_bundles: Vec::new(),
         crl_ttl_seconds: i64::try_from(settings.crl_ttl.as_secs()).unwrap_or(i64::MAX),
     }
 }

@@ -74,6 +74,12 @@ pub fn spiffe_bundle() -> ObjectKey {
     fixed("spiffe-bundle")
 }
 
+/// What the leader knows of each federated trust domain's bundle
+/// ([`crate::federation::poll::FederationRecord`]).
+pub fn federation() -> ObjectKey {
+    fixed("federated-bundles")
+}
+
 /// Operator credentials issued and revoked ([`OperatorLog`]).
 pub fn operators() -> ObjectKey {
     fixed("operator-credentials")
@@ -461,7 +467,7 @@ mod tests {
 
     #[test]
     fn fixed_names_are_valid_and_input_names_are_checked() {
-        let _ = (root_ca(), relay_ca(), policy(), policy_audited(), operators(), token_sweep());
+        let _ = (root_ca(), relay_ca(), policy(), policy_audited(), operators(), token_sweep(), federation());
         assert!(archived_cluster(&"c".repeat(63), i64::MAX).is_ok(), "the longest cluster name archives");
         let a = archived_cluster("cluster-1", 1).expect("archive");
         assert!(!a.name().starts_with(CLUSTER_PREFIX) && !a.name().starts_with(TOKEN_PREFIX), "{a}");

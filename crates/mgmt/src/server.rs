@@ -331,6 +331,14 @@ async fn run(
         leader: with.leader.clone(),
     };
     tasks.spawn(publisher.run(cancel.child_token()));
+    let poller = crate::federation::poll::Poller::new(
+        store.clone(),
+        authority.clone(),
+        nudge.clone(),
+        clock.clone(),
+        with.leader.clone(),
+    );
+    tasks.spawn(poller.run(cancel.child_token()));
     let issuer = Issuer::new(
         store.clone(),
         authority.clone(),

@@ -101,6 +101,8 @@ pub async fn collect(
     let (root_rotation, stalled) =
         crate::rotation::describe(&journal, &reports, &authority.policy, now, report_interval);
     alerts.extend(stalled);
+    let federated = crate::federation::poll::read(store).await?;
+    alerts.extend(crate::federation::poll::alerts(&federated, &authority.policy.federation));
     let mut roots: Vec<CertificateSummary> =
         authority.roots().into_iter().flat_map(|r| r.iter()).map(|c| summary(c, None)).collect();
     roots.sort_by_key(|r| r.not_after);
@@ -186,6 +188,9 @@ pub fn human(secs: i64) -> String {
 ///   RBAC forbids the patch, another field manager owns a field meshca would set);
 /// - a cluster whose upstream PKI (Vault) publishes no CRL for the signing issuer, or whose last
 ///   read of it failed (`UpstreamCrlUnavailable`).
+///
+/// [`collect`] adds the stored ones: a stalled root rotation (`RootRotationStalled`) and a
+/// federated trust domain whose bundle cannot be fetched (`FederationFailing`).
 pub fn alerts(now: i64, authority: &Authority, clusters: &[ClusterView], report_interval: Duration) -> Vec<Alert> {
     let mut out = Vec::new();
     if let Some(e) = authority.error() {

@@ -79,6 +79,7 @@ names!(AlertKind, "alert kind", {
     IstiodNotWired => "IstiodNotWired",
     RootRotationStalled => "RootRotationStalled",
     UpstreamCrlUnavailable => "UpstreamCrlUnavailable",
+    FederationFailing => "FederationFailing",
 });
 
 names!(IstiodState, "istiod state", {

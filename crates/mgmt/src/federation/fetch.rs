@@ -3,8 +3,7 @@
 //! step ([`Federated::observe`]) that keeps the last good bundle when a fetch fails and says when
 //! to fetch again (the publisher's refresh hint, within bounds).
 //!
-//! Not yet wired to a policy: what a policy names as federated trust domains, and handing their
-//! bundles to the clusters' verifiers, build on this.
+//! [`super::poll`] runs them for the trust domains a policy federates with.
 
 use std::time::{Duration, SystemTime};
 

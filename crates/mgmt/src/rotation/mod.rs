@@ -143,6 +143,7 @@ pub fn describe(
     (status, alerts)
 }
 
-fn rfc3339(unix: i64) -> String {
+/// Unix seconds as RFC 3339.
+pub(crate) fn rfc3339(unix: i64) -> String {
     meshca_pki::chain::rfc3339(meshca_clock::from_unix(unix))
 }
