@@ -357,6 +357,7 @@ pub async fn drive(
         expired_logged: None,
         upstream: Upstream::default(),
         crl_problem: String::new(),
+        federated_written: None,
     };
     driver.run(link, cancel).await
 }
@@ -380,6 +381,8 @@ struct Driver {
     upstream: Upstream,
     /// Why the last `ca-crl.pem` built was left out (empty: it was written, or none is published).
     crl_problem: String,
+    /// The federated bundles last written ([`crate::federated`]); `None` before the first write.
+    federated_written: Option<Vec<meshca_proto::mgmt::FederatedBundle>>,
 }
 
 /// CRLs fetched from the source's upstream (Vault) rather than sent by the management plane.
@@ -467,6 +470,9 @@ impl Driver {
                     Effect::Istiod(e) => again |= self.istiod(e).await,
                     Effect::WriteCrl => again |= self.write_crl(l.trust.as_ref()).await,
                 }
+            }
+            if let Some(t) = &l.trust {
+                self.write_federated(&t.federated_bundles).await;
             }
             if self.opts.once && matches!(self.held, Held::Ours { .. }) {
                 tracing::info!("cacerts is in place; stopping as asked (--once)");
@@ -707,6 +713,38 @@ impl Driver {
                 let read = self.store.get(&self.opts.cacerts).await;
                 self.held = Held::classify(read, self.clock.now());
                 false
+            }
+        }
+    }
+
+    /// Writes the federated bundles when they differ from the last written (removes the object
+    /// when there are none). A failure is logged and retried on the next pass.
+    async fn write_federated(&mut self, bundles: &[meshca_proto::mgmt::FederatedBundle]) {
+        if self.federated_written.as_deref() == Some(bundles) {
+            return;
+        }
+        let key = match meshca_store::ObjectKey::new(self.opts.cacerts.namespace(), crate::federated::OBJECT) {
+            Ok(k) => k,
+            Err(e) => {
+                return self.log_once(tracing::Level::ERROR, "the federated bundles cannot be named", &e.to_string());
+            }
+        };
+        let written = match crate::federated::secret(bundles) {
+            Err(e) => return self.log_once(tracing::Level::WARN, "federated bundles refused; the last ones stay", &e),
+            Ok(Some(secret)) => self.store.put(&key, &secret, Precondition::Any).await.map(|_| ()),
+            Ok(None) => match self.store.delete(&key, Precondition::Any).await {
+                Err(meshca_store::StoreError::NotFound(_)) => Ok(()),
+                other => other,
+            },
+        };
+        match written {
+            Ok(()) => {
+                let domains: Vec<&str> = bundles.iter().map(|b| b.trust_domain.as_str()).collect();
+                tracing::info!(object = %key, ?domains, "federated bundles written");
+                self.federated_written = Some(bundles.to_vec());
+            }
+            Err(e) => {
+                self.log_once(tracing::Level::WARN, "writing the federated bundles failed; will retry", &e.to_string())
             }
         }
     }

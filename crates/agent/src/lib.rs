@@ -20,6 +20,7 @@
 pub mod cacerts;
 pub mod connection;
 pub mod driver;
+pub mod federated;
 pub mod identity;
 pub mod istiod;
 pub mod plan;
