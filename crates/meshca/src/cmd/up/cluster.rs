@@ -134,6 +134,8 @@ pub async fn start(
         address: ca_addr.to_string(),
         root_file: cacerts.join("root-cert.pem"),
         crl_file: cacerts.join(meshca_pki::bundle::CA_CRL),
+        federated_dir: store
+            .object_path(&meshca_store::ObjectKey::new("istio-system", meshca_agent::federated::OBJECT)?),
         cluster: name.clone(),
         idp,
         clock: clock.clone(),

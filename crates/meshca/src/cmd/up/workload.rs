@@ -85,12 +85,40 @@ pub struct CaEndpoint {
     pub root_file: std::path::PathBuf,
     /// The cluster's ca-crl.pem, read every [`CRL_POLL`].
     pub crl_file: std::path::PathBuf,
+    /// Where the cluster's agent writes the federated trust domains' bundles
+    /// (`<trust domain>.pem`, see `meshca_agent::federated`); re-read every
+    /// [`FEDERATION_RELOAD`].
+    pub federated_dir: std::path::PathBuf,
     /// The cluster name (sent as `clusterid`).
     pub cluster: String,
     /// The time (tokens are minted on it).
     pub clock: SharedClock,
     /// Issuer of the cluster's service-account tokens.
     pub idp: Arc<DemoIdp>,
+}
+
+/// How often a workload re-reads the federated bundles.
+pub const FEDERATION_RELOAD: Duration = Duration::from_secs(2);
+
+/// The federated bundles in `dir`: `(trust domain, roots)` per `<trust domain>.pem` (none when
+/// the directory does not exist: no federation).
+fn read_federated(dir: &std::path::Path) -> anyhow::Result<Vec<(TrustDomain, RootSet)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(td) = name.strip_suffix(".pem").filter(|_| !name.starts_with('.')) else { continue };
+        let path = dir.join(&name);
+        let roots = RootSet::from_pem(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("{}", path.display()))?;
+        out.push((TrustDomain::new(td).with_context(|| format!("{}", path.display()))?, roots));
+    }
+    out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    Ok(out)
 }
 
 /// A leaf just obtained.
@@ -218,7 +246,8 @@ impl Workload {
         let crls = Crl::parse_pem_bundle(&std::fs::read(&ca.crl_file).unwrap_or_default()).unwrap_or_default();
         let first = fetch_leaf(&ca, &id, leaf_ttl, &crls).await.with_context(|| format!("first leaf for {id}"))?;
         let cert = SwappableCert::new(first.identity.certified_key()?);
-        let verifier = SpiffeVerifier::with_revocation(&first.roots, PeerPolicy::TrustDomain(td.clone()), true, grace)?;
+        let verifier = SpiffeVerifier::with_revocation(&first.roots, PeerPolicy::Trusted, true, grace)?;
+        verifier.set_federation(td, &read_federated(&ca.federated_dir)?)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let w = Arc::new(Workload {
             cluster: cluster.to_string(),
@@ -249,6 +278,15 @@ impl Workload {
             tokio::select! {
                 _ = s.cancelled() => {}
                 _ = watch_crls(file, verifier, crl_tx, clock) => {}
+            }
+        });
+        let s = stop.clone();
+        let me = w.clone();
+        let (dir, own) = (ca.federated_dir.clone(), td.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = me.follow_federation(dir, own) => {}
             }
         });
         let s = stop.clone();
@@ -334,6 +372,31 @@ impl Workload {
                     }
                 }
                 self.clock.sleep(retry).await;
+            }
+        }
+    }
+
+    /// Re-reads the federated bundles every [`FEDERATION_RELOAD`] and applies them when they
+    /// change; a set that does not read keeps the one in use.
+    async fn follow_federation(self: Arc<Self>, dir: std::path::PathBuf, own: TrustDomain) {
+        let mut applied = read_federated(&dir).unwrap_or_default();
+        loop {
+            self.clock.sleep(FEDERATION_RELOAD).await;
+            match read_federated(&dir) {
+                Ok(next) if next != applied => match self.verifier.set_federation(&own, &next) {
+                    Ok(()) => {
+                        let domains: Vec<&str> = next.iter().map(|(td, _)| td.as_str()).collect();
+                        tracing::info!(id = %self.id, ?domains, "federated trust domains updated");
+                        applied = next;
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = %self.id, error = %e, "federated bundles refused; the last ones stay")
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(id = %self.id, error = %format!("{e:#}"), "reading the federated bundles failed")
+                }
             }
         }
     }
