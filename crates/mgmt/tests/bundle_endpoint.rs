@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use meshca_clock::{Clock, ManualClock};
 use meshca_http::{Client, HttpError, Url};
 use meshca_mgmt::federation::endpoint::endpoint_id;
+use meshca_mgmt::federation::poll;
 use meshca_mgmt::federation::publish::{Sequences, sequences_key};
 use meshca_mgmt::federation::{BundleEndpoint, Profile};
 use meshca_mgmt::server::creds;
@@ -51,10 +52,21 @@ struct Plane {
 impl Plane {
     /// Starts on `dir` (a fresh one when `None`) at `clock`'s time.
     async fn start(dir: Option<Arc<tempfile::TempDir>>, clock: ManualClock, profile: Profile) -> Plane {
+        Plane::start_as(dir, clock, profile, &td()).await
+    }
+
+    /// [`Plane::start`] for the trust domain `trust_domain`.
+    async fn start_as(
+        dir: Option<Arc<tempfile::TempDir>>,
+        clock: ManualClock,
+        profile: Profile,
+        trust_domain: &TrustDomain,
+    ) -> Plane {
         meshca_tls::provider::install();
         let dir = dir.unwrap_or_else(|| Arc::new(tempfile::tempdir().unwrap()));
         let store = Arc::new(DirStore::open(dir.path().join("store")).unwrap());
         let mut policy = Policy::generated_default(Duration::from_secs(3600));
+        policy.trust_domain = trust_domain.clone();
         // Short gates, so a whole root rotation runs within the two minutes certificates are
         // backdated by (the TLS clients check them against the wall clock).
         policy.root_rotation.max_leaf_lifetime = Duration::from_secs(10);
@@ -511,4 +523,202 @@ async fn bad_bundles_and_a_hanging_endpoint_are_refused_and_the_last_good_one_is
     h.serve(&newer);
     state = state.observe(fetch(&source, state.last_good.as_ref(), now).await, now);
     assert_eq!((state.last_good.as_ref(), state.failure.as_ref()), (Some(&newer), None));
+}
+
+/// The policy of a [`Plane`] of trust domain `own` (the same generated root and options as its
+/// default policy, so applying it keeps the root), federating with `foreign`: `(trust domain,
+/// bundle endpoint URL)` pairs over `https_web` under `web_ca`.
+fn federating_policy(own: &TrustDomain, foreign: &[(&TrustDomain, String)], web_ca: &RootSet) -> String {
+    let ca = serde_json::to_string(&web_ca.to_pem()).unwrap();
+    let entries: String = foreign
+        .iter()
+        .map(|(td, url)| {
+            format!(
+                "    - {{ trustDomain: {td}, bundleEndpointUrl: \"{url}\", profile: https_web, endpointCa: {ca} }}\n"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: mesh }}\nspec:\n  trustDomain: {own}\n  \
+         config: {{ generated: {{}} }}\n  intermediateCertOptions: {{ ttl: 1h }}\n  rootRotation: {{ maxLeafLifetime: 10s, skew: 1s }}\n  \
+         federation:\n{entries}"
+    )
+}
+
+/// A workload of a [`Plane`]: a leaf for `id` signed by the plane's generated root (the way a
+/// cluster's workload CA signs one, without the cluster intermediate in between), and the TLS
+/// configs of a workload of that mesh: its verifier trusts the plane's roots for its own trust
+/// domain and, for each foreign trust domain, exactly the bundle the plane hands its clusters.
+struct MeshWorkload {
+    leaf: Cert,
+    key: Arc<rustls::sign::CertifiedKey>,
+    verifier: Arc<SpiffeVerifier>,
+}
+
+impl MeshWorkload {
+    async fn new(p: &Plane, own: &TrustDomain, id: &str) -> MeshWorkload {
+        let rec = p.store.get(&meshca_mgmt::records::root_ca()).await.unwrap().unwrap();
+        let root = Cert::from_pem(rec.value.get("ca-cert.pem").unwrap()).unwrap();
+        let signer =
+            CaSigner::new(PrivateKey::from_pem(rec.value.get("ca-key.pem").unwrap()).unwrap(), vec![root]).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let params = LeafParams::workload(id.parse().unwrap(), Duration::from_secs(3600));
+        let leaf =
+            Cert::from_der(signer.sign_leaf(key.public_key_spki(), &params, p.clock.now()).unwrap().der).unwrap();
+        let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
+        let verifier = SpiffeVerifier::new(&p.roots().await, PeerPolicy::Trusted, true).unwrap();
+        let w = MeshWorkload { leaf, key: ck, verifier };
+        w.follow(p, own).await;
+        w
+    }
+
+    /// Applies what the plane's trust stream carries now ([`poll::bundles`] of the stored record).
+    async fn follow(&self, p: &Plane, own: &TrustDomain) -> Vec<(TrustDomain, RootSet)> {
+        let bundles = p.distributed().await;
+        self.verifier.set_federation(own, &bundles).unwrap();
+        bundles
+    }
+
+    /// One mutual TLS handshake (and a byte each way) from `self` to `server` over a socket.
+    async fn handshake(&self, server: &MeshWorkload) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sc = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(server.verifier.clone())
+            .with_cert_resolver(meshca_tls::SwappableCert::new(server.key.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
+        let serve = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.map_err(|e| format!("server: {e}"))?;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| format!("server read: {e}"))?;
+            tls.write_all(&b).await.map_err(|e| format!("server write: {e}"))?;
+            tls.shutdown().await.ok();
+            Ok::<(), String>(())
+        });
+        let cc = meshca_tls::client_config(
+            ServerTrust::Verifier(self.verifier.clone()),
+            ClientAuth::Resolver(meshca_tls::SwappableCert::new(self.key.clone())),
+            Versions::Tls13,
+        )
+        .unwrap();
+        let client = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::try_from("workload").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cc))
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("client: {e}"))?;
+            tls.write_all(b"x").await.map_err(|e| format!("client write: {e}"))?;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(|e| format!("client read: {e}"))?;
+            Ok::<(), String>(())
+        };
+        let c = tokio::time::timeout(Duration::from_secs(10), client).await.map_err(|_| "timed out".to_string())?;
+        let s =
+            tokio::time::timeout(Duration::from_secs(10), serve).await.map_err(|_| "server timed out".to_string())?;
+        c.and(s.unwrap())
+    }
+}
+
+impl Plane {
+    /// The foreign bundles this plane hands its clusters now (what `TrustState.federated_bundles`
+    /// carries: the stored record, filtered by the policy in force).
+    async fn distributed(&self) -> Vec<(TrustDomain, RootSet)> {
+        let Some(policy) = self.policy().await else { return Vec::new() };
+        let record = poll::read(self.store.as_ref()).await.unwrap();
+        poll::bundles(&record, &policy.federation)
+            .into_iter()
+            .map(|b| (TrustDomain::new(&b.trust_domain).unwrap(), RootSet::from_pem(b.roots.as_bytes()).unwrap()))
+            .collect()
+    }
+
+    /// The applied policy (`None`: the default one, which federates with nobody).
+    async fn policy(&self) -> Option<Policy> {
+        let rec = self.store.get(&meshca_mgmt::records::policy()).await.unwrap()?;
+        Some(Policy::from_yaml(std::str::from_utf8(rec.value.get(meshca_mgmt::records::POLICY_KEY)?).unwrap()).unwrap())
+    }
+
+    async fn alerts(&self) -> Vec<meshca_proto::mgmt::Alert> {
+        let mut op = self.operator().await;
+        op.get_status(meshca_proto::mgmt::GetStatusRequest::default()).await.unwrap().into_inner().alerts
+    }
+}
+
+/// Two meshes, each its own management plane, root and trust domain, each serving its bundle
+/// endpoint (`https_web`). A cross-mesh mutual TLS handshake between their workloads fails until
+/// each policy federates with the other; then each plane polls the other's endpoint and hands its
+/// bundle (and only for its trust domain) to its clusters, and the handshake succeeds both ways —
+/// with meshca's verifier, and `openssl verify` agrees on the distributed file. A foreign leaf
+/// claiming the mesh's own trust domain is still refused. When one endpoint goes down, the other
+/// plane keeps its last good bundle (the handshake still works) and raises `FederationFailing`.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_meshes_federate_through_their_bundle_endpoints() {
+    meshca_tls::provider::install();
+    let now = SystemTime::now();
+    let (web_roots, ck) = web_identity(now);
+    let (ta, tb) = (TrustDomain::new("a.example").unwrap(), TrustDomain::new("b.example").unwrap());
+    let a = Plane::start_as(None, ManualClock::new(now), Profile::Web(ck.clone()), &ta).await;
+    let b = Plane::start_as(None, ManualClock::new(now), Profile::Web(ck), &tb).await;
+    let wa = MeshWorkload::new(&a, &ta, "spiffe://a.example/ns/default/sa/sleep").await;
+    let wb = MeshWorkload::new(&b, &tb, "spiffe://b.example/ns/default/sa/httpbin").await;
+
+    // Not federated: each mesh refuses the other's workloads.
+    let e = wa.handshake(&wb).await.expect_err("no federation");
+    assert!(e.contains("UnknownIssuer") || e.contains("certificate"), "{e}");
+    assert!(wb.handshake(&wa).await.is_err());
+
+    // Each federates with the other.
+    let url = |p: &Plane| format!("https://localhost:{}/", p.bundle.port());
+    for (p, own, other, other_url) in [(&a, &ta, &tb, url(&b)), (&b, &tb, &ta, url(&a))] {
+        let yaml = federating_policy(own, &[(other, other_url)], &web_roots);
+        p.operator().await.apply_policy(meshca_proto::mgmt::ApplyPolicyRequest { policy: yaml }).await.unwrap();
+    }
+    let (ra, rb) = (a.roots().await, b.roots().await);
+    eventually(WAIT, "A holds B's bundle", || async {
+        (a.distributed().await == vec![(tb.clone(), rb.clone())]).then_some(())
+    })
+    .await;
+    eventually(WAIT, "B holds A's bundle", || async {
+        (b.distributed().await == vec![(ta.clone(), ra.clone())]).then_some(())
+    })
+    .await;
+    assert_eq!(a.roots().await, ra, "federating did not touch the mesh's own root");
+    wa.follow(&a, &ta).await;
+    wb.follow(&b, &tb).await;
+    wa.handshake(&wb).await.expect("A -> B once federated");
+    wb.handshake(&wa).await.expect("B -> A once federated");
+
+    // openssl agrees: B's distributed bundle for a.example verifies A's workload leaf; B's own
+    // roots do not.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.example.pem"), b.distributed().await[0].1.to_pem()).unwrap();
+    std::fs::write(dir.path().join("own.pem"), rb.to_pem()).unwrap();
+    std::fs::write(dir.path().join("leaf.pem"), wa.leaf.to_pem()).unwrap();
+    let out = meshca_testsupport::openssl::openssl_ok(dir.path(), &["verify", "-CAfile", "a.example.pem", "leaf.pem"]);
+    assert!(out.contains("leaf.pem: OK"), "{out}");
+    let (ok, out) = meshca_testsupport::openssl::openssl(dir.path(), &["verify", "-CAfile", "own.pem", "leaf.pem"]);
+    assert!(!ok, "{out}");
+
+    // A leaf under A's root claiming B's trust domain is refused by B's workloads.
+    let impostor = MeshWorkload::new(&a, &ta, "spiffe://b.example/ns/default/sa/httpbin").await;
+    assert!(impostor.handshake(&wb).await.is_err(), "a foreign root never vouches for the mesh's own trust domain");
+
+    // A's endpoint goes down: B keeps A's bundle and raises the alert once its next fetch fails.
+    assert!(b.alerts().await.iter().all(|x| x.kind() != meshca_proto::AlertKind::FederationFailing));
+    a.stop().await;
+    b.clock.advance(Duration::from_secs(61));
+    let alert = eventually(WAIT, "FederationFailing", || async {
+        b.alerts().await.into_iter().find(|x| x.kind() == meshca_proto::AlertKind::FederationFailing)
+    })
+    .await;
+    assert!(alert.message.contains("federation with a.example"), "{}", alert.message);
+    assert!(alert.message.contains("the last good bundle (sequence"), "{}", alert.message);
+    assert_eq!(b.distributed().await, vec![(ta.clone(), ra.clone())], "the last good bundle is kept");
+    wb.follow(&b, &tb).await;
+    wb.handshake(&wa).await.expect("still federated with the last good bundle");
+    b.stop().await;
 }
