@@ -194,3 +194,82 @@ fn istio_loads_the_bundle_and_follows_a_root_rotation_through_its_sequence() {
     assert_eq!(last.sequence, 3);
     assert_eq!(last.roots, status_roots(&creds), "exactly the root set in force");
 }
+
+/// Federation in, with real processes: mesh B's policy federates with mesh A's bundle endpoint
+/// (`https_web`); B's management plane polls it and B's agent writes A's roots to
+/// `istio-system/meshca-federated-bundles/a.example.pem` in its cluster — not into
+/// `root-cert.pem` — where `openssl verify` accepts A's cluster intermediate against it (and not
+/// against B's own roots). When A's endpoint goes down, B raises `FederationFailing` in
+/// `meshca status -o json` and the file keeps the last good bundle.
+#[test]
+fn a_federated_bundle_reaches_the_clusters_and_survives_its_endpoint_going_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (web_ca, web_cert, web_key) = web_pki(d);
+    let policy = |td: &str, federation: &str| {
+        write_file(
+            d,
+            &format!("{td}.yaml"),
+            &format!(
+                "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: mesh }}\nspec:\n  trustDomain: \
+                 {td}\n  config:\n    generated: {{}}\n{federation}"
+            ),
+        )
+    };
+    let endpoint = ["--bundle-endpoint-addr", "127.0.0.1:0", "--bundle-endpoint-cert", web_cert.to_str().unwrap()];
+    let key = ["--bundle-endpoint-key", web_key.to_str().unwrap(), "--bundle-refresh-hint", "30s"];
+    let (da, db) = (d.join("a"), d.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let pa = policy("a.example", "");
+    let mut a = Mgmt::start(&da, &[&["--policy", pa.to_str().unwrap()][..], &endpoint, &key].concat());
+    let line = a.proc.wait_for_log(Duration::from_secs(10), "SPIFFE bundle endpoint on ");
+    let url = line.split_whitespace().next().unwrap().to_string();
+    let ca_pem = serde_json::to_string(&std::fs::read_to_string(&web_ca).unwrap()).unwrap();
+    let pb = policy(
+        "b.example",
+        &format!(
+            "  federation:\n    - {{ trustDomain: a.example, bundleEndpointUrl: \"{url}\", profile: https_web, endpointCa: {ca_pem} }}\n"
+        ),
+    );
+    let b = Mgmt::start(&db, &["--policy", pb.to_str().unwrap()]);
+
+    // A cluster in each mesh.
+    let (ta, ra) = a.add_cluster(&da, "a1");
+    let _agent_a = agent(&da, &a, "a1", Some(&ta), Some(&ra), &[]);
+    let (tb, rb) = b.add_cluster(&db, "b1");
+    let _agent_b = agent(&db, &b, "b1", Some(&tb), Some(&rb), &[]);
+    let federated = db.join("b1").join("istio-system").join("meshca-federated-bundles").join("a.example.pem");
+    let (a_cacerts, b_cacerts) = (cacerts_dir(&da, "a1"), cacerts_dir(&db, "b1"));
+    wait_for(Duration::from_secs(30), "A's bundle in cluster b1 and cacerts in a1 and b1", || {
+        (federated.exists() && valid_bundle(&a_cacerts).is_ok() && valid_bundle(&b_cacerts).is_ok()).then_some(())
+    });
+    let a_roots = std::fs::read(a_cacerts.join("root-cert.pem")).unwrap();
+    assert_eq!(std::fs::read(&federated).unwrap(), a_roots, "b1 holds exactly A's root set");
+    let b_roots = std::fs::read_to_string(b_cacerts.join("root-cert.pem")).unwrap();
+    assert_eq!(b_roots.matches("BEGIN CERTIFICATE").count(), 1, "root-cert.pem holds B's own root only");
+
+    // openssl: A's cluster intermediate chains to the federated file, not to B's own roots.
+    let intermediate = a_cacerts.join("ca-cert.pem");
+    let out = openssl_ok(d, &["verify", "-CAfile", federated.to_str().unwrap(), intermediate.to_str().unwrap()]);
+    assert!(out.contains(": OK"), "{out}");
+    let b_root_file = b_cacerts.join("root-cert.pem");
+    let (ok, out) = meshca_testsupport::openssl::openssl(
+        d,
+        &["verify", "-CAfile", b_root_file.to_str().unwrap(), intermediate.to_str().unwrap()],
+    );
+    assert!(!ok, "{out}");
+
+    // A's endpoint goes down: B alerts at its next fetch (the 30 s refresh hint) and keeps A's roots.
+    assert!(b.status_json()["alerts"].as_array().unwrap().iter().all(|x| x["kind"] != "FederationFailing"));
+    a.proc.kill();
+    let alert = wait_for(Duration::from_secs(60), "FederationFailing", || {
+        b.status_json()["alerts"].as_array().unwrap().iter().find(|x| x["kind"] == "FederationFailing").cloned()
+    });
+    let msg = alert["message"].as_str().unwrap();
+    assert!(
+        msg.contains("federation with a.example") && msg.contains("the last good bundle (sequence 1) is kept"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&federated).unwrap(), a_roots, "the last good bundle stays in the cluster");
+}
