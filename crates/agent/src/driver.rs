@@ -743,6 +743,12 @@ impl Driver {
                 tracing::info!(object = %key, ?domains, "federated bundles written");
                 self.federated_written = Some(bundles.to_vec());
             }
+            // No federation, and none written by this agent: the removal of a leftover object is
+            // tried once (an agent whose RBAC predates federation must not fail or retry here).
+            Err(e) if bundles.is_empty() && self.federated_written.is_none() => {
+                tracing::debug!(object = %key, error = %e, "no federated bundles; removing a leftover object failed");
+                self.federated_written = Some(Vec::new());
+            }
             Err(e) => {
                 self.log_once(tracing::Level::WARN, "writing the federated bundles failed; will retry", &e.to_string())
             }

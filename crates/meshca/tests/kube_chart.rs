@@ -307,7 +307,10 @@ async fn helm_installs_upgrades_and_uninstalls_and_the_agent_wires_istiod() {
     );
     assert_eq!(
         rules(&role(&admin, "istio-system", "meshca-agent-cacerts").await.unwrap()),
-        json!([{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cacerts"], "verbs": ["get", "list", "watch", "create", "update", "patch"]}])
+        json!([
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cacerts"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["meshca-federated-bundles"], "verbs": ["get", "create", "update", "patch", "delete"]}
+        ])
     );
 
     istiod_wiring(&api, d, &kc).await;
