@@ -53,6 +53,6 @@ mod tests {
         let bad = FederatedBundle { trust_domain: "../x".into(), roots: String::new(), sequence: 1 };
         assert!(secret(&[bad]).expect_err("bad name").contains("not a valid file name"));
         let empty = FederatedBundle { trust_domain: "other.example".into(), roots: String::new(), sequence: 1 };
-        assert!(secret(&[empty]).expect_err("no roots").contains("holds no certificate"));
+        assert!(secret(&[empty]).expect_err("no roots").contains("the bundle of other.example"));
     }
 }
