@@ -423,20 +423,35 @@ impl Writer {
         Ok(Position { tip, head: head.map(|h| h.version) })
     }
 
+    /// The batch's entries when an earlier, unanswered write of it is in the store.
+    async fn landed(&self, store: &dyn Store) -> Result<Option<Vec<Entry>>, StoreError> {
+        let Some(t) = &self.attempted else { return Ok(None) };
+        let block = Block { entries: chained(t, &self.batch) };
+        let there = typed::get::<Block>(store, &block_key(t.next)).await?;
+        Ok(there.is_some_and(|b| b.value == block).then_some(block.entries))
+    }
+
     /// Writes the batch as one block at the log's end.
     async fn write(&mut self, store: &dyn Store, at: &mut Option<Position>) -> Result<Vec<Entry>, StoreError> {
-        if let Some(t) = self.attempted.clone() {
-            let block = Block { entries: chained(&t, &self.batch) };
-            if typed::get::<Block>(store, &block_key(t.next)).await?.is_some_and(|b| b.value == block) {
-                // Found again from the head by the next batch.
-                *at = None;
-                return Ok(block.entries);
-            }
+        if let Some(found) = self.landed(store).await? {
+            // Found again from the head by the next batch.
+            *at = None;
+            return Ok(found);
         }
         let mut pos = match at.take() {
             Some(p) => p,
             None => self.find(store).await?,
         };
+        // A cancelled write of this batch is not cancelled in the store (the SQLite writer thread,
+        // an API server): it may land after the look above, and `find` then walks past it. Its key
+        // is fixed and it lands only where nothing else did, so once the log's end is past that
+        // key one more look settles it: there and equal, it is this batch's block.
+        if self.attempted.as_ref().is_some_and(|t| pos.tip.next > t.next)
+            && let Some(found) = self.landed(store).await?
+        {
+            *at = None;
+            return Ok(found);
+        }
         loop {
             let entries = chained(&pos.tip, &self.batch);
             let block = Block { entries };
