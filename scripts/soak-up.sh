@@ -59,11 +59,13 @@ status=0
 wait "$up_pid" || status=$?
 up_pid=
 tail -n "$((clusters + 2))" "$data/up.out"
-python3 - "$samples" "$((warmup * 60))" "$data/up/summary.json" <<'EOF'
+python3 - "$samples" "$((warmup * 60))" "$data/up/summary.json" "$((minutes * 60))" <<'EOF'
 import json, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().split("\n")[1:] if l]
 rows = [tuple(int(x) for x in r) for r in rows]
-after = [r for r in rows if r[0] >= int(sys.argv[2])]
+# From the end of warm-up to the end of the run: samples taken while `up` shuts down (its
+# descriptors closing, its memory freed) are not the steady state.
+after = [r for r in rows if int(sys.argv[2]) <= r[0] < int(sys.argv[4]) and r[2] > 0]
 if not after:
     sys.exit("no samples after warm-up")
 def spread(i, name, unit, vals=None):
