@@ -37,6 +37,15 @@ pub struct Metadata {
     pub generation: Option<i64>,
 }
 
+/// `spec.clusterSelector`: a label selector over the cluster records.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSelectorDoc {
+    /// Every label here must be on the cluster, with this value.
+    #[serde(default)]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+}
+
 /// `spec`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -44,9 +53,13 @@ pub struct SpecDoc {
     /// SPIFFE trust domain; `cluster.local` when absent.
     #[serde(default)]
     pub trust_domain: Option<String>,
-    /// Clusters covered; empty means every registered cluster.
+    /// Clusters covered by name; empty (and no `clusterSelector`) means every registered cluster.
     #[serde(default)]
     pub clusters: Vec<String>,
+    /// Clusters covered by their labels (`meshca cluster add NAME --label k=v`), instead of a
+    /// list of names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_selector: Option<ClusterSelectorDoc>,
     /// Exactly one CA mode.
     pub config: ConfigDoc,
     /// The cluster intermediates' profile.

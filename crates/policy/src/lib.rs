@@ -10,6 +10,7 @@
 //! - [`mod@generation`]: the policy generation (what makes clusters re-issue), and the wire form of
 //!   key algorithms.
 //! - [`defaults`]: what an omitted field means.
+//! - [`set`]: several policies under one management plane, and which one a cluster belongs to.
 #![forbid(unsafe_code)]
 
 pub mod defaults;
@@ -17,17 +18,22 @@ pub mod doc;
 pub mod duration;
 pub mod federation;
 pub mod generation;
+pub mod set;
 pub mod validate;
 pub mod vault;
 
 pub use doc::{
-    ConfigDoc, FederationDoc, GeneratedDoc, IntermediateCertOptionsDoc, IntermediateRefDoc, Metadata, RootRotationDoc,
-    RootTrustPolicyDoc, SecretRef, SpecDoc, VaultAppRoleDoc, VaultAuthDoc, VaultDoc, VaultKubernetesDoc, VaultTlsDoc,
-    VaultTokenDoc,
+    ClusterSelectorDoc, ConfigDoc, FederationDoc, GeneratedDoc, IntermediateCertOptionsDoc, IntermediateRefDoc,
+    Metadata, RootRotationDoc, RootTrustPolicyDoc, SecretRef, SpecDoc, VaultAppRoleDoc, VaultAuthDoc, VaultDoc,
+    VaultKubernetesDoc, VaultTlsDoc, VaultTokenDoc,
 };
 pub use federation::{Federation, FederationProfile};
 pub use generation::{SignerMaterial, generation, key_algorithm_from_wire, key_algorithm_to_wire};
-pub use validate::{CaMode, ClusterSelector, IntermediateOptions, Policy, RootRotationOptions, is_cluster_name};
+pub use set::{Assignment, PolicySet};
+pub use validate::{
+    CaMode, ClusterSelector, IntermediateOptions, Policy, RootRotationOptions, is_cluster_name, is_label_key,
+    is_label_value,
+};
 pub use vault::{VaultAuth, VaultDelivery, VaultSpec};
 
 /// Istio's own serving names, which a DNS name constraint must permit or istiod cannot serve.
@@ -82,7 +88,8 @@ spec:
     fn the_design_example_parses() {
         let p = Policy::from_yaml(GOOD).expect("valid");
         assert_eq!(p.trust_domain.as_str(), "cluster.local");
-        assert!(p.clusters.covers("cluster-2") && !p.clusters.covers("cluster-3"));
+        let none = std::collections::BTreeMap::new();
+        assert!(p.clusters.covers("cluster-2", &none) && !p.clusters.covers("cluster-3", &none));
         assert_eq!(p.intermediate.key_algorithm, KeyAlgorithm::EcdsaP384);
         assert_eq!(p.intermediate.ttl, Duration::from_secs(720 * 3600));
         assert!(matches!(p.ca, CaMode::Generated { key_algorithm: KeyAlgorithm::EcdsaP256, .. }));

@@ -1,5 +1,6 @@
 //! Validation: the document in, the typed [`Policy`] out, or a [`PolicyError`] naming the field.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use meshca_pki::{KeyAlgorithm, TrustDomain};
@@ -15,16 +16,48 @@ pub enum ClusterSelector {
     All,
     /// Only these.
     Named(Vec<String>),
+    /// The clusters whose records carry every one of these labels (`spec.clusterSelector`).
+    Labels(BTreeMap<String, String>),
 }
 
 impl ClusterSelector {
-    /// Whether `cluster` is covered.
-    pub fn covers(&self, cluster: &str) -> bool {
+    /// Whether the cluster `name`, labelled `labels`, is covered.
+    pub fn covers(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
         match self {
             ClusterSelector::All => true,
-            ClusterSelector::Named(v) => v.iter().any(|c| c == cluster),
+            ClusterSelector::Named(v) => v.iter().any(|c| c == name),
+            ClusterSelector::Labels(want) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
         }
     }
+
+    /// The clusters named outright (a list), which status shows even before they register.
+    pub fn named(&self) -> &[String] {
+        match self {
+            ClusterSelector::Named(v) => v,
+            _ => &[],
+        }
+    }
+}
+
+/// A label key as Kubernetes writes them: an optional DNS-subdomain prefix and `/`, then a name
+/// of at most 63 characters, alphanumeric at both ends, with `-`, `_` and `.` inside.
+pub fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| !p.is_empty() && p.len() <= 253 && p.split('.').all(is_cluster_name));
+    prefix_ok && !name.is_empty() && is_label_value(name)
+}
+
+/// A label value: at most 63 characters, empty or alphanumeric at both ends with `-`, `_` and `.`
+/// inside.
+pub fn is_label_value(v: &str) -> bool {
+    let b = v.as_bytes();
+    v.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.first().is_none_or(u8::is_ascii_alphanumeric)
+        && b.last().is_none_or(u8::is_ascii_alphanumeric)
 }
 
 /// Where the root (or the management intermediate) comes from.
@@ -193,7 +226,29 @@ impl Policy {
         let spec = &doc.spec;
         let trust_domain = TrustDomain::new(spec.trust_domain.as_deref().unwrap_or(defaults::TRUST_DOMAIN))
             .map_err(|e| err("spec.trustDomain", e.to_string()))?;
-        let clusters = if spec.clusters.is_empty() {
+        let clusters = if let Some(sel) = &spec.cluster_selector {
+            if !spec.clusters.is_empty() {
+                return Err(err("spec.clusterSelector", "set spec.clusters or spec.clusterSelector, not both"));
+            }
+            if sel.match_labels.is_empty() {
+                return Err(err(
+                    "spec.clusterSelector.matchLabels",
+                    "is empty, which would select every cluster; omit spec.clusterSelector for that",
+                ));
+            }
+            for (k, v) in &sel.match_labels {
+                if !is_label_key(k) {
+                    return Err(err("spec.clusterSelector.matchLabels", format!("{k:?} is not a label key")));
+                }
+                if !is_label_value(v) {
+                    return Err(err(
+                        &format!("spec.clusterSelector.matchLabels.{k}"),
+                        format!("{v:?} is not a label value"),
+                    ));
+                }
+            }
+            ClusterSelector::Labels(sel.match_labels.clone())
+        } else if spec.clusters.is_empty() {
             ClusterSelector::All
         } else {
             for (i, c) in spec.clusters.iter().enumerate() {
