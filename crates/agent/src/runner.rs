@@ -303,10 +303,12 @@ impl Runner {
 
         // ca-crl.pem follows the published CRLs and re-signs its own CRL before nextUpdate. It is
         // written before any re-issue due in the same step: a new root CRL (a revocation) must
-        // reach istiod even if the re-issue it forces fails.
+        // reach istiod even if the re-issue it forces fails. A cluster no policy covers (or that
+        // two policies claim) is left exactly as it is, ca-crl.pem included.
         if let (Held::Ours { crl, .. }, Some(t)) = (obs.held, obs.trust)
             && obs.unwritten.is_none()
             && !t.vault_delegated
+            && t.enrolled
         {
             match crate::cacerts::crl_due(crl, &t.crl_digest, now) {
                 Ok(()) if backoff_over => effects.insert(0, Effect::WriteCrl),

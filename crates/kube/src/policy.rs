@@ -1,6 +1,8 @@
 //! The RootTrustPolicy custom resource (`deploy/crds/roottrustpolicies.meshca.io.yaml`) as the
 //! management plane's [`PolicySource`]: read and watched through the API server, changed by
-//! operators with `kubectl`, and given a status by the leader.
+//! operators with `kubectl`, and given a status by the leader. Every RootTrustPolicy object in the
+//! namespace is a mesh of its own (or only the one named by `meshca server --policy-resource`);
+//! each object's status is its own mesh's.
 //!
 //! The status says, per cluster, its phase, its intermediate's serial and NotAfter and the root
 //! set it trusts, plus the mesh's root-set fingerprint and two conditions with
@@ -11,13 +13,13 @@
 
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use meshca_mgmt::MgmtError;
 use meshca_mgmt::authority::Authority;
 use meshca_mgmt::loader::PolicySource;
-use meshca_policy::{Policy, PolicyError, RootTrustPolicyDoc};
+use meshca_policy::{Policy, PolicyError, PolicySet, RootTrustPolicyDoc};
 use meshca_proto::mgmt::MeshStatus;
 use meshca_store::StoreError;
 use serde_json::{Value, json};
@@ -36,25 +38,30 @@ pub fn api_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, meshca_policy::KIND), PLURAL)
 }
 
-/// The policy `<namespace>/<name>` as a custom resource.
+/// The RootTrustPolicies of a namespace (or one of them) as custom resources.
 pub struct CrdPolicy {
     api: Api<DynamicObject>,
     namespace: String,
-    name: String,
+    /// Only this object; `None`: every one in the namespace.
+    name: Option<String>,
 }
 
 impl CrdPolicy {
-    /// The RootTrustPolicy `namespace/name` on the API server `client` talks to.
-    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+    /// The RootTrustPolicies in `namespace` (only `name`, when given) on the API server `client`
+    /// talks to.
+    pub fn new(client: Client, namespace: &str, name: Option<&str>) -> Self {
         CrdPolicy {
             api: Api::namespaced_with(client, namespace, &api_resource()),
             namespace: namespace.to_string(),
-            name: name.to_string(),
+            name: name.map(str::to_string),
         }
     }
 
     fn what(&self) -> String {
-        format!("RootTrustPolicy {}/{}", self.namespace, self.name)
+        match &self.name {
+            Some(n) => format!("RootTrustPolicy {}/{n}", self.namespace),
+            None => format!("the RootTrustPolicies in namespace {}", self.namespace),
+        }
     }
 
     fn backend(&self, e: kube::Error) -> MgmtError {
@@ -85,13 +92,32 @@ pub fn policy_from_object(obj: &DynamicObject) -> Result<Policy, PolicyError> {
 
 #[async_trait::async_trait]
 impl PolicySource for CrdPolicy {
-    async fn read(&self) -> Result<Option<Policy>, MgmtError> {
-        let Some(obj) = self.api.get_opt(&self.name).await.map_err(|e| self.backend(e))? else { return Ok(None) };
-        Ok(Some(policy_from_object(&obj)?))
+    async fn read(&self) -> Result<Option<PolicySet>, MgmtError> {
+        let objects = match &self.name {
+            Some(n) => self.api.get_opt(n).await.map_err(|e| self.backend(e))?.into_iter().collect(),
+            None => self.api.list(&ListParams::default()).await.map_err(|e| self.backend(e))?.items,
+        };
+        if objects.is_empty() {
+            return Ok(None);
+        }
+        // One object's mistake names the object: the set is refused and the meshes in force stay.
+        let policies = objects
+            .iter()
+            .map(|obj| {
+                policy_from_object(obj).map_err(|e| {
+                    let name = obj.metadata.name.clone().unwrap_or_default();
+                    PolicyError { field: format!("RootTrustPolicy {name}: {}", e.field), message: e.message }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(PolicySet::new(policies)?))
     }
 
     fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
-        let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        let config = match &self.name {
+            Some(n) => watcher::Config::default().fields(&format!("metadata.name={n}")),
+            None => watcher::Config::default(),
+        };
         watcher::watcher(self.api.clone(), config)
             .filter_map(|e| async move {
                 match e {
@@ -119,7 +145,9 @@ impl PolicySource for CrdPolicy {
     }
 
     async fn publish_status(&self, st: &MeshStatus, authority: &Authority) -> Result<(), MgmtError> {
-        let Some(obj) = self.api.get_opt(&self.name).await.map_err(|e| self.backend(e))? else { return Ok(()) };
+        // The object of the mesh's policy (a policy in force from before a removal has none).
+        let name = &authority.policy.name;
+        let Some(obj) = self.api.get_opt(name).await.map_err(|e| self.backend(e))? else { return Ok(()) };
         let previous = obj.data.get("status").cloned().unwrap_or(Value::Null);
         let status = build_status(st, authority, obj.metadata.generation, &previous, Timestamp::now());
         if status == previous {
@@ -128,7 +156,7 @@ impl PolicySource for CrdPolicy {
         let patch = json!({ "status": status });
         self.api
             .patch_status(
-                &self.name,
+                name,
                 &PatchParams { field_manager: Some(crate::FIELD_MANAGER.into()), ..Default::default() },
                 &Patch::Merge(&patch),
             )

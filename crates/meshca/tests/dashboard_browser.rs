@@ -476,6 +476,8 @@ fn synthetic_document(n: usize, now: i64) -> Value {
                     revocation_reason: if i == 3 { "keyCompromise".into() } else { String::new() },
                     revoked_by: if i == 3 { "operator/admin".into() } else { String::new() },
                 }],
+                policy: "mesh".into(),
+                ..Default::default()
             }
         })
         .collect();
@@ -494,6 +496,7 @@ fn synthetic_document(n: usize, now: i64) -> Value {
             kind: AlertKind::ClusterNotReporting as i32,
             cluster: "cluster-29".into(),
             message: "cluster-29 last reported 5m ago".into(),
+            policy: "mesh".into(),
         }],
         now,
         ..Default::default()

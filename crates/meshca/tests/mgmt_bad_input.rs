@@ -155,6 +155,7 @@ fn reused_expired_unknown_and_malformed_bootstrap_tokens_register_nothing() {
     let t = mgmt.rt.block_on(meshca_mgmt::tokens::create(
         mgmt.store.as_ref(),
         "cluster-x",
+        &Default::default(),
         Duration::from_secs(60),
         "operator test",
         an_hour_ago,
@@ -383,7 +384,7 @@ fn calls_without_a_relay_ca_client_certificate_are_refused() {
     let anonymous = rt.block_on(async { CertificateIssuerClient::new(channel(&m, client_config(&relay_pem, None))) });
     assert_refused(issue(&rt, &anonymous, &csr), Code::Unauthenticated, &["client certificate"]);
     let r = rt.block_on(async {
-        OperatorClient::new(channel(&m, client_config(&relay_pem, None))).get_status(GetStatusRequest {}).await
+        OperatorClient::new(channel(&m, client_config(&relay_pem, None))).get_status(GetStatusRequest::default()).await
     });
     assert_refused(r, Code::Unauthenticated, &["client certificate"]);
 
@@ -439,7 +440,7 @@ fn calls_without_a_relay_ca_client_certificate_are_refused() {
     );
     let r = rt.block_on(async {
         OperatorClient::new(channel(&m, client_config(&relay_pem, Some((&agent_cert, &[], &agent_key)))))
-            .get_status(GetStatusRequest {})
+            .get_status(GetStatusRequest::default())
             .await
     });
     assert_refused(r, Code::PermissionDenied, &["agent of cluster cluster-1", "operator API"]);

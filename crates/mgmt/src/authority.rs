@@ -17,7 +17,7 @@ use meshca_store::{ObjectKey, Store};
 
 use crate::castore;
 use crate::error::MgmtError;
-use crate::records;
+use crate::records::Keyspace;
 
 /// A CA the management plane signs with, and the root set it publishes.
 #[derive(Debug)]
@@ -133,10 +133,10 @@ impl Authority {
     }
 }
 
-/// The store object a policy's CA mode reads, if any.
-pub fn referenced_secret(policy: &Policy) -> Option<ObjectKey> {
+/// The store object a policy's CA mode reads, if any (`keys`: the mesh's records).
+pub fn referenced_secret(keys: &Keyspace, policy: &Policy) -> Option<ObjectKey> {
     match &policy.ca {
-        CaMode::Generated { .. } => Some(records::root_ca()),
+        CaMode::Generated { .. } => Some(keys.root_ca()),
         CaMode::SecretRef(r) => ObjectKey::new(&r.namespace, &r.name).ok(),
         CaMode::IntermediateRef { secret, .. } => ObjectKey::new(&secret.namespace, &secret.name).ok(),
         CaMode::Vault(_) => None,
@@ -161,13 +161,25 @@ impl RefKind {
     }
 }
 
-/// Builds the authority for `policy` from the store, at `now`.
-pub async fn load(store: &dyn Store, policy: Policy, now: SystemTime) -> Authority {
+/// Why `policy` could not be put in force, checked before it is (`meshca policy apply`,
+/// `meshca server --policy`): its secret is missing, not a CA, expired. A generated root is made
+/// by its mesh when it starts, so there is nothing to check (and nothing is created here).
+pub async fn trial(store: &dyn Store, policy: &Policy, now: SystemTime) -> Option<String> {
+    if matches!(policy.ca, CaMode::Generated { .. }) {
+        return None;
+    }
+    // Only a generated root lives in the mesh's own records: any keyspace reads the others.
+    load(store, &Keyspace::legacy(), policy.clone(), now).await.error().map(str::to_string)
+}
+
+/// Builds the authority for `policy` from the store, at `now`; `keys` are the mesh's records
+/// (where its generated root is).
+pub async fn load(store: &dyn Store, keys: &Keyspace, policy: Policy, now: SystemTime) -> Authority {
     let mut warning = None;
     let loaded = match &policy.ca {
         CaMode::Generated { key_algorithm, ttl, organization } => {
             let params = RootParams { ttl: *ttl, ..RootParams::new(organization) };
-            let loaded = castore::load_or_create_root(store, &records::root_ca(), *key_algorithm, &params, now).await;
+            let loaded = castore::load_or_create_root(store, &keys.root_ca(), *key_algorithm, &params, now).await;
             if let Ok(s) = &loaded
                 && s.cert().key_kind() != key_algorithm.kind()
             {

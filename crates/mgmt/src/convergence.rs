@@ -50,14 +50,14 @@ pub async fn reports(
     let mut out = Vec::new();
     let names = records::cluster_names(store).await?;
     for name in names {
-        if typed::get::<ClusterRecord>(store, &records::cluster(&name)?).await?.is_none() {
+        let Some(rec) = typed::get::<ClusterRecord>(store, &records::cluster(&name)?).await? else {
             continue;
-        }
+        };
         let last = typed::get::<StatusRecord>(store, &records::status(&name)?).await?.map(|v| v.value);
         let connected = last.as_ref().is_some_and(|s| {
             now - s.reported_at <= crate::status::CONNECTED_INTERVALS * report_interval.as_secs() as i64
         });
-        out.push(ClusterReport { covered: policy.clusters.covers(&name), connected, last, name });
+        out.push(ClusterReport { covered: policy.clusters.covers(&name, &rec.value.labels), connected, last, name });
     }
     Ok(out)
 }

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::authority::Authority;
 use crate::error::MgmtError;
+use crate::meshes::MeshView;
 use crate::relay::RelayCa;
 use crate::status;
 
@@ -34,7 +34,7 @@ pub struct DashboardListener {
 /// The status document, collected afresh at each request.
 struct Status {
     store: Arc<dyn Store>,
-    authority: watch::Receiver<Arc<Authority>>,
+    meshes: watch::Receiver<Arc<MeshView>>,
     report_interval: Duration,
     clock: SharedClock,
 }
@@ -42,9 +42,9 @@ struct Status {
 #[async_trait::async_trait]
 impl StatusSource for Status {
     async fn document(&self) -> Result<serde_json::Value, SourceError> {
-        let authority = self.authority.borrow().clone();
+        let view = self.meshes.borrow().clone();
         let now = meshca_clock::unix(self.clock.now());
-        let st = status::collect(self.store.as_ref(), &authority, now, self.report_interval)
+        let st = status::overview(self.store.as_ref(), &view, now, self.report_interval)
             .await
             .map_err(|e| SourceError(Box::new(e)))?;
         Ok(status::document(&st))
@@ -54,7 +54,7 @@ impl StatusSource for Status {
 /// Everything the dashboard is served from.
 pub(crate) struct Wiring {
     pub store: Arc<dyn Store>,
-    pub authority: watch::Receiver<Arc<Authority>>,
+    pub meshes: watch::Receiver<Arc<MeshView>>,
     pub report_interval: Duration,
     pub clock: SharedClock,
     pub relay: Arc<RelayCa>,
@@ -73,7 +73,7 @@ pub(crate) fn spawn(
         tracing::info!(%addr, "dashboard listening");
     }
     let source =
-        Status { store: w.store, authority: w.authority, report_interval: w.report_interval, clock: w.clock.clone() };
+        Status { store: w.store, meshes: w.meshes, report_interval: w.report_interval, clock: w.clock.clone() };
     let dashboard = meshca_dashboard::Dashboard { source: Arc::new(source), login: d.login, clock: w.clock };
     tasks.spawn(async move {
         if let Err(e) = meshca_dashboard::serve(d.listener, tls, dashboard, cancel.cancelled_owned()).await {

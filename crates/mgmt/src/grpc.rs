@@ -26,6 +26,7 @@ use crate::authority::{Authority, Capability};
 use crate::identities::{self, Standing};
 use crate::issuer::Issuer;
 use crate::loader::PolicySource;
+use crate::meshes::{MeshView, Placement};
 use crate::records::{self, ClusterRecord, OperatorLog, StatusRecord};
 use crate::relay::RelayCa;
 
@@ -67,8 +68,8 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     /// The relay CA.
     pub relay: Arc<RelayCa>,
-    /// The current authority.
-    pub authority: watch::Receiver<Arc<Authority>>,
+    /// Every mesh and its current (effective) authority.
+    pub meshes: watch::Receiver<Arc<MeshView>>,
     /// The certificate issuer.
     pub issuer: Issuer,
     /// Tunables.
@@ -83,8 +84,6 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bumped on every status report, so barriers waiting on reports look again at once.
     pub reported: watch::Sender<u64>,
-    /// Operator requests to the root rotation.
-    pub rotation: crate::rotation::RotationHandle,
     /// The budget per address of calls made without a client certificate (registration).
     pub peers: meshca_serve::KeyedLimiter<meshca_serve::PeerKey>,
     /// The serving layer's counters (refusals are counted here too).
@@ -223,18 +222,24 @@ impl Shared {
     /// The trust state for `cluster`, as long as `serial` is still an identity it accepts, and
     /// how that identity stands.
     async fn trust_state(&self, cluster: &str, serial: &str) -> Result<(TrustState, Standing), Status> {
-        let auth = self.authority.borrow().clone();
+        let view = self.meshes.borrow().clone();
         let (rec, standing) = self.identity_standing(cluster, serial).await?;
-        let mut state = trust_state(&auth, &rec, &self.settings);
+        let mesh = match view.place(cluster, &rec.labels) {
+            Placement::Mesh(m) => m,
+            // Not enrolled: the agent keeps what it holds and asks for nothing.
+            Placement::Outside(_) => return Ok((outside(&rec, &self.settings), standing)),
+        };
+        let auth = &mesh.authority();
+        let mut state = trust_state(auth, &rec, &self.settings);
         // The published CRL, when it is the current signer's (right after a signer change the
         // publisher has not caught up yet: nothing rather than a CRL of another CA).
-        let crl = crate::revocation::published(self.store.as_ref()).await.map_err(internal)?;
+        let crl = crate::revocation::published(self.store.as_ref(), &mesh.keys).await.map_err(internal)?;
         if let (Some(c), Some(s)) = (crl, auth.signing())
             && c.signer_fingerprint == s.signer.cert().fingerprint()
         {
             state.crl = c.pem;
         }
-        let federated = crate::federation::poll::read(self.store.as_ref()).await.map_err(internal)?;
+        let federated = crate::federation::poll::read(self.store.as_ref(), &mesh.keys).await.map_err(internal)?;
         state.federated_bundles = crate::federation::poll::bundles(&federated, &auth.policy.federation);
         Ok((state, standing))
     }
@@ -245,14 +250,26 @@ impl Shared {
     }
 }
 
-/// What a cluster is told about the trust it should hold.
+/// What a cluster in no mesh (or claimed by several) is told: it is not enrolled, so its agent
+/// keeps the `cacerts` it holds and asks for nothing.
+fn outside(rec: &ClusterRecord, settings: &Settings) -> TrustState {
+    TrustState {
+        enrolled: false,
+        rotate_requests: rec.rotate_requests,
+        report_interval_seconds: i64::try_from(settings.report_interval.as_secs()).unwrap_or(i64::MAX),
+        crl_ttl_seconds: i64::try_from(settings.crl_ttl.as_secs()).unwrap_or(i64::MAX),
+        ..TrustState::default()
+    }
+}
+
+/// What a cluster of the mesh whose authority is `auth` is told about the trust it should hold.
 pub fn trust_state(auth: &Authority, rec: &ClusterRecord, settings: &Settings) -> TrustState {
     let roots = auth.roots();
     TrustState {
         policy_generation: auth.generation.clone(),
         root_set_fingerprint: roots.map(|r| r.fingerprint()).unwrap_or_default(),
         root_set: roots.map(|r| r.to_pem()).unwrap_or_default(),
-        enrolled: auth.policy.clusters.covers(&rec.name),
+        enrolled: true,
         rotate_requests: rec.rotate_requests,
         grace_period_ratio: auth.policy.intermediate.grace_period_ratio,
         report_interval_seconds: i64::try_from(settings.report_interval.as_secs()).unwrap_or(i64::MAX),
@@ -284,7 +301,7 @@ struct TrustWatch {
     /// Once that certificate is a predecessor (the agent renewed): the end of its overlap
     /// window, when the stream is checked again, and so ends.
     until: Option<i64>,
-    authority: watch::Receiver<Arc<Authority>>,
+    meshes: watch::Receiver<Arc<MeshView>>,
     nudge: watch::Receiver<u64>,
     last: Option<TrustState>,
     /// Set once an error was sent: the stream then ends.
@@ -308,7 +325,7 @@ impl TrustWatch {
                 };
                 tokio::select! {
                     _ = self.shared.shutdown.cancelled() => return None,
-                    r = self.authority.changed() => r.ok()?,
+                    r = self.meshes.changed() => r.ok()?,
                     r = self.nudge.changed() => r.ok()?,
                     _ = window_end => {}
                 }
@@ -367,7 +384,7 @@ impl CertificateIssuer for IssuerService {
         let call = agent(&self.0, &request).await?;
         let shared = self.0.clone();
         let mut w = TrustWatch {
-            authority: shared.authority.clone(),
+            meshes: shared.meshes.clone(),
             nudge: shared.nudge.subscribe(),
             shared,
             cluster: call.cluster,

@@ -21,7 +21,8 @@ use meshca_store::{Store, StoreError, typed};
 use tokio::sync::watch;
 use tonic::Status;
 
-use crate::authority::{Authority, Capability};
+use crate::authority::Capability;
+use crate::meshes::{MeshView, Placement};
 use crate::ratelimit::RateLimiter;
 use crate::records::{self, ClusterRecord, ISSUED_KEEP, IssuedLog, IssuedRecord};
 use crate::replica::Leader;
@@ -49,14 +50,9 @@ pub enum Denied {
     /// No registration record for the caller's cluster.
     #[error("cluster {0} is not registered")]
     NotRegistered(String),
-    /// The policy does not cover the cluster.
-    #[error("cluster {cluster} is not covered by RootTrustPolicy {policy}")]
-    NotCovered {
-        /// The cluster.
-        cluster: String,
-        /// The policy's name.
-        policy: String,
-    },
+    /// No policy selects the cluster, or several do (the reason names them).
+    #[error("{0}")]
+    NotCovered(String),
     /// Vault signs this mesh's intermediates.
     #[error("this mesh's root lives in Vault: use `meshca vault-agent`")]
     DelegatedToVault,
@@ -132,7 +128,7 @@ impl Denied {
         let message = self.to_string();
         match self {
             Denied::NotRegistered(_) => Status::permission_denied(message),
-            Denied::NotCovered { .. } | Denied::DelegatedToVault | Denied::CannotSign(_) | Denied::Signing { .. } => {
+            Denied::NotCovered(_) | Denied::DelegatedToVault | Denied::CannotSign(_) | Denied::Signing { .. } => {
                 Status::failed_precondition(message)
             }
             Denied::RateLimited { retry_after, .. } => meshca_serve::resource_exhausted(message, retry_after),
@@ -161,21 +157,22 @@ impl From<Denied> for Status {
 /// The certificate issuer.
 pub struct Issuer {
     store: Arc<dyn Store>,
-    authority: watch::Receiver<Arc<Authority>>,
+    meshes: watch::Receiver<Arc<MeshView>>,
     limiter: RateLimiter,
     leader: Option<watch::Receiver<Leader>>,
 }
 
 impl Issuer {
-    /// An issuer over `store`, signing with the current `authority`, limited by `limiter`, and
-    /// (with replicas) only while `leader` says this replica leads.
+    /// An issuer over `store`, signing each cluster's intermediate with its mesh's current
+    /// authority (`meshes`), limited per cluster by `limiter` (so one mesh's clusters never use
+    /// another's budget), and (with replicas) only while `leader` says this replica leads.
     pub fn new(
         store: Arc<dyn Store>,
-        authority: watch::Receiver<Arc<Authority>>,
+        meshes: watch::Receiver<Arc<MeshView>>,
         limiter: RateLimiter,
         leader: Option<watch::Receiver<Leader>>,
     ) -> Self {
-        Issuer { store, authority, limiter, leader }
+        Issuer { store, meshes, limiter, leader }
     }
 
     /// Whether this replica may sign now.
@@ -207,11 +204,12 @@ impl Issuer {
         reason: IssueReason,
         now: SystemTime,
     ) -> Result<Issued, Denied> {
-        let auth = self.authority.borrow().clone();
+        let view = self.meshes.borrow().clone();
+        let auth = match view.place(cluster, &rec.labels) {
+            Placement::Mesh(m) => m.authority(),
+            Placement::Outside(why) => return Err(Denied::NotCovered(why)),
+        };
         let policy = &auth.policy;
-        if !policy.clusters.covers(cluster) {
-            return Err(Denied::NotCovered { cluster: cluster.to_string(), policy: policy.name.clone() });
-        }
         let signing = match &auth.capability {
             Capability::Signing(s) => s.clone(),
             Capability::Delegated(_) => return Err(Denied::DelegatedToVault),

@@ -40,6 +40,7 @@ pub mod grpc;
 pub mod identities;
 pub mod issuer;
 pub mod loader;
+pub mod meshes;
 pub mod metrics;
 pub mod operator;
 pub mod operators;

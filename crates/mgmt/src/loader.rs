@@ -11,27 +11,28 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use meshca_clock::SharedClock;
-use meshca_policy::Policy;
+use meshca_policy::{Policy, PolicySet};
 use meshca_store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::{self, Authority, Capability};
 use crate::error::MgmtError;
-use crate::records;
+use crate::records::{self, Keyspace};
 
-/// Where the RootTrustPolicy comes from.
+/// Where the RootTrustPolicies come from.
 #[async_trait::async_trait]
 pub trait PolicySource: Send + Sync + 'static {
-    /// The policy as written now, validated; `Ok(None)` when none is defined.
-    async fn read(&self) -> Result<Option<Policy>, MgmtError>;
+    /// The policies as written now, validated together; `Ok(None)` when none is defined.
+    async fn read(&self) -> Result<Option<PolicySet>, MgmtError>;
 
     /// Yields once at once, then whenever the policy may have changed. Spurious wake-ups are
     /// fine (the loader re-reads and compares); missed changes are covered by its resync.
     fn changes(&self) -> futures::stream::BoxStream<'static, ()>;
 
-    /// Puts `text` in force (`meshca policy apply`, `meshca server --policy`). `text` has been
-    /// validated and its CA loaded already.
+    /// Puts `text` (one policy or several, as YAML documents) in force as the whole set
+    /// (`meshca policy apply`, `meshca server --policy`). `text` has been validated and its CAs
+    /// loaded already.
     async fn apply(&self, text: &str) -> Result<(), MgmtError>;
 
     /// Who puts a policy read from here in force, for the audit log — `None` when the writer
@@ -42,7 +43,8 @@ pub trait PolicySource: Send + Sync + 'static {
         None
     }
 
-    /// Publishes the mesh's status where operators look for it. Called on the leader only.
+    /// Publishes one mesh's status where operators look for it (`authority.policy` says which).
+    /// Called on the leader only.
     async fn publish_status(
         &self,
         _status: &meshca_proto::mgmt::MeshStatus,
@@ -52,11 +54,11 @@ pub trait PolicySource: Send + Sync + 'static {
     }
 }
 
-/// Reads the policy stored in the store, validated. `Ok(None)` when none is stored.
-pub async fn stored_policy(store: &dyn Store) -> Result<Option<Policy>, MgmtError> {
+/// Reads the policies stored in the store, validated. `Ok(None)` when none is stored.
+pub async fn stored_policy(store: &dyn Store) -> Result<Option<PolicySet>, MgmtError> {
     let Some(v) = store.get(&records::policy()).await? else { return Ok(None) };
     let text = v.value.get(records::POLICY_KEY).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-    Ok(Some(Policy::from_yaml(&text)?))
+    Ok(Some(PolicySet::from_yaml(&text)?))
 }
 
 /// The policy kept in the management plane's own store (`meshca/root-trust-policy`).
@@ -73,7 +75,7 @@ impl StorePolicy {
 
 #[async_trait::async_trait]
 impl PolicySource for StorePolicy {
-    async fn read(&self) -> Result<Option<Policy>, MgmtError> {
+    async fn read(&self) -> Result<Option<PolicySet>, MgmtError> {
         stored_policy(self.store.as_ref()).await
     }
 
@@ -88,11 +90,22 @@ impl PolicySource for StorePolicy {
     }
 }
 
-/// The loader: call [`Loader::start`] for the first authority and the receiver everyone reads,
-/// then run [`Loader::run`] as a supervised task.
+/// Which policy of the set a loader follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pick {
+    /// The one of this name (a mesh of several, run by [`crate::meshes::Supervisor`]).
+    Named(String),
+    /// The set's only policy, whatever its name (a single mesh wired by hand).
+    Only,
+}
+
+/// The loader of one mesh: call [`Loader::start`] for the first authority and the receiver
+/// everyone reads, then run [`Loader::run`] as a supervised task.
 pub struct Loader {
     store: Arc<dyn Store>,
     source: Arc<dyn PolicySource>,
+    keys: Keyspace,
+    pick: Pick,
     clock: SharedClock,
     resync: Duration,
     policy: Policy,
@@ -100,16 +113,43 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Loads the first authority: the source's policy, or `fallback` when it has none (or an
-    /// invalid one, which is logged).
+    /// Loads the first authority of the mesh of policy `policy.name`, whose records are `keys`:
+    /// the source's policy of that name, or `policy` when it has none (or an invalid set, which
+    /// is logged).
     pub async fn start(
+        store: Arc<dyn Store>,
+        source: Arc<dyn PolicySource>,
+        keys: Keyspace,
+        policy: Policy,
+        clock: SharedClock,
+        resync: Duration,
+    ) -> (Loader, watch::Receiver<Arc<Authority>>) {
+        let pick = Pick::Named(policy.name.clone());
+        Self::start_picking(store, source, keys, pick, policy, clock, resync).await
+    }
+
+    /// [`Loader::start`] for a management plane of one mesh wired by hand: follows the source's
+    /// only policy whatever its name (`fallback` until there is one), on the plain records.
+    pub async fn start_single(
         store: Arc<dyn Store>,
         source: Arc<dyn PolicySource>,
         fallback: Policy,
         clock: SharedClock,
         resync: Duration,
     ) -> (Loader, watch::Receiver<Arc<Authority>>) {
-        let policy = match source.read().await {
+        Self::start_picking(store, source, Keyspace::legacy(), Pick::Only, fallback, clock, resync).await
+    }
+
+    async fn start_picking(
+        store: Arc<dyn Store>,
+        source: Arc<dyn PolicySource>,
+        keys: Keyspace,
+        pick: Pick,
+        fallback: Policy,
+        clock: SharedClock,
+        resync: Duration,
+    ) -> (Loader, watch::Receiver<Arc<Authority>>) {
+        let policy = match read_picked(source.as_ref(), &pick).await {
             Ok(Some(p)) => p,
             Ok(None) => fallback,
             Err(e) => {
@@ -117,13 +157,13 @@ impl Loader {
                 fallback
             }
         };
-        let initial = authority::load(store.as_ref(), policy.clone(), clock.now()).await;
+        let initial = authority::load(store.as_ref(), &keys, policy.clone(), clock.now()).await;
         log_authority(&initial);
         if let Some(actor) = source.audit_actor() {
-            audit_applied(store.as_ref(), &actor, &initial, clock.now()).await;
+            audit_applied(store.as_ref(), &keys, &actor, &initial, clock.now()).await;
         }
         let (tx, rx) = watch::channel(Arc::new(initial));
-        (Loader { store, source, clock, resync, policy, tx }, rx)
+        (Loader { store, source, keys, pick, clock, resync, policy, tx }, rx)
     }
 
     /// Reloads on every change until `cancel` fires or nobody reads the authority any more.
@@ -136,7 +176,7 @@ impl Loader {
             // that references no secret (Vault mode) has no secret watch: waiting for its first
             // item would wait forever, and no later policy would ever be loaded.
             let _ = policy_watch.next().await;
-            let mut secret_watch = match authority::referenced_secret(&self.policy) {
+            let mut secret_watch = match authority::referenced_secret(&self.keys, &self.policy) {
                 Some(k) => {
                     let mut w = self.store.watch(&k);
                     let _ = w.next().await;
@@ -158,12 +198,12 @@ impl Loader {
     /// One reload: re-reads the policy and its CA and publishes the result if anything changed.
     pub async fn reload(&mut self) {
         let mut policy_error = None;
-        match self.source.read().await {
+        match read_picked(self.source.as_ref(), &self.pick).await {
             Ok(Some(p)) => self.policy = p,
             Ok(None) => {}
             Err(e) => policy_error = Some(e.to_string()),
         }
-        let mut next = authority::load(self.store.as_ref(), self.policy.clone(), self.clock.now()).await;
+        let mut next = authority::load(self.store.as_ref(), &self.keys, self.policy.clone(), self.clock.now()).await;
         let current = self.tx.borrow().clone();
         if let (Capability::Unavailable { reason }, Capability::Signing(_)) = (&next.capability, &current.capability) {
             // Never drop a working CA because its replacement cannot be loaded (a deleted or
@@ -183,19 +223,43 @@ impl Loader {
         {
             log_authority(&next);
             if let Some(actor) = self.source.audit_actor() {
-                audit_applied(self.store.as_ref(), &actor, &next, self.clock.now()).await;
+                audit_applied(self.store.as_ref(), &self.keys, &actor, &next, self.clock.now()).await;
             }
             self.tx.send_replace(Arc::new(next));
         }
     }
 }
 
+/// The policy `pick` names in the source's set: `Ok(None)` when there is none (no set; the mesh's
+/// policy was removed, and the supervisor stops the mesh).
+async fn read_picked(source: &dyn PolicySource, pick: &Pick) -> Result<Option<Policy>, MgmtError> {
+    let Some(set) = source.read().await? else { return Ok(None) };
+    Ok(match pick {
+        Pick::Named(name) => set.get(name).cloned(),
+        Pick::Only => match set.policies() {
+            [only] => Some(only.clone()),
+            _ => {
+                return Err(MgmtError::Policy(meshca_policy::PolicyError {
+                    field: "policy".into(),
+                    message: "this management plane runs one mesh; the set has several policies".into(),
+                }));
+            }
+        },
+    })
+}
+
 /// Records `authority`'s policy as applied by `actor` in the audit log — once, however many
-/// replicas load it and however often: the policy's digest is swapped into the marker
-/// ([`records::policy_audited`]) by compare-and-swap first, and only the replica whose swap
+/// replicas load it and however often: the policy's digest is swapped into the mesh's marker
+/// ([`Keyspace::policy_audited`]) by compare-and-swap first, and only the replica whose swap
 /// wins appends the entry (a crash between the two loses the entry rather than doubling it). A
 /// policy that cannot sign is not in force and is not recorded (it is once its CA loads).
-pub async fn audit_applied(store: &dyn Store, actor: &str, authority: &Authority, now: std::time::SystemTime) {
+pub async fn audit_applied(
+    store: &dyn Store,
+    keys: &Keyspace,
+    actor: &str,
+    authority: &Authority,
+    now: std::time::SystemTime,
+) {
     if authority.error().is_some() {
         return;
     }
@@ -203,7 +267,7 @@ pub async fn audit_applied(store: &dyn Store, actor: &str, authority: &Authority
         &aws_lc_rs::digest::SHA256,
         format!("{:?}", authority.policy).as_bytes(),
     ));
-    let key = records::policy_audited();
+    let key = keys.policy_audited();
     loop {
         let current = match store.get(&key).await {
             Ok(v) => v,

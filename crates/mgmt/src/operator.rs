@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshca_clock::unix;
-use meshca_policy::Policy;
+use meshca_policy::PolicySet;
 use meshca_proto::identity::Caller;
 use meshca_proto::mgmt::{
     ApplyPolicyRequest, ApplyPolicyResponse, AuditLog, BootstrapToken, CreateBootstrapTokenRequest, GetAuditLogRequest,
@@ -35,11 +35,13 @@ impl Operator for OperatorService {
         let who = operator(&self.0, &request).await?.caller;
         let r = request.into_inner();
         dns_label("cluster name", &r.cluster)?;
+        let labels = cluster_labels(r.labels)?;
         let s = &self.0.settings;
         let ttl = lifetime("token lifetime", r.ttl_seconds, s.default_token_ttl, s.max_token_ttl)?;
         let by = who.to_string();
-        let t =
-            tokens::create(self.0.store.as_ref(), &r.cluster, ttl, &by, self.0.clock.now()).await.map_err(internal)?;
+        let t = tokens::create(self.0.store.as_ref(), &r.cluster, &labels, ttl, &by, self.0.clock.now())
+            .await
+            .map_err(internal)?;
         tracing::info!(caller = %who, cluster = %r.cluster, expires_at = t.expires_at, "bootstrap token created");
         Ok(Response::new(BootstrapToken {
             token: t.token,
@@ -51,12 +53,16 @@ impl Operator for OperatorService {
 
     async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<MeshStatus>, Status> {
         operator(&self.0, &request).await?;
-        let auth = self.0.authority.borrow().clone();
-        let st =
-            status::collect(self.0.store.as_ref(), &auth, unix(self.0.clock.now()), self.0.settings.report_interval)
-                .await
-                .map_err(internal)?;
-        Ok(Response::new(st))
+        let policy = request.into_inner().policy;
+        let view = self.0.meshes.borrow().clone();
+        let (store, now, interval) = (self.0.store.as_ref(), unix(self.0.clock.now()), self.0.settings.report_interval);
+        let st = if policy.is_empty() {
+            status::overview(store, &view, now, interval).await
+        } else {
+            let mesh = view.pick(&policy).map_err(Status::not_found)?;
+            status::collect(store, &view, mesh, now, interval).await
+        };
+        Ok(Response::new(st.map_err(internal)?))
     }
 
     async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
@@ -91,33 +97,44 @@ impl Operator for OperatorService {
     ) -> Result<Response<ApplyPolicyResponse>, Status> {
         let who = operator(&self.0, &request).await?.caller;
         let text = request.into_inner().policy;
-        let policy = Policy::from_yaml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        // Load the CA the policy names before putting it in force: a policy whose secret is
-        // missing or not a CA is refused and the current one stays.
-        let trial = crate::authority::load(self.0.store.as_ref(), policy.clone(), self.0.clock.now()).await;
-        if let Some(e) = trial.error() {
-            return Err(Status::failed_precondition(e.to_string()));
+        let set = PolicySet::from_yaml(&text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Load the CA each policy names before putting the set in force: a policy whose secret
+        // is missing or not a CA is refused and the current set stays.
+        for policy in set.policies() {
+            if let Some(e) = crate::authority::trial(self.0.store.as_ref(), policy, self.0.clock.now()).await {
+                return Err(Status::failed_precondition(format!("policy {}: {e}", policy.name)));
+            }
         }
         self.0.policy_source.apply(&text).await.map_err(|e| match e {
             // The store (or the disk under it) failed: the caller gets an error id, not a path.
             MgmtError::Store(_) | MgmtError::Io { .. } => internal(e),
             other => Status::failed_precondition(other.to_string()),
         })?;
-        tracing::info!(caller = %who, policy = %policy.name, "policy applied");
-        // Wait for the loader to put it in force, so the answer says what it led to.
-        let mut rx = self.0.authority.clone();
+        let names: Vec<&str> = set.policies().iter().map(|p| p.name.as_str()).collect();
+        tracing::info!(caller = %who, policies = ?names, "policy applied");
+        // Wait for every mesh to put its policy in force, so the answer says what it led to.
+        let mut rx = self.0.meshes.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
-            let current = rx.borrow().clone();
-            if current.policy == policy {
-                if let Some(e) = current.error() {
-                    return Err(Status::failed_precondition(e.to_string()));
+            let view = rx.borrow().clone();
+            if view.holds(&set) {
+                let mut generations = std::collections::HashMap::new();
+                for policy in set.policies() {
+                    let Some(mesh) = view.get(&policy.name) else { continue };
+                    if let Some(e) = mesh.authority().error() {
+                        return Err(Status::failed_precondition(format!("policy {}: {e}", policy.name)));
+                    }
+                    let event = audit::Event::new(audit::Action::PolicyApplied, who.to_string(), "")
+                        .with("policy", &policy.name)
+                        .with("policyGeneration", &mesh.authority().generation);
+                    audit::record(self.0.store.as_ref(), event, self.0.clock.now()).await;
+                    generations.insert(policy.name.clone(), mesh.authority().generation.clone());
                 }
-                let event = audit::Event::new(audit::Action::PolicyApplied, who.to_string(), "")
-                    .with("policy", &policy.name)
-                    .with("policyGeneration", &current.generation);
-                audit::record(self.0.store.as_ref(), event, self.0.clock.now()).await;
-                return Ok(Response::new(ApplyPolicyResponse { policy_generation: current.generation.clone() }));
+                let policy_generation = match set.policies() {
+                    [one] => generations.get(&one.name).cloned().unwrap_or_default(),
+                    _ => String::new(),
+                };
+                return Ok(Response::new(ApplyPolicyResponse { policy_generation, generations }));
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
                 return Err(Status::deadline_exceeded("the policy was stored but has not been loaded yet"));
@@ -129,8 +146,13 @@ impl Operator for OperatorService {
         use crate::rotation::RotateError;
         let who = operator(&self.0, &request).await?.caller;
         require_leader(&self.0)?;
-        let abort = request.into_inner().abort;
-        let result = if abort { self.0.rotation.abort().await } else { self.0.rotation.start().await };
+        let r = request.into_inner();
+        let abort = r.abort;
+        let view = self.0.meshes.borrow().clone();
+        let mesh = view.pick(&r.policy).map_err(Status::failed_precondition)?;
+        let rotation =
+            mesh.rotation.clone().ok_or(RotateError::Stopped).map_err(|e| Status::unavailable(e.to_string()))?;
+        let result = if abort { rotation.abort().await } else { rotation.start().await };
         let r = result.map_err(|e| match e {
             RotateError::InProgress { .. } | RotateError::NotInProgress | RotateError::Abort(_) => {
                 Status::failed_precondition(e.to_string())
@@ -280,16 +302,20 @@ impl Operator for OperatorService {
             )?;
         // Publish at once (the background publisher would within its next wake-up too); then every
         // trust stream looks again: the cluster re-issues, every cluster gets the CRL.
-        let auth = self.0.authority.borrow().clone();
-        let crl = revocation::publish(store, &auth, now, self.0.settings.crl_ttl).await;
-        let crl_number = match &crl {
-            Ok(Some(c)) => c.number,
-            Ok(None) => 0,
-            Err(e) => {
-                tracing::error!(error = %e, "the revocation is recorded but the CRL could not be signed; the publisher retries");
-                0
+        // Each mesh's CRL lists what its own CAs issued: the mesh whose CA signed the serial
+        // publishes a new one, and its number is the answer. Every mesh is looked at (the others
+        // find nothing new and write nothing).
+        let view = self.0.meshes.borrow().clone();
+        let mut crl_number = 0;
+        for mesh in view.meshes() {
+            match revocation::publish(store, &mesh.keys, &mesh.authority(), now, self.0.settings.crl_ttl).await {
+                Ok(Some(c)) if signed_by(&mesh.authority(), &out.revoked.issuer_fingerprint) => crl_number = c.number,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, policy = %mesh.name, "the revocation is recorded but the CRL could not be signed; the publisher retries")
+                }
             }
-        };
+        }
         self.0.nudge();
         let rv = &out.revoked;
         if out.already {
@@ -306,6 +332,42 @@ impl Operator for OperatorService {
             crl_number,
         }))
     }
+}
+
+/// Whether the mesh of `auth` signs with (or, during a root rotation, also publishes a CRL for)
+/// the CA of fingerprint `issuer` — or, for a revocation recorded before issuers were kept, is
+/// the signer at all.
+fn signed_by(auth: &crate::authority::Authority, issuer: &str) -> bool {
+    auth.signing().is_some_and(|s| {
+        issuer.is_empty()
+            || s.signer.cert().fingerprint() == issuer
+            || s.crl_also.iter().any(|c| c.cert().fingerprint() == issuer)
+    })
+}
+
+/// The labels of `meshca cluster add --label`, checked as Kubernetes checks labels.
+fn cluster_labels(
+    labels: std::collections::HashMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, Status> {
+    const MAX_LABELS: usize = 32;
+    if labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!("a cluster has at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in &labels {
+        if !meshca_policy::is_label_key(k) {
+            return Err(Status::invalid_argument(format!(
+                "label key {:?} is not a Kubernetes label key",
+                meshca_proto::text::bounded(k, 80)
+            )));
+        }
+        if !meshca_policy::is_label_value(v) {
+            return Err(Status::invalid_argument(format!(
+                "label {k}: {:?} is not a Kubernetes label value",
+                meshca_proto::text::bounded(v, 80)
+            )));
+        }
+    }
+    Ok(labels.into_iter().collect())
 }
 
 /// Refuses a name that is not a DNS-1123 label (as cluster and operator names are).

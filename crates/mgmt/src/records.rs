@@ -17,9 +17,72 @@ fn key(name: &str) -> Result<ObjectKey, StoreError> {
     ObjectKey::new(NAMESPACE, name)
 }
 
-/// The generated root (option 1): `ca-cert.pem`, `ca-key.pem`.
-pub fn root_ca() -> ObjectKey {
-    fixed("root-ca")
+/// Where one mesh's own records live (its generated root, root rotation journal, CRL, federated
+/// bundles, audit marker): each RootTrustPolicy has its own, so nothing one mesh does touches
+/// another's. The mesh a single-policy management plane always had keeps the plain names
+/// ([`Keyspace::legacy`]: an upgrade moves nothing); every other mesh's are
+/// `mesh.<policy>.<name>` ([`Keyspace::named`]). Which mesh holds which is kept in
+/// [`mesh_index`] (`crate::meshes::keyspaces`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Keyspace {
+    prefix: String,
+}
+
+impl Keyspace {
+    /// The plain names.
+    pub fn legacy() -> Keyspace {
+        Keyspace { prefix: String::new() }
+    }
+
+    /// The names of the mesh of policy `policy` (a DNS-1123 label, checked by the policy set).
+    pub fn named(policy: &str) -> Keyspace {
+        Keyspace { prefix: format!("mesh.{policy}.") }
+    }
+
+    /// Whether these are the plain names.
+    pub fn is_legacy(&self) -> bool {
+        self.prefix.is_empty()
+    }
+
+    /// The object `base` of this mesh.
+    pub fn object(&self, base: &str) -> Result<ObjectKey, StoreError> {
+        key(&format!("{}{base}", self.prefix))
+    }
+
+    fn fixed(&self, base: &'static str) -> ObjectKey {
+        // A DNS-1123 label prefix and a constant name make a valid subdomain (unit-tested).
+        self.object(base).unwrap_or_else(|_| unreachable!("mesh object {}{base:?}", self.prefix))
+    }
+
+    /// The generated root (option 1): `ca-cert.pem`, `ca-key.pem`.
+    pub fn root_ca(&self) -> ObjectKey {
+        self.fixed(ROOT_CA)
+    }
+
+    /// The CRL the mesh publishes ([`CrlRecord`]).
+    pub fn crl(&self) -> ObjectKey {
+        self.fixed("published-crl")
+    }
+
+    /// What the leader knows of each trust domain's bundle the mesh federates with
+    /// ([`crate::federation::poll::FederationRecord`]).
+    pub fn federation(&self) -> ObjectKey {
+        self.fixed("federated-bundles")
+    }
+
+    /// The digest of the mesh's last policy from the Kubernetes resource recorded in the audit
+    /// log (`crate::loader::audit_applied`).
+    pub fn policy_audited(&self) -> ObjectKey {
+        self.fixed("policy-applied-audit")
+    }
+}
+
+/// The base name of a mesh's generated root.
+pub const ROOT_CA: &str = "root-ca";
+
+/// Which mesh's records have which names ([`Keyspace`]), kept by `crate::meshes::keyspaces`.
+pub fn mesh_index() -> ObjectKey {
+    fixed("mesh-index")
 }
 
 /// The relay CA that issues control-plane identities.
@@ -30,12 +93,6 @@ pub fn relay_ca() -> ObjectKey {
 /// The RootTrustPolicy in force (`policy.yaml`).
 pub fn policy() -> ObjectKey {
     fixed("root-trust-policy")
-}
-
-/// The digest of the last policy from the Kubernetes resource recorded in the audit log
-/// (`crate::loader::audit_applied`).
-pub fn policy_audited() -> ObjectKey {
-    fixed("policy-applied-audit")
 }
 
 /// When bootstrap-token records were last swept (`crate::tokens::create`).
@@ -63,21 +120,10 @@ pub fn status(cluster: &str) -> Result<ObjectKey, StoreError> {
     key(&format!("status-{cluster}"))
 }
 
-/// The CRL the management plane publishes ([`CrlRecord`]).
-pub fn crl() -> ObjectKey {
-    fixed("published-crl")
-}
-
 /// The SPIFFE bundle's sequence number per trust domain
 /// ([`crate::federation::publish::Sequences`]).
 pub fn spiffe_bundle() -> ObjectKey {
     fixed("spiffe-bundle")
-}
-
-/// What the leader knows of each federated trust domain's bundle
-/// ([`crate::federation::poll::FederationRecord`]).
-pub fn federation() -> ObjectKey {
-    fixed("federated-bundles")
 }
 
 /// Operator credentials issued and revoked ([`OperatorLog`]).
@@ -149,6 +195,10 @@ pub struct ClusterRecord {
     /// management plane stopped in between cannot leave one without the other.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked: Vec<RevokedIntermediate>,
+    /// The cluster's labels (`meshca cluster add NAME --label k=v`), which a RootTrustPolicy's
+    /// `spec.clusterSelector` matches to put the cluster in its mesh.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl ClusterRecord {
@@ -210,6 +260,9 @@ pub struct TokenRecord {
     pub expires_at: i64,
     /// Unix seconds when it was used; tokens are single-use.
     pub used_at: Option<i64>,
+    /// The labels the cluster's record gets when it registers with this token.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One certificate the issuer signed.
@@ -467,7 +520,16 @@ mod tests {
 
     #[test]
     fn fixed_names_are_valid_and_input_names_are_checked() {
-        let _ = (root_ca(), relay_ca(), policy(), policy_audited(), operators(), token_sweep(), federation());
+        let _ = (relay_ca(), policy(), operators(), token_sweep(), mesh_index());
+        let longest = "m".repeat(63);
+        for keys in [Keyspace::legacy(), Keyspace::named(&longest)] {
+            let _ = (keys.root_ca(), keys.crl(), keys.federation(), keys.policy_audited());
+            for base in crate::rotation::journal::objects::ALL {
+                keys.object(base).expect("a rotation object of any mesh");
+            }
+        }
+        assert_eq!(Keyspace::named("staging").root_ca().name(), "mesh.staging.root-ca");
+        assert_eq!(Keyspace::legacy().root_ca().name(), "root-ca");
         assert!(archived_cluster(&"c".repeat(63), i64::MAX).is_ok(), "the longest cluster name archives");
         let a = archived_cluster("cluster-1", 1).expect("archive");
         assert!(!a.name().starts_with(CLUSTER_PREFIX) && !a.name().starts_with(TOKEN_PREFIX), "{a}");

@@ -41,11 +41,17 @@ fn issue(s: &Shared, csr: &VerifiedCsr, cluster: &str) -> Result<(Cert, NewIdent
 
 /// Registers `cluster` (its token already consumed): the new identity replaces every earlier one
 /// at once, and open trust streams of earlier identities end.
-async fn register_identity(s: &Shared, csr: &VerifiedCsr, cluster: &str) -> Result<Cert, Status> {
+async fn register_identity(
+    s: &Shared,
+    csr: &VerifiedCsr,
+    cluster: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<Cert, Status> {
     let (cert, new) = issue(s, csr, cluster)?;
     let now = unix(s.clock.now());
     typed::update::<ClusterRecord, _>(s.store.as_ref(), &records::cluster(cluster).map_err(internal)?, |cur| {
-        Some(identities::registered(cur, cluster, &new, now))
+        // The token's labels are the cluster's from now on (they place it in a mesh).
+        Some(ClusterRecord { labels: labels.clone(), ..identities::registered(cur, cluster, &new, now) })
     })
     .await
     .map_err(internal)?;
@@ -99,16 +105,16 @@ impl Registration for RegistrationService {
         // Check the CSR before touching the token, so a bad request does not burn it.
         let csr = identity_csr(&r.identity_csr)?;
         let s = &self.0;
-        let cluster = match tokens::consume(s.store.as_ref(), &r.bootstrap_token, Some(&r.cluster), s.clock.now()).await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::warn!(reason = %e, "registration refused");
-                return Err(Status::unauthenticated(e.to_string()));
-            }
-            Err(e) => return Err(internal(e)),
-        };
-        let cert = register_identity(s, &csr, &cluster).await?;
+        let (cluster, labels) =
+            match tokens::consume(s.store.as_ref(), &r.bootstrap_token, Some(&r.cluster), s.clock.now()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::warn!(reason = %e, "registration refused");
+                    return Err(Status::unauthenticated(e.to_string()));
+                }
+                Err(e) => return Err(internal(e)),
+            };
+        let cert = register_identity(s, &csr, &cluster, &labels).await?;
         tracing::info!(%cluster, serial = %cert.serial_hex(), "cluster registered; any earlier identity of it is refused from now on");
         let event = crate::audit::Event::new(
             crate::audit::Action::ClusterRegistered,

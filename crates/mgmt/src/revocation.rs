@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::{self, Authority};
-use crate::records::{self, ClusterRecord, CrlRecord, IssuedLog, RevokedIntermediate, StatusRecord};
+use crate::records::{self, ClusterRecord, CrlRecord, IssuedLog, Keyspace, RevokedIntermediate, StatusRecord};
 use crate::replica::{self, Leader};
 
 /// Default lifetime of a published CRL (nextUpdate − thisUpdate). Re-signed at half of it.
@@ -220,6 +220,7 @@ pub fn refresh_at(current: &CrlRecord, ttl: Duration) -> SystemTime {
 /// CRL record in force. Without a signer (Vault mode, a broken CA), nothing is published.
 pub async fn publish(
     store: &dyn Store,
+    keys: &Keyspace,
     auth: &Authority,
     now: SystemTime,
     ttl: Duration,
@@ -246,17 +247,17 @@ pub async fn publish(
     // During a root rotation, the other root's CRL too (its clusters may not have re-issued yet).
     let also: Vec<(&CaSigner, Vec<Revoked>)> =
         signing.crl_also.iter().map(|ca| (ca.as_ref(), listed_by(ca, false))).collect();
-    let above = upstream_crls(store, auth).await;
+    let above = upstream_crls(store, keys, auth).await;
     let mut digest = listed_digest(&entries, &above);
     for (ca, listed) in &also {
         digest = format!("{digest}+{}:{}", ca.cert().fingerprint(), listed_digest(listed, &[]));
     }
-    let current = typed::get::<CrlRecord>(store, &records::crl()).await?.map(|v| v.value);
+    let current = typed::get::<CrlRecord>(store, &keys.crl()).await?.map(|v| v.value);
     if !due(current.as_ref(), &fingerprint, &digest, unix(now), ttl) {
         return Ok(current);
     }
     let mut signed = None;
-    let next = typed::update::<CrlRecord, _>(store, &records::crl(), |cur| {
+    let next = typed::update::<CrlRecord, _>(store, &keys.crl(), |cur| {
         signed = None;
         if !due(cur, &fingerprint, &digest, unix(now), ttl) {
             return None;
@@ -308,13 +309,13 @@ pub async fn publish(
 
 /// In bring-your-own-intermediate mode: the CRLs of the CAs above the signer, from
 /// `ca-crl.pem` in the referenced secret (those that verify against one of them).
-async fn upstream_crls(store: &dyn Store, auth: &Authority) -> Vec<Crl> {
+async fn upstream_crls(store: &dyn Store, keys: &Keyspace, auth: &Authority) -> Vec<Crl> {
     let Some(signing) = auth.signing() else { return Vec::new() };
     let above = &signing.signer.chain()[1..];
     if above.is_empty() {
         return Vec::new();
     }
-    let Some(key) = authority::referenced_secret(&auth.policy) else { return Vec::new() };
+    let Some(key) = authority::referenced_secret(keys, &auth.policy) else { return Vec::new() };
     let pem = match store.get(&key).await {
         Ok(Some(v)) => v.value.get("ca-crl.pem").map(<[u8]>::to_vec).unwrap_or_default(),
         _ => Vec::new(),
@@ -339,9 +340,9 @@ pub enum PublishError {
     Sign(#[source] meshca_pki::IssueError),
 }
 
-/// The published CRL, as stored (any replica).
-pub async fn published(store: &dyn Store) -> Result<Option<CrlRecord>, StoreError> {
-    Ok(typed::get::<CrlRecord>(store, &records::crl()).await?.map(|v| v.value))
+/// The CRL the mesh whose records are `keys` published, as stored (any replica).
+pub async fn published(store: &dyn Store, keys: &Keyspace) -> Result<Option<CrlRecord>, StoreError> {
+    Ok(typed::get::<CrlRecord>(store, &keys.crl()).await?.map(|v| v.value))
 }
 
 /// Keeps the published CRL current, on the leader: at start, whenever the authority changes or
@@ -350,7 +351,9 @@ pub async fn published(store: &dyn Store) -> Result<Option<CrlRecord>, StoreErro
 pub struct Publisher {
     /// The store.
     pub store: Arc<dyn Store>,
-    /// The authority in force.
+    /// The mesh's records.
+    pub keys: Keyspace,
+    /// The mesh's authority in force.
     pub authority: watch::Receiver<Arc<Authority>>,
     /// Woken by revocations; bumped after every new CRL.
     pub nudge: watch::Sender<u64>,
@@ -372,8 +375,8 @@ impl Publisher {
             if replica::is_leader(self.leader.as_ref()) {
                 let auth = self.authority.borrow_and_update().clone();
                 let store = self.store.as_ref();
-                let before = published(store).await.ok().flatten().map(|c| c.number);
-                match publish(store, &auth, self.clock.now(), self.ttl).await {
+                let before = published(store, &self.keys).await.ok().flatten().map(|c| c.number);
+                match publish(store, &self.keys, &auth, self.clock.now(), self.ttl).await {
                     Ok(Some(rec)) => {
                         if Some(rec.number) != before {
                             self.nudge.send_modify(|n| *n = n.wrapping_add(1));

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use meshca_clock::SharedClock;
 
-use meshca_policy::Policy;
+use meshca_policy::{Policy, PolicySet};
 use meshca_proto::mgmt::{
     certificate_issuer_server::CertificateIssuerServer, operator_server::OperatorServer,
     registration_server::RegistrationServer,
@@ -27,11 +27,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::authority::{self, Authority};
+use crate::authority;
 use crate::error::MgmtError;
 use crate::grpc::{IssuerService, Settings, Shared};
 use crate::issuer::Issuer;
-use crate::loader::{Loader, PolicySource, StorePolicy};
+use crate::loader::{PolicySource, StorePolicy};
 use crate::operator::OperatorService;
 use crate::ratelimit::RateLimiter;
 use crate::registration::RegistrationService;
@@ -210,41 +210,39 @@ async fn run(
         with.policy_source.clone().unwrap_or_else(|| Arc::new(StorePolicy::new(store.clone())));
     if let Some(text) = &opts.policy_yaml {
         // Like `meshca policy apply`: a policy whose CA cannot be loaded is refused before it
-        // replaces the stored one.
-        let policy = Policy::from_yaml(text)?;
-        let trial = authority::load(store.as_ref(), policy.clone(), now).await;
-        if let Some(e) = trial.error() {
-            return Err(MgmtError::Pki(e.to_string()));
+        // replaces the stored ones.
+        let set = PolicySet::from_yaml(text)?;
+        for policy in set.policies() {
+            if let Some(e) = authority::trial(store.as_ref(), policy, now).await {
+                return Err(MgmtError::Pki(format!("policy {}: {e}", policy.name)));
+            }
         }
         // Written only when it differs from the stored one: a restart with the same flags
         // writes nothing.
-        if policy_source.read().await.ok().flatten().as_ref() != Some(&policy) {
+        if policy_source.read().await.ok().flatten().as_ref() != Some(&set) {
             policy_source.apply(text).await?;
         }
     }
     let relay = Arc::new(RelayCa::load_or_create(store.as_ref(), now).await?);
-    let (loader, base): (Loader, watch::Receiver<Arc<Authority>>) = Loader::start(
-        store.clone(),
-        policy_source.clone(),
-        opts.default_policy.clone(),
-        clock.clone(),
-        Duration::from_secs(30),
-    )
-    .await;
-    tasks.spawn(loader.run(cancel.child_token()));
-    // The root rotation turns the policy's authority into the one in force for its phase; the
-    // issuer, the trust streams, status and metrics all read the effective one.
+    // One mesh per policy: its loader, its root rotation (which turns the policy's authority
+    // into the one in force for its phase), its CRL publisher and federation poller. The issuer,
+    // the trust streams, status and metrics all read the meshes' effective authorities.
     let (reported, reported_rx) = watch::channel(0u64);
-    let (controller, authority, rotation) = crate::rotation::Controller::start(
-        store.clone(),
-        base,
-        clock.clone(),
-        with.leader.clone(),
-        opts.settings.report_interval,
-        reported_rx,
-    )
-    .await;
-    tasks.spawn(controller.run(cancel.child_token()));
+    let (nudge, _) = watch::channel(0u64);
+    let (supervisor, meshes) = crate::meshes::Supervisor::start(crate::meshes::Wiring {
+        store: store.clone(),
+        source: policy_source.clone(),
+        fallback: opts.default_policy.clone(),
+        clock: clock.clone(),
+        leader: with.leader.clone(),
+        report_interval: opts.settings.report_interval,
+        crl_ttl: opts.settings.crl_ttl,
+        reported: reported_rx,
+        nudge: nudge.clone(),
+        resync: Duration::from_secs(30),
+    })
+    .await?;
+    tasks.spawn(supervisor.run(cancel.child_token()));
 
     // Serving certificate from the relay CA, renewed at half life without a restart.
     let serving_ttl = Duration::from_secs(7 * 86400);
@@ -287,7 +285,7 @@ async fn run(
         tracing::info!(addr = %l.local_addr().map_err(io("local address".into()))?, "metrics listening");
         let state = crate::metrics::MetricsState {
             store: store.clone(),
-            authority: authority.clone(),
+            meshes: meshes.clone(),
             report_interval: opts.settings.report_interval,
             token: opts.metrics_token.clone().map(Arc::new),
             clock: clock.clone(),
@@ -304,7 +302,7 @@ async fn run(
     if let Some(d) = with.dashboard {
         let wiring = crate::dashboard::Wiring {
             store: store.clone(),
-            authority: authority.clone(),
+            meshes: meshes.clone(),
             report_interval: opts.settings.report_interval,
             clock: clock.clone(),
             relay: relay.clone(),
@@ -315,40 +313,22 @@ async fn run(
     if let Some(e) = with.bundle_endpoint {
         let wiring = crate::federation::endpoint::Wiring {
             store: store.clone(),
-            authority: authority.clone(),
+            meshes: meshes.clone(),
             clock: clock.clone(),
             leader: with.leader.clone(),
         };
         crate::federation::endpoint::spawn(e, wiring, cancel.child_token(), tasks)?;
     }
-    let (nudge, _) = watch::channel(0u64);
-    let publisher = crate::revocation::Publisher {
-        store: store.clone(),
-        authority: authority.clone(),
-        nudge: nudge.clone(),
-        clock: clock.clone(),
-        ttl: opts.settings.crl_ttl,
-        leader: with.leader.clone(),
-    };
-    tasks.spawn(publisher.run(cancel.child_token()));
-    let poller = crate::federation::poll::Poller::new(
-        store.clone(),
-        authority.clone(),
-        nudge.clone(),
-        clock.clone(),
-        with.leader.clone(),
-    );
-    tasks.spawn(poller.run(cancel.child_token()));
     let issuer = Issuer::new(
         store.clone(),
-        authority.clone(),
+        meshes.clone(),
         RateLimiter::new(opts.issue_burst, opts.issue_per_minute, clock.clone()),
         with.leader.clone(),
     );
     let shared = Arc::new(Shared {
         store,
         relay,
-        authority,
+        meshes,
         issuer,
         settings: opts.settings,
         nudge,
@@ -358,7 +338,6 @@ async fn run(
         clock,
         shutdown: cancel.clone(),
         reported,
-        rotation,
         local_operator,
     });
     if with.policy_source.is_some() {
@@ -428,27 +407,31 @@ async fn renew_serving(
     }
 }
 
-/// Publishes the mesh's status through the policy source (in Kubernetes mode, the
-/// RootTrustPolicy's status subresource) every report interval and whenever the authority
-/// changes — on the leader only, so replicas do not fight over it.
+/// Publishes each mesh's status through the policy source (in Kubernetes mode, the status
+/// subresource of its RootTrustPolicy) every report interval and whenever an authority changes —
+/// on the leader only, so replicas do not fight over it.
 async fn publish_status(shared: Arc<Shared>, leader: Option<watch::Receiver<Leader>>, cancel: CancellationToken) {
-    let mut authority = shared.authority.clone();
+    let mut meshes = shared.meshes.clone();
     loop {
         if replica::is_leader(leader.as_ref()) {
-            let auth = authority.borrow_and_update().clone();
+            let view = meshes.borrow_and_update().clone();
             let now = meshca_clock::unix(shared.clock.now());
-            match crate::status::collect(shared.store.as_ref(), &auth, now, shared.settings.report_interval).await {
-                Ok(st) => {
-                    if let Err(e) = shared.policy_source.publish_status(&st, &auth).await {
-                        tracing::warn!(error = %e, "publishing the policy status failed; will retry");
+            for mesh in view.meshes() {
+                match crate::status::collect(shared.store.as_ref(), &view, mesh, now, shared.settings.report_interval)
+                    .await
+                {
+                    Ok(st) => {
+                        if let Err(e) = shared.policy_source.publish_status(&st, &mesh.authority()).await {
+                            tracing::warn!(error = %e, policy = %mesh.name, "publishing the policy status failed; will retry");
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "collecting the status failed; will retry"),
                 }
-                Err(e) => tracing::warn!(error = %e, "collecting the status failed; will retry"),
             }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            r = authority.changed() => if r.is_err() { return },
+            r = meshes.changed() => if r.is_err() { return },
             _ = shared.clock.sleep(shared.settings.report_interval) => {}
         }
     }

@@ -9,6 +9,7 @@ use meshca_store::{Store, typed};
 
 use crate::authority::Authority;
 use crate::error::MgmtError;
+use crate::meshes::{Mesh, MeshView, Placement};
 use crate::records::{self, ClusterRecord, IssuedLog, IstiodRecord, StatusRecord};
 
 /// A cluster is "connected" when it reported within this many report intervals.
@@ -38,17 +39,20 @@ fn to_proto(s: &StatusRecord) -> ClusterStatus {
     }
 }
 
-/// Reads every cluster's records and builds the status.
-pub async fn collect(
+/// Every cluster's view — each registered one and each a policy lists that has not registered
+/// yet — placed in its mesh (`policy`) or not (`placement` says why). `only`: just the clusters
+/// of that mesh.
+async fn cluster_views(
     store: &dyn Store,
-    authority: &Authority,
+    view: &MeshView,
+    only: Option<&str>,
     now: i64,
     report_interval: Duration,
-) -> Result<MeshStatus, MgmtError> {
+) -> Result<Vec<ClusterView>, MgmtError> {
     let mut clusters = Vec::new();
     let mut names = records::cluster_names(store).await?;
-    if let meshca_policy::ClusterSelector::Named(v) = &authority.policy.clusters {
-        for n in v {
+    for m in view.meshes() {
+        for n in m.authority().policy.clusters.named() {
             if !names.contains(n) {
                 names.push(n.clone());
             }
@@ -57,6 +61,14 @@ pub async fn collect(
     names.sort();
     for name in names {
         let record = typed::get::<ClusterRecord>(store, &records::cluster(&name)?).await?.map(|v| v.value);
+        let labels = record.as_ref().map(|r| r.labels.clone()).unwrap_or_default();
+        let (policy, placement) = match view.place(&name, &labels) {
+            Placement::Mesh(m) => (m.name.clone(), String::new()),
+            Placement::Outside(why) => (String::new(), why),
+        };
+        if only.is_some_and(|o| o != policy) {
+            continue;
+        }
         let registered = record.is_some();
         let status = typed::get::<StatusRecord>(store, &records::status(&name)?).await?.map(|v| v.value);
         let issued =
@@ -64,7 +76,10 @@ pub async fn collect(
         let last_seen = status.as_ref().map(|s| s.reported_at).unwrap_or(0);
         clusters.push(ClusterView {
             connected: last_seen > 0 && now - last_seen <= CONNECTED_INTERVALS * report_interval.as_secs() as i64,
-            enrolled: authority.policy.clusters.covers(&name),
+            enrolled: !policy.is_empty(),
+            policy,
+            placement,
+            labels: labels.into_iter().collect(),
             registered,
             last_seen,
             status: status.as_ref().map(to_proto),
@@ -91,18 +106,67 @@ pub async fn collect(
             name,
         });
     }
+    Ok(clusters)
+}
+
+/// The status of the management plane as `meshca status` shows it: every cluster (naming its
+/// mesh, or why it is in none) and every mesh's own status in `meshes` (without clusters); the
+/// alerts of all, each naming its policy, plus `ClusterPolicyConflict` for a cluster two
+/// policies claim. With one policy, its status fills the top-level fields as well — the same
+/// document a single-mesh management plane always gave.
+pub async fn overview(
+    store: &dyn Store,
+    view: &MeshView,
+    now: i64,
+    report_interval: Duration,
+) -> Result<MeshStatus, MgmtError> {
+    let clusters = cluster_views(store, view, None, now, report_interval).await?;
+    let mut meshes = Vec::new();
+    for m in view.meshes() {
+        let mut st = collect(store, view, m, now, report_interval).await?;
+        st.clusters.clear();
+        meshes.push(st);
+    }
+    let mut top = match meshes.as_slice() {
+        [one] => one.clone(),
+        _ => MeshStatus { now, ..MeshStatus::default() },
+    };
+    top.alerts = meshes.iter().flat_map(|m| m.alerts.iter().cloned()).collect();
+    for c in clusters.iter().filter(|c| c.placement.contains("selected by RootTrustPolicies")) {
+        top.alerts.push(alert(AlertKind::ClusterPolicyConflict, &c.name, c.placement.clone()));
+    }
+    top.clusters = clusters;
+    top.meshes = meshes;
+    Ok(top)
+}
+
+/// One mesh's status: its CA, roots, root rotation, federation and alerts, and its clusters
+/// (with a single mesh, every cluster, those it does not cover shown as such).
+pub async fn collect(
+    store: &dyn Store,
+    view: &MeshView,
+    mesh: &Mesh,
+    now: i64,
+    report_interval: Duration,
+) -> Result<MeshStatus, MgmtError> {
+    let authority = &*mesh.authority();
+    let only = if view.meshes().len() == 1 { None } else { Some(mesh.name.as_str()) };
+    let clusters = cluster_views(store, view, only, now, report_interval).await?;
     let (root_fp, root_not_after) = match authority.roots() {
         Some(r) => (r.fingerprint(), unix(r.earliest_expiry())),
         None => (String::new(), 0),
     };
     let mut alerts = alerts(now, authority, &clusters, report_interval);
-    let journal = crate::rotation::controller::read_journal(store).await?.value;
+    let journal = crate::rotation::controller::read_journal(store, &mesh.keys).await?.value;
     let reports = crate::convergence::reports(store, &authority.policy, now, report_interval).await?;
     let (root_rotation, stalled) =
         crate::rotation::describe(&journal, &reports, &authority.policy, now, report_interval);
     alerts.extend(stalled);
-    let federated = crate::federation::poll::read(store).await?;
+    let federated = crate::federation::poll::read(store, &mesh.keys).await?;
     alerts.extend(crate::federation::poll::alerts(&federated, &authority.policy.federation));
+    for a in &mut alerts {
+        a.policy = mesh.name.clone();
+    }
     let mut roots: Vec<CertificateSummary> =
         authority.roots().into_iter().flat_map(|r| r.iter()).map(|c| summary(c, None)).collect();
     roots.sort_by_key(|r| r.not_after);
@@ -132,6 +196,8 @@ pub async fn collect(
         upstream_intermediate: upstream.map(|u| summary(u, upstream_issuer)),
         root_rotation_threshold: root_rotation_threshold(authority).unwrap_or(0),
         root_rotation: Some(root_rotation),
+        policy: mesh.name.clone(),
+        meshes: Vec::new(),
     })
 }
 
@@ -156,7 +222,7 @@ pub fn root_rotation_threshold(authority: &Authority) -> Option<i64> {
 }
 
 fn alert(kind: AlertKind, cluster: &str, message: String) -> Alert {
-    Alert { kind: kind as i32, cluster: cluster.into(), message }
+    Alert { kind: kind as i32, cluster: cluster.into(), message, policy: String::new() }
 }
 
 /// Human form of a number of seconds.
@@ -342,6 +408,8 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
         obj.extend(full.clone());
     }
     json!({
+        "policy": st.policy,
+        "meshes": st.meshes.iter().map(document).collect::<Vec<_>>(),
         "trustDomain": st.trust_domain,
         "caMode": st.ca_mode,
         "rootSetFingerprint": st.root_set_fingerprint,
@@ -357,6 +425,8 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
             let current = c.issued.iter().find(|r| !s.intermediate_serial.is_empty() && r.serial == s.intermediate_serial);
             json!({
                 "name": c.name, "registered": c.registered, "enrolled": c.enrolled, "connected": c.connected,
+                "policy": c.policy, "placement": c.placement,
+                "labels": c.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "lastSeen": c.last_seen, "phase": named(s.phase().name()), "intermediateSerial": s.intermediate_serial,
                 "intermediateNotAfter": s.intermediate_not_after, "intermediateNotBefore": s.intermediate_not_before,
                 "intermediateCertNotBefore": current.map(|r| r.not_before).unwrap_or(0),
@@ -377,7 +447,7 @@ pub fn document(st: &MeshStatus) -> serde_json::Value {
                 })).collect::<Vec<_>>(),
             })
         }).collect::<Vec<_>>(),
-        "alerts": st.alerts.iter().map(|a| json!({"kind": named(a.kind().name()), "cluster": a.cluster, "message": a.message})).collect::<Vec<_>>(),
+        "alerts": st.alerts.iter().map(|a| json!({"kind": named(a.kind().name()), "cluster": a.cluster, "message": a.message, "policy": a.policy})).collect::<Vec<_>>(),
         "rootRotation": root_rotation_document(st.root_rotation.as_ref(), &cert),
     })
 }
@@ -467,6 +537,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         }
     }
 
@@ -483,6 +554,7 @@ mod tests {
                 kind: AlertKind::ClusterNotReporting as i32,
                 cluster: "cluster-2".into(),
                 message: "m".into(),
+                policy: "mesh".into(),
             }],
             ..Default::default()
         }
@@ -547,8 +619,16 @@ mod tests {
         let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
         let now = std::time::SystemTime::now();
         let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
-        let authority = crate::authority::load(&store, policy, now).await;
-        let st = collect(&store, &authority, unix(now), Duration::from_secs(5)).await.expect("status");
+        let keys = crate::records::Keyspace::legacy();
+        let authority = crate::authority::load(&store, &keys, policy, now).await;
+        let mesh = Mesh {
+            name: "mesh".into(),
+            keys,
+            authority: tokio::sync::watch::channel(std::sync::Arc::new(authority.clone())).1,
+            rotation: None,
+        };
+        let view = MeshView::new(vec![mesh.clone()]);
+        let st = collect(&store, &view, &mesh, unix(now), Duration::from_secs(5)).await.expect("status");
         assert_eq!(st.roots.len(), 1);
         let root = &st.roots[0];
         let cert = authority.roots().and_then(|r| r.iter().next()).expect("a root");
@@ -575,7 +655,7 @@ mod tests {
         let store = meshca_store::dir::DirStore::open(dir.path()).expect("store");
         let now = std::time::SystemTime::now();
         let policy = meshca_policy::Policy::generated_default(Duration::from_secs(3600));
-        (dir, crate::authority::load(&store, policy, now).await, now)
+        (dir, crate::authority::load(&store, &crate::records::Keyspace::legacy(), policy, now).await, now)
     }
 
     #[tokio::test]

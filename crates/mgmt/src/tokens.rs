@@ -4,6 +4,7 @@
 //! Only a SHA-256 of the secret is stored. Consuming a token is a compare-and-swap on its record,
 //! so two agents racing with one token cannot both register.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use meshca_clock::unix;
@@ -135,11 +136,13 @@ async fn sweep_if_due(store: &dyn Store, now: SystemTime) -> Result<(), MgmtErro
 
 /// Creates a token registering `cluster`, valid for `ttl` (and, every [`SWEEP_INTERVAL`], sweeps
 /// old records).
-/// Creates a bootstrap token for `cluster`, valid for `ttl` from `now`, on behalf of `by` (the
-/// operator, for the audit log, which records the token's id and never its secret).
+/// Creates a bootstrap token for `cluster`, labelled `labels` once it registers, valid for `ttl`
+/// from `now`, on behalf of `by` (the operator, for the audit log, which records the token's id
+/// and never its secret).
 pub async fn create(
     store: &dyn Store,
     cluster: &str,
+    labels: &BTreeMap<String, String>,
     ttl: Duration,
     by: &str,
     now: SystemTime,
@@ -149,8 +152,13 @@ pub async fn create(
     }
     let secret = random_string(SECRET_LEN)?;
     let expires_at = unix(now + ttl);
-    let record =
-        TokenRecord { cluster: cluster.to_string(), secret_sha256: sha256_hex(&secret), expires_at, used_at: None };
+    let record = TokenRecord {
+        cluster: cluster.to_string(),
+        secret_sha256: sha256_hex(&secret),
+        expires_at,
+        used_at: None,
+        labels: labels.clone(),
+    };
     // Ids are short (six characters of 36), so among thousands of live tokens two can meet: a
     // taken id is drawn again rather than failing the request (10,000 tokens: ~2 % of the time).
     let mut attempts = 0;
@@ -162,9 +170,12 @@ pub async fn create(
             Err(e) => return Err(e.into()),
         }
     };
-    let event = crate::audit::Event::new(crate::audit::Action::BootstrapTokenCreated, by, cluster)
+    let mut event = crate::audit::Event::new(crate::audit::Action::BootstrapTokenCreated, by, cluster)
         .with("tokenId", &id)
         .with("expiresAt", expires_at.to_string());
+    if !labels.is_empty() {
+        event = event.with("labels", labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","));
+    }
     // Fail closed: a token whose creation is not in the audit log is never shown (its record
     // without its secret is useless, and swept once it expires).
     crate::audit::append(store, &event, now).await?;
@@ -179,13 +190,13 @@ fn parse(token: &str) -> Result<(&str, &str), TokenError> {
 
 /// Consumes a token: checks it (and, when `expected_cluster` is given, that it is for that
 /// cluster — a mismatch leaves the token unused) and marks it used, atomically. Returns the
-/// cluster it registers.
+/// cluster it registers and the labels it gives it.
 pub async fn consume(
     store: &dyn Store,
     token: &str,
     expected_cluster: Option<&str>,
     now: SystemTime,
-) -> Result<Result<String, TokenError>, MgmtError> {
+) -> Result<Result<(String, BTreeMap<String, String>), TokenError>, MgmtError> {
     let (id, secret) = match parse(token) {
         Ok(p) => p,
         Err(e) => return Ok(Err(e)),
@@ -218,7 +229,7 @@ pub async fn consume(
     }
     let used = TokenRecord { used_at: Some(unix(now)), ..rec.clone() };
     match typed::put(store, &key, &used, Precondition::Version(current.version)).await {
-        Ok(()) => Ok(Ok(rec.cluster.clone())),
+        Ok(()) => Ok(Ok((rec.cluster.clone(), rec.labels.clone()))),
         Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => Ok(Err(TokenError::AlreadyUsed(id.to_string()))),
         Err(e) => Err(e.into()),
     }
@@ -235,7 +246,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DirStore::open(dir.path()).expect("store");
         let now = meshca_clock::ManualClock::at_2026().now();
-        let t = create(&store, "cluster-1", Duration::from_secs(60), "operator test", now).await.expect("create");
+        let t = create(&store, "cluster-1", &BTreeMap::new(), Duration::from_secs(60), "operator test", now)
+            .await
+            .expect("create");
         assert_eq!(t.token.len(), 31);
         let (id, _) = parse(&t.token).expect("well formed");
 
@@ -246,10 +259,15 @@ mod tests {
             consume(&store, &t.token, Some("cluster-9"), now).await.expect("ok"),
             Err(TokenError::OtherCluster { .. })
         ));
-        assert_eq!(consume(&store, &t.token, Some("cluster-1"), now).await.expect("ok"), Ok("cluster-1".into()));
+        assert_eq!(
+            consume(&store, &t.token, Some("cluster-1"), now).await.expect("ok"),
+            Ok(("cluster-1".into(), BTreeMap::new()))
+        );
         assert_eq!(consume(&store, &t.token, None, now).await.expect("ok"), Err(TokenError::AlreadyUsed(id.into())));
 
-        let t2 = create(&store, "cluster-2", Duration::from_secs(60), "operator test", now).await.expect("create");
+        let t2 = create(&store, "cluster-2", &BTreeMap::new(), Duration::from_secs(60), "operator test", now)
+            .await
+            .expect("create");
         let later = now + Duration::from_secs(61);
         assert!(matches!(consume(&store, &t2.token, None, later).await.expect("ok"), Err(TokenError::Expired { .. })));
 
@@ -266,12 +284,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let store = DirStore::open(dir.path()).expect("store");
         let t0 = meshca_clock::ManualClock::at_2026().now();
-        let used = create(&store, "cluster-1", Duration::from_secs(3600), "operator test", t0).await.expect("create");
+        let used = create(&store, "cluster-1", &BTreeMap::new(), Duration::from_secs(3600), "operator test", t0)
+            .await
+            .expect("create");
         consume(&store, &used.token, None, t0).await.expect("ok").expect("registers");
-        let expired = create(&store, "cluster-2", Duration::from_secs(60), "operator test", t0).await.expect("create");
-        let fresh = create(&store, "cluster-3", Duration::from_secs(3600), "operator test", t0).await.expect("create");
-        let long =
-            create(&store, "cluster-4", Duration::from_secs(30 * 86400), "operator test", t0).await.expect("create");
+        let expired = create(&store, "cluster-2", &BTreeMap::new(), Duration::from_secs(60), "operator test", t0)
+            .await
+            .expect("create");
+        let fresh = create(&store, "cluster-3", &BTreeMap::new(), Duration::from_secs(3600), "operator test", t0)
+            .await
+            .expect("create");
+        let long = create(&store, "cluster-4", &BTreeMap::new(), Duration::from_secs(30 * 86400), "operator test", t0)
+            .await
+            .expect("create");
 
         // Within the retention, a late retry still gets the precise answer.
         let soon = t0 + Duration::from_secs(86400);
@@ -280,11 +305,16 @@ mod tests {
 
         // Past it, the used and the expired records go; an unused, unexpired one stays usable.
         let later = t0 + RECORD_RETENTION + Duration::from_secs(2 * 3600);
-        create(&store, "cluster-5", Duration::from_secs(60), "operator test", later).await.expect("create sweeps");
+        create(&store, "cluster-5", &BTreeMap::new(), Duration::from_secs(60), "operator test", later)
+            .await
+            .expect("create sweeps");
         for gone in [&used.token, &expired.token, &fresh.token] {
             assert!(matches!(consume(&store, gone, None, later).await.expect("ok"), Err(TokenError::Unknown(_))));
         }
-        assert_eq!(consume(&store, &long.token, None, later).await.expect("ok"), Ok("cluster-4".into()));
+        assert_eq!(
+            consume(&store, &long.token, None, later).await.expect("ok"),
+            Ok(("cluster-4".into(), BTreeMap::new()))
+        );
     }
 
     fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {

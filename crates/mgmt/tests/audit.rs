@@ -299,7 +299,7 @@ struct Unrecorded(meshca_mgmt::loader::StorePolicy);
 
 #[async_trait::async_trait]
 impl meshca_mgmt::loader::PolicySource for Unrecorded {
-    async fn read(&self) -> Result<Option<meshca_policy::Policy>, meshca_mgmt::error::MgmtError> {
+    async fn read(&self) -> Result<Option<meshca_policy::PolicySet>, meshca_mgmt::error::MgmtError> {
         self.0.read().await
     }
     fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
@@ -332,7 +332,7 @@ async fn a_policy_from_the_resource_is_recorded_once_however_many_replicas_load_
     let mut replicas = Vec::new();
     for _ in 0..2 {
         let replica: Arc<dyn Store> = Arc::new(DirStore::open(tmp.path()).unwrap());
-        let (loader, rx) = Loader::start(
+        let (loader, rx) = Loader::start_single(
             replica,
             source.clone(),
             fallback.clone(),

@@ -18,6 +18,7 @@ use meshca_mgmt::federation::endpoint::endpoint_id;
 use meshca_mgmt::federation::poll;
 use meshca_mgmt::federation::publish::{Sequences, sequences_key};
 use meshca_mgmt::federation::{BundleEndpoint, Profile};
+use meshca_mgmt::records::Keyspace;
 use meshca_mgmt::server::creds;
 use meshca_mgmt::{ServeWith, ServerOptions, Settings};
 use meshca_pki::{CaSigner, Cert, KeyAlgorithm, LeafParams, PrivateKey, RootParams, RootSet, SpiffeId, TrustDomain};
@@ -124,7 +125,7 @@ impl Plane {
 
     /// The generated root (the root set before any rotation).
     async fn roots(&self) -> RootSet {
-        let rec = self.store.get(&meshca_mgmt::records::root_ca()).await.unwrap().unwrap();
+        let rec = self.store.get(&meshca_mgmt::records::Keyspace::legacy().root_ca()).await.unwrap().unwrap();
         RootSet::from_pem(rec.value.get("ca-cert.pem").unwrap()).unwrap()
     }
 
@@ -155,7 +156,13 @@ impl Plane {
     }
 
     async fn phase(&self) -> RotationPhase {
-        let j = meshca_mgmt::rotation::controller::read_journal(self.store.as_ref()).await.unwrap().value;
+        let j = meshca_mgmt::rotation::controller::read_journal(
+            self.store.as_ref(),
+            &meshca_mgmt::records::Keyspace::legacy(),
+        )
+        .await
+        .unwrap()
+        .value;
         j.rotation.map_or(RotationPhase::Idle, |r| r.phase)
     }
 }
@@ -242,7 +249,13 @@ async fn the_sequence_grows_through_a_root_rotation_and_survives_a_restart() {
     let first = eventually(WAIT, "the bundle of {A}", || async { p.fetch_spiffe(&a).await.ok() }).await;
     assert_eq!(first.sequence, 1);
 
-    let r = p.operator().await.rotate_root(RotateRootRequest { abort: false }).await.unwrap().into_inner();
+    let r = p
+        .operator()
+        .await
+        .rotate_root(RotateRootRequest { abort: false, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.phase(), RotationPhase::Distributing, "{}", r.message);
     let both = eventually(WAIT, "the bundle of {A, B}", || async {
         p.fetch_spiffe(&a).await.ok().filter(|b| b.authorities.len() == 2)
@@ -557,7 +570,14 @@ struct MeshWorkload {
 
 impl MeshWorkload {
     async fn new(p: &Plane, own: &TrustDomain, id: &str) -> MeshWorkload {
-        let rec = p.store.get(&meshca_mgmt::records::root_ca()).await.unwrap().unwrap();
+        let w = MeshWorkload::of(p, &Keyspace::legacy(), id).await;
+        w.follow(p, own).await;
+        w
+    }
+
+    /// A workload of the mesh whose records are `keys`, trusting only its own root for now.
+    async fn of(p: &Plane, keys: &Keyspace, id: &str) -> MeshWorkload {
+        let rec = p.store.get(&keys.root_ca()).await.unwrap().unwrap();
         let root = Cert::from_pem(rec.value.get("ca-cert.pem").unwrap()).unwrap();
         let signer =
             CaSigner::new(PrivateKey::from_pem(rec.value.get("ca-key.pem").unwrap()).unwrap(), vec![root]).unwrap();
@@ -566,10 +586,9 @@ impl MeshWorkload {
         let leaf =
             Cert::from_der(signer.sign_leaf(key.public_key_spki(), &params, p.clock.now()).unwrap().der).unwrap();
         let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key().unwrap();
-        let verifier = SpiffeVerifier::new(&p.roots().await, PeerPolicy::Trusted, true).unwrap();
-        let w = MeshWorkload { leaf, key: ck, verifier };
-        w.follow(p, own).await;
-        w
+        let roots = RootSet::from_pem(rec.value.get("ca-cert.pem").unwrap()).unwrap();
+        let verifier = SpiffeVerifier::new(&roots, PeerPolicy::Trusted, true).unwrap();
+        MeshWorkload { leaf, key: ck, verifier }
     }
 
     /// Applies what the plane's trust stream carries now ([`poll::bundles`] of the stored record).
@@ -629,7 +648,7 @@ impl Plane {
     /// carries: the stored record, filtered by the policy in force).
     async fn distributed(&self) -> Vec<(TrustDomain, RootSet)> {
         let Some(policy) = self.policy().await else { return Vec::new() };
-        let record = poll::read(self.store.as_ref()).await.unwrap();
+        let record = poll::read(self.store.as_ref(), &meshca_mgmt::records::Keyspace::legacy()).await.unwrap();
         poll::bundles(&record, &policy.federation)
             .into_iter()
             .map(|b| (TrustDomain::new(&b.trust_domain).unwrap(), RootSet::from_pem(b.roots.as_bytes()).unwrap()))
@@ -721,4 +740,163 @@ async fn two_meshes_federate_through_their_bundle_endpoints() {
     wb.follow(&b, &tb).await;
     wb.handshake(&wa).await.expect("still federated with the last good bundle");
     b.stop().await;
+}
+
+/// The policy set of [`two_policies_in_one_management_plane_are_two_meshes`]: `prod` (trust domain
+/// prod.example, clusters by name) and `staging` (staging.example, clusters labelled
+/// env=staging), each federating with the other's trust domain at `federate` (`None`: no
+/// federation).
+fn two_meshes(federate: Option<(&str, &RootSet)>) -> String {
+    let fed = |other: &str| match federate {
+        Some((base, ca)) => format!(
+            "  federation:\n    - {{ trustDomain: {other}, bundleEndpointUrl: \"{base}{other}\", profile: https_web, endpointCa: {} }}\n",
+            serde_json::to_string(&ca.to_pem()).unwrap()
+        ),
+        None => String::new(),
+    };
+    let common = "  config: { generated: {} }\n  intermediateCertOptions: { ttl: 1h }\n  rootRotation: { maxLeafLifetime: 10s, skew: 1s }\n";
+    format!(
+        "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: prod }}\nspec:\n  trustDomain: prod.example\n  \
+         clusters: [east-1, clash]\n{common}{}---\napiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: staging }}\n\
+         spec:\n  trustDomain: staging.example\n  clusterSelector: {{ matchLabels: {{ env: staging }} }}\n{common}{}",
+        fed("staging.example"),
+        fed("prod.example")
+    )
+}
+
+/// Two RootTrustPolicies in one management plane are two meshes: each its own generated root (its
+/// own records), trust domain, clusters (by name and by label), status, bundle at
+/// `/<trust domain>` and root rotation. A cluster both select is refused naming both
+/// (`ClusterPolicyConflict`); one neither selects is shown as such. A cross-mesh mutual TLS
+/// handshake fails until each policy federates with the other — through this same plane's bundle
+/// endpoint — and then succeeds both ways. Rotating one mesh's root leaves the other's untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_policies_in_one_management_plane_are_two_meshes() {
+    use meshca_mgmt::records::ClusterRecord;
+    use meshca_proto::mgmt::{ApplyPolicyRequest, GetStatusRequest};
+    meshca_tls::provider::install();
+    let now = SystemTime::now();
+    let (web_roots, ck) = web_identity(now);
+    let p = Plane::start(None, ManualClock::new(now), Profile::Web(ck)).await;
+    let (tp, ts) = (TrustDomain::new("prod.example").unwrap(), TrustDomain::new("staging.example").unwrap());
+    let applied = p.operator().await.apply_policy(ApplyPolicyRequest { policy: two_meshes(None) }).await.unwrap();
+    let generations = applied.into_inner().generations;
+    assert_eq!(generations.len(), 2, "{generations:?}");
+    // Each mesh has records of its own: a new mesh never inherits the earlier one's root.
+    let (kp, ks) = (Keyspace::named("prod"), Keyspace::named("staging"));
+    let root_of = |keys: Keyspace| {
+        let store = p.store.clone();
+        async move {
+            RootSet::from_pem(store.get(&keys.root_ca()).await.unwrap().unwrap().value.get("ca-cert.pem").unwrap())
+                .unwrap()
+        }
+    };
+    let (rp, rs) = (root_of(kp.clone()).await, root_of(ks.clone()).await);
+    assert_ne!(rp.fingerprint(), rs.fingerprint());
+    assert_ne!(rp.fingerprint(), p.roots().await.fingerprint(), "the first mesh's root stays with its records");
+
+    // Clusters: by name, by label, in both (refused), in neither (left alone).
+    let labelled = |v: &[(&str, &str)]| v.iter().map(|(k, x)| (k.to_string(), x.to_string())).collect();
+    for (name, labels) in [
+        ("east-1", labelled(&[])),
+        ("staging-1", labelled(&[("env", "staging")])),
+        ("clash", labelled(&[("env", "staging")])),
+        ("lone", labelled(&[("env", "dev")])),
+    ] {
+        let rec = ClusterRecord { name: name.into(), registered_at: 1, labels, ..Default::default() };
+        typed::put(
+            p.store.as_ref(),
+            &meshca_mgmt::records::cluster(name).unwrap(),
+            &rec,
+            meshca_store::Precondition::Absent,
+        )
+        .await
+        .unwrap();
+    }
+    let mut op = p.operator().await;
+    let all = op.get_status(GetStatusRequest::default()).await.unwrap().into_inner();
+    let names: Vec<&str> = all.meshes.iter().map(|m| m.policy.as_str()).collect();
+    assert_eq!(names, ["prod", "staging"]);
+    assert_eq!(all.meshes[0].trust_domain, "prod.example");
+    assert_eq!(all.meshes[1].roots[0].fingerprint, rs.iter().next().unwrap().fingerprint());
+    let placed =
+        |c: &str| all.clusters.iter().find(|v| v.name == c).map(|v| (v.policy.clone(), v.placement.clone())).unwrap();
+    assert_eq!(placed("east-1").0, "prod");
+    assert_eq!(placed("staging-1").0, "staging");
+    assert!(placed("lone").1.contains("selected by no RootTrustPolicy"), "{:?}", placed("lone"));
+    let clash = placed("clash");
+    assert!(clash.0.is_empty() && clash.1.contains("prod and staging"), "{clash:?}");
+    let conflict = all.alerts.iter().find(|a| a.kind() == meshca_proto::AlertKind::ClusterPolicyConflict).unwrap();
+    assert_eq!(conflict.cluster, "clash");
+    let staging = op.get_status(GetStatusRequest { policy: "staging".into() }).await.unwrap().into_inner();
+    let cs: Vec<&str> = staging.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(cs, ["staging-1"], "a policy's status lists its own clusters");
+    let e = op.get_status(GetStatusRequest { policy: "nope".into() }).await.unwrap_err();
+    assert!(e.message().contains("prod, staging"), "{e:?}");
+
+    // Each trust domain's bundle at its own path; the bare path names them.
+    let web =
+        meshca_tls::client_config(ServerTrust::Roots(&web_roots), ClientAuth::None, Versions::Tls13And12).unwrap();
+    for (td, roots) in [(&tp, &rp), (&ts, &rs)] {
+        let resp = p.get(web.clone(), &format!("/{td}")).await.unwrap();
+        assert_eq!(resp.status, 200);
+        let b = Bundle::parse(&resp.body, td, p.clock.now()).unwrap();
+        assert_eq!(RootSet::from_certs(b.authorities.clone()).unwrap().fingerprint(), roots.fingerprint());
+    }
+    let bare = p.get(web.clone(), "/").await.unwrap();
+    assert_eq!(bare.status, 404);
+    assert!(String::from_utf8_lossy(&bare.body).contains("/prod.example"));
+
+    // Not federated: each mesh refuses the other's workloads.
+    let wp = MeshWorkload::of(&p, &kp, "spiffe://prod.example/ns/default/sa/sleep").await;
+    let ws = MeshWorkload::of(&p, &ks, "spiffe://staging.example/ns/default/sa/httpbin").await;
+    assert!(wp.handshake(&ws).await.is_err());
+    assert!(ws.handshake(&wp).await.is_err());
+
+    // Each federates with the other, through this plane's own endpoint.
+    let base = format!("https://localhost:{}/", p.bundle.port());
+    op.apply_policy(ApplyPolicyRequest { policy: two_meshes(Some((&base, &web_roots))) }).await.unwrap();
+    let held = |keys: Keyspace, name: &'static str| {
+        let store = p.store.clone();
+        async move {
+            let text = store.get(&meshca_mgmt::records::policy()).await.unwrap().unwrap();
+            let set = meshca_policy::PolicySet::from_yaml(
+                std::str::from_utf8(text.value.get(meshca_mgmt::records::POLICY_KEY).unwrap()).unwrap(),
+            )
+            .unwrap();
+            let record = poll::read(store.as_ref(), &keys).await.unwrap();
+            poll::bundles(&record, &set.get(name).unwrap().federation)
+                .into_iter()
+                .map(|b| (TrustDomain::new(&b.trust_domain).unwrap(), RootSet::from_pem(b.roots.as_bytes()).unwrap()))
+                .collect::<Vec<_>>()
+        }
+    };
+    eventually(WAIT, "prod holds staging's bundle", || async {
+        (held(kp.clone(), "prod").await == vec![(ts.clone(), rs.clone())]).then_some(())
+    })
+    .await;
+    eventually(WAIT, "staging holds prod's bundle", || async {
+        (held(ks.clone(), "staging").await == vec![(tp.clone(), rp.clone())]).then_some(())
+    })
+    .await;
+    wp.verifier.set_federation(&tp, &held(kp.clone(), "prod").await).unwrap();
+    ws.verifier.set_federation(&ts, &held(ks.clone(), "staging").await).unwrap();
+    wp.handshake(&ws).await.expect("prod -> staging once federated");
+    ws.handshake(&wp).await.expect("staging -> prod once federated");
+
+    // A root rotation names its mesh; rotating prod's root leaves staging's alone.
+    let e = op.rotate_root(RotateRootRequest::default()).await.unwrap_err();
+    assert!(e.message().contains("several RootTrustPolicies (prod, staging)"), "{e:?}");
+    let r = op.rotate_root(RotateRootRequest { policy: "prod".into(), abort: false }).await.unwrap().into_inner();
+    assert_eq!(r.phase(), RotationPhase::Distributing, "{}", r.message);
+    let journal = |keys: Keyspace| {
+        let store = p.store.clone();
+        async move { meshca_mgmt::rotation::controller::read_journal(store.as_ref(), &keys).await.unwrap().value }
+    };
+    assert!(journal(kp.clone()).await.rotation.is_some());
+    assert!(journal(ks.clone()).await.rotation.is_none(), "staging's root is not rotating");
+    let after = op.get_status(GetStatusRequest { policy: "staging".into() }).await.unwrap().into_inner();
+    assert_eq!(after.root_set_fingerprint, rs.fingerprint(), "staging's root set is untouched");
+    assert_eq!(after.policy_generation, staging.policy_generation);
+    p.stop().await;
 }

@@ -368,7 +368,7 @@ async fn the_page_renders_the_document_meshca_status_prints() {
     let channel =
         meshca_tls::grpc::channel(&p.grpc.to_string(), creds::client_config(&p.operator_dir()).unwrap(), "localhost")
             .unwrap();
-    let st = OperatorClient::new(channel).get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let st = OperatorClient::new(channel).get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     let cli = meshca_mgmt::status::document(&st);
     let cookie = cookie_of(&login(&p, p.token.secret(), &[]).await);
     let api = get(&p, p.anonymous(), "/api/status", Some(&cookie)).await;

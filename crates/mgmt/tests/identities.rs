@@ -133,6 +133,7 @@ impl Plane {
         let token = meshca_mgmt::tokens::create(
             self.store.as_ref(),
             cluster,
+            &Default::default(),
             Duration::from_secs(600),
             "operator test",
             self.clock.now(),
@@ -304,6 +305,7 @@ async fn a_new_registration_and_a_removal_end_every_earlier_identity_at_once() {
     let spare = meshca_mgmt::tokens::create(
         p.store.as_ref(),
         "cluster-1",
+        &Default::default(),
         Duration::from_secs(600),
         "operator test",
         clock.now(),
@@ -341,7 +343,7 @@ async fn a_new_registration_and_a_removal_end_every_earlier_identity_at_once() {
     assert_eq!(issued.records.len(), 1);
     let status: StatusRecord = serde_json::from_slice(archive.value.get("status.json").unwrap()).unwrap();
     assert_eq!(status.phase, Phase::Ready);
-    let st = p.operator().get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let st = p.operator().get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     assert!(st.clusters.iter().all(|c| c.name != "cluster-1"), "gone from the status");
 
     // Removing it again is a not-found; adding it back starts afresh.
@@ -377,7 +379,7 @@ async fn operator_credentials_are_reused_and_a_revoked_one_is_refused_on_every_c
     };
     let first = files(&ops);
     let admin_serial = Cert::from_pem(&first[0].0).unwrap().serial_hex();
-    p.operator().get_status(GetStatusRequest {}).await.expect("admin works");
+    p.operator().get_status(GetStatusRequest::default()).await.expect("admin works");
     p.stop().await;
 
     clock.advance(Duration::from_secs(30));
@@ -386,7 +388,7 @@ async fn operator_credentials_are_reused_and_a_revoked_one_is_refused_on_every_c
     for (i, name) in ["certificate", "key", "relay CA"].iter().enumerate() {
         assert_eq!(first[i], second[i], "the {name} is reused untouched");
     }
-    p.operator().get_status(GetStatusRequest {}).await.expect("the same credentials still work");
+    p.operator().get_status(GetStatusRequest::default()).await.expect("the same credentials still work");
 
     // A second operator with credentials of her own.
     let alice_dir = tmp.path().join("alice");
@@ -405,17 +407,17 @@ async fn operator_credentials_are_reused_and_a_revoked_one_is_refused_on_every_c
     std::fs::write(alice_dir.join(creds::CERT), &issued.certificate).unwrap();
     std::fs::write(alice_dir.join(creds::KEY), key.to_pkcs8_pem().as_bytes()).unwrap();
     std::fs::write(alice_dir.join(creds::RELAY_CA), &issued.relay_ca).unwrap();
-    p.operator_in(&alice_dir).get_status(GetStatusRequest {}).await.expect("alice works");
+    p.operator_in(&alice_dir).get_status(GetStatusRequest::default()).await.expect("alice works");
 
     let r = p.operator().revoke_operator(RevokeOperatorRequest { serial: issued.serial.to_lowercase() }).await.unwrap();
     let r = r.into_inner();
     assert_eq!((r.name.as_str(), r.already_revoked, r.replaced_local_credentials), ("alice", false, false));
-    let s = p.operator_in(&alice_dir).get_status(GetStatusRequest {}).await.expect_err("alice is revoked");
+    let s = p.operator_in(&alice_dir).get_status(GetStatusRequest::default()).await.expect_err("alice is revoked");
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(s.message().contains("revoked"), "{}", s.message());
     let s = p.operator_in(&alice_dir).remove_cluster(RemoveClusterRequest { cluster: "x".into() }).await;
     assert_eq!(s.expect_err("every call").code(), Code::Unauthenticated);
-    p.operator().get_status(GetStatusRequest {}).await.expect("admin is not affected");
+    p.operator().get_status(GetStatusRequest::default()).await.expect("admin is not affected");
 
     // Revoking the server's own credentials (a copy leaked): refused from then on, replaced at once.
     let stolen = tmp.path().join("stolen");
@@ -430,11 +432,11 @@ async fn operator_credentials_are_reused_and_a_revoked_one_is_refused_on_every_c
         .unwrap()
         .into_inner();
     assert!(r.replaced_local_credentials);
-    let s = p.operator_in(&stolen).get_status(GetStatusRequest {}).await.expect_err("the stolen copy");
+    let s = p.operator_in(&stolen).get_status(GetStatusRequest::default()).await.expect_err("the stolen copy");
     assert_eq!(s.code(), Code::Unauthenticated);
     let fresh = Cert::from_pem(&std::fs::read(ops.join(creds::CERT)).unwrap()).unwrap();
     assert_ne!(fresh.serial_hex(), admin_serial);
-    p.operator().get_status(GetStatusRequest {}).await.expect("the new local credentials work");
+    p.operator().get_status(GetStatusRequest::default()).await.expect("the new local credentials work");
     p.stop().await;
 
     // And a restart keeps the new ones (not revoked), rather than going back to writing.
@@ -457,7 +459,7 @@ async fn reported_text_reaches_operators_escaped_and_malformed_reports_are_refus
     let a = p.register("cluster-1").await;
     let hostile = "\u{1b}[2J\u{1b}[H\u{1b}]0;meshca: all clear\u{7}\u{1b}[32mRoot rotated OK\u{1b}[0m";
     p.issuer(&a).report_status(report(Phase::Degraded, &format!("{hostile}{}", "A".repeat(10_000)))).await.unwrap();
-    let st = p.operator().get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    let st = p.operator().get_status(GetStatusRequest::default()).await.unwrap().into_inner();
     let c = st.clusters.iter().find(|c| c.name == "cluster-1").unwrap();
     let err = &c.status.as_ref().unwrap().last_error;
     assert!(err.starts_with("\\x1b[2J\\x1b[H\\x1b]0;meshca: all clear\\x07"), "{err}");
@@ -498,6 +500,7 @@ async fn the_agent_renews_its_identity_reconnects_and_keeps_working_past_the_ove
     let token = meshca_mgmt::tokens::create(
         p.store.as_ref(),
         "cluster-1",
+        &Default::default(),
         Duration::from_secs(600),
         "operator test",
         clock.now(),

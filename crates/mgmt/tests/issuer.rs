@@ -53,9 +53,14 @@ impl Plane {
         source.apply(policy_yaml).await.unwrap();
         let fallback = Policy::generated_default(Duration::from_secs(3600));
         let (loader, authority) =
-            Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+            Loader::start_single(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
         let limiter = RateLimiter::new(burst, per_minute, clock.shared());
-        let issuer = Issuer::new(store.clone(), authority.clone(), limiter, None);
+        let issuer = Issuer::new(
+            store.clone(),
+            meshca_mgmt::meshes::single(authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+            limiter,
+            None,
+        );
         Plane { _tmp: tmp, clock, store, loader, authority, issuer }
     }
 
@@ -74,22 +79,19 @@ impl Plane {
         let relay = Arc::new(RelayCa::load_or_create(self.store.as_ref(), self.clock.now()).await.unwrap());
         let (nudge, _) = watch::channel(0);
         let (reported, reported_rx) = watch::channel(0);
-        // Registration never asks the root rotation anything; its controller need not run.
-        let (_controller, _, rotation) = meshca_mgmt::rotation::Controller::start(
-            self.store.clone(),
-            self.authority.clone(),
-            self.clock.shared(),
-            None,
-            Duration::from_secs(30),
-            reported_rx,
-        )
-        .await;
+        // Registration never asks the root rotation anything: no controller.
+        drop(reported_rx);
         let limiter = RateLimiter::new(5, 6.0, self.clock.shared());
         RegistrationService(Arc::new(Shared {
             store: self.store.clone(),
             relay,
-            authority: self.authority.clone(),
-            issuer: Issuer::new(self.store.clone(), self.authority.clone(), limiter, None),
+            meshes: meshca_mgmt::meshes::single(self.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+            issuer: Issuer::new(
+                self.store.clone(),
+                meshca_mgmt::meshes::single(self.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+                limiter,
+                None,
+            ),
             settings: Settings::default(),
             nudge,
             policy_source: Arc::new(StorePolicy::new(self.store.clone())),
@@ -98,7 +100,6 @@ impl Plane {
             peers: meshca_serve::KeyedLimiter::new(peer_rate, self.clock.shared()),
             serve_metrics: meshca_serve::ServeMetrics::default(),
             reported,
-            rotation,
             local_operator: None,
         }))
     }
@@ -156,7 +157,7 @@ async fn every_denial_says_why_with_the_right_status() {
     let (_, good) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
     let cases = [
         (p.issue("cluster-2", &good).await, Code::PermissionDenied, "cluster cluster-2 is not registered"),
-        (p.issue("cluster-9", &good).await, Code::FailedPrecondition, "not covered by RootTrustPolicy mesh"),
+        (p.issue("cluster-9", &good).await, Code::FailedPrecondition, "selected by no RootTrustPolicy"),
         (
             p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP384, "cluster-1").1).await,
             Code::InvalidArgument,
@@ -205,8 +206,15 @@ async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
         status.message().contains("the audit log could not be written, so no intermediate was handed out"),
         "{status:?}"
     );
-    let token =
-        tokens::create(p.store.as_ref(), "cluster-2", Duration::from_secs(60), "operator test", p.clock.now()).await;
+    let token = tokens::create(
+        p.store.as_ref(),
+        "cluster-2",
+        &Default::default(),
+        Duration::from_secs(60),
+        "operator test",
+        p.clock.now(),
+    )
+    .await;
     assert!(token.is_err(), "a token was shown although its creation is not in the audit log");
 
     p.store.delete(&audit::head_key(), Precondition::Any).await.unwrap();
@@ -253,9 +261,16 @@ async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
 async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     let p = Plane::start(&policy(""), 5, 6.0).await;
     let service = p.registration(meshca_mgmt::server::DEFAULT_PEER_RATE).await;
-    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), "operator test", p.clock.now())
-        .await
-        .unwrap();
+    let token = tokens::create(
+        p.store.as_ref(),
+        "cluster-1",
+        &Default::default(),
+        Duration::from_secs(60),
+        "operator test",
+        p.clock.now(),
+    )
+    .await
+    .unwrap();
     let identity_csr = || build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &[]).unwrap();
     let request = |token: &str| {
         tonic::Request::new(RegisterRequest {
@@ -269,9 +284,16 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(s.message().contains("expired at") && s.message().contains("meshca cluster add"), "{}", s.message());
 
-    let fresh = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), "operator test", p.clock.now())
-        .await
-        .unwrap();
+    let fresh = tokens::create(
+        p.store.as_ref(),
+        "cluster-1",
+        &Default::default(),
+        Duration::from_secs(60),
+        "operator test",
+        p.clock.now(),
+    )
+    .await
+    .unwrap();
     p.clock.advance(Duration::from_secs(59));
     let id = service.register(request(&fresh.token)).await.expect("within its lifetime").into_inner();
     assert_eq!(id.cluster, "cluster-1");
@@ -299,9 +321,16 @@ async fn a_registration_flood_from_one_address_spends_only_its_own_budget() {
             }
         }
     }
-    let token = tokens::create(p.store.as_ref(), "cluster-1", Duration::from_secs(60), "operator test", p.clock.now())
-        .await
-        .unwrap();
+    let token = tokens::create(
+        p.store.as_ref(),
+        "cluster-1",
+        &Default::default(),
+        Duration::from_secs(60),
+        "operator test",
+        p.clock.now(),
+    )
+    .await
+    .unwrap();
     let id = service.register(register_request(&token.token, [192, 0, 2, 1])).await.expect("another address registers");
     assert_eq!(id.into_inner().cluster, "cluster-1");
     p.clock.advance(Duration::from_secs(1));
@@ -374,4 +403,82 @@ async fn in_vault_mode_the_running_loader_follows_a_policy_change() {
         .unwrap();
     cancel.cancel();
     loader.await.unwrap();
+}
+
+/// With two RootTrustPolicies, each cluster's intermediate comes from its own mesh's root and
+/// names its mesh's trust domain; a cluster both policies select is refused naming both, and a
+/// cluster neither selects gets nothing. (The management plane's mesh supervisor, in-process.)
+#[tokio::test]
+async fn each_cluster_is_issued_by_its_own_mesh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_2026();
+    let store: Arc<dyn Store> = Arc::new(DirStore::open(tmp.path()).unwrap());
+    let source = Arc::new(StorePolicy::new(store.clone()));
+    let doc = |name: &str, td: &str, select: &str| {
+        format!(
+            "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: {{ name: {name} }}\nspec:\n  trustDomain: {td}\n  {select}\n  config: {{ generated: {{}} }}\n"
+        )
+    };
+    let set = [
+        doc("prod", "prod.example", "clusters: [east-1, clash]"),
+        doc("dev", "dev.example", "clusterSelector: { matchLabels: { env: dev } }"),
+    ]
+    .join("---\n");
+    source.apply(&set).await.unwrap();
+    let (reported_tx, reported) = watch::channel(0);
+    let (nudge, _) = watch::channel(0);
+    let (supervisor, view) = meshca_mgmt::meshes::Supervisor::start(meshca_mgmt::meshes::Wiring {
+        store: store.clone(),
+        source,
+        fallback: Policy::generated_default(Duration::from_secs(3600)),
+        clock: clock.shared(),
+        leader: None,
+        report_interval: Duration::from_secs(30),
+        crl_ttl: Duration::from_secs(3600),
+        reported,
+        nudge,
+        resync: Duration::from_secs(30),
+    })
+    .await
+    .unwrap();
+    let issuer = Issuer::new(store.clone(), view.clone(), RateLimiter::new(5, 6.0, clock.shared()), None);
+    for (name, env) in [("east-1", ""), ("dev-1", "dev"), ("clash", "dev"), ("lone", "")] {
+        let mut rec = ClusterRecord { name: name.into(), registered_at: 1, ..Default::default() };
+        if !env.is_empty() {
+            rec.labels.insert("env".into(), env.into());
+        }
+        typed::put(store.as_ref(), &records::cluster(name).unwrap(), &rec, Precondition::Absent).await.unwrap();
+    }
+    let v = view.borrow().clone();
+    for (cluster, mesh, td) in [("east-1", "prod", "prod.example"), ("dev-1", "dev", "dev.example")] {
+        let issued = issuer
+            .issue(cluster, &csr(KeyAlgorithm::EcdsaP256, cluster).1, IssueReason::Initial, clock.now())
+            .await
+            .unwrap();
+        let cert = Cert::from_pem(issued.certificate.as_bytes()).unwrap();
+        let roots = v.get(mesh).unwrap().authority().roots().unwrap().clone();
+        verify_chain(&cert, &[], &roots, clock.now(), Usage::Ca).unwrap();
+        assert_eq!(RootSet::from_pem(issued.root_set.as_bytes()).unwrap(), roots, "{cluster}: its own mesh's root set");
+        assert!(
+            cert.uri_sans().iter().any(|u| u.starts_with(&format!("spiffe://{td}"))),
+            "{cluster}: {:?}",
+            cert.uri_sans()
+        );
+        let other = v.meshes().iter().find(|m| m.name != mesh).unwrap().authority().roots().unwrap().clone();
+        assert!(
+            verify_chain(&cert, &[], &other, clock.now(), Usage::Ca).is_err(),
+            "{cluster} is not under the other root"
+        );
+    }
+    let e = issuer
+        .issue("clash", &csr(KeyAlgorithm::EcdsaP256, "clash").1, IssueReason::Initial, clock.now())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("selected by RootTrustPolicies dev and prod"), "{e}");
+    let e = issuer
+        .issue("lone", &csr(KeyAlgorithm::EcdsaP256, "lone").1, IssueReason::Initial, clock.now())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("selected by no RootTrustPolicy"), "{e}");
+    drop((supervisor, reported_tx));
 }

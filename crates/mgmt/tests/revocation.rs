@@ -47,8 +47,13 @@ impl Plane {
             .unwrap();
         let fallback = Policy::generated_default(Duration::from_secs(3600));
         let (loader, authority) =
-            Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
-        let issuer = Issuer::new(store.clone(), authority.clone(), RateLimiter::new(50, 60.0, clock.shared()), None);
+            Loader::start_single(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+        let issuer = Issuer::new(
+            store.clone(),
+            meshca_mgmt::meshes::single(authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+            RateLimiter::new(50, 60.0, clock.shared()),
+            None,
+        );
         Plane { _tmp: tmp, clock, store, _loader: loader, authority, issuer }
     }
 
@@ -75,7 +80,16 @@ impl Plane {
 
     async fn publish(&self) -> records::CrlRecord {
         let auth = self.authority.borrow().clone();
-        revocation::publish(self.store.as_ref(), &auth, self.clock.now(), TTL).await.unwrap().unwrap()
+        revocation::publish(
+            self.store.as_ref(),
+            &meshca_mgmt::records::Keyspace::legacy(),
+            &auth,
+            self.clock.now(),
+            TTL,
+        )
+        .await
+        .unwrap()
+        .unwrap()
     }
 
     fn root(&self) -> Cert {
@@ -208,11 +222,15 @@ async fn the_publisher_task_resigns_on_the_injected_clock() {
     p.register("cluster-2").await;
     let (_, serial) = p.issue("cluster-2").await;
     revocation::revoke(p.store.as_ref(), "cluster-2", None, Reason::KeyCompromise, "o", p.clock.now()).await.unwrap();
-    assert!(revocation::published(p.store.as_ref()).await.unwrap().is_none(), "stopped before publishing");
+    assert!(
+        revocation::published(p.store.as_ref(), &meshca_mgmt::records::Keyspace::legacy()).await.unwrap().is_none(),
+        "stopped before publishing"
+    );
     let (nudge, _) = tokio::sync::watch::channel(0u64);
     let mut published = nudge.subscribe();
     let cancel = tokio_util::sync::CancellationToken::new();
     let publisher = revocation::Publisher {
+        keys: meshca_mgmt::records::Keyspace::legacy(),
         store: p.store.clone(),
         authority: p.authority.clone(),
         nudge,
@@ -222,12 +240,14 @@ async fn the_publisher_task_resigns_on_the_injected_clock() {
     };
     let task = tokio::spawn(publisher.run(cancel.clone()));
     tokio::time::timeout(Duration::from_secs(10), published.changed()).await.unwrap().unwrap();
-    let first = revocation::published(p.store.as_ref()).await.unwrap().unwrap();
+    let first =
+        revocation::published(p.store.as_ref(), &meshca_mgmt::records::Keyspace::legacy()).await.unwrap().unwrap();
     assert_eq!(first.number, 1);
     assert!(Crl::parse_pem_bundle(first.pem.as_bytes()).unwrap()[0].lists(&serial));
     p.clock.advance(TTL / 2);
     tokio::time::timeout(Duration::from_secs(10), published.changed()).await.unwrap().unwrap();
-    let second = revocation::published(p.store.as_ref()).await.unwrap().unwrap();
+    let second =
+        revocation::published(p.store.as_ref(), &meshca_mgmt::records::Keyspace::legacy()).await.unwrap().unwrap();
     assert_eq!(second.number, 2);
     assert!(second.next_update > first.next_update);
     cancel.cancel();
@@ -288,9 +308,12 @@ async fn with_your_own_intermediate_the_crls_above_it_come_from_its_secret() {
         .unwrap();
     let fallback = Policy::generated_default(Duration::from_secs(3600));
     let (_loader, authority) =
-        Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+        Loader::start_single(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
     let auth = authority.borrow().clone();
-    let first = revocation::publish(store.as_ref(), &auth, now, TTL).await.unwrap().unwrap();
+    let first = revocation::publish(store.as_ref(), &meshca_mgmt::records::Keyspace::legacy(), &auth, now, TTL)
+        .await
+        .unwrap()
+        .unwrap();
     let crls = Crl::parse_pem_bundle(first.pem.as_bytes()).unwrap();
     assert_eq!(crls.len(), 1);
     crls[0].verify_signed_by(yours.cert()).unwrap();
@@ -300,7 +323,10 @@ async fn with_your_own_intermediate_the_crls_above_it_come_from_its_secret() {
     let root_crl = root.sign_crl(&CrlParams { number: 9, this_update: now, next_update: now + TTL, revoked: vec![] });
     secret.data.insert("ca-crl.pem".into(), root_crl.unwrap().to_pem().into_bytes());
     store.put(&secret_key, &secret, Precondition::Any).await.unwrap();
-    let second = revocation::publish(store.as_ref(), &auth, now, TTL).await.unwrap().unwrap();
+    let second = revocation::publish(store.as_ref(), &meshca_mgmt::records::Keyspace::legacy(), &auth, now, TTL)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(second.number, 2, "a new CRL from above is published at once");
     assert!(second.note.is_empty(), "{}", second.note);
     let crls = Crl::parse_pem_bundle(second.pem.as_bytes()).unwrap();

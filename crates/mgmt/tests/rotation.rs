@@ -70,15 +70,27 @@ impl Plane {
         let source = Arc::new(StorePolicy::new(store.clone()));
         let fallback = meshca_policy::Policy::generated_default(Duration::from_secs(720 * HOUR));
         let (loader, base) =
-            Loader::start(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
+            Loader::start_single(store.clone(), source, fallback, clock.shared(), Duration::from_secs(30)).await;
         let (reported, reported_rx) = watch::channel(0u64);
-        let (controller, authority, rotation) =
-            Controller::start(store.clone(), base, clock.shared(), None, REPORT, reported_rx).await;
+        let (controller, authority, rotation) = Controller::start(
+            store.clone(),
+            meshca_mgmt::records::Keyspace::legacy(),
+            base,
+            clock.shared(),
+            None,
+            REPORT,
+            reported_rx,
+        )
+        .await;
         let cancel = CancellationToken::new();
         let tasks =
             vec![tokio::spawn(loader.run(cancel.child_token())), tokio::spawn(controller.run(cancel.child_token()))];
-        let issuer =
-            Arc::new(Issuer::new(store.clone(), authority.clone(), RateLimiter::new(50, 60.0, clock.shared()), None));
+        let issuer = Arc::new(Issuer::new(
+            store.clone(),
+            meshca_mgmt::meshes::single(authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+            RateLimiter::new(50, 60.0, clock.shared()),
+            None,
+        ));
         Plane { store, authority, issuer, rotation, reported, cancel, tasks }
     }
 
@@ -360,7 +372,7 @@ impl Mesh {
     }
 
     fn journal(&self) -> meshca_mgmt::rotation::Journal {
-        block(read_journal(self.mgmt.as_ref())).unwrap().value
+        block(read_journal(self.mgmt.as_ref(), &meshca_mgmt::records::Keyspace::legacy())).unwrap().value
     }
 
     fn phase(&self) -> RotationPhase {
@@ -419,7 +431,14 @@ impl Mesh {
     /// The journal's wake-up time for the next step (`nextStepAt` in status).
     async fn status(&self) -> meshca_proto::mgmt::MeshStatus {
         let auth = self.plane().authority.borrow().clone();
-        meshca_mgmt::status::collect(self.plane().store.as_ref(), &auth, self.now(), REPORT).await.unwrap()
+        let mesh = meshca_mgmt::meshes::Mesh {
+            name: auth.policy.name.clone(),
+            keys: meshca_mgmt::records::Keyspace::legacy(),
+            authority: self.plane().authority.clone(),
+            rotation: None,
+        };
+        let view = meshca_mgmt::meshes::MeshView::new(vec![mesh.clone()]);
+        meshca_mgmt::status::collect(self.plane().store.as_ref(), &view, &mesh, self.now(), REPORT).await.unwrap()
     }
 
     /// Checks the barrier on every cacerts version written so far, for a rotation from `a`
@@ -471,8 +490,16 @@ fn root_fp(m: &Mesh) -> String {
 async fn crl_signers(m: &Mesh) -> std::collections::BTreeSet<String> {
     let auth = m.plane().authority.borrow().clone();
     let store = m.plane().store.as_ref();
-    let rec =
-        meshca_mgmt::revocation::publish(store, &auth, m.clock.now(), Duration::from_secs(600)).await.unwrap().unwrap();
+    let rec = meshca_mgmt::revocation::publish(
+        store,
+        &meshca_mgmt::records::Keyspace::legacy(),
+        &auth,
+        m.clock.now(),
+        Duration::from_secs(600),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let crls = meshca_pki::Crl::parse_pem_bundle(rec.pem.as_bytes()).unwrap();
     auth.roots()
         .unwrap()
@@ -569,7 +596,7 @@ async fn a_rotation_passes_every_gate_over_simulated_hours_and_no_write_breaks_t
     let phases: Vec<RotationPhase> = j.history[0].transitions.iter().map(|t| t.phase).collect();
     use RotationPhase::*;
     assert_eq!(phases, [Distributing, Switching, Draining, Retiring]);
-    let root_ca = m.plane().store.get(&records::root_ca()).await.unwrap().unwrap();
+    let root_ca = m.plane().store.get(&records::Keyspace::legacy().root_ca()).await.unwrap().unwrap();
     assert_eq!(Cert::from_pem(root_ca.value.get("ca-cert.pem").unwrap()).unwrap().fingerprint(), b);
     m.until("the prepared copy of B to be removed", |m| !m.has_object("root-ca-next")).await;
     assert_eq!(root_fp(&m), b);

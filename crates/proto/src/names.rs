@@ -80,6 +80,7 @@ names!(AlertKind, "alert kind", {
     RootRotationStalled => "RootRotationStalled",
     UpstreamCrlUnavailable => "UpstreamCrlUnavailable",
     FederationFailing => "FederationFailing",
+    ClusterPolicyConflict => "ClusterPolicyConflict",
 });
 
 names!(IstiodState, "istiod state", {

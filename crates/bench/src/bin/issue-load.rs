@@ -162,7 +162,11 @@ async fn main() -> anyhow::Result<()> {
         let cluster = format!("issue-{i:04}");
         let t = op
             .clone()
-            .create_bootstrap_token(CreateBootstrapTokenRequest { cluster: cluster.clone(), ttl_seconds: 3600 })
+            .create_bootstrap_token(CreateBootstrapTokenRequest {
+                cluster: cluster.clone(),
+                ttl_seconds: 3600,
+                ..Default::default()
+            })
             .await
             .map_err(|s| anyhow::anyhow!("token for {cluster}: {}", s.message()))?
             .into_inner();

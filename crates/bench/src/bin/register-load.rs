@@ -198,7 +198,11 @@ async fn main() -> anyhow::Result<()> {
             async move {
                 let t = Instant::now();
                 let r = op
-                    .create_bootstrap_token(CreateBootstrapTokenRequest { cluster, ttl_seconds: 24 * 3600 })
+                    .create_bootstrap_token(CreateBootstrapTokenRequest {
+                        cluster,
+                        ttl_seconds: 24 * 3600,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(status_err);
                 (i, t.elapsed(), r)

@@ -60,8 +60,18 @@ pub struct ClusterAddArgs {
     /// Write the token to this file (0600) instead of printing it.
     #[arg(long)]
     token_out: Option<PathBuf>,
+    /// A label of the cluster, `key=value` (repeatable): RootTrustPolicies select clusters by
+    /// their labels (`spec.clusterSelector.matchLabels`). Set when the cluster registers with
+    /// this token, replacing any labels it had.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     #[command(flatten)]
     creds: Creds,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not key=value"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// `meshca cluster add NAME`.
@@ -71,6 +81,7 @@ pub async fn cluster_add(a: ClusterAddArgs) -> anyhow::Result<()> {
         .create_bootstrap_token(CreateBootstrapTokenRequest {
             cluster: a.name.clone(),
             ttl_seconds: a.ttl.0.as_secs() as i64,
+            labels: a.labels.iter().cloned().collect(),
         })
         .await
         .map_err(status_err)?
@@ -119,6 +130,9 @@ pub struct StatusArgs {
     /// Exit with status 2 when there are alerts.
     #[arg(long)]
     check: bool,
+    /// Only this RootTrustPolicy's mesh (its clusters, root, rotation and alerts).
+    #[arg(long)]
+    policy: Option<String>,
     #[command(flatten)]
     creds: Creds,
 }
@@ -142,8 +156,26 @@ fn time(t: i64) -> String {
     meshca_pki::chain::rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(t as u64))
 }
 
-/// Renders the status table.
+/// Renders the status table: with several meshes (the overview), each mesh's lines, then every
+/// cluster with its policy.
 pub fn render(st: &MeshStatus) -> String {
+    let several = st.meshes.len() > 1;
+    let mut out = String::new();
+    if several {
+        for m in &st.meshes {
+            out.push_str(&format!("policy {}\n", safe(&m.policy)));
+            out.push_str(&render_mesh(m));
+            out.push('\n');
+        }
+    } else {
+        out.push_str(&render_mesh(st));
+    }
+    out.push_str(&render_clusters(st, several));
+    out
+}
+
+/// One mesh's lines: trust domain, CA mode, generation, root set, rotation, upstream.
+fn render_mesh(st: &MeshStatus) -> String {
     let mut out = String::new();
     let n = st.now;
     out.push_str(&format!(
@@ -169,9 +201,20 @@ pub fn render(st: &MeshStatus) -> String {
             human(st.upstream_intermediate_not_after.saturating_sub(n))
         ));
     }
+    if !st.policy_error.is_empty() {
+        out.push_str(&format!("policy      {}\n", safe(&st.policy_error)));
+    }
+    out
+}
+
+/// The clusters table, the CRL notes and the alerts.
+fn render_clusters(st: &MeshStatus, with_policy: bool) -> String {
+    let mut out = String::new();
+    let n = st.now;
     out.push('\n');
     let header = [
         "CLUSTER",
+        "POLICY",
         "CONNECTED",
         "PHASE",
         "SERIAL",
@@ -188,7 +231,11 @@ pub fn render(st: &MeshStatus) -> String {
         let phase = if !c.registered {
             "NotRegistered".to_string()
         } else if !c.enrolled {
-            "NotEnrolled".into()
+            if c.placement.contains("selected by RootTrustPolicies") {
+                "PolicyConflict".into()
+            } else {
+                "NotEnrolled".into()
+            }
         } else if s.phase() == meshca_proto::Phase::Unspecified {
             "-".into()
         } else {
@@ -196,6 +243,7 @@ pub fn render(st: &MeshStatus) -> String {
         };
         rows.push(vec![
             safe(&c.name),
+            if c.policy.is_empty() { "-".into() } else { safe(&c.policy) },
             if c.connected {
                 "yes".into()
             } else if c.last_seen > 0 {
@@ -219,15 +267,18 @@ pub fn render(st: &MeshStatus) -> String {
             if s.last_error.is_empty() { "-".into() } else { short(&s.last_error, 60) },
         ]);
     }
+    // The policy column only when there is more than one policy to tell apart.
+    if !with_policy {
+        for r in &mut rows {
+            r.remove(1);
+        }
+    }
     let widths: Vec<usize> =
-        (0..header.len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     for r in &rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
-    }
-    if !st.policy_error.is_empty() {
-        out.push_str(&format!("\npolicy: {}\n", safe(&st.policy_error)));
     }
     for c in &st.clusters {
         if let Some(note) = c.status.as_ref().map(|s| &s.crl_note).filter(|n| !n.is_empty()) {
@@ -239,7 +290,9 @@ pub fn render(st: &MeshStatus) -> String {
     } else {
         out.push_str("\nALERTS (need a person)\n");
         for a in &st.alerts {
-            out.push_str(&format!("  {:<38} {}\n", a.kind().name(), safe(&a.message)));
+            let policy =
+                if with_policy && !a.policy.is_empty() { format!("[{}] ", safe(&a.policy)) } else { String::new() };
+            out.push_str(&format!("  {:<38} {policy}{}\n", a.kind().name(), safe(&a.message)));
         }
     }
     out
@@ -297,7 +350,11 @@ fn render_rotation(st: &MeshStatus) -> String {
 /// `meshca status`.
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&a.creds).await?;
-    let st = client.get_status(GetStatusRequest {}).await.map_err(status_err)?.into_inner();
+    let st = client
+        .get_status(GetStatusRequest { policy: a.policy.unwrap_or_default() })
+        .await
+        .map_err(status_err)?
+        .into_inner();
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&document(&st))?),
         Output::Table => print!("{}", render(&st)),
@@ -335,6 +392,9 @@ struct RotateRootArgs {
     /// before Retiring).
     #[arg(long)]
     abort: bool,
+    /// The RootTrustPolicy whose mesh's root to rotate (needed when there are several).
+    #[arg(long)]
+    policy: Option<String>,
     #[command(flatten)]
     creds: Creds,
 }
@@ -343,7 +403,11 @@ struct RotateRootArgs {
 pub async fn rotate(a: RotateArgs) -> anyhow::Result<()> {
     if let Some(RotateWhat::Root(r)) = a.what {
         let mut client = connect(&r.creds).await?;
-        let resp = client.rotate_root(RotateRootRequest { abort: r.abort }).await.map_err(status_err)?.into_inner();
+        let resp = client
+            .rotate_root(RotateRootRequest { abort: r.abort, policy: r.policy.unwrap_or_default() })
+            .await
+            .map_err(status_err)?
+            .into_inner();
         println!("{}", resp.message);
         println!("follow it with `meshca status` (phase, what it waits for)");
         return Ok(());

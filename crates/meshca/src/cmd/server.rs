@@ -119,9 +119,10 @@ pub async fn open_store(
 /// Kubernetes mode: the RootTrustPolicy resource and leader election among replicas.
 #[derive(clap::Args)]
 struct ReplicaArgs {
-    /// Kubernetes mode: the RootTrustPolicy resource (in namespace `meshca`) to read and report on.
-    #[arg(long, default_value = "mesh")]
-    policy_resource: String,
+    /// Kubernetes mode: read and report on only this RootTrustPolicy (in namespace `meshca`);
+    /// without it, every RootTrustPolicy there is a mesh of its own.
+    #[arg(long)]
+    policy_resource: Option<String>,
     /// Kubernetes mode: the Lease (in namespace `meshca`) replicas elect their leader with.
     #[arg(long, default_value = "meshca-leader")]
     leader_lease: String,
@@ -150,8 +151,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let kube = args.kube.client().await?;
     if kube.is_some() && args.policy.is_some() {
         anyhow::bail!(
-            "--policy is for the embedded store; in Kubernetes mode the policy is the RootTrustPolicy resource meshca/{} (kubectl apply -f deploy/...)",
-            args.replica.policy_resource
+            "--policy is for the embedded store; in Kubernetes mode the policies are the RootTrustPolicy resources in namespace meshca (kubectl apply -f deploy/...)"
         );
     }
     let store: Arc<dyn meshca_store::Store> = match &kube {
@@ -234,7 +234,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         policy_source: Some(Arc::new(meshca_kube::policy::CrdPolicy::new(
             client.clone(),
             namespace,
-            &r.policy_resource,
+            r.policy_resource.as_deref(),
         ))),
         leader: Some(election.view()),
         clock: meshca_clock::system(),
@@ -250,19 +250,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The trust domain the bundle endpoint is expected to serve, for the line printed at start: the
-/// policy given, else the stored one, else the default. (The endpoint itself always serves the
-/// policy in force; in Kubernetes mode that is the RootTrustPolicy resource, which this does not
-/// read, so the line may name the default trust domain there.)
+/// first policy's (by name) of the policies given, else of the stored ones, else the default.
+/// (The endpoint itself serves every mesh in force at `/<trust domain>`; in Kubernetes mode the
+/// policies are the RootTrustPolicy resources, which this does not read, so the line may name the
+/// default trust domain there.)
 async fn bundle_trust_domain(
     store: &dyn meshca_store::Store,
     policy_yaml: Option<&str>,
     default: &Policy,
 ) -> meshca_pki::TrustDomain {
-    if let Some(p) = policy_yaml.and_then(|t| Policy::from_yaml(t).ok()) {
-        return p.trust_domain;
+    let first = |set: meshca_policy::PolicySet| set.policies().first().map(|p| p.trust_domain.clone());
+    if let Some(td) = policy_yaml.and_then(|t| meshca_policy::PolicySet::from_yaml(t).ok()).and_then(first) {
+        return td;
     }
     match meshca_mgmt::loader::stored_policy(store).await {
-        Ok(Some(p)) => p.trust_domain,
+        Ok(Some(set)) => first(set).unwrap_or_else(|| default.trust_domain.clone()),
         _ => default.trust_domain.clone(),
     }
 }

@@ -31,9 +31,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::publish::{Published, Publisher};
-use crate::authority::Authority;
+use super::publish::{Published, Publisher, Served};
 use crate::error::MgmtError;
+use crate::meshes::MeshView;
 use crate::replica::Leader;
 
 /// How a bundle endpoint authenticates itself to the clients that fetch from it.
@@ -89,7 +89,7 @@ pub const LIMITS: Limits = Limits::new("bundle endpoint");
 /// Everything the endpoint is served from.
 pub(crate) struct Wiring {
     pub store: Arc<dyn Store>,
-    pub authority: watch::Receiver<Arc<Authority>>,
+    pub meshes: watch::Receiver<Arc<MeshView>>,
     pub clock: SharedClock,
     pub leader: Option<watch::Receiver<Leader>>,
 }
@@ -102,10 +102,10 @@ pub(crate) fn spawn(
     cancel: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), MgmtError> {
-    let (out, served) = watch::channel(None);
+    let (out, served) = watch::channel(Served::new());
     let publisher = Publisher {
         store: w.store,
-        authority: w.authority.clone(),
+        meshes: w.meshes.clone(),
         clock: w.clock.clone(),
         refresh_hint: e.refresh_hint,
         leader: w.leader,
@@ -116,7 +116,7 @@ pub(crate) fn spawn(
         Profile::Web(ck) => Arc::new(Fixed(ck.clone())),
         Profile::Spiffe => {
             let svid = Arc::new(Svid::default());
-            tasks.spawn(renew_svid(svid.clone(), w.authority, w.clock, cancel.child_token()));
+            tasks.spawn(renew_svid(svid.clone(), w.meshes, w.clock, cancel.child_token()));
             svid
         }
     };
@@ -126,7 +126,10 @@ pub(crate) fn spawn(
     }
     let listener = TlsListener::<std::net::SocketAddr>::new(e.listener, tls, LIMITS)
         .map_err(|source| MgmtError::Io { context: "the bundle endpoint's listener".into(), source })?;
-    let app = axum::Router::new().route("/", axum::routing::get(bundle)).with_state(served);
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(only_bundle))
+        .route("/{trust_domain}", axum::routing::get(bundle))
+        .with_state(served);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
             tracing::error!(error = %e, "the bundle endpoint stopped");
@@ -147,18 +150,37 @@ fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<rustls::Se
     Ok(Arc::new(config))
 }
 
-/// `GET /`: the bundle document, or 503 while no root set is known.
-async fn bundle(
-    axum::extract::State(served): axum::extract::State<watch::Receiver<Option<Arc<Published>>>>,
-) -> Response {
+/// `GET /`: with one mesh, its bundle document (503 while no root set is known); with several,
+/// a 404 naming the per-trust-domain paths.
+async fn only_bundle(axum::extract::State(served): axum::extract::State<watch::Receiver<Served>>) -> Response {
     let current = served.borrow().clone();
-    match current {
-        Some(p) => {
-            ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], p.document.clone())
-                .into_response()
+    match current.len() {
+        0 => (StatusCode::SERVICE_UNAVAILABLE, "the trust domain's root set is not known yet\n").into_response(),
+        1 => current.values().next().map_or_else(|| StatusCode::NOT_FOUND.into_response(), |p| document(p)),
+        _ => {
+            let paths: Vec<String> = current.keys().map(|td| format!("/{td}")).collect();
+            let text = format!("this endpoint serves several trust domains; GET one of {}\n", paths.join(", "));
+            (StatusCode::NOT_FOUND, text).into_response()
         }
-        None => (StatusCode::SERVICE_UNAVAILABLE, "the trust domain's root set is not known yet\n").into_response(),
     }
+}
+
+/// `GET /<trust domain>`: that trust domain's bundle document; 404 for a trust domain this
+/// management plane does not serve (or whose root set is not known yet).
+async fn bundle(
+    axum::extract::State(served): axum::extract::State<watch::Receiver<Served>>,
+    axum::extract::Path(trust_domain): axum::extract::Path<String>,
+) -> Response {
+    let current = served.borrow().get(&trust_domain).cloned();
+    match current {
+        Some(p) => document(&p),
+        None => (StatusCode::NOT_FOUND, "no bundle of this trust domain is served here\n").into_response(),
+    }
+}
+
+fn document(p: &Published) -> Response {
+    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], p.document.clone())
+        .into_response()
 }
 
 /// The `https_web` certificate.
@@ -201,10 +223,12 @@ pub fn svid_due(held: Option<&SvidHeld>, signer: &str, trust_domain: &TrustDomai
     held.is_none_or(|h| h.signer != signer || &h.trust_domain != trust_domain || now >= h.renew_at)
 }
 
-/// Keeps the serving SVID current until cancelled.
+/// Keeps the serving SVID current until cancelled. A TLS server presents one certificate before
+/// it knows the path asked for, so with several meshes the SVID is of the first policy by name
+/// (the others' trust domains are served over `https_web`; see docs/federation.md).
 async fn renew_svid(
     svid: Arc<Svid>,
-    mut authority: watch::Receiver<Arc<Authority>>,
+    mut meshes: watch::Receiver<Arc<MeshView>>,
     clock: SharedClock,
     cancel: CancellationToken,
 ) {
@@ -212,7 +236,12 @@ async fn renew_svid(
     let mut held: Option<SvidHeld> = None;
     let mut warned = false;
     loop {
-        let auth = authority.borrow_and_update().clone();
+        let Some(auth) = meshes.borrow_and_update().meshes().first().map(|m| m.authority()) else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = meshes.changed() => if r.is_err() { return } else { continue },
+            }
+        };
         let now = clock.now();
         let wake = match auth.signing() {
             Some(s) => {
@@ -254,7 +283,7 @@ async fn renew_svid(
         };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            r = authority.changed() => if r.is_err() { return },
+            r = meshes.changed() => if r.is_err() { return },
             _ = clock.sleep_until(wake) => {}
         }
     }

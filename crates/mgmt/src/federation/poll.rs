@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fetch::{EndpointAuth, FETCH_TIMEOUT, Federated, Source, fetch};
 use crate::authority::Authority;
-use crate::records;
+use crate::records::Keyspace;
 use crate::replica::{self, Leader};
 
 /// What the leader knows of each federated trust domain, as stored (any replica reads it).
@@ -98,9 +98,10 @@ pub fn config_digest(f: &Federation) -> String {
     format!("sha256:{}", hex::encode(digest.as_ref()))
 }
 
-/// The stored record (any replica); empty when nothing was ever polled.
-pub async fn read(store: &dyn Store) -> Result<FederationRecord, StoreError> {
-    Ok(typed::get::<FederationRecord>(store, &records::federation()).await?.map(|v| v.value).unwrap_or_default())
+/// The stored record of the mesh whose records are `keys` (any replica); empty when nothing was
+/// ever polled.
+pub async fn read(store: &dyn Store, keys: &Keyspace) -> Result<FederationRecord, StoreError> {
+    Ok(typed::get::<FederationRecord>(store, &keys.federation()).await?.map(|v| v.value).unwrap_or_default())
 }
 
 /// The bundles a cluster is given: the last good one of each trust domain the policy federates
@@ -166,7 +167,9 @@ pub fn source(f: &Federation, timeout: Duration) -> Source {
 pub struct Poller {
     /// The store (the record).
     pub store: Arc<dyn Store>,
-    /// The authority in force (its policy names the trust domains).
+    /// The mesh's records.
+    pub keys: Keyspace,
+    /// The mesh's authority in force (its policy names the trust domains).
     pub authority: watch::Receiver<Arc<Authority>>,
     /// Bumped when a cluster's bundles change, so trust streams send them.
     pub nudge: watch::Sender<u64>,
@@ -185,12 +188,13 @@ impl Poller {
     /// A poller with the service's fetch timeout.
     pub fn new(
         store: Arc<dyn Store>,
+        keys: Keyspace,
         authority: watch::Receiver<Arc<Authority>>,
         nudge: watch::Sender<u64>,
         clock: SharedClock,
         leader: Option<watch::Receiver<Leader>>,
     ) -> Self {
-        Poller { store, authority, nudge, clock, leader, timeout: FETCH_TIMEOUT }
+        Poller { store, keys, authority, nudge, clock, leader, timeout: FETCH_TIMEOUT }
     }
 
     /// Runs until cancelled: fetches every trust domain that is due (all at once), stores what
@@ -220,7 +224,7 @@ impl Poller {
     /// One round; the time of the next fetch due (`None`: nothing federated).
     async fn round(&mut self) -> Result<Option<SystemTime>, StoreError> {
         let federation = self.authority.borrow_and_update().policy.federation.clone();
-        let stored = read(self.store.as_ref()).await?;
+        let stored = read(self.store.as_ref(), &self.keys).await?;
         let now = self.clock.now();
         let states: Vec<Federated> =
             federation.iter().map(|f| initial(f, stored.domains.get(f.trust_domain.as_str()), now)).collect();
@@ -244,7 +248,7 @@ impl Poller {
                 .collect(),
         };
         if record != stored {
-            typed::put(self.store.as_ref(), &records::federation(), &record, meshca_store::Precondition::Any).await?;
+            typed::put(self.store.as_ref(), &self.keys.federation(), &record, meshca_store::Precondition::Any).await?;
             if bundles(&record, &federation) != bundles(&stored, &federation) {
                 self.nudge.send_modify(|n| *n = n.wrapping_add(1));
             }
@@ -275,6 +279,7 @@ pub fn alerts(record: &FederationRecord, federation: &[Federation]) -> Vec<Alert
                     f.trust_domain,
                     crate::rotation::rfc3339(d.next_fetch)
                 ),
+                policy: String::new(),
             })
         })
         .collect()

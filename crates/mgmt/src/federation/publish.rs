@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::Authority;
+use crate::meshes::MeshView;
 use crate::records;
 use crate::replica::{self, Leader};
 
@@ -40,8 +41,8 @@ pub struct Sequence {
     pub since: i64,
 }
 
-/// Every trust domain's [`Sequence`], by trust domain name. Today one (the policy's); several
-/// policies add entries, not a format.
+/// Every trust domain's [`Sequence`], by trust domain name: one per mesh (each policy has its
+/// own trust domain).
 pub type Sequences = BTreeMap<String, Sequence>;
 
 /// The pure step: the sequence to record for `roots` given the one recorded, or `None` when the
@@ -63,22 +64,25 @@ pub struct Published {
     pub document: String,
 }
 
-/// Records the sequence of the root set in force (leader only) and publishes the document every
-/// replica serves once the stored sequence numbers that root set.
+/// The documents served, by trust domain.
+pub type Served = BTreeMap<String, Arc<Published>>;
+
+/// Records the sequence of each mesh's root set in force (leader only) and publishes the
+/// document every replica serves once the stored sequence numbers that root set.
 pub struct Publisher {
     /// The store.
     pub store: Arc<dyn Store>,
-    /// The effective authority (its root set follows the root rotation).
-    pub authority: watch::Receiver<Arc<Authority>>,
+    /// The meshes (each one's effective root set follows its root rotation).
+    pub meshes: watch::Receiver<Arc<MeshView>>,
     /// The time.
     pub clock: SharedClock,
     /// `spiffe_refresh_hint` of the documents.
     pub refresh_hint: Duration,
     /// With replicas: whether this one leads (only the leader advances the sequence).
     pub leader: Option<watch::Receiver<Leader>>,
-    /// Where the document goes (`None` while no root set is known: Vault mode before the mount's
-    /// root was read).
-    pub out: watch::Sender<Option<Arc<Published>>>,
+    /// Where the documents go (a trust domain is absent while its root set is not known: Vault
+    /// mode before the mount's root was read).
+    pub out: watch::Sender<Served>,
 }
 
 /// How soon a replica looks again when the stored sequence does not yet number the root set in
@@ -90,31 +94,44 @@ impl Publisher {
     /// while the document lags the root set.
     pub async fn run(mut self, cancel: CancellationToken) {
         loop {
-            let auth = self.authority.borrow_and_update().clone();
-            let retry = match self.refresh(&auth).await {
-                Ok(current) => !current,
-                Err(e) => {
-                    tracing::warn!(error = %e, "recording the SPIFFE bundle's sequence failed; will retry");
-                    true
+            let view = self.meshes.borrow_and_update().clone();
+            let mut served = self.out.borrow().clone();
+            // A trust domain no mesh has any more is served no more.
+            served.retain(|td, _| view.meshes().iter().any(|m| m.authority().policy.trust_domain.as_str() == td));
+            let mut retry = false;
+            for mesh in view.meshes() {
+                match self.refresh(&mesh.authority(), &mut served).await {
+                    Ok(current) => retry |= !current,
+                    Err(e) => {
+                        tracing::warn!(error = %e, policy = %mesh.name, "recording the SPIFFE bundle's sequence failed; will retry");
+                        retry = true;
+                    }
                 }
-            };
+            }
+            self.out.send_if_modified(|cur| {
+                if *cur == served {
+                    return false;
+                }
+                *cur = served;
+                true
+            });
             let wait = async { if retry { self.clock.sleep(RETRY).await } else { std::future::pending().await } };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.authority.changed() => if r.is_err() { return },
+                r = self.meshes.changed() => if r.is_err() { return },
                 _ = wait => {}
             }
         }
     }
 
-    /// Publishes the document for `auth`'s root set; `Ok(false)` when the stored sequence does
-    /// not number it yet.
-    async fn refresh(&self, auth: &Authority) -> Result<bool, PublishError> {
+    /// Puts the document for `auth`'s root set in `served`; `Ok(false)` when the stored sequence
+    /// does not number it yet (the last document stays).
+    async fn refresh(&self, auth: &Authority, served: &mut Served) -> Result<bool, PublishError> {
+        let td = &auth.policy.trust_domain;
         let Some(roots) = auth.roots() else {
-            self.out.send_replace(None);
+            served.remove(td.as_str());
             return Ok(true);
         };
-        let td = &auth.policy.trust_domain;
         let fp = roots.fingerprint();
         let now = unix(self.clock.now());
         let store = self.store.as_ref();
@@ -132,14 +149,10 @@ impl Publisher {
         };
         let Some(seq) = recorded.filter(|s| s.roots == fp) else { return Ok(false) };
         let published = document(td, roots, seq.sequence, self.refresh_hint)?;
-        self.out.send_if_modified(|cur| {
-            if cur.as_deref() == Some(&published) {
-                return false;
-            }
+        if served.get(td.as_str()).map(|p| p.as_ref()) != Some(&published) {
             tracing::info!(trust_domain = %td, sequence = seq.sequence, roots = roots.len(), "SPIFFE bundle published");
-            *cur = Some(Arc::new(published));
-            true
-        });
+            served.insert(td.as_str().to_string(), Arc::new(published));
+        }
         Ok(true)
     }
 }

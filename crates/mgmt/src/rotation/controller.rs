@@ -26,7 +26,7 @@ use super::plan::{self, Gates, Next, Roots, Signer};
 use crate::authority::{Authority, Capability, Delegation, Signing};
 use crate::castore;
 use crate::convergence;
-use crate::records;
+use crate::records::{self, Keyspace};
 use crate::replica::{self, Leader};
 
 /// How often the controller looks again when nothing wakes it earlier.
@@ -36,21 +36,20 @@ const RETRY: Duration = Duration::from_secs(2);
 /// How long a Vault mount's root, once read, is taken as known.
 const VAULT_ROOT_CACHE: Duration = Duration::from_secs(60);
 
-/// The journal's object.
-pub fn journal_key() -> ObjectKey {
-    // A valid DNS-1123 name (checked by a unit test).
-    ObjectKey::new(records::NAMESPACE, objects::JOURNAL)
-        .unwrap_or_else(|_| unreachable!("constant object name {:?}", objects::JOURNAL))
+/// The journal's object of the mesh whose records are `keys`.
+pub fn journal_key(keys: &Keyspace) -> ObjectKey {
+    // A valid DNS-1123 name for every mesh (checked by a unit test in `records`).
+    keys.object(objects::JOURNAL).unwrap_or_else(|_| unreachable!("rotation journal {:?}", objects::JOURNAL))
 }
 
-/// `meshca/<name>`: a name from [`objects`], or one read back from the journal.
-fn object(name: &str) -> Result<ObjectKey, String> {
-    ObjectKey::new(records::NAMESPACE, name).map_err(|e| format!("the root rotation journal names {name:?}: {e}"))
+/// The mesh's object `name`: a name from [`objects`], or one read back from the journal.
+fn object(keys: &Keyspace, name: &str) -> Result<ObjectKey, String> {
+    keys.object(name).map_err(|e| format!("the root rotation journal names {name:?}: {e}"))
 }
 
-/// Reads the journal (empty when there is none yet).
-pub async fn read_journal(store: &dyn Store) -> Result<Versioned<Journal>, StoreError> {
-    Ok(typed::get::<Journal>(store, &journal_key())
+/// Reads the journal of the mesh whose records are `keys` (empty when there is none yet).
+pub async fn read_journal(store: &dyn Store, keys: &Keyspace) -> Result<Versioned<Journal>, StoreError> {
+    Ok(typed::get::<Journal>(store, &journal_key(keys))
         .await?
         .unwrap_or(Versioned { value: Journal::default(), version: ResourceVersion(String::new()) }))
 }
@@ -131,6 +130,8 @@ struct Loaded {
 /// [`Controller::run`] as a supervised task.
 pub struct Controller {
     store: Arc<dyn Store>,
+    /// Where this mesh's rotation objects live.
+    keys: Keyspace,
     base: watch::Receiver<Arc<Authority>>,
     tx: watch::Sender<Arc<Authority>>,
     clock: SharedClock,
@@ -156,6 +157,7 @@ impl Controller {
     /// a cluster reports, so a barrier is re-checked at once.
     pub async fn start(
         store: Arc<dyn Store>,
+        keys: Keyspace,
         base: watch::Receiver<Arc<Authority>>,
         clock: SharedClock,
         leader: Option<watch::Receiver<Leader>>,
@@ -167,6 +169,7 @@ impl Controller {
         let (ctx, crx) = mpsc::channel(8);
         let mut c = Controller {
             store,
+            keys,
             base,
             tx,
             clock,
@@ -215,7 +218,7 @@ impl Controller {
     async fn pass(&mut self) -> Pass {
         let now = self.clock.now();
         let mut wake = now + POLL.min(self.report_interval.max(Duration::from_secs(1)));
-        let journal = match read_journal(self.store.as_ref()).await {
+        let journal = match read_journal(self.store.as_ref(), &self.keys).await {
             Ok(j) => j,
             Err(e) => {
                 self.log_once(format!("reading the journal failed: {e}; retrying"));
@@ -233,7 +236,7 @@ impl Controller {
                 Err(e) => {
                     self.log_once(format!("{e}; retrying"));
                     wake = now + RETRY;
-                    match read_journal(self.store.as_ref()).await {
+                    match read_journal(self.store.as_ref(), &self.keys).await {
                         Ok(j) => j,
                         Err(_) => return Pass { wake },
                     }
@@ -309,13 +312,13 @@ impl Controller {
     }
 
     async fn write(&self, j: Versioned<Journal>) -> Result<Versioned<Journal>, StoreError> {
-        let before = read_journal(self.store.as_ref()).await?.value;
+        let before = read_journal(self.store.as_ref(), &self.keys).await?.value;
         let pre = if j.version.0.is_empty() { Precondition::Absent } else { Precondition::Version(j.version.clone()) };
-        typed::put(self.store.as_ref(), &journal_key(), &j.value, pre).await?;
+        typed::put(self.store.as_ref(), &journal_key(&self.keys), &j.value, pre).await?;
         for event in phase_changes(&before, &j.value) {
             crate::audit::record(self.store.as_ref(), event, self.clock.now()).await;
         }
-        read_journal(self.store.as_ref()).await
+        read_journal(self.store.as_ref(), &self.keys).await
     }
 
     /// No rotation in progress: adopt the policy's root on first sight, keep the established
@@ -418,7 +421,7 @@ impl Controller {
     async fn anchor_for_base(&mut self, base: &Authority, root: &Cert, copy_to: &str) -> Result<Anchor, String> {
         let signer = match (&base.policy.ca, &base.capability) {
             (_, Capability::Delegated(d)) => SignerRef::Vault { spec: Box::new(d.delivery.spec.to_doc()) },
-            (CaMode::Generated { .. }, _) => SignerRef::Stored { object: records::root_ca().name().to_string() },
+            (CaMode::Generated { .. }, _) => SignerRef::Stored { object: records::ROOT_CA.to_string() },
             (_, Capability::Signing(s)) => {
                 self.copy(copy_to, &s.signer).await?;
                 SignerRef::Stored { object: copy_to.into() }
@@ -446,7 +449,7 @@ impl Controller {
     async fn copy(&mut self, name: &str, signer: &CaSigner) -> Result<(), String> {
         let secret = castore::secret_from_signer(signer);
         self.store
-            .put(&object(name)?, &secret, Precondition::Any)
+            .put(&object(&self.keys, name)?, &secret, Precondition::Any)
             .await
             .map_err(|e| format!("writing meshca/{name} failed: {e}"))?;
         self.cache.remove(name);
@@ -513,7 +516,7 @@ impl Controller {
             let mut established = r.to.clone();
             if let SignerRef::Stored { object } = &r.to.signer {
                 let promote_to = match object.as_str() {
-                    objects::GENERATED_NEXT => Some(records::root_ca().name().to_string()),
+                    objects::GENERATED_NEXT => Some(records::ROOT_CA.to_string()),
                     objects::NEXT_COPY => Some(objects::ESTABLISHED_COPY.to_string()),
                     _ => None,
                 };
@@ -522,12 +525,12 @@ impl Controller {
                     // still in Retiring, converged, and promotes again (the same content).
                     let v = self
                         .store
-                        .get(&self::object(object)?)
+                        .get(&self::object(&self.keys, object)?)
                         .await
                         .map_err(|e| format!("reading meshca/{object}: {e}"))?
                         .ok_or_else(|| format!("meshca/{object} (the new root's CA) is missing"))?;
                     self.store
-                        .put(&self::object(&dest)?, &v.value, Precondition::Any)
+                        .put(&self::object(&self.keys, &dest)?, &v.value, Precondition::Any)
                         .await
                         .map_err(|e| format!("promoting meshca/{object} to meshca/{dest}: {e}"))?;
                     self.cache.remove(&dest);
@@ -555,7 +558,7 @@ impl Controller {
             if referenced(name) {
                 continue;
             }
-            let Ok(key) = object(name) else { continue };
+            let Ok(key) = object(&self.keys, name) else { continue };
             match self.store.delete(&key, Precondition::Any).await {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => tracing::warn!(object = name, error = %e, "removing a retired root rotation object failed"),
@@ -567,7 +570,7 @@ impl Controller {
     async fn stored(&mut self, name: &str) -> Result<Arc<CaSigner>, String> {
         let v = self
             .store
-            .get(&object(name)?)
+            .get(&object(&self.keys, name)?)
             .await
             .map_err(|e| format!("meshca/{name}: {e}"))?
             .ok_or_else(|| format!("meshca/{name} is missing"))?;
@@ -726,7 +729,7 @@ impl Controller {
         if !self.leads() {
             return Err(RotateError::NotLeader);
         }
-        let mut j = read_journal(self.store.as_ref()).await?;
+        let mut j = read_journal(self.store.as_ref(), &self.keys).await?;
         if let Some(r) = &j.value.rotation {
             return Err(RotateError::InProgress { id: r.id.clone(), phase: r.phase });
         }
@@ -753,7 +756,7 @@ impl Controller {
         if !self.leads() {
             return Err(RotateError::NotLeader);
         }
-        let mut j = read_journal(self.store.as_ref()).await?;
+        let mut j = read_journal(self.store.as_ref(), &self.keys).await?;
         let Some(mut r) = j.value.rotation.clone() else { return Err(RotateError::NotInProgress) };
         plan::abort(&mut r, unix(self.clock.now()))?;
         tracing::info!(rotation = %r.id, phase = %r.phase, "root rotation aborted by an operator");
@@ -867,16 +870,4 @@ pub fn check_new_root(root: &Cert, established: &Anchor, gates: &Gates, now: Sys
         ));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn object_names_are_valid() {
-        for n in [objects::JOURNAL, objects::GENERATED_NEXT, objects::ESTABLISHED_COPY, objects::NEXT_COPY] {
-            assert!(ObjectKey::new(records::NAMESPACE, n).is_ok(), "{n}");
-        }
-    }
 }

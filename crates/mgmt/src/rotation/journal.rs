@@ -180,7 +180,8 @@ impl Rotation {
     }
 }
 
-/// Object names in the `meshca` namespace.
+/// Base names of a mesh's rotation objects in the `meshca` namespace (each mesh's
+/// [`crate::records::Keyspace`] prefixes them; the journal stores base names).
 pub mod objects {
     /// The journal.
     pub const JOURNAL: &str = "root-rotation";
@@ -193,6 +194,8 @@ pub mod objects {
     /// Your root / your intermediate: the management plane's copy of the CA being rotated to,
     /// fixed for the whole rotation whatever happens to the secret meanwhile.
     pub const NEXT_COPY: &str = "root-rotation-next";
+    /// All of them.
+    pub const ALL: [&str; 4] = [JOURNAL, GENERATED_NEXT, ESTABLISHED_COPY, NEXT_COPY];
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ pub fn describe(
                                 l.cluster,
                                 l.awaited
                             ),
+                            policy: String::new(),
                         });
                     }
                 }

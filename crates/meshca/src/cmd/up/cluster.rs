@@ -51,9 +51,15 @@ pub async fn start(
     let store = Arc::new(DirStore::open(cdir.join("store"))?);
     let cacerts_key = meshca_store::ObjectKey::new("istio-system", "cacerts")?;
     let mut cacerts = store.object_path(&cacerts_key);
-    let token =
-        meshca_mgmt::tokens::create(mgmt.store.as_ref(), &name, Duration::from_secs(600), "meshca up", clock.now())
-            .await?;
+    let token = meshca_mgmt::tokens::create(
+        mgmt.store.as_ref(),
+        &name,
+        &Default::default(),
+        Duration::from_secs(600),
+        "meshca up",
+        clock.now(),
+    )
+    .await?;
     let mut ao = AgentOptions::new(&name, &mgmt.addr.to_string())?;
     ao.bootstrap_token = Some(token.token);
     ao.relay_ca = Some(mgmt.relay_ca.clone());

@@ -61,10 +61,13 @@ pub async fn collect(
     started: Instant,
     now: SystemTime,
 ) -> Summary {
-    let root_rotation = match meshca_mgmt::rotation::controller::read_journal(mgmt_store).await {
-        Ok(j) => j.value.rotation.map(|r| r.phase.name().to_string()).unwrap_or_else(|| "Idle".into()),
-        Err(e) => format!("unknown ({e})"),
-    };
+    let root_rotation =
+        match meshca_mgmt::rotation::controller::read_journal(mgmt_store, &meshca_mgmt::records::Keyspace::legacy())
+            .await
+        {
+            Ok(j) => j.value.rotation.map(|r| r.phase.name().to_string()).unwrap_or_else(|| "Idle".into()),
+            Err(e) => format!("unknown ({e})"),
+        };
     let mut s = Summary { running_seconds: started.elapsed().as_secs(), root_rotation, ..Default::default() };
     for r in runs.iter_mut() {
         let mut c = ClusterSummary { name: r.name.clone(), ..Default::default() };

@@ -131,8 +131,7 @@ pub async fn start(
                 },
                 expiry_warning: meshca_policy::defaults::EXPIRY_WARNING,
             };
-            let trial = meshca_mgmt::authority::load(store.as_ref(), policy.clone(), clock.now()).await;
-            if let Some(e) = trial.error() {
+            if let Some(e) = meshca_mgmt::authority::trial(store.as_ref(), &policy, clock.now()).await {
                 bail!("{e}");
             }
             tasks.spawn(follow_intermediate_dir(from, store.clone(), clock.clone(), stop.child_token()));
