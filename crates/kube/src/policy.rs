@@ -140,8 +140,9 @@ impl PolicySource for CrdPolicy {
         }))
     }
 
-    fn audit_actor(&self) -> Option<String> {
-        Some(format!("kubernetes {}", self.what()))
+    fn audit_actor(&self, policy: &Policy) -> Option<String> {
+        // The object the policy came from.
+        Some(format!("kubernetes RootTrustPolicy {}/{}", self.namespace, policy.name))
     }
 
     async fn publish_status(&self, st: &MeshStatus, authority: &Authority) -> Result<(), MgmtError> {

@@ -39,7 +39,7 @@ pub trait PolicySource: Send + Sync + 'static {
     /// records it itself (the store object: `meshca policy apply` goes through the operator API,
     /// which appends the entry). The Kubernetes resource is changed with `kubectl apply`, which
     /// meshca never sees: the loader records it ([`audit_applied`]).
-    fn audit_actor(&self) -> Option<String> {
+    fn audit_actor(&self, _policy: &Policy) -> Option<String> {
         None
     }
 
@@ -159,7 +159,7 @@ impl Loader {
         };
         let initial = authority::load(store.as_ref(), &keys, policy.clone(), clock.now()).await;
         log_authority(&initial);
-        if let Some(actor) = source.audit_actor() {
+        if let Some(actor) = source.audit_actor(&initial.policy) {
             audit_applied(store.as_ref(), &keys, &actor, &initial, clock.now()).await;
         }
         let (tx, rx) = watch::channel(Arc::new(initial));
@@ -222,7 +222,7 @@ impl Loader {
             || current.policy != next.policy
         {
             log_authority(&next);
-            if let Some(actor) = self.source.audit_actor() {
+            if let Some(actor) = self.source.audit_actor(&next.policy) {
                 audit_applied(self.store.as_ref(), &self.keys, &actor, &next, self.clock.now()).await;
             }
             self.tx.send_replace(Arc::new(next));

@@ -308,7 +308,7 @@ impl meshca_mgmt::loader::PolicySource for Unrecorded {
     async fn apply(&self, text: &str) -> Result<(), meshca_mgmt::error::MgmtError> {
         self.0.apply(text).await
     }
-    fn audit_actor(&self) -> Option<String> {
+    fn audit_actor(&self, _policy: &meshca_policy::Policy) -> Option<String> {
         Some("kubernetes RootTrustPolicy meshca/mesh".into())
     }
 }
