@@ -249,7 +249,11 @@ async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
         p.store.delete(&audit::head_key(), Precondition::Any).await.unwrap();
         let issued = match backend {
             Backend::Sqlite => {
-                assert_eq!(recorded, [first.serial.clone()], "{backend:?}: the refused serial was recorded");
+                assert_eq!(
+                    recorded,
+                    std::slice::from_ref(&first.serial),
+                    "{backend:?}: the refused serial was recorded"
+                );
                 p.issue("cluster-1", &refused).await.unwrap()
             }
             Backend::Dir => {
