@@ -84,6 +84,7 @@ async fn a_watch_survives_an_api_server_restart(mut api: ApiServer, store: &Kube
 async fn contract(store: &KubeStore) {
     // The contract every backend shares (creates `missing`, deletes `a`).
     conformance::preconditions(store, "contract").await;
+    conformance::put_all(store, "contract").await;
 
     // All four keys, the label and the annotation in one object of type Opaque; a put with
     // fewer keys than before removes the others (a replace, not a merge); binary data survives.

@@ -11,7 +11,10 @@
 //! `meshca/audit-entries-<seq of its first entry, 12 digits>` ([`Block`]), created only if absent
 //! and never rewritten, plus one small head record `meshca/audit-head` ([`Head`]: how many
 //! entries the log holds and the last one's digest), advanced after the blocks. An append is
-//! therefore one new object and one small update, whatever the log's length. Two replicas (a
+//! therefore one new object and one small update, whatever the log's length. On a store with
+//! transactions (SQLite) the block, the head and the writes that must land with the batch's
+//! entries ([`append_with`]: an intermediate's issued-serial record) are one transaction, so a
+//! batch costs one durable commit and the head never lags. Two replicas (a
 //! leader and its successor) never fork the chain: both try to create the block at the same
 //! sequence number, one of them finds it there and continues after it. Within a process,
 //! concurrent appends are batched: whoever holds the writer's turn writes every entry queued
@@ -36,12 +39,12 @@
 //!
 //! Entries never carry key material or tokens: serials, key *fingerprints*, token *ids*.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use meshca_clock::unix;
-use meshca_store::{ObjectKey, Precondition, ResourceVersion, Store, StoreError, typed};
+use meshca_store::{ObjectKey, Precondition, ResourceVersion, Store, StoreError, Write, typed};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -330,11 +333,43 @@ struct Appender {
     writer: tokio::sync::Mutex<Writer>,
 }
 
-/// An event waiting to be written, and who waits for its entry.
+/// An event waiting to be written, the write that lands with its entry or not at all (on a store
+/// with transactions), and who waits for its entry.
 struct Pending {
     event: Event,
     now: SystemTime,
-    reply: oneshot::Sender<Result<Entry, StoreError>>,
+    with: Option<Write>,
+    reply: oneshot::Sender<Result<Entry, AppendError>>,
+}
+
+/// Why [`append_with`] wrote no entry.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The write that goes with the entry was refused (a `Conflict`, `AlreadyExists` or
+    /// `NotFound`: someone else wrote that object first) or failed: the entry was not written.
+    #[error(transparent)]
+    With(StoreError),
+    /// The entry could not be written (on a store with transactions the write that goes with it
+    /// was not written either; on one without, it was).
+    #[error(transparent)]
+    Entry(StoreError),
+}
+
+impl AppendError {
+    /// The store's error, whichever write it was.
+    pub fn into_store_error(self) -> StoreError {
+        match self {
+            AppendError::With(e) | AppendError::Entry(e) => e,
+        }
+    }
+}
+
+/// The object a refused precondition names.
+fn refused_key(e: &StoreError) -> Option<&ObjectKey> {
+    match e {
+        StoreError::Conflict { key, .. } | StoreError::AlreadyExists(key) | StoreError::NotFound(key) => Some(key),
+        _ => None,
+    }
 }
 
 /// What the writer keeps between batches.
@@ -363,7 +398,8 @@ fn appender(store: &dyn Store) -> Arc<Appender> {
     all.entry(id).or_default().clone()
 }
 
-/// Where a flush writes: the log's end, and the head's version when the flush found it.
+/// Where a flush writes: the log's end, and the head's version when the flush found it (or, on a
+/// store with transactions, wrote it with the block before).
 struct Position {
     tip: Tip,
     head: Option<ResourceVersion>,
@@ -371,16 +407,15 @@ struct Position {
 
 impl Writer {
     /// Writes the batch in hand, then whatever is queued, until the queue is empty; each batch's
-    /// callers are answered as soon as its block is stored. The head is advanced once, after the
-    /// last block: under a steady stream of appends it lags by at most one flush.
+    /// callers are answered as soon as its block is stored. Without transactions the head is advanced
+    /// once, after the last block: under a steady stream of appends it lags by at most one flush
+    /// (with them it is written with each block).
     async fn flush(&mut self, store: &dyn Store, queue: &Mutex<Vec<Pending>>) {
         let mut at: Option<Position> = None;
         let mut wrote = false;
         loop {
             if self.batch.is_empty() {
-                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-                let n = q.len().min(MAX_BATCH);
-                self.batch = q.drain(..n).collect();
+                self.batch = next_batch(&mut queue.lock().unwrap_or_else(|e| e.into_inner()));
             }
             if self.batch.is_empty() {
                 break;
@@ -400,12 +435,13 @@ impl Writer {
                     at = None;
                     self.last = None;
                     for p in batch {
-                        let _ = p.reply.send(Err(duplicate(&e)));
+                        let _ = p.reply.send(Err(AppendError::Entry(duplicate(&e))));
                     }
                 }
             }
         }
-        if let Some(Position { tip, head }) = at.filter(|_| wrote) {
+        // With transactions the head went with each block.
+        if let Some(Position { tip, head }) = at.filter(|_| wrote && !store.transactions()) {
             self.last = advance_head(store, head, &tip).await.map(|v| (tip, v));
         }
     }
@@ -413,7 +449,14 @@ impl Writer {
     /// Finds the log's end: right after this writer's last block when the head is still the one
     /// it wrote (nobody else appended), else from the head (or, without one, the segments of the
     /// layout before blocks) along the blocks.
-    async fn find(&self, store: &dyn Store) -> Result<Position, StoreError> {
+    ///
+    /// With `trust_last` the head is not read: the tip after this writer's last block is taken as
+    /// is, and the head's version it wrote with that block is the transaction's precondition,
+    /// which refuses the write if anyone else appended since.
+    async fn find(&self, store: &dyn Store, trust_last: bool) -> Result<Position, StoreError> {
+        if trust_last && let Some((tip, version)) = &self.last {
+            return Ok(Position { tip: tip.clone(), head: Some(version.clone()) });
+        }
         let head = typed::get::<Head>(store, &head_key()).await?;
         let tip = match (&head, &self.last) {
             (Some(h), Some((tip, version))) if &h.version == version => tip.clone(),
@@ -431,16 +474,20 @@ impl Writer {
         Ok(there.is_some_and(|b| b.value == block).then_some(block.entries))
     }
 
-    /// Writes the batch as one block at the log's end.
+    /// Writes the batch as one block at the log's end. On a store with transactions the block,
+    /// the head and the writes that go with the batch's entries are one transaction; an entry
+    /// whose write is refused is answered so ([`AppendError::With`]) and the rest written without
+    /// it.
     async fn write(&mut self, store: &dyn Store, at: &mut Option<Position>) -> Result<Vec<Entry>, StoreError> {
         if let Some(found) = self.landed(store).await? {
             // Found again from the head by the next batch.
             *at = None;
             return Ok(found);
         }
+        let transactional = store.transactions();
         let mut pos = match at.take() {
             Some(p) => p,
-            None => self.find(store).await?,
+            None => self.find(store, transactional).await?,
         };
         // A cancelled write of this batch is not cancelled in the store (the SQLite writer thread,
         // an API server): it may land after the look above, and `find` then walks past it. Its key
@@ -453,29 +500,118 @@ impl Writer {
             return Ok(found);
         }
         loop {
+            if self.batch.is_empty() {
+                // Every entry's write was refused.
+                *at = Some(pos);
+                return Ok(Vec::new());
+            }
             let entries = chained(&pos.tip, &self.batch);
             let block = Block { entries };
+            let key = block_key(pos.tip.next);
             self.attempted = Some(pos.tip.clone());
-            match typed::put(store, &block_key(pos.tip.next), &block, Precondition::Absent).await {
-                Ok(()) => {}
-                Err(StoreError::AlreadyExists(_)) => {
+            let written = if transactional {
+                self.commit(store, &key, &block, &pos).await.map(Some)
+            } else {
+                typed::put(store, &key, &block, Precondition::Absent).await.map(|()| None)
+            };
+            let head = match written {
+                Ok(head) => head,
+                Err(StoreError::AlreadyExists(k)) if k == key => {
                     // Another replica appended first (or this batch's own earlier write that
                     // answered nothing, now answering late).
-                    let there = typed::get::<Block>(store, &block_key(pos.tip.next)).await?;
+                    let there = typed::get::<Block>(store, &key).await?;
                     if !there.is_some_and(|b| b.value == block) {
                         pos.tip = walk(store, pos.tip).await?;
                         continue;
                     }
+                    if transactional {
+                        // This batch's earlier transaction: the head's version it wrote is
+                        // unknown, so the next batch reads it.
+                        self.last = None;
+                        *at = None;
+                        return Ok(block.entries);
+                    }
+                    None
+                }
+                Err(e) if transactional && refused_key(&e) == Some(&head_key()) => {
+                    // Another writer moved the head: nothing landed; find the end afresh.
+                    self.attempted = None;
+                    self.last = None;
+                    pos = self.find(store, false).await?;
+                    continue;
+                }
+                Err(e) if transactional && refused_key(&e).is_some() => {
+                    // One entry's own write was refused: nothing landed (the transaction was
+                    // refused, and an earlier unanswered one of this writer, ahead of it in the
+                    // store's queue, would have met its block first). That entry is answered and
+                    // the others written without it.
+                    let refused = refused_key(&e);
+                    let Some(i) = self.batch.iter().position(|p| p.with.as_ref().map(|w| &w.key) == refused) else {
+                        return Err(e);
+                    };
+                    self.attempted = None;
+                    let p = self.batch.remove(i);
+                    let _ = p.reply.send(Err(AppendError::With(e)));
+                    continue;
                 }
                 Err(e) => return Err(e),
-            }
+            };
             if let Some(last) = block.entries.last() {
                 pos.tip = Tip::after(last);
+            }
+            if let Some(version) = head {
+                self.last = Some((pos.tip.clone(), version.clone()));
+                pos.head = Some(version);
             }
             *at = Some(pos);
             return Ok(block.entries);
         }
     }
+
+    /// The block, the head after it and the batch's own writes as one transaction, the block
+    /// first (so a block already there is what a refusal names); returns the head's new version.
+    async fn commit(
+        &self,
+        store: &dyn Store,
+        key: &ObjectKey,
+        block: &Block,
+        pos: &Position,
+    ) -> Result<ResourceVersion, StoreError> {
+        let head = match block.entries.last() {
+            Some(last) => Tip::after(last).head(),
+            None => pos.tip.head(),
+        };
+        let mut writes = vec![
+            Write { key: key.clone(), secret: typed::encode(block)?, precondition: Precondition::Absent },
+            Write {
+                key: head_key(),
+                secret: typed::encode(&head)?,
+                precondition: pos.head.clone().map_or(Precondition::Absent, Precondition::Version),
+            },
+        ];
+        writes.extend(self.batch.iter().filter_map(|p| p.with.clone()));
+        let versions = store.put_all(writes).await?;
+        versions
+            .get(1)
+            .cloned()
+            .ok_or_else(|| StoreError::Backend("the store answered no version for the audit log's head".into()))
+    }
+}
+
+/// The next batch off the queue: up to [`MAX_BATCH`] events in order, but at most one per object
+/// their writes go to. A second write to the same object was read before the first landed and
+/// would be refused; it waits for the next batch (and is refused there, after the first landed,
+/// so its caller reads the object again and finds the first's write).
+fn next_batch(queue: &mut Vec<Pending>) -> Vec<Pending> {
+    let mut objects = HashSet::new();
+    let mut batch = Vec::new();
+    let mut left = Vec::new();
+    for p in queue.drain(..) {
+        let first_for_its_object = p.with.as_ref().is_none_or(|w| objects.insert(w.key.clone()));
+        if batch.len() < MAX_BATCH && first_for_its_object { batch.push(p) } else { left.push(p) }
+    }
+    *queue = left;
+    batch
 }
 
 /// The batch's entries, chained from `tip`.
@@ -548,9 +684,29 @@ fn duplicate(e: &StoreError) -> StoreError {
 
 /// Appends `event` at `now`; returns the entry written (once it is stored).
 pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result<Entry, StoreError> {
+    queued(store, event, now, None).await.map_err(AppendError::into_store_error)
+}
+
+/// Appends `event` at `now` together with `with`, a write of another object that must not land
+/// without the entry (an intermediate's record in its cluster's issued-serial log). On a store
+/// with transactions ([`Store::transactions`]) both are one transaction in the entry's block
+/// write — one durable commit for both, and neither without the other; a refused `with` is
+/// [`AppendError::With`] and leaves no entry. Without transactions `with` is written first and
+/// then the entry, as two writes: an entry that then cannot be written leaves `with` in place
+/// ([`AppendError::Entry`]).
+pub async fn append_with(store: &dyn Store, event: &Event, now: SystemTime, with: Write) -> Result<Entry, AppendError> {
+    if store.transactions() {
+        return queued(store, event, now, Some(with)).await;
+    }
+    store.put(&with.key, &with.secret, with.precondition).await.map_err(AppendError::With)?;
+    queued(store, event, now, None).await.map_err(|e| AppendError::Entry(e.into_store_error()))
+}
+
+/// Queues `event` (and `with`) for the writer's turn and waits for its entry.
+async fn queued(store: &dyn Store, event: &Event, now: SystemTime, with: Option<Write>) -> Result<Entry, AppendError> {
     let app = appender(store);
     let (reply, mut answer) = oneshot::channel();
-    app.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Pending { event: event.clone(), now, reply });
+    app.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Pending { event: event.clone(), now, with, reply });
     // Whoever holds the turn writes everything queued; by the time this call has the turn its
     // event is either written (answered) or still queued or in a batch, which this call writes.
     let mut writer = app.writer.lock().await;
@@ -559,7 +715,9 @@ pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result
     }
     writer.flush(store, &app.queue).await;
     drop(writer);
-    answer.await.unwrap_or_else(|_| Err(StoreError::Backend("the audit log's writer went away".to_string())))
+    answer.await.unwrap_or_else(|_| {
+        Err(AppendError::Entry(StoreError::Backend("the audit log's writer went away".to_string())))
+    })
 }
 
 /// Appends `event`, logging instead of failing: for actions that have already taken effect (and

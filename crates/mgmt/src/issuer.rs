@@ -9,7 +9,9 @@
 //! `L=`, names the caller; the key is not a revoked intermediate's; this replica leads; the key
 //! was never certified before. The issued serial is recorded, and the issuance's audit entry
 //! written, before the answer: an intermediate whose audit entry cannot be written is not handed
-//! out ([`Denied::Unaudited`]).
+//! out ([`Denied::Unaudited`]). On a store with transactions (SQLite) the serial's record and the
+//! audit entry are one transaction, batched with concurrent issuances' ([`audit::append_with`]):
+//! one durable commit per issuance on the critical path, and never one without the other.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,10 +19,11 @@ use std::time::{Duration, SystemTime};
 use meshca_clock::unix;
 use meshca_pki::{CsrError, CsrPolicy, IntermediateParams, IssueError, verify_csr};
 use meshca_proto::IssueReason;
-use meshca_store::{Store, StoreError, typed};
+use meshca_store::{Store, StoreError, Write, typed};
 use tokio::sync::watch;
 use tonic::Status;
 
+use crate::audit::{self, AppendError};
 use crate::authority::Capability;
 use crate::meshes::{MeshView, Placement};
 use crate::ratelimit::RateLimiter;
@@ -107,8 +110,12 @@ pub enum Denied {
     /// The key was certified before (a replayed CSR).
     #[error("an intermediate for this key was already issued to {0}; send a CSR with a new key")]
     KeyReused(String),
-    /// The issuance's audit entry could not be written, so the certificate was not handed out
-    /// (its serial stays in the issued log: it was signed, and is never used).
+    /// The issuance's audit entry could not be written, so the certificate was not handed out.
+    /// On a store with transactions (SQLite) its serial was not recorded either, and the same CSR
+    /// sent again is issued like a first request. On one without (the directory tree,
+    /// Kubernetes) the serial stays in the issued log (it was signed, and is never used), so the
+    /// same CSR is then refused as a replay ([`Denied::KeyReused`]); a retry with a new key, as
+    /// the agent makes, is issued.
     #[error("the audit log could not be written, so no intermediate was handed out to {cluster}; retry")]
     Unaudited {
         /// The cluster.
@@ -256,28 +263,8 @@ impl Issuer {
             key_algorithm: csr.key_kind().to_string(),
             issuer_fingerprint: signing.signer.cert().fingerprint(),
         };
-        // Record before answering: nothing is handed out that the log does not show. The log is
-        // updated by compare-and-swap, so when two replicas race on the same request (a leader
-        // whose lease ran out mid-call and its successor), the second finds the first's record
-        // for this key and hands out nothing: a key is certified once.
-        let mut duplicate = false;
-        typed::update::<IssuedLog, _>(self.store.as_ref(), &records::issued(cluster)?, |cur| {
-            let mut log = cur.cloned().unwrap_or_default();
-            duplicate = log.records.iter().any(|r| r.public_key_sha256 == key_sha256);
-            if duplicate {
-                return None;
-            }
-            log.records.insert(0, record.clone());
-            log.records.truncate(ISSUED_KEEP);
-            Some(log)
-        })
-        .await?;
-        if duplicate {
-            return Err(Denied::KeyReused(cluster.to_string()));
-        }
-        tracing::info!(%cluster, serial = %record.serial, not_after = record.not_after, reason = %reason, "issued cluster intermediate");
-        let event = crate::audit::Event::new(
-            crate::audit::Action::IntermediateIssued,
+        let event = audit::Event::new(
+            audit::Action::IntermediateIssued,
             meshca_proto::identity::Caller::Agent { cluster: cluster.to_string() }.to_string(),
             cluster,
         )
@@ -287,10 +274,8 @@ impl Issuer {
         .with("policyGeneration", &record.policy_generation)
         .with("issuerFingerprint", &record.issuer_fingerprint)
         .with("notAfter", record.not_after.to_string());
-        // Fail closed: an intermediate whose entry is not in the audit log is not handed out.
-        if let Err(source) = crate::audit::append(self.store.as_ref(), &event, now).await {
-            return Err(Denied::Unaudited { cluster: cluster.to_string(), source });
-        }
+        self.record(cluster, &record, &event, now).await?;
+        tracing::info!(%cluster, serial = %record.serial, not_after = record.not_after, reason = %reason, "issued cluster intermediate");
         Ok(Issued {
             certificate: issued.to_pem(),
             chain: signing.signer.chain_pems(),
@@ -299,5 +284,49 @@ impl Issuer {
             serial: record.serial,
             not_after: record.not_after,
         })
+    }
+
+    /// Records the issuance in the cluster's issued-serial log and the audit log before the
+    /// answer: nothing is handed out that both logs do not show (fail closed). The issued log is
+    /// written by compare-and-swap, so when two replicas race on the same request (a leader whose
+    /// lease ran out mid-call and its successor) the second finds the first's record for this key
+    /// and hands out nothing: a key is certified once. A request whose key is already in the log
+    /// (a replay) is refused before anything is written, and leaves no audit entry.
+    async fn record(
+        &self,
+        cluster: &str,
+        record: &IssuedRecord,
+        event: &audit::Event,
+        now: SystemTime,
+    ) -> Result<(), Denied> {
+        let store = self.store.as_ref();
+        let key = records::issued(cluster)?;
+        let mut refused = None;
+        for _ in 0..typed::MAX_ATTEMPTS {
+            let current = typed::get::<IssuedLog>(store, &key).await?;
+            let mut log = current.as_ref().map(|v| v.value.clone()).unwrap_or_default();
+            if log.records.iter().any(|r| r.public_key_sha256 == record.public_key_sha256) {
+                return Err(Denied::KeyReused(cluster.to_string()));
+            }
+            log.records.insert(0, record.clone());
+            log.records.truncate(ISSUED_KEEP);
+            let with = Write {
+                key: key.clone(),
+                secret: typed::encode(&log)?,
+                precondition: typed::unchanged_since(current.as_ref()),
+            };
+            match audit::append_with(store, event, now, with).await {
+                Ok(_) => return Ok(()),
+                // Written by someone else meanwhile: read it again (a replay is found there).
+                Err(AppendError::With(e)) if typed::is_conflict(&e) => refused = Some(e),
+                Err(AppendError::With(e)) => return Err(Denied::Store(e)),
+                Err(AppendError::Entry(source)) => {
+                    return Err(Denied::Unaudited { cluster: cluster.to_string(), source });
+                }
+            }
+        }
+        Err(Denied::Store(
+            refused.unwrap_or_else(|| StoreError::Backend(format!("{key}: too many conflicting updates"))),
+        ))
     }
 }

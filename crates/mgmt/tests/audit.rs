@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use meshca_clock::{Clock, ManualClock};
-use meshca_mgmt::audit::{self, Action, Block, Broken, Entry, Event, GENESIS, Head, SEGMENT_ENTRIES, Segment};
+use meshca_mgmt::audit::{
+    self, Action, AppendError, Block, Broken, Entry, Event, GENESIS, Head, SEGMENT_ENTRIES, Segment,
+};
 use meshca_store::dir::DirStore;
 use meshca_store::sqlite::SqliteStore;
-use meshca_store::{Precondition, Store, typed};
+use meshca_store::{ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Write, typed};
 
 /// A backend's name and two instances of it on one location (two replicas sharing a store).
 type Shared = (&'static str, Arc<dyn Store>, Arc<dyn Store>);
@@ -141,6 +143,93 @@ async fn appends_cancelled_midway_neither_lose_nor_duplicate_entries() {
         assert_eq!(ids.len(), before, "{backend}: an event was written twice");
         for e in &answered {
             assert_eq!(&log.entries[e.seq as usize], e, "{backend}: an answered entry is missing");
+        }
+    }
+}
+
+/// Writes that go with entries (an intermediate's record in its cluster's issued log) and callers
+/// that go away midway: an entry is never written without its object. On SQLite the two are one
+/// transaction, so also no object without its entry; on the directory tree the object is written
+/// first (a caller gone in between leaves it without an entry). A write whose precondition is
+/// refused leaves no entry and the others of its batch are written; of two writes to one object
+/// at once, the second is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_go_with_entries_land_with_them_or_not_at_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at_2026();
+    let object = |name: &str| ObjectKey::new("records", name).unwrap();
+    for (backend, store, _) in backends(tmp.path()) {
+        let mut answered = Vec::new();
+        for round in 0..6usize {
+            let mut tasks = Vec::new();
+            for i in 0..40usize {
+                let (store, now) = (store.clone(), clock.now());
+                let id = format!("{round}-{i}");
+                // Every tenth write expects a version of an object that does not exist; the last
+                // two write the same new object.
+                let (name, precondition) = match i {
+                    38 | 39 => (format!("w-{round}-pair"), Precondition::Absent),
+                    i if i % 10 == 5 => (format!("w-{id}"), Precondition::Version(ResourceVersion("1".into()))),
+                    _ => (format!("w-{id}"), Precondition::Absent),
+                };
+                let with =
+                    Write { key: object(&name), secret: Secret::with_data([("id", id.as_bytes())]), precondition };
+                tasks.push(tokio::spawn(async move {
+                    let e = Event::new(Action::IntermediateIssued, "agent", "c").with("id", id.clone());
+                    (id, audit::append_with(store.as_ref(), &e, now, with).await)
+                }));
+            }
+            for _ in 0..round * 3 {
+                tokio::task::yield_now().await;
+            }
+            // Cancel a third of the callers, none of the pair (whose outcome is checked below).
+            for t in tasks.iter().take(38).skip(round % 3).step_by(3) {
+                t.abort();
+            }
+            let mut pair = Vec::new();
+            for t in tasks {
+                let Ok((id, result)) = t.await else { continue };
+                let i: usize = id.split('-').nth(1).unwrap().parse().unwrap();
+                match (i, result) {
+                    (38 | 39, r) => pair.push(r),
+                    (i, Err(AppendError::With(StoreError::NotFound(_)))) if i % 10 == 5 => {}
+                    (i, r) if i % 10 == 5 => panic!("{backend}: a write expecting a missing version went ahead: {r:?}"),
+                    (_, Ok(e)) => answered.push(e),
+                    (_, Err(e)) => panic!("{backend}: {id}: {e}"),
+                }
+            }
+            let won = pair.iter().filter(|r| r.is_ok()).count();
+            let refused =
+                pair.iter().filter(|r| matches!(r, Err(AppendError::With(StoreError::AlreadyExists(_))))).count();
+            assert_eq!((won, refused), (1, 1), "{backend}: two writes to one object at once: {pair:?}");
+            answered.extend(pair.into_iter().filter_map(Result::ok));
+        }
+        let log = audit::read_log(store.as_ref()).await.unwrap();
+        audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
+        for e in &answered {
+            assert_eq!(&log.entries[e.seq as usize], e, "{backend}: an answered entry is missing");
+        }
+        let mut logged: Vec<&str> = log.entries.iter().map(|e| e.details["id"].as_str()).collect();
+        logged.sort_unstable();
+        let before = logged.len();
+        logged.dedup();
+        assert_eq!(logged.len(), before, "{backend}: an event was written twice");
+        let mut stored = Vec::new();
+        for name in store.list("records").await.unwrap() {
+            let o = store.get(&object(&name)).await.unwrap().unwrap();
+            stored.push(String::from_utf8(o.value.get("id").unwrap().to_vec()).unwrap());
+        }
+        stored.sort_unstable();
+        for id in &logged {
+            assert!(
+                stored.binary_search(&id.to_string()).is_ok(),
+                "{backend}: entry {id} was written without its object"
+            );
+        }
+        let refused_write = |id: &str| id.split('-').nth(1).unwrap().parse::<usize>().unwrap() % 10 == 5;
+        assert!(!logged.iter().any(|id| refused_write(id)), "{backend}: a refused write left an entry");
+        if store.transactions() {
+            assert_eq!(stored, logged, "{backend}: an object was written without its entry");
         }
     }
 }

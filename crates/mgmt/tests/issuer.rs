@@ -25,17 +25,35 @@ use meshca_proto::IssueReason;
 use meshca_proto::mgmt::RegisterRequest;
 use meshca_proto::mgmt::registration_server::Registration;
 use meshca_store::dir::DirStore;
+use meshca_store::sqlite::SqliteStore;
 use meshca_store::{Precondition, Store, typed};
 use tokio::sync::watch;
 use tonic::Code;
 
 struct Plane {
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
     clock: ManualClock,
-    store: Arc<DirStore>,
+    store: Arc<dyn Store>,
     loader: Loader,
     authority: watch::Receiver<Arc<meshca_mgmt::authority::Authority>>,
     issuer: Issuer,
+}
+
+/// The backends the management plane runs on a single machine: the directory tree (writes one
+/// object at a time) and SQLite (transactions: an issuance's record and audit entry together).
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Dir,
+    Sqlite,
+}
+
+impl Backend {
+    fn open(self, dir: &std::path::Path) -> Arc<dyn Store> {
+        match self {
+            Backend::Dir => Arc::new(DirStore::open(dir).unwrap()),
+            Backend::Sqlite => Arc::new(SqliteStore::open(dir.join("store.db")).unwrap()),
+        }
+    }
 }
 
 fn policy(extra: &str) -> String {
@@ -46,9 +64,13 @@ fn policy(extra: &str) -> String {
 
 impl Plane {
     async fn start(policy_yaml: &str, burst: u32, per_minute: f64) -> Plane {
+        Plane::start_on(Backend::Dir, policy_yaml, burst, per_minute).await
+    }
+
+    async fn start_on(backend: Backend, policy_yaml: &str, burst: u32, per_minute: f64) -> Plane {
         let tmp = tempfile::tempdir().unwrap();
         let clock = ManualClock::at_2026();
-        let store = Arc::new(DirStore::open(tmp.path()).unwrap());
+        let store = backend.open(tmp.path());
         let source = Arc::new(StorePolicy::new(store.clone()));
         source.apply(policy_yaml).await.unwrap();
         let fallback = Policy::generated_default(Duration::from_secs(3600));
@@ -61,7 +83,7 @@ impl Plane {
             limiter,
             None,
         );
-        Plane { _tmp: tmp, clock, store, loader, authority, issuer }
+        Plane { tmp, clock, store, loader, authority, issuer }
     }
 
     async fn register(&self, cluster: &str) {
@@ -185,51 +207,136 @@ async fn every_denial_says_why_with_the_right_status() {
     assert_eq!(c, Code::AlreadyExists, "{m}");
 }
 
-/// Fail closed: while the audit log cannot be written (here its head record is corrupt, as a
-/// damaged or hand-edited store leaves it) no intermediate and no bootstrap token is handed out,
-/// and the caller is told to retry (UNAVAILABLE); once the log can be written again the next
-/// issuance is answered and is the only one in the log.
+/// Fail closed, on both backends: while the audit log cannot be written (here its head record is
+/// corrupt, as a damaged or hand-edited store leaves it) no intermediate and no bootstrap token is
+/// handed out, and the caller is told to retry (UNAVAILABLE); once the log can be written again
+/// the next issuance is answered and is the only one in the log. What a retry of the refused CSR
+/// gets is what `Denied::Unaudited` documents: on SQLite the record and the entry are one
+/// transaction, so neither was written and the same CSR is issued; on the directory tree the
+/// serial's record was written first and stays, so the same CSR is a replay and a new key is
+/// issued.
 #[tokio::test]
 async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
     use meshca_mgmt::audit;
-    let p = Plane::start(&policy(""), 5, 6.0).await;
-    p.register("cluster-1").await;
-    p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
-    let garbage = meshca_store::Secret::with_data([(typed::RECORD_KEY, b"{ not json".to_vec())]);
-    p.store.put(&audit::head_key(), &garbage, Precondition::Any).await.unwrap();
+    for backend in [Backend::Dir, Backend::Sqlite] {
+        let p = Plane::start_on(backend, &policy(""), 5, 6.0).await;
+        p.register("cluster-1").await;
+        let first = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
+        let garbage = meshca_store::Secret::with_data([(typed::RECORD_KEY, b"{ not json".to_vec())]);
+        p.store.put(&audit::head_key(), &garbage, Precondition::Any).await.unwrap();
 
-    let denied = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap_err();
-    assert!(matches!(denied, Denied::Unaudited { .. }), "{denied:?}");
-    let status = denied.into_status();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(
-        status.message().contains("the audit log could not be written, so no intermediate was handed out"),
-        "{status:?}"
-    );
-    let token = tokens::create(
-        p.store.as_ref(),
-        "cluster-2",
-        &Default::default(),
-        Duration::from_secs(60),
-        "operator test",
-        p.clock.now(),
-    )
-    .await;
-    assert!(token.is_err(), "a token was shown although its creation is not in the audit log");
+        let (_, refused) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
+        let denied = p.issue("cluster-1", &refused).await.unwrap_err();
+        assert!(matches!(denied, Denied::Unaudited { .. }), "{backend:?}: {denied:?}");
+        let status = denied.into_status();
+        assert_eq!(status.code(), Code::Unavailable, "{backend:?}: {status:?}");
+        assert!(
+            status.message().contains("the audit log could not be written, so no intermediate was handed out"),
+            "{backend:?}: {status:?}"
+        );
+        let token = tokens::create(
+            p.store.as_ref(),
+            "cluster-2",
+            &Default::default(),
+            Duration::from_secs(60),
+            "operator test",
+            p.clock.now(),
+        )
+        .await;
+        assert!(token.is_err(), "{backend:?}: a token was shown although its creation is not in the audit log");
+        let recorded = issued_serials(&p, "cluster-1").await;
 
-    p.store.delete(&audit::head_key(), Precondition::Any).await.unwrap();
-    let issued = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
-    let log = audit::read_log(p.store.as_ref()).await.unwrap();
-    audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
-    let issuances: Vec<&str> = log
-        .entries
-        .iter()
-        .filter(|e| e.action == audit::Action::IntermediateIssued.as_str())
-        .map(|e| e.details["serial"].as_str())
-        .collect();
-    assert_eq!(issuances.len(), 2, "the refused issuance has no entry: {issuances:?}");
-    assert_eq!(issuances[1], issued.serial);
-    assert!(log.entries.iter().all(|e| e.action != audit::Action::BootstrapTokenCreated.as_str()));
+        p.store.delete(&audit::head_key(), Precondition::Any).await.unwrap();
+        let issued = match backend {
+            Backend::Sqlite => {
+                assert_eq!(
+                    recorded,
+                    std::slice::from_ref(&first.serial),
+                    "{backend:?}: the refused serial was recorded"
+                );
+                p.issue("cluster-1", &refused).await.unwrap()
+            }
+            Backend::Dir => {
+                assert_eq!(recorded.len(), 2, "{backend:?}: the refused serial is in the issued log: {recorded:?}");
+                let replay = p.issue("cluster-1", &refused).await.unwrap_err();
+                assert!(matches!(replay, Denied::KeyReused(_)), "{backend:?}: {replay:?}");
+                p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap()
+            }
+        };
+        let log = audit::read_log(p.store.as_ref()).await.unwrap();
+        audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
+        let issuances: Vec<&str> = log
+            .entries
+            .iter()
+            .filter(|e| e.action == audit::Action::IntermediateIssued.as_str())
+            .map(|e| e.details["serial"].as_str())
+            .collect();
+        assert_eq!(
+            issuances,
+            [first.serial.as_str(), issued.serial.as_str()],
+            "{backend:?}: the refused issuance has no entry"
+        );
+        assert_eq!(issued_serials(&p, "cluster-1").await[0], issued.serial, "{backend:?}");
+        assert!(log.entries.iter().all(|e| e.action != audit::Action::BootstrapTokenCreated.as_str()), "{backend:?}");
+    }
+}
+
+/// The serials in a cluster's issued log, newest first.
+async fn issued_serials(p: &Plane, cluster: &str) -> Vec<String> {
+    let log = typed::get::<IssuedLog>(p.store.as_ref(), &records::issued(cluster).unwrap()).await.unwrap();
+    log.map(|l| l.value.records.into_iter().map(|r| r.serial).collect()).unwrap_or_default()
+}
+
+/// Two replicas sharing one store (a leader whose lease ran out mid-call and its successor) sent
+/// the same CSRs at the same moment certify each key once, on both backends: for each CSR one of
+/// them answers and the other refuses it as a replay, and the issued log and the audit log hold
+/// exactly the serials that were answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sent_the_same_csr_at_once_certify_its_key_once() {
+    use meshca_mgmt::audit;
+    for backend in [Backend::Dir, Backend::Sqlite] {
+        let p = Plane::start_on(backend, &policy(""), 1000, 1e6).await;
+        p.register("cluster-1").await;
+        let other_store = match backend {
+            Backend::Dir => Arc::new(DirStore::open(p.tmp.path()).unwrap()) as Arc<dyn Store>,
+            Backend::Sqlite => Arc::new(SqliteStore::open(p.tmp.path().join("store.db")).unwrap()),
+        };
+        let other = Issuer::new(
+            other_store,
+            meshca_mgmt::meshes::single(p.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+            RateLimiter::new(1000, 1e6, p.clock.shared()),
+            None,
+        );
+        let mut answered = Vec::new();
+        for _ in 0..20 {
+            let (_, request) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
+            let now = p.clock.now();
+            let (a, b) = tokio::join!(
+                p.issuer.issue("cluster-1", &request, IssueReason::Initial, now),
+                other.issue("cluster-1", &request, IssueReason::Initial, now)
+            );
+            let (won, lost) = match (a, b) {
+                (Ok(i), Err(d)) | (Err(d), Ok(i)) => (i, d),
+                (a, b) => {
+                    panic!("{backend:?}: not exactly one answer: {:?} / {:?}", a.map(|i| i.serial), b.map(|i| i.serial))
+                }
+            };
+            assert!(matches!(lost, Denied::KeyReused(_)), "{backend:?}: {lost:?}");
+            answered.push(won.serial);
+        }
+        let mut recorded = issued_serials(&p, "cluster-1").await;
+        recorded.reverse();
+        assert_eq!(recorded, answered, "{backend:?}: the issued log");
+        let log = audit::read_log(p.store.as_ref()).await.unwrap();
+        audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
+        let audited: Vec<String> = log
+            .entries
+            .iter()
+            .filter(|e| e.action == audit::Action::IntermediateIssued.as_str())
+            .map(|e| e.details["serial"].clone())
+            .collect();
+        assert_eq!(audited, answered, "{backend:?}: the audit log");
+    }
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::{ObjectKey, Precondition, Secret, Store, StoreError, Versioned, WatchStream};
+use crate::{ObjectKey, Precondition, Secret, Store, StoreError, Versioned, WatchStream, Write};
 
 /// The next watch item, which must come within `limit` and not be an error.
 pub async fn next_within(stream: &mut WatchStream, limit: Duration) -> Option<Versioned<Secret>> {
@@ -34,6 +34,56 @@ pub async fn watch_another_instance<S: Store + ?Sized, W: Store + ?Sized>(watche
     assert_eq!(next_within(&mut watch, limit).await.unwrap().version, v3);
     // Nothing changes: nothing is reported.
     assert!(tokio::time::timeout(Duration::from_millis(700), watch.next()).await.is_err());
+}
+
+/// The contract of [`Store::put_all`], on objects `t1` and `t2` of `namespace` (which must hold
+/// neither). A backend with transactions writes all or nothing: a refused precondition anywhere
+/// (also on a later write, and one that only fails because of an earlier write of the same
+/// transaction) leaves every object as it was and names its key; then both land with their
+/// versions. A backend without them says so and writes nothing.
+pub async fn put_all<S: Store + ?Sized>(store: &S, namespace: &str) {
+    let (k1, k2) = (ObjectKey::new(namespace, "t1").unwrap(), ObjectKey::new(namespace, "t2").unwrap());
+    let write =
+        |key: &ObjectKey, g: &str, precondition| Write { key: key.clone(), secret: sample_cacerts(g), precondition };
+    if !store.transactions() {
+        let refused = store.put_all(vec![write(&k1, "1", Precondition::Absent)]).await;
+        assert!(matches!(refused, Err(StoreError::Backend(_))), "{refused:?}");
+        assert!(store.get(&k1).await.unwrap().is_none(), "a store without transactions wrote part of one");
+        return;
+    }
+    let v1 = store.put(&k1, &sample_cacerts("1"), Precondition::Absent).await.unwrap();
+    // The second write's precondition fails: the first does not land either.
+    let refused = store
+        .put_all(vec![
+            write(&k1, "2", Precondition::Version(v1.clone())),
+            write(&k2, "2", Precondition::Version(v1.clone())),
+        ])
+        .await;
+    assert!(matches!(&refused, Err(StoreError::NotFound(k)) if *k == k2), "{refused:?}");
+    // A precondition that only the transaction's own earlier write breaks.
+    let refused = store
+        .put_all(vec![
+            write(&k1, "2", Precondition::Version(v1.clone())),
+            write(&k1, "3", Precondition::Version(v1.clone())),
+        ])
+        .await;
+    assert!(matches!(&refused, Err(StoreError::Conflict { key, .. }) if *key == k1), "{refused:?}");
+    let refused =
+        store.put_all(vec![write(&k2, "2", Precondition::Absent), write(&k1, "2", Precondition::Absent)]).await;
+    assert!(matches!(&refused, Err(StoreError::AlreadyExists(k)) if *k == k1), "{refused:?}");
+    let now = store.get(&k1).await.unwrap().unwrap();
+    assert_eq!((now.value, now.version), (sample_cacerts("1"), v1.clone()), "a refused transaction changed {k1}");
+    assert!(store.get(&k2).await.unwrap().is_none(), "a refused transaction created {k2}");
+    // Every precondition holds: both land, each at the version returned.
+    let versions = store
+        .put_all(vec![write(&k1, "2", Precondition::Version(v1)), write(&k2, "2", Precondition::Absent)])
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 2);
+    for (k, v) in [&k1, &k2].into_iter().zip(versions) {
+        let got = store.get(k).await.unwrap().unwrap();
+        assert_eq!((got.value, got.version), (sample_cacerts("2"), v), "{k}");
+    }
 }
 
 /// A `cacerts`-shaped object (the four Istio keys, the managed-by label, a generation

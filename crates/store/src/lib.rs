@@ -184,6 +184,17 @@ pub enum Precondition {
     Any,
 }
 
+/// One write of a [`Store::put_all`] transaction.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// The object.
+    pub key: ObjectKey,
+    /// Its new content (every data key, label and annotation).
+    pub secret: Secret,
+    /// What must hold for it (and so for the whole transaction) to go ahead.
+    pub precondition: Precondition,
+}
+
 /// Store failures. No variant carries secret data.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -253,6 +264,25 @@ pub trait Store: Send + Sync + 'static {
         secret: &Secret,
         precondition: Precondition,
     ) -> Result<ResourceVersion, StoreError>;
+
+    /// Whether [`Store::put_all`] writes several objects as one transaction on this backend.
+    fn transactions(&self) -> bool {
+        false
+    }
+
+    /// Writes every one of `writes` as one atomic transaction, if every precondition holds: all of
+    /// them land, or none does and the error is that of the first write that could not (a
+    /// refused precondition names its key: `Conflict`, `AlreadyExists`, `NotFound`). Preconditions
+    /// see the transaction's earlier writes. Returns each write's new version, in order. Only
+    /// where [`Store::transactions`] says so (SQLite); elsewhere a `Backend` error and nothing
+    /// written: the directory tree and the Kubernetes API have no multi-object transactions.
+    async fn put_all(&self, writes: Vec<Write>) -> Result<Vec<ResourceVersion>, StoreError> {
+        let keys: Vec<String> = writes.iter().map(|w| w.key.to_string()).collect();
+        Err(StoreError::Backend(format!(
+            "this store cannot write several objects as one transaction ({})",
+            keys.join(", ")
+        )))
+    }
 
     /// Deletes an object, if `precondition` holds. As in Kubernetes, deleting a missing object
     /// with `Any` or `Version` is `NotFound`; with `Absent` it succeeds and does nothing.

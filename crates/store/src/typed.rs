@@ -11,7 +11,7 @@ use crate::{ObjectKey, Precondition, Secret, Store, StoreError, Versioned};
 pub const RECORD_KEY: &str = "record.json";
 
 /// How many times a conflicting update is retried before giving up.
-const MAX_ATTEMPTS: usize = 16;
+pub const MAX_ATTEMPTS: usize = 16;
 
 /// Reads a JSON record; `Ok(None)` when the object does not exist.
 pub async fn get<T: DeserializeOwned>(store: &dyn Store, key: &ObjectKey) -> Result<Option<Versioned<T>>, StoreError> {
@@ -25,6 +25,26 @@ pub async fn get<T: DeserializeOwned>(store: &dyn Store, key: &ObjectKey) -> Res
     Ok(Some(Versioned { value, version: v.version }))
 }
 
+/// A JSON record as the secret [`put`] stores (for a write of a [`Store::put_all`] transaction).
+pub fn encode<T: Serialize>(value: &T) -> Result<Secret, StoreError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Backend(e.to_string()))?;
+    Ok(Secret::with_data([(RECORD_KEY, bytes)]))
+}
+
+/// The precondition that a write of something read as `current` holds only if nobody wrote since.
+pub fn unchanged_since<T>(current: Option<&Versioned<T>>) -> Precondition {
+    match current {
+        Some(v) => Precondition::Version(v.version.clone()),
+        None => Precondition::Absent,
+    }
+}
+
+/// Whether `e` is a refused precondition (someone else wrote first): worth reading again and
+/// retrying.
+pub fn is_conflict(e: &StoreError) -> bool {
+    matches!(e, StoreError::Conflict { .. } | StoreError::AlreadyExists(_) | StoreError::NotFound(_))
+}
+
 /// Writes a JSON record if `precondition` holds.
 pub async fn put<T: Serialize>(
     store: &dyn Store,
@@ -32,8 +52,7 @@ pub async fn put<T: Serialize>(
     value: &T,
     precondition: Precondition,
 ) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Backend(e.to_string()))?;
-    store.put(key, &Secret::with_data([(RECORD_KEY, bytes)]), precondition).await.map(|_| ())
+    store.put(key, &encode(value)?, precondition).await.map(|_| ())
 }
 
 /// Read-modify-write with compare-and-swap: `f` gets the current value (or `None`) and returns
@@ -46,18 +65,13 @@ where
     let mut last = None;
     for _ in 0..MAX_ATTEMPTS {
         let current: Option<Versioned<T>> = get(store, key).await?;
-        let pre = match &current {
-            Some(v) => Precondition::Version(v.version.clone()),
-            None => Precondition::Absent,
-        };
+        let pre = unchanged_since(current.as_ref());
         let Some(next) = f(current.as_ref().map(|v| &v.value)) else {
             return Ok(current.map(|v| v.value));
         };
         match put(store, key, &next, pre).await {
             Ok(()) => return Ok(Some(next)),
-            Err(e @ (StoreError::Conflict { .. } | StoreError::AlreadyExists(_) | StoreError::NotFound(_))) => {
-                last = Some(e);
-            }
+            Err(e) if is_conflict(&e) => last = Some(e),
             Err(e) => return Err(e),
         }
     }

@@ -50,6 +50,12 @@ async fn put_get_round_trip_with_growing_versions() {
 }
 
 #[tokio::test]
+async fn put_all_is_all_or_nothing() {
+    let (_dir, store) = open();
+    conformance::put_all(&store, "ns").await;
+}
+
+#[tokio::test]
 async fn preconditions() {
     let (_dir, store) = open();
     conformance::preconditions(&store, "ns").await;

@@ -58,6 +58,12 @@ async fn preconditions() {
 }
 
 #[tokio::test]
+async fn put_all_is_all_or_nothing() {
+    let (_dir, store) = open();
+    conformance::put_all(&store, "ns").await;
+}
+
+#[tokio::test]
 async fn versions_keep_growing_across_delete_and_recreate() {
     let (_dir, store) = open();
     let k = key("ns", "a");

@@ -8,7 +8,8 @@
 //! the first queued write and everything queued behind it, applies them in one transaction (each
 //! under its own savepoint, so one write's failed precondition does not undo the others), commits
 //! once, and only then answers each writer. Concurrent writers therefore share one fsync, and no
-//! write is acknowledged before it is durable.
+//! write is acknowledged before it is durable. A `put_all` is one request whose writes share one
+//! savepoint: they land together or not at all.
 //!
 //! # Layout
 //!
@@ -46,7 +47,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::dir::{io_err, run_blocking, versioned};
 use crate::watch::{WatchedObject, watch_stream};
 use crate::{
-    ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned, WatchStream, is_dns_label,
+    ObjectKey, Precondition, ResourceVersion, Secret, Store, StoreError, Versioned, WatchStream, Write, is_dns_label,
     is_valid_data_key,
 };
 
@@ -217,8 +218,14 @@ impl SqliteStore {
     }
 
     async fn write(&self, key: &ObjectKey, op: writer::Op) -> Result<u64, StoreError> {
+        let versions = self.write_all(vec![(key.clone(), op)]).await?;
+        versions.first().copied().ok_or_else(|| StoreError::Backend("the writer thread answered no version".into()))
+    }
+
+    /// Sends writes that stand or fall together to the writer thread; their versions once committed.
+    async fn write_all(&self, writes: Vec<(ObjectKey, writer::Op)>) -> Result<Vec<u64>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let request = writer::Request { key: key.clone(), op, reply };
+        let request = writer::Request { writes, reply };
         let closed =
             || StoreError::Backend(format!("{}: the store's writer thread has stopped", self.inner.path.display()));
         self.inner.writes.send(request).await.map_err(|_| closed())?;
@@ -350,6 +357,16 @@ fn read_object(conn: &Connection, path: &Path, key: &ObjectKey) -> Result<Option
     Ok(found)
 }
 
+/// Refuses data keys no backend may store (the rule of [`is_valid_data_key`]).
+fn check_data_keys(key: &ObjectKey, secret: &Secret) -> Result<(), StoreError> {
+    match secret.data.keys().find(|k| !is_valid_data_key(k)) {
+        Some(bad) => Err(StoreError::InvalidKey(format!(
+            "data key {bad:?} of {key}: data keys are [-._a-zA-Z0-9]+, at most 253 characters, not `.` and not starting with `..`"
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn get(&self, key: &ObjectKey) -> Result<Option<Versioned<Secret>>, StoreError> {
@@ -363,13 +380,25 @@ impl Store for SqliteStore {
         secret: &Secret,
         precondition: Precondition,
     ) -> Result<ResourceVersion, StoreError> {
-        if let Some(bad) = secret.data.keys().find(|k| !is_valid_data_key(k)) {
-            return Err(StoreError::InvalidKey(format!(
-                "data key {bad:?} of {key}: data keys are [-._a-zA-Z0-9]+, at most 253 characters, not `.` and not starting with `..`"
-            )));
-        }
+        check_data_keys(key, secret)?;
         let version = self.write(key, writer::Op::Put { secret: secret.clone(), precondition }).await?;
         Ok(ResourceVersion(version.to_string()))
+    }
+
+    fn transactions(&self) -> bool {
+        true
+    }
+
+    async fn put_all(&self, writes: Vec<Write>) -> Result<Vec<ResourceVersion>, StoreError> {
+        for w in &writes {
+            check_data_keys(&w.key, &w.secret)?;
+        }
+        let ops = writes
+            .into_iter()
+            .map(|w| (w.key, writer::Op::Put { secret: w.secret, precondition: w.precondition }))
+            .collect();
+        let versions = self.write_all(ops).await?;
+        Ok(versions.into_iter().map(|v| ResourceVersion(v.to_string())).collect())
     }
 
     async fn delete(&self, key: &ObjectKey, precondition: Precondition) -> Result<(), StoreError> {

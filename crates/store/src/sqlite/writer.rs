@@ -1,7 +1,8 @@
 //! The writer thread: group commit. It owns the database's one write connection, takes the first
-//! queued write and everything queued behind it (up to [`MAX_BATCH`]), applies each under its own
-//! savepoint, commits the lot with one fsync and only then answers each writer and announces the
-//! changed keys.
+//! queued request and everything queued behind it (up to [`MAX_BATCH`]), applies each under its
+//! own savepoint (a request is one write, or the several writes of a `put_all` transaction, which
+//! stand or fall together), commits the lot with one fsync and only then answers each writer and
+//! announces the changed keys.
 //!
 //! Invariant: a writer is answered `Ok` only after the `COMMIT` that contains its write returned,
 //! i.e. after SQLite fsynced the WAL (`synchronous=FULL`). If the commit fails, every write of
@@ -27,11 +28,11 @@ pub(super) enum Op {
     Delete { precondition: Precondition },
 }
 
-/// A write and where to send its outcome (the new version, or 0 for a delete).
+/// Writes that stand or fall together, and where to send their outcome (each new version, or 0
+/// for a delete).
 pub(super) struct Request {
-    pub(super) key: ObjectKey,
-    pub(super) op: Op,
-    pub(super) reply: oneshot::Sender<Result<u64, StoreError>>,
+    pub(super) writes: Vec<(ObjectKey, Op)>,
+    pub(super) reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
 }
 
 /// The writer thread's counts (see [`WriteStats`]).
@@ -75,8 +76,10 @@ pub(super) fn run(
         counters.answered.fetch_add(batch.len() as u64, Ordering::Relaxed);
         for (request, outcome) in batch.drain(..).zip(outcomes) {
             if outcome.is_ok() {
-                // An error only means nobody is watching.
-                let _ = changes.send(request.key.clone());
+                for (key, _) in &request.writes {
+                    // An error only means nobody is watching.
+                    let _ = changes.send(key.clone());
+                }
             }
             // The writer may have given up waiting (its future was dropped); the write stands.
             let _ = request.reply.send(outcome);
@@ -85,7 +88,7 @@ pub(super) fn run(
 }
 
 /// Applies `batch` in one transaction; one outcome per request, in order.
-fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<u64, StoreError>> {
+fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<Vec<u64>, StoreError>> {
     let fail_all = |e: rusqlite::Error| {
         let (full, message) = (disk_full(&e), e.to_string());
         batch.iter().map(|_| Err(sqlite_error(path, full, message.clone()))).collect()
@@ -98,8 +101,9 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<u
     for request in batch {
         let outcome = match tx.savepoint() {
             Ok(mut sp) => {
-                let outcome = apply(&sp, path, request);
-                // A failed write leaves nothing behind; the batch's other writes go on.
+                let outcome: Result<Vec<u64>, StoreError> =
+                    request.writes.iter().map(|(key, op)| apply(&sp, path, key, op)).collect();
+                // A failed request leaves nothing behind; the batch's other requests go on.
                 let closed = if outcome.is_ok() { sp.commit() } else { sp.rollback().and_then(|()| sp.commit()) };
                 match closed {
                     Ok(()) => outcome,
@@ -118,11 +122,10 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<u
 
 /// One write: the precondition against the current version (which sees the batch's earlier
 /// writes), then the change, under a fresh version from the database's counter.
-fn apply(conn: &Connection, path: &Path, request: &Request) -> Result<u64, StoreError> {
+fn apply(conn: &Connection, path: &Path, key: &ObjectKey, op: &Op) -> Result<u64, StoreError> {
     let err = db_err(path);
-    let key = &request.key;
     let current = version_of(conn, path, key)?;
-    match &request.op {
+    match op {
         Op::Put { secret, precondition } => {
             check_precondition(key, precondition, current)?;
             let version = next_version(conn, path)?;
