@@ -29,6 +29,7 @@
     range: 'intermediates',
     filter: '',
     stateFilter: null,
+    policy: null, // with several RootTrustPolicies: the mesh shown (null: the first)
     renders: 0,
   };
 
@@ -71,6 +72,25 @@
   function classifyCa(cert, now, warned) {
     if (now >= cert.notAfter) return 'expired';
     return warned ? 'degraded' : 'healthy';
+  }
+
+  // With several RootTrustPolicies the document is the overview: every mesh's own status in
+  // `meshes` (without clusters) and every cluster naming its `policy`. The page shows one mesh
+  // at a time, as a document of its own: its roots, rotation and alerts, and its clusters; the
+  // clusters in no mesh (selected by none, or by several) are counted in the header, and the
+  // alerts of no mesh in particular (a cluster two policies claim) are shown with every mesh.
+  function meshDoc(full) {
+    const meshes = full.meshes || [];
+    if (meshes.length <= 1) return { ...full, meshNames: [], outside: [] };
+    const mesh = meshes.find((m) => m.policy === view.policy) || meshes[0];
+    return {
+      ...mesh,
+      now: full.now,
+      clusters: full.clusters.filter((c) => c.policy === mesh.policy),
+      alerts: full.alerts.filter((a) => a.policy === mesh.policy || !a.policy),
+      meshNames: meshes.map((m) => m.policy),
+      outside: full.clusters.filter((c) => !c.policy),
+    };
   }
 
   function model(doc, now) {
@@ -153,11 +173,16 @@
 
   function renderHeader(m) {
     const d = m.doc;
+    const several = d.meshNames.length > 1;
+    const pick = d3.select('#policy-pick').attr('hidden', several ? null : '');
+    keyed(pick.select('select'), 'option', 'policy', d.meshNames, (n) => n, (o) => o.attr('value', (n) => n).text((n) => n))
+      .property('selected', (n) => n === d.policy);
     facts(d3.select('#mesh-facts'), [
       ['trust domain', d.trustDomain],
       ['CA mode', d.caMode],
       ['root set', short(d.rootSetFingerprint, 23) || '–', 'mono'],
       ['policy generation', short(d.policyGeneration, 12) || '–', 'mono'],
+      ...(several ? [['in no mesh', String(d.outside.length), d.outside.length ? 'warn' : null]] : []),
     ]);
   }
 
@@ -564,7 +589,7 @@
 
   function render() {
     if (!view.doc) return;
-    const m = model(view.doc, serverNow());
+    const m = model(meshDoc(view.doc), serverNow());
     renderHeader(m);
     renderSummary(m);
     renderTree(m);
@@ -600,6 +625,10 @@
   }
 
   function init() {
+    d3.select('#policy').on('change', function () {
+      view.policy = this.value;
+      render();
+    });
     d3.select('#filter').on('input', function () {
       view.filter = this.value;
       render();

@@ -514,14 +514,16 @@ impl meshca_dashboard::StatusSource for Fixed {
     }
 }
 
-#[test]
-fn two_hundred_clusters_stay_readable() {
-    let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path();
+/// The dashboard as the management plane serves it (the relay CA's serving certificate, a login
+/// token), rendering the fixed document `doc`; returns its port, the login token and the key pin
+/// Chromium trusts.
+fn serve_fixed(
+    rt: &tokio::runtime::Runtime,
+    d: &Path,
+    doc: Value,
+    now: SystemTime,
+) -> (u16, meshca_dashboard::LoginToken, String) {
     meshca_tls::provider::install();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let now = SystemTime::now();
-    // The dashboard as the management plane serves it: the relay CA's serving certificate.
     let store = meshca_store::dir::DirStore::open(d.join("store")).unwrap();
     let relay = rt.block_on(meshca_mgmt::relay::RelayCa::load_or_create(&store, now)).unwrap();
     let (cert, key) = relay.issue_serving(&["localhost".to_string()], Duration::from_secs(3600), now).unwrap();
@@ -530,6 +532,22 @@ fn two_hundred_clusters_stay_readable() {
     let token = meshca_dashboard::LoginToken::generate().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
+    let dashboard = meshca_dashboard::Dashboard {
+        source: Arc::new(Fixed(doc)),
+        login: token.digest(),
+        clock: meshca_clock::system(),
+    };
+    rt.spawn(meshca_dashboard::serve(listener, tls, dashboard, std::future::pending()));
+    let pin = serving_key_pin(port, relay.roots());
+    (port, token, pin)
+}
+
+#[test]
+fn two_hundred_clusters_stay_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let now = SystemTime::now();
     let mut doc = synthetic_document(200, meshca_clock::unix(now));
     // A root rotation in Draining, in the shape `meshca status -o json` reports it
     // (`status::document`): a time wait, one phase change per step so far.
@@ -554,14 +572,8 @@ fn two_hundred_clusters_stay_readable() {
         ],
         "note": "",
     });
-    let dashboard = meshca_dashboard::Dashboard {
-        source: Arc::new(Fixed(doc)),
-        login: token.digest(),
-        clock: meshca_clock::system(),
-    };
-    rt.spawn(meshca_dashboard::serve(listener, tls, dashboard, std::future::pending()));
-
-    let chromium = Chromium::start(d, &serving_key_pin(port, relay.roots()));
+    let (port, token, pin) = serve_fixed(&rt, d, doc, now);
+    let chromium = Chromium::start(d, &pin);
     let tab = chromium.tab(1280, 900);
     tab.goto(&format!("https://localhost:{port}/#token={}", token.secret()));
     let _: bool = tab.wait(
@@ -684,4 +696,97 @@ fn meshca_server_serves_the_dashboard_to_curl() {
     assert_eq!(code, 200, "the operator's certificate opens it: {doc}");
     assert!(doc.contains("\"caMode\":\"generated\""), "{doc}");
     m.proc.assert_running();
+}
+
+/// With two RootTrustPolicies the page shows one mesh at a time, picked in the header: its trust
+/// domain, its root, its clusters only; the clusters in no mesh are counted, and the alert of a
+/// cluster both policies claim shows with either mesh. The document is the overview
+/// `meshca_mgmt::status::document` makes of `status::overview`'s shape.
+#[test]
+fn two_meshes_are_shown_one_at_a_time() {
+    use meshca_proto::mgmt::{Alert, CertificateSummary, ClusterView, MeshStatus};
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let now = SystemTime::now();
+    let t = meshca_clock::unix(now);
+    let mesh = |policy: &str, td: &str, fp: &str| MeshStatus {
+        policy: policy.into(),
+        trust_domain: td.into(),
+        ca_mode: "generated".into(),
+        root_set_fingerprint: format!("sha256:{fp}"),
+        roots: vec![CertificateSummary {
+            subject: format!("CN={policy} root"),
+            serial: fp.to_uppercase(),
+            not_before: t - 3600,
+            not_after: t + 86400 * 365,
+            fingerprint: fp.repeat(32),
+            key_algorithm: "ECDSA P-256".into(),
+            issuer_fingerprint: String::new(),
+        }],
+        now: t,
+        ..Default::default()
+    };
+    let cluster = |name: &str, policy: &str, placement: &str| ClusterView {
+        name: name.into(),
+        registered: true,
+        enrolled: !policy.is_empty(),
+        connected: true,
+        last_seen: t,
+        policy: policy.into(),
+        placement: placement.into(),
+        ..Default::default()
+    };
+    let conflict = "cluster clash is selected by RootTrustPolicies prod and staging";
+    let st = MeshStatus {
+        now: t,
+        meshes: vec![mesh("prod", "prod.example", "aa"), mesh("staging", "staging.example", "bb")],
+        clusters: vec![
+            cluster("east-1", "prod", ""),
+            cluster("east-2", "prod", ""),
+            cluster("staging-1", "staging", ""),
+            cluster("clash", "", conflict),
+        ],
+        alerts: vec![Alert {
+            kind: meshca_proto::AlertKind::ClusterPolicyConflict as i32,
+            cluster: "clash".into(),
+            message: conflict.into(),
+            policy: String::new(),
+        }],
+        ..Default::default()
+    };
+    let (port, token, pin) = serve_fixed(&rt, tmp.path(), meshca_mgmt::status::document(&st), now);
+    let chromium = Chromium::start(tmp.path(), &pin);
+    let tab = chromium.tab(1280, 900);
+    tab.goto(&format!("https://localhost:{port}/#token={}", token.secret()));
+    let shown = "() => { if (!document.querySelectorAll('[data-cluster]').length) return null; \
+        return { picker: !document.getElementById('policy-pick').hidden, \
+          options: [...document.querySelectorAll('#policy option')].map((o) => o.value), \
+          facts: document.getElementById('mesh-facts').innerText, \
+          clusters: [...document.querySelectorAll('[data-cluster]')].map((c) => c.dataset.cluster).sort(), \
+          roots: [...document.querySelectorAll('#tree .tier.roots [data-cert]')].map((c) => c.dataset.cert), \
+          alerts: document.getElementById('alerts').innerText }; }";
+    let first: Value = tab.wait(Duration::from_secs(20), "the first mesh", shown);
+    assert_eq!(first["picker"], true, "{first}");
+    assert_eq!(first["options"], serde_json::json!(["prod", "staging"]));
+    let facts = first["facts"].as_str().unwrap();
+    assert!(facts.contains("prod.example") && !facts.contains("staging.example"), "{facts}");
+    assert!(facts.contains("in no mesh") && facts.contains('1'), "{facts}");
+    assert_eq!(first["clusters"], serde_json::json!(["east-1", "east-2"]));
+    assert_eq!(first["roots"], serde_json::json!([format!("root:{}", "aa".repeat(32))]));
+    assert!(first["alerts"].as_str().unwrap().contains("selected by RootTrustPolicies prod and staging"), "{first}");
+    let _: bool = tab.eval(
+        "() => { const s = document.getElementById('policy'); s.value = 'staging'; s.dispatchEvent(new Event('change')); return true; }",
+    );
+    let second: Value = tab.wait(
+        Duration::from_secs(10),
+        "the staging mesh",
+        &shown.replace(
+            "if (!document.querySelectorAll('[data-cluster]').length) return null;",
+            "if (!document.getElementById('mesh-facts').innerText.includes('staging.example')) return null;",
+        ),
+    );
+    assert_eq!(second["clusters"], serde_json::json!(["staging-1"]), "{second}");
+    assert_eq!(second["roots"], serde_json::json!([format!("root:{}", "bb".repeat(32))]));
+    let problems = tab.problems();
+    assert!(problems.is_empty(), "the page logged errors: {problems:#?}");
 }
