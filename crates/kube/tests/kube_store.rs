@@ -43,6 +43,7 @@ async fn the_kubernetes_store_against_a_real_api_server() {
     contract(&store).await;
     racing_writers_lose_no_update(&api).await;
     two_replicas_append_one_audit_chain(&api).await;
+    several_root_trust_policies_are_several_meshes(&api).await;
     watch(&store).await;
     a_role_naming_one_secret_lets_the_store_create_and_update_it_and_nothing_else(&api).await;
     a_watch_survives_an_api_server_restart(api, &store).await;
@@ -228,4 +229,78 @@ async fn a_role_naming_one_secret_lets_the_store_create_and_update_it_and_nothin
         )
         .await;
     assert_eq!(code, 403, "{body}");
+}
+
+/// Every RootTrustPolicy object in the namespace is a mesh of its own: the policy source reads
+/// them as one set (the CRD's schema takes `clusterSelector` and refuses an empty one), a mistake
+/// that involves two objects is refused naming both, each mesh's status goes to its own object,
+/// and `--policy-resource NAME` (a source of one name) reads only that object.
+async fn several_root_trust_policies_are_several_meshes(api: &ApiServer) {
+    use meshca_kube::policy::CrdPolicy;
+    use meshca_mgmt::authority::{Authority, Capability};
+    use meshca_mgmt::loader::PolicySource;
+    let crd = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/crds/roottrustpolicies.meshca.io.yaml"
+    ))
+    .unwrap();
+    api.apply_yaml(&crd).await;
+    api.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: { name: policies }\n").await;
+    let admin = api.admin().await;
+    let policy = |name: &str, td: &str, select: serde_json::Value| {
+        json!({
+            "apiVersion": "meshca.io/v1alpha1", "kind": "RootTrustPolicy",
+            "metadata": { "name": name, "namespace": "policies" },
+            "spec": { "trustDomain": td, "config": { "generated": {} } },
+        })
+        .as_object()
+        .cloned()
+        .map(|mut o| {
+            o["spec"].as_object_mut().unwrap().extend(select.as_object().unwrap().clone());
+            serde_json::Value::Object(o)
+        })
+        .unwrap()
+    };
+    // The CRD takes a label selector, and refuses an empty one at admission.
+    let empty = policy("empty", "empty.example", json!({ "clusterSelector": { "matchLabels": {} } }));
+    assert!(api.apply_value(&admin, empty).await.is_err(), "an empty selector would select every cluster");
+    for p in [
+        policy("prod", "prod.example", json!({ "clusters": ["east-1", "east-2"] })),
+        policy("staging", "staging.example", json!({ "clusterSelector": { "matchLabels": { "env": "staging" } } })),
+    ] {
+        api.apply_value(&admin, p).await.unwrap();
+    }
+    let all = CrdPolicy::new(admin.clone(), "policies", None);
+    let set = all.read().await.unwrap().expect("two policies");
+    let names: Vec<&str> = set.policies().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["prod", "staging"]);
+    assert_eq!(set.get("staging").unwrap().trust_domain.as_str(), "staging.example");
+    let only = CrdPolicy::new(admin.clone(), "policies", Some("staging"));
+    let one = only.read().await.unwrap().expect("one policy");
+    assert_eq!(one.policies().len(), 1);
+    assert_eq!(one.policies()[0].name, "staging");
+    // Each mesh's status goes to its own object.
+    for p in set.policies() {
+        let authority =
+            Authority::new(p.clone(), Capability::Unavailable { reason: "not loaded in this test".into() }, None);
+        let st = meshca_proto::mgmt::MeshStatus {
+            trust_domain: p.trust_domain.to_string(),
+            policy: p.name.clone(),
+            ..Default::default()
+        };
+        all.publish_status(&st, &authority).await.unwrap();
+    }
+    let rtp = kube::Api::<kube::api::DynamicObject>::namespaced_with(
+        admin.clone(),
+        "policies",
+        &meshca_kube::policy::api_resource(),
+    );
+    for (name, td) in [("prod", "prod.example"), ("staging", "staging.example")] {
+        let obj = rtp.get(name).await.unwrap();
+        assert_eq!(obj.data["status"]["trustDomain"], td, "{name}: {:?}", obj.data["status"]);
+    }
+    // A third object listing a cluster prod lists: the set is refused, naming both.
+    api.apply_value(&admin, policy("dup", "dup.example", json!({ "clusters": ["east-2"] }))).await.unwrap();
+    let e = all.read().await.expect_err("overlap").to_string();
+    assert!(e.contains("east-2") && e.contains("dup") && e.contains("prod"), "{e}");
 }
