@@ -207,6 +207,11 @@ fn sigterm_with_a_connected_agent_stops_the_server_in_time_and_the_agent_reconne
         let answer = tokio::spawn(sender.send_request(request));
         (silent, body, answer)
     });
+    // The call's headers must have reached the server before it is told to stop, or there is no
+    // call in flight to cut: over loopback that takes microseconds, but on a loaded machine the
+    // task sending them may not have run yet (the test failed once that way, the server having
+    // drained with nothing in flight). Nothing on the wire says the server has them, so: a moment.
+    std::thread::sleep(Duration::from_millis(500));
 
     m.proc.signal("TERM");
     let sent = Instant::now();

@@ -287,7 +287,19 @@ impl Supervisor {
         loop {
             while self.tasks.try_join_next().is_some() {}
             let authority_changed = {
-                let waits: Vec<_> = self.running.values_mut().map(|r| Box::pin(r.authority.changed())).collect();
+                // A mesh whose tasks ended (a panic; a removal ends it through `cancel`) changes no
+                // more: its wait never resolves, rather than resolving at once on every pass.
+                let waits: Vec<_> = self
+                    .running
+                    .values_mut()
+                    .map(|r| {
+                        Box::pin(async {
+                            if r.authority.changed().await.is_err() {
+                                std::future::pending::<()>().await
+                            }
+                        })
+                    })
+                    .collect();
                 async move {
                     if waits.is_empty() {
                         std::future::pending::<()>().await
