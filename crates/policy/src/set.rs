@@ -220,6 +220,19 @@ mod tests {
     }
 
     #[test]
+    fn documents_written_as_yaml_read_back_as_the_same_set() {
+        let text = [
+            doc("prod", "prod.example", "  clusters: [east, west]\n"),
+            doc("staging", "staging.example", "  clusterSelector: { matchLabels: { env: staging } }\n"),
+        ]
+        .join("---\n");
+        let docs: Vec<RootTrustPolicyDoc> = serde_saphyr::from_multiple(&text).expect("parse");
+        let written = RootTrustPolicyDoc::to_yaml(&docs).expect("write");
+        assert!(!written.contains("null"), "an absent field is left out: {written}");
+        assert_eq!(PolicySet::from_yaml(&written).expect("reads back"), PolicySet::from_yaml(&text).expect("valid"));
+    }
+
+    #[test]
     fn clusters_go_to_the_policy_that_selects_them_by_name_or_label() {
         let text = [
             doc("prod", "prod.example", "  clusters: [east, west]\n"),
