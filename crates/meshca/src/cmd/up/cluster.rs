@@ -43,6 +43,8 @@ const FIRST_FEDERATION: Duration = Duration::from_secs(75);
 pub struct Membership<'a> {
     /// Its mesh.
     pub mesh: &'a MeshPlan,
+    /// Whether there are several meshes (the display names the cluster's).
+    pub several: bool,
     /// The labels its record gets (the mesh's policy selects it by them).
     pub labels: std::collections::BTreeMap<String, String>,
     /// With `--federate`: the other meshes' trust domains, whose bundles its agent must have
@@ -179,7 +181,11 @@ pub async fn start(
     }
 
     let ca = bundle.ca_cert();
-    say!("  {name}  (mesh {}, trust domain {td})", member.mesh.name);
+    if member.several {
+        say!("  {name}  (mesh {}, trust domain {td})", member.mesh.name);
+    } else {
+        say!("  {name}");
+    }
     for root in bundle.roots().iter() {
         // Every mesh's generated root has the same subject: the fingerprint tells them apart.
         say!("    root          {}  fingerprint {}", root.subject(), short(&root.fingerprint()));

@@ -40,6 +40,14 @@ impl MeshPlan {
     }
 }
 
+/// The trust domains `mesh` federates with: every other mesh's with `--federate`, none without.
+pub fn federated_with(plans: &[MeshPlan], mesh: &MeshPlan, federate: bool) -> Vec<TrustDomain> {
+    if !federate {
+        return Vec::new();
+    }
+    plans.iter().filter(|o| o.name != mesh.name).map(|o| o.trust_domain.clone()).collect()
+}
+
 /// Splits clusters `1..=clusters` into `meshes` meshes of consecutive clusters, as even as can be
 /// (the first meshes get one more when it does not divide).
 pub fn plan(meshes: usize, clusters: usize, trust_domain: &TrustDomain) -> anyhow::Result<Vec<MeshPlan>> {
@@ -117,12 +125,11 @@ pub fn policy_set_yaml(plans: &[MeshPlan], o: &Options, federate: Option<&Federa
                 },
                 federation: federate
                     .map(|f| {
-                        plans
+                        federated_with(plans, p, true)
                             .iter()
-                            .filter(|other| other.name != p.name)
-                            .map(|other| FederationDoc {
-                                trust_domain: other.trust_domain.to_string(),
-                                bundle_endpoint_url: format!("{}{}", f.base, other.trust_domain),
+                            .map(|td| FederationDoc {
+                                trust_domain: td.to_string(),
+                                bundle_endpoint_url: format!("{}{td}", f.base),
                                 profile: meshca_policy::federation::PROFILE_WEB.into(),
                                 endpoint_ca: Some(f.endpoint_ca.clone()),
                                 ..FederationDoc::default()

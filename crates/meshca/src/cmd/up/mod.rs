@@ -300,11 +300,8 @@ async fn run_topology(
     let mut topology_meshes = Vec::new();
     let mut mesh_runs = Vec::new();
     for p in plans {
-        let federates_with: Vec<String> = if a.federate {
-            plans.iter().filter(|o| o.name != p.name).map(|o| o.trust_domain.to_string()).collect()
-        } else {
-            Vec::new()
-        };
+        let federates_with: Vec<String> =
+            meshes::federated_with(plans, p, a.federate).iter().map(ToString::to_string).collect();
         let cluster_names: Vec<String> = p.clusters.iter().map(|i| format!("cluster-{i}")).collect();
         let bundle_url = format!("{}{}", mgmt.bundle.url, p.trust_domain);
         if several {
@@ -336,12 +333,9 @@ async fn run_topology(
     for p in plans {
         let member = cluster::Membership {
             mesh: p,
+            several,
             labels: p.labels(several),
-            federated_with: if a.federate {
-                plans.iter().filter(|o| o.name != p.name).map(|o| o.trust_domain.clone()).collect()
-            } else {
-                Vec::new()
-            },
+            federated_with: meshes::federated_with(plans, p, a.federate),
         };
         for &i in &p.clusters {
             let c = cluster::start(a, i, &member, dir, &mgmt, &idp_key, clock, tasks, stop)
