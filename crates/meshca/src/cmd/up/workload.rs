@@ -481,6 +481,11 @@ impl Workload {
     }
 }
 
+/// One exchange of `me` with `peer`; the error names both.
+async fn exchange(me: &Workload, peer: &Workload) -> Result<(), String> {
+    me.call(peer.addr, &peer.id).await.map_err(|e| format!("{} -> {}: {e:#}", me.id, peer.id))
+}
+
 /// One in this many calls of a workload is also a probe of another mesh's workload.
 pub const CROSS_MESH_EVERY: usize = 4;
 
@@ -503,36 +508,30 @@ pub async fn traffic(
     let (mut i, mut probes) = (0usize, 0usize);
     loop {
         if let Some(peer) = mine.get(i % mine.len().max(1)) {
-            match me.call(peer.addr, &peer.id).await {
-                Ok(()) => {
-                    me.counters.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    me.counters.failed.fetch_add(1, Ordering::Relaxed);
-                    let msg = format!("{} -> {}: {e:#}", me.id, peer.id);
+            match exchange(&me, peer).await {
+                Ok(()) => me.counters.ok.fetch_add(1, Ordering::Relaxed),
+                Err(msg) => {
                     tracing::error!("handshake failed: {msg}");
                     *me.counters.last_error.lock().await = msg;
+                    me.counters.failed.fetch_add(1, Ordering::Relaxed)
                 }
-            }
+            };
         }
         if !foreign.is_empty() && (mine.is_empty() || i % CROSS_MESH_EVERY == 0) {
             let peer = &foreign[probes % foreign.len()];
             probes = probes.wrapping_add(1);
-            match me.call(peer.addr, &peer.id).await {
-                Ok(()) => {
-                    me.counters.cross_mesh_ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    me.counters.cross_mesh_refused.fetch_add(1, Ordering::Relaxed);
-                    let msg = format!("{} -> {}: {e:#}", me.id, peer.id);
+            match exchange(&me, peer).await {
+                Ok(()) => me.counters.cross_mesh_ok.fetch_add(1, Ordering::Relaxed),
+                Err(msg) => {
                     if federated {
                         tracing::warn!("cross-mesh handshake refused although the meshes federate: {msg}");
                     } else {
                         tracing::debug!("cross-mesh handshake refused (the meshes do not federate): {msg}");
                     }
                     *me.counters.last_refusal.lock().await = msg;
+                    me.counters.cross_mesh_refused.fetch_add(1, Ordering::Relaxed)
                 }
-            }
+            };
         }
         i = i.wrapping_add(1);
         tokio::select! {
