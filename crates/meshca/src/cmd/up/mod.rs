@@ -57,8 +57,9 @@ pub struct Args {
     /// Number of meshes under the one management plane: each a RootTrustPolicy (`mesh-1`, …)
     /// with its own generated root and trust domain (`mesh-<k>.<--trust-domain>`), the clusters
     /// split evenly between them (consecutive, selected by the label `meshca.io/mesh`). Sample
-    /// traffic stays within each mesh; cross-mesh calls are probes, counted apart (refused
-    /// unless --federate). 1: one mesh of every cluster in --trust-domain.
+    /// traffic stays within each mesh (it goes between clusters: give each mesh two or more);
+    /// cross-mesh calls are probes, counted apart (refused unless --federate). 1: one mesh of
+    /// every cluster in --trust-domain.
     #[arg(long, default_value_t = 1)]
     meshes: usize,
     /// With --meshes 2 or more: each mesh federates with every other through this management
