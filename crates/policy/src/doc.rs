@@ -22,6 +22,33 @@ pub struct RootTrustPolicyDoc {
     pub status: Option<serde_json::Value>,
 }
 
+impl RootTrustPolicyDoc {
+    /// Writes `docs` as YAML documents (`---` between them): what an operator would write (no
+    /// field that is left out, so no `null`), and what [`crate::PolicySet::from_yaml`] reads back.
+    pub fn to_yaml(docs: &[RootTrustPolicyDoc]) -> Result<String, crate::PolicyError> {
+        let failed = |e: String| crate::err("policy", format!("cannot be written: {e}"));
+        let mut values = Vec::with_capacity(docs.len());
+        for d in docs {
+            let mut v = serde_json::to_value(d).map_err(|e| failed(e.to_string()))?;
+            drop_nulls(&mut v);
+            values.push(v);
+        }
+        serde_saphyr::to_string_multiple(&values).map_err(|e| failed(e.to_string()))
+    }
+}
+
+/// Removes every `null` member: an absent optional field means its default.
+fn drop_nulls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, m| !m.is_null());
+            map.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
 /// Object metadata (the subset meshca reads; Kubernetes adds more, which is tolerated).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -206,6 +206,15 @@ mod tests {
         )
     }
 
+    /// `prod` (clusters east and west by name) and `staging` (clusters labelled env=staging).
+    fn prod_and_staging() -> String {
+        [
+            doc("prod", "prod.example", "  clusters: [east, west]\n"),
+            doc("staging", "staging.example", "  clusterSelector: { matchLabels: { env: staging } }\n"),
+        ]
+        .join("---\n")
+    }
+
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
@@ -220,12 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn documents_written_as_yaml_read_back_as_the_same_set() {
+        let text = prod_and_staging();
+        let docs: Vec<RootTrustPolicyDoc> = serde_saphyr::from_multiple(&text).expect("parse");
+        let written = RootTrustPolicyDoc::to_yaml(&docs).expect("write");
+        assert!(!written.contains("null"), "an absent field is left out: {written}");
+        assert_eq!(PolicySet::from_yaml(&written).expect("reads back"), PolicySet::from_yaml(&text).expect("valid"));
+    }
+
+    #[test]
     fn clusters_go_to_the_policy_that_selects_them_by_name_or_label() {
-        let text = [
-            doc("prod", "prod.example", "  clusters: [east, west]\n"),
-            doc("staging", "staging.example", "  clusterSelector: { matchLabels: { env: staging } }\n"),
-        ]
-        .join("---\n");
+        let text = prod_and_staging();
         let set = PolicySet::from_yaml(&text).expect("valid");
         assert_eq!(set.assign("east", &BTreeMap::new()).policy_name(), Some("prod"));
         assert_eq!(set.assign("s1", &labels(&[("env", "staging"), ("team", "a")])).policy_name(), Some("staging"));

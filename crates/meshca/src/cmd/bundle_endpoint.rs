@@ -71,11 +71,23 @@ impl BundleEndpointArgs {
             }
             _ => (Profile::Spiffe, None),
         };
+        let host = host.or_else(|| hostnames.first().cloned()).unwrap_or_else(|| "localhost".into());
+        self.bind(addr, profile, &host, trust_domain).await
+    }
+
+    /// Binds the endpoint on `addr` with `profile`, reached at `host` (`meshca up --federate`
+    /// brings an `https_web` certificate of its own).
+    pub async fn bind(
+        &self,
+        addr: SocketAddr,
+        profile: Profile,
+        host: &str,
+        trust_domain: &TrustDomain,
+    ) -> anyhow::Result<(BundleEndpoint, Access)> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the SPIFFE bundle endpoint to {addr}"))?;
         let port = listener.local_addr().context("the bundle endpoint's address")?.port();
-        let host = host.or_else(|| hostnames.first().cloned()).unwrap_or_else(|| "localhost".into());
         let access = Access {
             url: format!("https://{host}:{port}/"),
             profile: profile.name(),

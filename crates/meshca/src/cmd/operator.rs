@@ -553,7 +553,8 @@ pub async fn audit(a: AuditArgs) -> anyhow::Result<()> {
 /// Arguments of `meshca policy apply`.
 #[derive(clap::Args)]
 pub struct PolicyApplyArgs {
-    /// The RootTrustPolicy (YAML).
+    /// The RootTrustPolicy (YAML), or several as YAML documents (`---` between them): the whole
+    /// set, one mesh per policy.
     file: PathBuf,
     #[command(flatten)]
     creds: Creds,
@@ -562,10 +563,17 @@ pub struct PolicyApplyArgs {
 /// `meshca policy apply FILE`.
 pub async fn policy_apply(a: PolicyApplyArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    meshca_policy::Policy::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
+    // Refused here, naming the field (and the policy, with several), before anything is sent.
+    meshca_policy::PolicySet::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
     let mut client = connect(&a.creds).await?;
     let r = client.apply_policy(ApplyPolicyRequest { policy: text }).await.map_err(status_err)?.into_inner();
-    println!("policy applied; generation {}", r.policy_generation);
+    if r.generations.len() > 1 {
+        let mut each: Vec<String> = r.generations.iter().map(|(name, g)| format!("{name} {g}")).collect();
+        each.sort();
+        println!("policies applied; generations {}", each.join(", "));
+    } else {
+        println!("policy applied; generation {}", r.policy_generation);
+    }
     Ok(())
 }
 

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::display::{ClusterRun, short};
+use super::meshes::MeshPlan;
 use super::mgmt::Started;
 use super::topology::{TopologyCa, TopologyCluster, TopologyWorkload};
 use super::workload::{CaEndpoint, Workload};
@@ -34,11 +35,29 @@ pub struct Cluster {
 /// How long a cluster may take to hold its first valid `cacerts`.
 const FIRST_CACERTS: Duration = Duration::from_secs(60);
 
-/// Starts cluster number `i`, its tasks in `tasks`.
+/// How long a cluster may take to hold the bundles of the trust domains its mesh federates with
+/// (`--federate`). A fetch that fails is retried after [`meshca_mgmt::federation::fetch::RETRY`].
+const FIRST_FEDERATION: Duration = Duration::from_secs(75);
+
+/// Which mesh a cluster is in.
+pub struct Membership<'a> {
+    /// Its mesh.
+    pub mesh: &'a MeshPlan,
+    /// Whether there are several meshes (the display names the cluster's).
+    pub several: bool,
+    /// The labels its record gets (the mesh's policy selects it by them).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// With `--federate`: the other meshes' trust domains, whose bundles its agent must have
+    /// written before its sample workloads start.
+    pub federated_with: Vec<meshca_pki::TrustDomain>,
+}
+
+/// Starts cluster number `i` of mesh `member`, its tasks in `tasks`.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     a: &Args,
     i: usize,
+    member: &Membership<'_>,
     dir: &Path,
     mgmt: &Started,
     idp_key: &[u8],
@@ -54,7 +73,7 @@ pub async fn start(
     let token = meshca_mgmt::tokens::create(
         mgmt.store.as_ref(),
         &name,
-        &Default::default(),
+        &member.labels,
         Duration::from_secs(600),
         "meshca up",
         clock.now(),
@@ -85,6 +104,10 @@ pub async fn start(
         }
     });
     let bundle = first_bundle(&name, &cacerts, clock).await?;
+    let federated_dir =
+        store.object_path(&meshca_store::ObjectKey::new("istio-system", meshca_agent::federated::OBJECT)?);
+    first_federation(&name, &federated_dir, &member.federated_with).await?;
+    let td = &member.mesh.trust_domain;
 
     // Workload CA trusting this cluster's issuer.
     let issuer = issuer_for(&name);
@@ -104,7 +127,7 @@ pub async fn start(
         listen: "127.0.0.1:0".parse()?,
         metrics_listen: Some("127.0.0.1:0".parse()?),
         metrics_token: Some(metrics_token),
-        trust_domain: a.trust_domain.clone(),
+        trust_domain: td.clone(),
         auth,
         // No leaf outlives --leaf-ttl: the root rotation's waits are computed from it.
         ttl: TtlPolicy { default: a.leaf_ttl.0, max: a.leaf_ttl.0 },
@@ -140,8 +163,7 @@ pub async fn start(
         address: ca_addr.to_string(),
         root_file: cacerts.join("root-cert.pem"),
         crl_file: cacerts.join(meshca_pki::bundle::CA_CRL),
-        federated_dir: store
-            .object_path(&meshca_store::ObjectKey::new("istio-system", meshca_agent::federated::OBJECT)?),
+        federated_dir,
         cluster: name.clone(),
         idp,
         clock: clock.clone(),
@@ -150,17 +172,24 @@ pub async fn start(
     let grace = meshca_tls::RevocationGrace(a.revocation_grace.0);
     for sa in ["sleep", "httpbin"] {
         let name_i = format!("{sa}-{i}");
-        let id = SpiffeId::workload(&a.trust_domain, "default", &name_i)?;
+        let id = SpiffeId::workload(td, "default", &name_i)?;
         let chain_file = cdir.join("workloads").join(&name_i).join("cert-chain.pem");
         let ttl = a.leaf_ttl.0;
-        workloads.push(
-            Workload::start(&name, id, &a.trust_domain, endpoint.clone(), ttl, grace, chain_file, tasks, stop).await?,
-        );
+        let mesh = &member.mesh.name;
+        workloads
+            .push(Workload::start(&name, mesh, id, td, endpoint.clone(), ttl, grace, chain_file, tasks, stop).await?);
     }
 
     let ca = bundle.ca_cert();
-    say!("  {name}");
-    say!("    root          {}", bundle.roots().iter().next().map(|r| r.subject()).unwrap_or_default());
+    if member.several {
+        say!("  {name}  (mesh {}, trust domain {td})", member.mesh.name);
+    } else {
+        say!("  {name}");
+    }
+    for root in bundle.roots().iter() {
+        // Every mesh's generated root has the same subject: the fingerprint tells them apart.
+        say!("    root          {}  fingerprint {}", root.subject(), short(&root.fingerprint()));
+    }
     for above in bundle.signer().chain().iter().skip(1).filter(|c| !c.is_self_issued()) {
         say!("    your CA       {}  expires {}", above.subject(), rfc3339(above.not_after()));
     }
@@ -168,7 +197,8 @@ pub async fn start(
     say!("    workload CA   {ca_addr}  cacerts {}", abs(&cacerts));
     let topology = TopologyCluster {
         name: name.clone(),
-        trust_domain: a.trust_domain.to_string(),
+        mesh: member.mesh.name.clone(),
+        trust_domain: td.to_string(),
         cacerts_dir: abs(&cacerts),
         workload_ca: TopologyCa {
             address: ca_addr.to_string(),
@@ -188,7 +218,7 @@ pub async fn start(
             })
             .collect(),
     };
-    let run = ClusterRun { name, cacerts, serial: ca.serial_hex(), rotations: 0 };
+    let run = ClusterRun { name, mesh: member.mesh.name.clone(), cacerts, serial: ca.serial_hex(), rotations: 0 };
     Ok(Cluster { run, topology, workloads })
 }
 
@@ -205,5 +235,29 @@ async fn first_bundle(name: &str, cacerts: &Path, clock: &SharedClock) -> anyhow
             bail!("{name}: no valid cacerts after {}s (see the log)", FIRST_CACERTS.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for the agent to have written the bundle of each trust domain in `domains` (none: at
+/// once), so the cluster's sample workloads accept the federated meshes from their first call.
+async fn first_federation(name: &str, dir: &Path, domains: &[meshca_pki::TrustDomain]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + FIRST_FEDERATION;
+    loop {
+        let missing: Vec<&str> = domains
+            .iter()
+            .map(|td| td.as_str())
+            .filter(|td| !dir.join(meshca_agent::federated::file_name(td)).exists())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "{name}: no federated bundle of {} after {}s (see the log and `meshca status`)",
+                missing.join(", "),
+                FIRST_FEDERATION.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -14,7 +14,8 @@ use meshca_store::{ObjectKey, Precondition, Store};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Args, CaChoice, VaultArgs, abs};
+use super::meshes::{Federate, MeshPlan};
+use super::{Args, CaChoice, VaultArgs, abs, write};
 
 /// Name of the secret `up` keeps the user's intermediate in.
 const USER_INTERMEDIATE: &str = "user-intermediate";
@@ -85,11 +86,43 @@ pub struct Started {
     pub dashboard: crate::cmd::dashboard::Access,
     /// The SPIFFE bundle endpoint's URL and profile.
     pub bundle: crate::cmd::bundle_endpoint::Access,
+    /// With `--federate`: the CA of the bundle endpoint's `https_web` certificate (PEM file).
+    pub bundle_ca: Option<PathBuf>,
+    /// With `--federate`: the policy set that federates the meshes, put in force by
+    /// [`federate`] once the bundle endpoint serves every mesh's bundle.
+    federating: Option<Federating>,
 }
 
-/// Starts the management plane for `a` under `dir`, its tasks in `tasks`.
+/// The federating policy set, and what [`federate`] checks before applying it.
+struct Federating {
+    yaml: String,
+    endpoint_ca: meshca_pki::RootSet,
+}
+
+/// Lifetime of the bundle endpoint's `https_web` certificate and its CA under `--federate`.
+const WEB_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `--federate`: a CA of `up`'s own and a certificate for `localhost` from it, for the bundle
+/// endpoint's `https_web` profile (each mesh's policy names the CA as `endpointCa`). The key
+/// lives in memory only; the CA is written to `<dir>/bundle-endpoint/ca.pem` for other clients.
+fn web_identity(dir: &Path, now: std::time::SystemTime) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, String)> {
+    use meshca_pki::{CaSigner, Cert, KeyAlgorithm, LeafParams, PrivateKey, RootParams};
+    let params = RootParams { ttl: WEB_TTL, ..RootParams::new("meshca up bundle endpoint") };
+    let ca = CaSigner::new_root(PrivateKey::generate(KeyAlgorithm::EcdsaP256)?, &params, now)?;
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+    let leaf = LeafParams { identity: None, dns_names: vec!["localhost".into()], ttl: WEB_TTL };
+    let leaf = Cert::from_der(ca.sign_leaf(key.public_key_spki(), &leaf, now)?.der)?;
+    let ck = meshca_tls::Identity::new(&leaf, &[], &key).certified_key()?;
+    let pem = ca.cert().to_pem();
+    write(&dir.join("bundle-endpoint").join("ca.pem"), pem.as_bytes(), 0o644)?;
+    Ok((ck, pem))
+}
+
+/// Starts the management plane for `a` under `dir` running the meshes `plans`, its tasks in
+/// `tasks`.
 pub async fn start(
     a: &Args,
+    plans: &[MeshPlan],
     dir: &Path,
     clock: &SharedClock,
     tasks: &mut JoinSet<()>,
@@ -145,11 +178,57 @@ pub async fn start(
     let hostnames = vec!["localhost".to_string()];
     let (dashboard_listener, dashboard) = crate::cmd::dashboard::open(a.dashboard_addr, &hostnames).await?;
     let bundle_addr = a.bundle.bundle_endpoint_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let (bundle_endpoint, bundle) = a.bundle.open(bundle_addr, &hostnames, &a.trust_domain).await?;
+    // With several meshes the https_spiffe SVID is the first mesh's (the endpoint's choice).
+    let first_td = plans.first().map_or(&a.trust_domain, |p| &p.trust_domain);
+    let mut bundle_ca = None;
+    let mut endpoint_ca = None;
+    let (bundle_endpoint, bundle) = if a.federate {
+        let (ck, pem) = web_identity(dir, clock.now())?;
+        bundle_ca = Some(dir.join("bundle-endpoint").join("ca.pem"));
+        endpoint_ca = Some(pem);
+        let profile = meshca_mgmt::federation::Profile::Web(ck);
+        a.bundle.bind(bundle_addr, profile, "localhost", first_td).await?
+    } else {
+        a.bundle.open(bundle_addr, &hostnames, first_td).await?
+    };
+    let mut policy_yaml = None;
+    let mut federating = None;
+    if plans.len() > 1 {
+        let options = super::meshes::Options {
+            root_ttl: a.root_ttl.0,
+            intermediate_ttl: a.intermediate_ttl.0,
+            grace_ratio: a.grace_ratio,
+            root_rotation_ratio: a.root_rotation_ratio,
+            max_leaf_lifetime: a.leaf_ttl.0,
+            rotation_skew: a.rotation_skew.0,
+        };
+        // The meshes start apart; with --federate, `federate` then applies the set that joins
+        // them (a mesh polling the endpoint before it publishes would wait a retry period).
+        let text = super::meshes::policy_set_yaml(plans, &options, None)?;
+        if let Some(pem) = endpoint_ca {
+            let endpoint_ca = meshca_pki::RootSet::from_pem(pem.as_bytes())?;
+            let with = Federate { base: bundle.url.clone(), endpoint_ca: pem };
+            federating =
+                Some(Federating { yaml: super::meshes::policy_set_yaml(plans, &options, Some(&with))?, endpoint_ca });
+        }
+        // For the operator to read, edit and `meshca policy apply`.
+        let shown = federating.as_ref().map_or(&text, |f| &f.yaml);
+        write(&dir.join("policies.yaml"), shown.as_bytes(), 0o644)?;
+        policy_yaml = Some(text);
+    } else if let Some(stored) = meshca_mgmt::loader::stored_policy(store.as_ref()).await.ok().flatten()
+        && stored.policies().len() > 1
+    {
+        bail!(
+            "{} ran {} meshes; run it with --meshes {} again, or use a fresh --dir",
+            dir.display(),
+            stored.policies().len(),
+            stored.policies().len()
+        );
+    }
     let opts = ServerOptions {
         listen: "127.0.0.1:0".parse()?,
         hostnames,
-        policy_yaml: None,
+        policy_yaml,
         default_policy: policy,
         operator_dir: Some(dir.join("mgmt").join("operator")),
         settings: Settings { report_interval: Duration::from_secs(5), crl_ttl: a.crl_ttl.0, ..Settings::default() },
@@ -194,5 +273,45 @@ pub async fn start(
         }
     };
     let relay_ca = std::fs::read(dir.join("mgmt").join("operator").join("relay-ca.pem"))?;
-    Ok(Started { addr, store, relay_ca, memory_root, dashboard, bundle })
+    Ok(Started { addr, store, relay_ca, memory_root, dashboard, bundle, bundle_ca, federating })
+}
+
+/// How long the bundle endpoint may take to serve every mesh's bundle.
+const ENDPOINT_READY: Duration = Duration::from_secs(30);
+
+/// `--federate`: once the bundle endpoint serves every mesh's bundle (fetched and validated
+/// as each mesh's poller will), puts the federating policy set in force through the operator
+/// API with `up`'s operator credentials — as `meshca policy apply <dir>/policies.yaml` would, so
+/// the audit log records it. Nothing to do without `--federate`.
+pub async fn federate(mgmt: &Started, plans: &[MeshPlan], dir: &Path, clock: &SharedClock) -> anyhow::Result<()> {
+    use meshca_mgmt::federation::fetch::{EndpointAuth, FETCH_TIMEOUT, Source, fetch};
+    let Some(f) = &mgmt.federating else { return Ok(()) };
+    let deadline = tokio::time::Instant::now() + ENDPOINT_READY;
+    for p in plans {
+        let source = Source {
+            trust_domain: p.trust_domain.clone(),
+            url: format!("{}{}", mgmt.bundle.url, p.trust_domain),
+            auth: EndpointAuth::Web(f.endpoint_ca.clone()),
+            timeout: FETCH_TIMEOUT,
+        };
+        loop {
+            match fetch(&source, None, clock.now()).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("the bundle endpoint does not serve {}'s bundle: {e}", p.name)
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    let operator = dir.join("mgmt").join("operator");
+    let tls = meshca_mgmt::server::creds::client_config(&operator)?;
+    let channel = meshca_tls::grpc::channel(&mgmt.addr.to_string(), tls, "localhost")?;
+    let request = meshca_proto::mgmt::ApplyPolicyRequest { policy: f.yaml.clone() };
+    meshca_proto::mgmt::operator_client::OperatorClient::new(channel)
+        .apply_policy(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("applying the federating policies: {}", s.message()))?;
+    tracing::info!("the meshes federate with each other");
+    Ok(())
 }

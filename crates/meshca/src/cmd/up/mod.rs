@@ -4,6 +4,7 @@
 //! connections across clusters. It shows each cluster's chain and a live count of handshakes.
 //!
 //! - [`mgmt`]: the management plane and its policy for the chosen root-of-trust mode;
+//! - [`meshes`]: `--meshes N` (one RootTrustPolicy per mesh) and `--federate`;
 //! - [`cluster`]: one cluster (agent, workload CA, sample workloads);
 //! - [`workload`]: a sample workload; [`display`]: the live numbers; [`topology`]:
 //!   `topology.json`; [`mod@token`]: `meshca token`.
@@ -22,6 +23,7 @@ macro_rules! say {
 
 pub mod cluster;
 pub mod display;
+pub mod meshes;
 pub mod mgmt;
 pub mod token;
 pub mod topology;
@@ -40,7 +42,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::DurationArg;
-use display::{ClusterRun, collect, print_status};
+use display::{MeshRun, Runs, cross_mesh_line, print_status};
+use meshes::MeshPlan;
 pub use token::{TokenArgs, token};
 use topology::{Topology, TopologyMgmt};
 use workload::Workload;
@@ -51,6 +54,19 @@ pub struct Args {
     /// Number of workload clusters.
     #[arg(long, default_value_t = 2)]
     clusters: usize,
+    /// Number of meshes under the one management plane: each a RootTrustPolicy (`mesh-1`, …)
+    /// with its own generated root and trust domain (`mesh-<k>.<--trust-domain>`), the clusters
+    /// split evenly between them (consecutive, selected by the label `meshca.io/mesh`). Sample
+    /// traffic stays within each mesh (it goes between clusters: give each mesh two or more);
+    /// cross-mesh calls are probes, counted apart (refused unless --federate). 1: one mesh of
+    /// every cluster in --trust-domain.
+    #[arg(long, default_value_t = 1)]
+    meshes: usize,
+    /// With --meshes 2 or more: each mesh federates with every other through this management
+    /// plane's own SPIFFE bundle endpoint (`https_web`, with a certificate for localhost from a
+    /// CA `up` makes, `bundle-endpoint/ca.pem`), so cross-mesh calls are accepted.
+    #[arg(long, conflicts_with = "bundle_endpoint_cert")]
+    federate: bool,
     /// Folder for everything (stores, cacerts, credentials, topology.json); a fresh one under the
     /// working directory by default.
     #[arg(long)]
@@ -90,7 +106,7 @@ pub struct Args {
     /// Time between two calls of one workload.
     #[arg(long, default_value = "250ms")]
     call_interval: DurationArg,
-    /// Trust domain.
+    /// Trust domain (with --meshes 2 or more, each mesh's is `mesh-<k>.` followed by this).
     #[arg(long, default_value = "cluster.local")]
     trust_domain: TrustDomain,
     /// Address of the web dashboard (HTTPS; a free port by default). Its URL and login token
@@ -211,6 +227,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if a.clusters == 0 {
         bail!("--clusters must be at least 1");
     }
+    let plans = meshes::plan(a.meshes, a.clusters, &a.trust_domain)?;
+    if a.federate && plans.len() < 2 {
+        bail!("--federate needs --meshes 2 or more: one mesh has nothing to federate with");
+    }
+    if plans.len() > 1 && a.ca != CaChoice::Generated {
+        bail!("--meshes {} runs generated roots only (each mesh its own); drop --ca or use --meshes 1", a.meshes);
+    }
     if !(a.grace_ratio > 0.0 && a.grace_ratio < 1.0) {
         bail!("--grace-ratio must be in (0, 1)");
     }
@@ -234,7 +257,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let result = run_topology(&a, &dir, &log_file, &clock, &mut tasks, &stop).await;
+    let result = run_topology(&a, &plans, &dir, &log_file, &clock, &mut tasks, &stop).await;
     stop.cancel();
     // Every task ends with the token; none is left behind.
     while tasks.join_next().await.is_some() {}
@@ -243,17 +266,23 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
 
 async fn run_topology(
     a: &Args,
+    plans: &[MeshPlan],
     dir: &Path,
     log_file: &Path,
     clock: &SharedClock,
     tasks: &mut JoinSet<()>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mgmt = mgmt::start(a, dir, clock, tasks, stop).await?;
+    let mgmt = mgmt::start(a, plans, dir, clock, tasks, stop).await?;
     let _memory_guard = mgmt.memory_root.clone().map(RemoveOnDrop);
     let idp_key = idp_key(dir)?;
     let credentials = abs(&dir.join("mgmt").join("operator"));
-    say!("meshca up: {} clusters in {}", a.clusters, abs(dir));
+    let several = plans.len() > 1;
+    if several {
+        say!("meshca up: {} clusters in {} meshes in {}", a.clusters, plans.len(), abs(dir));
+    } else {
+        say!("meshca up: {} clusters in {}", a.clusters, abs(dir));
+    }
     say!("  management plane  {}  (meshca status --credentials {credentials})", mgmt.addr);
     say!("  dashboard         {}", mgmt.dashboard.login_url());
     say!(
@@ -262,22 +291,67 @@ async fn run_topology(
         credentials
     );
     say!("  SPIFFE bundle     {}", mgmt.bundle.describe());
+    if let Some(ca) = &mgmt.bundle_ca {
+        say!("                    (its certificate's CA: {})", abs(ca));
+    }
+    // Which records each mesh has (its root rotation's journal): the management plane recorded
+    // them when it started its meshes, so this only reads.
+    let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
+    let keys = meshca_mgmt::meshes::keyspaces(mgmt.store.as_ref(), &names).await?;
+    let mut topology_meshes = Vec::new();
+    let mut mesh_runs = Vec::new();
+    for p in plans {
+        let federates_with: Vec<String> =
+            meshes::federated_with(plans, p, a.federate).iter().map(ToString::to_string).collect();
+        let cluster_names: Vec<String> = p.clusters.iter().map(|i| format!("cluster-{i}")).collect();
+        let bundle_url = format!("{}{}", mgmt.bundle.url, p.trust_domain);
+        if several {
+            say!("  mesh {}  trust domain {}  clusters {}", p.name, p.trust_domain, cluster_names.join(", "));
+            say!("    bundle  {bundle_url}");
+            if !federates_with.is_empty() {
+                say!("    federates with  {}", federates_with.join(", "));
+            }
+        }
+        mesh_runs.push(MeshRun {
+            name: p.name.clone(),
+            trust_domain: p.trust_domain.to_string(),
+            keys: keys.get(&p.name).cloned().unwrap_or_else(|| meshca_mgmt::records::Keyspace::named(&p.name)),
+        });
+        topology_meshes.push(topology::TopologyMesh {
+            policy: p.name.clone(),
+            trust_domain: p.trust_domain.to_string(),
+            clusters: cluster_names,
+            bundle_url,
+            federates_with,
+        });
+    }
+
+    mgmt::federate(&mgmt, plans, dir, clock).await?;
 
     let mut topo = Vec::new();
-    let mut runs: Vec<ClusterRun> = Vec::new();
+    let mut runs = Runs { meshes: mesh_runs, clusters: Vec::new(), federated: a.federate };
     let mut workloads: Vec<Arc<Workload>> = Vec::new();
-    for i in 1..=a.clusters {
-        let c = cluster::start(a, i, dir, &mgmt, &idp_key, clock, tasks, stop)
-            .await
-            .with_context(|| format!("starting cluster-{i} (see {})", log_file.display()))?;
-        topo.push(c.topology);
-        runs.push(c.run);
-        workloads.extend(c.workloads);
+    for p in plans {
+        let member = cluster::Membership {
+            mesh: p,
+            several,
+            labels: p.labels(several),
+            federated_with: meshes::federated_with(plans, p, a.federate),
+        };
+        for &i in &p.clusters {
+            let c = cluster::start(a, i, &member, dir, &mgmt, &idp_key, clock, tasks, stop)
+                .await
+                .with_context(|| format!("starting cluster-{i} (see {})", log_file.display()))?;
+            topo.push(c.topology);
+            runs.clusters.push(c.run);
+            workloads.extend(c.workloads);
+        }
     }
     for w in &workloads {
         say!("  workload  {:<45} {}  {}", w.id.to_string(), w.cluster, w.addr);
     }
     let topology = Topology {
+        meshes: topology_meshes,
         clusters: topo,
         management_plane: TopologyMgmt {
             address: mgmt.addr.to_string(),
@@ -287,15 +361,19 @@ async fn run_topology(
                 url: mgmt.bundle.url.clone(),
                 profile: mgmt.bundle.profile.into(),
                 spiffe_id: mgmt.bundle.spiffe_id.clone(),
+                ca_file: mgmt.bundle_ca.as_deref().map(abs),
             },
         },
     };
     write(&dir.join("topology.json"), serde_json::to_string_pretty(&topology)?.as_bytes(), 0o644)?;
     say!("  topology  {}", abs(&dir.join("topology.json")));
+    if several {
+        say!("  policies  {}  (change them with meshca policy apply FILE)", abs(&dir.join("policies.yaml")));
+    }
     say!("  logs      {}", abs(log_file));
 
     for w in &workloads {
-        tasks.spawn(workload::traffic(w.clone(), workloads.clone(), a.call_interval.0, stop.child_token()));
+        tasks.spawn(workload::traffic(w.clone(), workloads.clone(), a.call_interval.0, a.federate, stop.child_token()));
     }
 
     let started = Instant::now();
@@ -308,10 +386,10 @@ async fn run_topology(
     tokio::pin!(ctrl_c);
     let summary = loop {
         tokio::select! {
-            _ = &mut ctrl_c => break collect(&mut runs, &workloads, mgmt.store.as_ref(), started, clock.now()).await,
+            _ = &mut ctrl_c => break runs.collect(&workloads, mgmt.store.as_ref(), started, clock.now()).await,
             _ = tick.tick() => {}
         }
-        let s = collect(&mut runs, &workloads, mgmt.store.as_ref(), started, clock.now()).await;
+        let s = runs.collect(&workloads, mgmt.store.as_ref(), started, clock.now()).await;
         write(&dir.join("status.json"), serde_json::to_string_pretty(&s)?.as_bytes(), 0o644)?;
         if last_print.elapsed() >= Duration::from_secs(10)
             || s.handshakes_failed > 0 && last_print.elapsed() >= Duration::from_secs(2)
@@ -330,6 +408,9 @@ async fn run_topology(
         summary.handshakes_ok,
         summary.handshakes_failed
     );
+    if let Some(c) = &summary.cross_mesh {
+        say!("  {}", cross_mesh_line(c));
+    }
     for c in &summary.clusters {
         say!("  {}  {} intermediate rotations, {} leaves issued", c.name, c.intermediate_rotations, c.leaves_issued);
     }

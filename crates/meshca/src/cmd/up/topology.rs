@@ -4,13 +4,31 @@ use serde::Serialize;
 
 #[derive(Serialize)]
 pub struct Topology {
+    /// Each mesh (one RootTrustPolicy each; one unless `--meshes`).
+    pub meshes: Vec<TopologyMesh>,
     pub clusters: Vec<TopologyCluster>,
     pub management_plane: TopologyMgmt,
+}
+
+/// One mesh.
+#[derive(Serialize)]
+pub struct TopologyMesh {
+    /// Its RootTrustPolicy's name (`meshca status --policy`, `meshca rotate root --policy`).
+    pub policy: String,
+    pub trust_domain: String,
+    /// Its clusters' names.
+    pub clusters: Vec<String>,
+    /// Its bundle on the SPIFFE bundle endpoint: `<endpoint>/<trust domain>`.
+    pub bundle_url: String,
+    /// The trust domains it federates with (`--federate`).
+    pub federates_with: Vec<String>,
 }
 
 #[derive(Serialize)]
 pub struct TopologyCluster {
     pub name: String,
+    /// Its mesh's policy.
+    pub mesh: String,
     pub trust_domain: String,
     pub cacerts_dir: String,
     pub workload_ca: TopologyCa,
@@ -56,4 +74,6 @@ pub struct TopologyBundle {
     pub profile: String,
     /// The serving SVID's SPIFFE ID (`https_spiffe`).
     pub spiffe_id: Option<String>,
+    /// With `--federate`: the CA of its `https_web` certificate (PEM file).
+    pub ca_file: Option<String>,
 }

@@ -1,7 +1,11 @@
 //! A sample workload of `meshca up`: it gets its leaf from its own cluster's workload CA the way
 //! istio-agent does (CSR + service-account token), renews it at half life, serves mutual TLS, and
-//! keeps dialling workloads in the other clusters, verifying their SPIFFE IDs. Every handshake is
-//! counted; a failure is what meshca exists to prevent.
+//! keeps dialling workloads in the other clusters of its mesh, verifying their SPIFFE IDs. Every
+//! handshake is counted; a failure is what meshca exists to prevent.
+//!
+//! With several meshes ([`traffic`]) it also probes the workloads of the other meshes now and
+//! then, counted apart: refused while the meshes do not federate (another root, another trust
+//! domain), accepted once they do.
 //!
 //! Revocation: the workload reads its cluster's `ca-crl.pem` as a file, as Istio's proxies read
 //! the `istio-ca-crl` ConfigMap istiod fills from it (every [`CRL_POLL`]). Its verifier checks
@@ -52,12 +56,20 @@ pub struct Counters {
     pub leaves_failed: AtomicU64,
     /// The last failure, for the display.
     pub last_error: Mutex<String>,
+    /// Probes of workloads of other meshes that completed (mutual TLS, the peer's SPIFFE ID).
+    pub cross_mesh_ok: AtomicU64,
+    /// Those that were refused.
+    pub cross_mesh_refused: AtomicU64,
+    /// Why the last one was refused.
+    pub last_refusal: Mutex<String>,
 }
 
 /// One sample workload.
 pub struct Workload {
     /// Its cluster.
     pub cluster: String,
+    /// Its cluster's mesh (policy name).
+    pub mesh: String,
     /// Its identity.
     pub id: SpiffeId,
     /// Where it serves mTLS.
@@ -234,6 +246,7 @@ impl Workload {
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         cluster: &str,
+        mesh: &str,
         id: SpiffeId,
         td: &TrustDomain,
         ca: CaEndpoint,
@@ -251,6 +264,7 @@ impl Workload {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let w = Arc::new(Workload {
             cluster: cluster.to_string(),
+            mesh: mesh.to_string(),
             id,
             addr: listener.local_addr()?,
             cert,
@@ -467,27 +481,59 @@ impl Workload {
     }
 }
 
-/// Keeps `me` calling random workloads of other clusters every `interval`.
-pub async fn traffic(me: Arc<Workload>, peers: Vec<Arc<Workload>>, interval: Duration, stop: CancellationToken) {
-    let others: Vec<Arc<Workload>> = peers.into_iter().filter(|p| p.cluster != me.cluster).collect();
-    if others.is_empty() {
+/// One exchange of `me` with `peer`; the error names both.
+async fn exchange(me: &Workload, peer: &Workload) -> Result<(), String> {
+    me.call(peer.addr, &peer.id).await.map_err(|e| format!("{} -> {}: {e:#}", me.id, peer.id))
+}
+
+/// One in this many calls of a workload is also a probe of another mesh's workload.
+pub const CROSS_MESH_EVERY: usize = 4;
+
+/// Keeps `me` calling the workloads of the other clusters of its mesh in turn, one every
+/// `interval`; every [`CROSS_MESH_EVERY`]th call it also probes a workload of another mesh (every
+/// call when its mesh has no other cluster). A probe refused while the meshes do not federate is
+/// what should happen, and is logged at debug level; with `federated` it is a warning.
+pub async fn traffic(
+    me: Arc<Workload>,
+    peers: Vec<Arc<Workload>>,
+    interval: Duration,
+    federated: bool,
+    stop: CancellationToken,
+) {
+    let (mine, foreign): (Vec<Arc<Workload>>, Vec<Arc<Workload>>) =
+        peers.into_iter().filter(|p| p.cluster != me.cluster).partition(|p| p.mesh == me.mesh);
+    if mine.is_empty() && foreign.is_empty() {
         return;
     }
-    let mut i = 0usize;
+    let (mut i, mut probes) = (0usize, 0usize);
     loop {
-        let peer = &others[i % others.len()];
-        i = i.wrapping_add(1);
-        match me.call(peer.addr, &peer.id).await {
-            Ok(()) => {
-                me.counters.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                me.counters.failed.fetch_add(1, Ordering::Relaxed);
-                let msg = format!("{} -> {}: {e:#}", me.id, peer.id);
-                tracing::error!("handshake failed: {msg}");
-                *me.counters.last_error.lock().await = msg;
-            }
+        if let Some(peer) = mine.get(i % mine.len().max(1)) {
+            match exchange(&me, peer).await {
+                Ok(()) => me.counters.ok.fetch_add(1, Ordering::Relaxed),
+                Err(msg) => {
+                    tracing::error!("handshake failed: {msg}");
+                    *me.counters.last_error.lock().await = msg;
+                    me.counters.failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
         }
+        if !foreign.is_empty() && (mine.is_empty() || i % CROSS_MESH_EVERY == 0) {
+            let peer = &foreign[probes % foreign.len()];
+            probes = probes.wrapping_add(1);
+            match exchange(&me, peer).await {
+                Ok(()) => me.counters.cross_mesh_ok.fetch_add(1, Ordering::Relaxed),
+                Err(msg) => {
+                    if federated {
+                        tracing::warn!("cross-mesh handshake refused although the meshes federate: {msg}");
+                    } else {
+                        tracing::debug!("cross-mesh handshake refused (the meshes do not federate): {msg}");
+                    }
+                    *me.counters.last_refusal.lock().await = msg;
+                    me.counters.cross_mesh_refused.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+        i = i.wrapping_add(1);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = me.clock.sleep(interval) => {}
