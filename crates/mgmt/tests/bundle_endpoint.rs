@@ -527,7 +527,7 @@ async fn bad_bundles_and_a_hanging_endpoint_are_refused_and_the_last_good_one_is
         assert!(why.contains(expected), "{what}: {why}");
         assert!(why.contains("foreign.example"), "{what}: the status names the trust domain: {why}");
         assert_eq!(state.last_good.as_ref(), Some(&good), "{what}: the last good bundle is kept");
-        assert_eq!(state.next_fetch, at + meshca_mgmt::federation::fetch::RETRY, "{what}");
+        assert_eq!(state.next_fetch, at + meshca_mgmt::federation::fetch::retry_after(since, at), "{what}");
         assert_eq!(*first_failure.get_or_insert(since), since, "failing since the first failure");
     }
 

@@ -25,6 +25,18 @@ pub const REFRESH_BOUNDS: (Duration, Duration) = (Duration::from_secs(30), Durat
 /// After a failed fetch, the next try.
 pub const RETRY: Duration = Duration::from_secs(30);
 
+/// The first retry after a failure: soon, since the commonest failure is a moment's one (a
+/// management plane whose own bundle is not published yet when another mesh of it first asks, a
+/// restart). The wait then doubles with the time the fetches have been failing, up to [`RETRY`].
+pub const FIRST_RETRY: Duration = Duration::from_secs(2);
+
+/// How long to wait before the next fetch when fetches have been failing since `since`:
+/// [`FIRST_RETRY`], then about as long as they have been failing (so the waits double), at most
+/// [`RETRY`].
+pub fn retry_after(since: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(since).unwrap_or_default().clamp(FIRST_RETRY, RETRY)
+}
+
 /// How a bundle endpoint proves itself.
 #[derive(Debug, Clone)]
 pub enum EndpointAuth {
@@ -158,13 +170,16 @@ impl Federated {
     /// its sequence goes back with different roots: an older copy of the document, refused) and
     /// schedules the next fetch at its refresh hint, within [`REFRESH_BOUNDS`]. A failure keeps
     /// the last good bundle, records why (since the first failure of a run), and retries after
-    /// [`RETRY`].
+    /// [`retry_after`] (2 s, doubling, at most [`RETRY`]).
     pub fn observe(&self, result: Result<Bundle, FetchError>, now: SystemTime) -> Federated {
-        let failed = |why: String| Federated {
-            last_good: self.last_good.clone(),
-            fetched_at: self.fetched_at,
-            failure: Some((why, self.failure.as_ref().map_or(now, |(_, since)| *since))),
-            next_fetch: now + RETRY,
+        let failed = |why: String| {
+            let since = self.failure.as_ref().map_or(now, |(_, since)| *since);
+            Federated {
+                last_good: self.last_good.clone(),
+                fetched_at: self.fetched_at,
+                failure: Some((why, since)),
+                next_fetch: now + retry_after(since, now),
+            }
         };
         match result {
             Ok(b) => {
@@ -197,6 +212,29 @@ mod tests {
             refresh_hint: hint,
             authorities: Vec::new(),
         }
+    }
+
+    #[test]
+    fn failures_are_retried_soon_then_less_often_up_to_the_cap() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut s = Federated::new(None, t0);
+        let mut waits = Vec::new();
+        let mut now = t0;
+        for _ in 0..8 {
+            s = s.observe(
+                Err(FetchError::Status {
+                    trust_domain: TrustDomain::new("foreign.example").expect("td"),
+                    url: "https://x/".into(),
+                    status: 503,
+                }),
+                now,
+            );
+            let wait = s.next_fetch.duration_since(now).unwrap_or_default();
+            waits.push(wait.as_secs());
+            now = s.next_fetch;
+        }
+        assert_eq!(waits, [2, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(s.failure.map(|(_, since)| since), Some(t0), "failing since the first failure");
     }
 
     #[test]
