@@ -24,6 +24,7 @@ use std::time::Duration;
 use meshca_store::{Store, typed};
 
 use crate::error::MgmtError;
+use crate::meshes::Placement;
 use crate::records::{self, ClusterRecord, StatusRecord};
 
 /// What the management plane knows of one registered cluster.
@@ -40,10 +41,13 @@ pub struct ClusterReport {
     pub last: Option<StatusRecord>,
 }
 
-/// Reads every registered cluster's report, at `now` (unix seconds).
+/// Reads every registered cluster's report, at `now` (unix seconds). A cluster is covered when
+/// `policy` selects it — and, with several meshes (`meshes`), when it is in `policy`'s mesh and no
+/// other: a cluster two policies claim is in neither, so it holds back neither mesh's changes.
 pub async fn reports(
     store: &dyn Store,
     policy: &meshca_policy::Policy,
+    meshes: Option<&crate::meshes::MeshView>,
     now: i64,
     report_interval: Duration,
 ) -> Result<Vec<ClusterReport>, MgmtError> {
@@ -57,7 +61,12 @@ pub async fn reports(
         let connected = last.as_ref().is_some_and(|s| {
             now - s.reported_at <= crate::status::CONNECTED_INTERVALS * report_interval.as_secs() as i64
         });
-        out.push(ClusterReport { covered: policy.clusters.covers(&name, &rec.value.labels), connected, last, name });
+        // Until the view holds this mesh (it is starting), its own selector decides.
+        let covered = match meshes.filter(|v| v.meshes().len() > 1 && v.get(&policy.name).is_some()) {
+            Some(v) => matches!(v.place(&name, &rec.value.labels), Placement::Mesh(m) if m.name == policy.name),
+            None => policy.clusters.covers(&name, &rec.value.labels),
+        };
+        out.push(ClusterReport { covered, connected, last, name });
     }
     Ok(out)
 }

@@ -366,7 +366,7 @@ impl Supervisor {
         self.tasks.spawn(loader.run(cancel.child_token()));
         let (controller, authority, rotation) = Controller::start(
             w.store.clone(),
-            keys.clone(),
+            crate::rotation::controller::Scope { keys: keys.clone(), peers: Some(self.tx.subscribe()) },
             base,
             w.clock.clone(),
             w.leader.clone(),

@@ -158,7 +158,7 @@ pub async fn collect(
     };
     let mut alerts = alerts(now, authority, &clusters, report_interval);
     let journal = crate::rotation::controller::read_journal(store, &mesh.keys).await?.value;
-    let reports = crate::convergence::reports(store, &authority.policy, now, report_interval).await?;
+    let reports = crate::convergence::reports(store, &authority.policy, Some(view), now, report_interval).await?;
     let (root_rotation, stalled) =
         crate::rotation::describe(&journal, &reports, &authority.policy, now, report_interval);
     alerts.extend(stalled);

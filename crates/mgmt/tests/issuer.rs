@@ -589,3 +589,60 @@ async fn each_cluster_is_issued_by_its_own_mesh() {
     assert!(e.to_string().contains("selected by no RootTrustPolicy"), "{e}");
     drop((supervisor, reported_tx));
 }
+
+/// A cluster two policies claim is in neither mesh, so neither mesh's root rotation waits for it
+/// (the barrier's `covered`); a cluster of one mesh is covered there only.
+#[tokio::test]
+async fn a_cluster_two_policies_claim_holds_back_neither_mesh() {
+    use meshca_mgmt::authority::{Authority, Capability};
+    use meshca_mgmt::meshes::{Mesh, MeshView};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = DirStore::open(tmp.path()).unwrap();
+    let set = meshca_policy::PolicySet::from_yaml(
+        "apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: { name: prod }\nspec:\n  trustDomain: prod.example\n  clusters: [east-1, clash]\n  config: { generated: {} }\n---\n\
+         apiVersion: meshca.io/v1alpha1\nkind: RootTrustPolicy\nmetadata: { name: dev }\nspec:\n  trustDomain: dev.example\n  clusterSelector: { matchLabels: { env: dev } }\n  config: { generated: {} }\n",
+    )
+    .unwrap();
+    let view = MeshView::new(
+        set.policies()
+            .iter()
+            .map(|p| Mesh {
+                name: p.name.clone(),
+                keys: records::Keyspace::named(&p.name),
+                authority: watch::channel(Arc::new(Authority::new(
+                    p.clone(),
+                    Capability::Unavailable { reason: "test".into() },
+                    None,
+                )))
+                .1,
+                rotation: None,
+            })
+            .collect(),
+    );
+    for (name, env) in [("east-1", ""), ("clash", "dev"), ("dev-1", "dev")] {
+        let mut rec = ClusterRecord { name: name.into(), registered_at: 1, ..Default::default() };
+        if !env.is_empty() {
+            rec.labels.insert("env".into(), env.into());
+        }
+        typed::put(&store, &records::cluster(name).unwrap(), &rec, Precondition::Absent).await.unwrap();
+    }
+    for (policy, want) in [("prod", vec!["east-1"]), ("dev", vec!["dev-1"])] {
+        let reports = meshca_mgmt::convergence::reports(
+            &store,
+            set.get(policy).unwrap(),
+            Some(&view),
+            100,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let covered: Vec<&str> = reports.iter().filter(|r| r.covered).map(|r| r.name.as_str()).collect();
+        assert_eq!(covered, want, "{policy}");
+    }
+    // Without the other meshes in view (a single mesh), its own selector decides, as before.
+    let alone = meshca_mgmt::convergence::reports(&store, set.get("prod").unwrap(), None, 100, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let covered: Vec<&str> = alone.iter().filter(|r| r.covered).map(|r| r.name.as_str()).collect();
+    assert_eq!(covered, ["clash", "east-1"]);
+}

@@ -74,7 +74,7 @@ impl Plane {
         let (reported, reported_rx) = watch::channel(0u64);
         let (controller, authority, rotation) = Controller::start(
             store.clone(),
-            meshca_mgmt::records::Keyspace::legacy(),
+            meshca_mgmt::rotation::controller::Scope::single(),
             base,
             clock.shared(),
             None,

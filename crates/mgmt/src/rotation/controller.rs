@@ -120,6 +120,22 @@ impl RotationHandle {
     }
 }
 
+/// Which mesh a controller works for.
+pub struct Scope {
+    /// Where the mesh's rotation objects live.
+    pub keys: Keyspace,
+    /// With several meshes, all of them (a cluster another policy also claims is not waited
+    /// for); `None` for a single mesh wired by hand.
+    pub peers: Option<watch::Receiver<Arc<crate::meshes::MeshView>>>,
+}
+
+impl Scope {
+    /// The one mesh of a management plane wired by hand: the plain records, no other meshes.
+    pub fn single() -> Scope {
+        Scope { keys: Keyspace::legacy(), peers: None }
+    }
+}
+
 /// A CA loaded from a store object, kept while the object's version is unchanged.
 struct Loaded {
     version: ResourceVersion,
@@ -132,6 +148,8 @@ pub struct Controller {
     store: Arc<dyn Store>,
     /// Where this mesh's rotation objects live.
     keys: Keyspace,
+    /// With several meshes, all of them: a cluster another policy also claims is not waited for.
+    peers: Option<watch::Receiver<Arc<crate::meshes::MeshView>>>,
     base: watch::Receiver<Arc<Authority>>,
     tx: watch::Sender<Arc<Authority>>,
     clock: SharedClock,
@@ -157,7 +175,7 @@ impl Controller {
     /// a cluster reports, so a barrier is re-checked at once.
     pub async fn start(
         store: Arc<dyn Store>,
-        keys: Keyspace,
+        scope: Scope,
         base: watch::Receiver<Arc<Authority>>,
         clock: SharedClock,
         leader: Option<watch::Receiver<Leader>>,
@@ -167,9 +185,11 @@ impl Controller {
         let first = base.borrow().clone();
         let (tx, rx) = watch::channel(first);
         let (ctx, crx) = mpsc::channel(8);
+        let Scope { keys, peers } = scope;
         let mut c = Controller {
             store,
             keys,
+            peers,
             base,
             tx,
             clock,
@@ -280,9 +300,15 @@ impl Controller {
         let mut until = None;
         match j.value.rotation.clone() {
             Some(mut r) => {
-                let reports = convergence::reports(self.store.as_ref(), &base.policy, now, self.report_interval)
-                    .await
-                    .map_err(|e| format!("reading the clusters' reports failed: {e}"))?;
+                let reports = convergence::reports(
+                    self.store.as_ref(),
+                    &base.policy,
+                    self.peers.as_ref().map(|p| p.borrow().clone()).as_deref(),
+                    now,
+                    self.report_interval,
+                )
+                .await
+                .map_err(|e| format!("reading the clusters' reports failed: {e}"))?;
                 let s = plan::step(&r, &reports, now, &gates);
                 if let Next::Wait(waits) = &s.next {
                     until = waits.iter().find_map(|w| match w {
