@@ -219,6 +219,20 @@ impl ApiServer {
     pub async fn apply_value(&self, client: &Client, value: serde_json::Value) -> Result<DynamicObject, kube::Error> {
         apply_value(client, value).await
     }
+
+    /// Waits until the API server serves the RootTrustPolicy resource in `namespace`: a CRD
+    /// just applied takes a moment, and an object created before would get a 404.
+    pub async fn wait_policies_served(&self, namespace: &str) {
+        let rtp: Api<DynamicObject> =
+            Api::namespaced_with(self.admin().await, namespace, &crate::policy::api_resource());
+        for _ in 0..100 {
+            if rtp.list(&Default::default()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the RootTrustPolicy CRD is not served");
+    }
 }
 
 /// Applies every document of a multi-document YAML manifest with `client` (server-side apply).

@@ -246,6 +246,7 @@ async fn several_root_trust_policies_are_several_meshes(api: &ApiServer) {
     .unwrap();
     api.apply_yaml(&crd).await;
     api.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata: { name: policies }\n").await;
+    api.wait_policies_served("policies").await;
     let admin = api.admin().await;
     let policy = |name: &str, td: &str, select: serde_json::Value| {
         json!({

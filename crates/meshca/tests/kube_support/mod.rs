@@ -5,7 +5,6 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret as KSecret;
 use kube::Api;
@@ -41,17 +40,7 @@ pub async fn install_management(api: &ApiServer) {
     namespaces(api, &["meshca"]).await;
     api.apply_yaml(&manifest("crds/roottrustpolicies.meshca.io.yaml")).await;
     api.apply_yaml(&manifest("management/rbac.yaml")).await;
-    // A new CRD takes a moment to be served.
-    let client = api.admin().await;
-    let rtp: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(client, "meshca", &meshca_kube::policy::api_resource());
-    for _ in 0..100 {
-        if rtp.list(&Default::default()).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the RootTrustPolicy CRD is not served");
+    api.wait_policies_served("meshca").await;
 }
 
 /// A token file for `ns/sa` authenticating to `api`.
