@@ -18,7 +18,6 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use meshca_testsupport::openssl::{self, KeyType, ROOT_CA_EXTENSIONS};
 use meshca_testsupport::{Ports, Proc, openssl_ok};
 
 use crate::Connection;
@@ -58,14 +57,60 @@ fn spawn_apiserver(args: &[String], dir: &Path) -> Proc {
 fn make_certs(dir: &Path) {
     let certs = dir.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
-    openssl::self_signed(&certs, "ca", KeyType::P256, "/CN=meshca-test-kube-ca", 30, ROOT_CA_EXTENSIONS);
-    let extensions = [
-        "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature,keyEncipherment",
-        "extendedKeyUsage=serverAuth",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc",
-    ];
-    openssl::issue(&certs, "apiserver", KeyType::P256, "/CN=kube-apiserver", "ca", 30, &extensions);
+    openssl_ok(&certs, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"]);
+    openssl_ok(
+        &certs,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=meshca-test-kube-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl_ok(&certs, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key"]);
+    openssl_ok(
+        &certs,
+        &["req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr"],
+    );
+    std::fs::write(
+        certs.join("ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n",
+    )
+    .unwrap();
+    openssl_ok(
+        &certs,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-sha256",
+            "-days",
+            "30",
+            "-extfile",
+            "ext",
+            "-out",
+            "apiserver.crt",
+        ],
+    );
     openssl_ok(dir, &["genrsa", "-out", "sa.key", "2048"]);
     openssl_ok(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }
@@ -97,9 +142,9 @@ impl ApiServer {
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={api_port}"),
-            format!("--tls-cert-file={}", certs.join("apiserver.pem").display()),
+            format!("--tls-cert-file={}", certs.join("apiserver.crt").display()),
             format!("--tls-private-key-file={}", certs.join("apiserver.key").display()),
-            format!("--client-ca-file={}", certs.join("ca.pem").display()),
+            format!("--client-ca-file={}", certs.join("ca.crt").display()),
             "--service-cluster-ip-range=10.0.0.0/24".into(),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", dir.join("sa.pub").display()),
@@ -112,7 +157,7 @@ impl ApiServer {
         let apiserver = spawn_apiserver(&api_args, &dir);
         let mut server = ApiServer {
             url: format!("https://127.0.0.1:{api_port}"),
-            ca: certs.join("ca.pem"),
+            ca: certs.join("ca.crt"),
             admin_token_file,
             dir,
             apiserver,
