@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::user_pki::{GOOD_EXT, genkey, ossl, user_pki};
+use common::user_pki::{GOOD_EXT, user_pki};
 use common::*;
 use meshca_pki::{CaSigner, Cert, IntermediateParams, PrivateKey, TrustDomain};
 
@@ -25,8 +25,8 @@ fn leaf_from(topo: &serde_json::Value, cluster: usize, d: &Path) -> Vec<String> 
     let name = c["name"].as_str().unwrap();
     let key = format!("{name}-leaf.key");
     let csr = format!("{name}-leaf.csr");
-    ossl(d, &genkey("p256", &key));
-    ossl(d, &["req", "-new", "-key", &key, "-subj", "/CN=ignored", "-out", &csr].map(String::from));
+    openssl::genkey(d, OpensslKey::P256, &key);
+    openssl_ok(d, &["req", "-new", "-key", &key, "-subj", "/CN=ignored", "-out", &csr]);
     let token = std::fs::read_to_string(c["token_file"].as_str().unwrap()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use meshca_testsupport::openssl::ROOT_CA_EXTENSIONS;
 
 /// The harness (`interop/istio/build.sh` builds it, or finds it cached, and prints its path).
 fn harness() -> PathBuf {
@@ -93,63 +94,15 @@ fn istio_accepts_bring_your_own_intermediate_cacerts_and_four_level_leaves() {
     // The user's PKI, made with OpenSSL: root -> intermediate (pathlen:1).
     let pki = d.join("pki");
     std::fs::create_dir_all(&pki).unwrap();
-    let steps: &[&[&str]] = &[
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "root.key"],
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "root.key",
-            "-days",
-            "30",
-            "-subj",
-            "/O=Corp/CN=Corp Root",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-out",
-            "root.pem",
-        ],
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "ca-key.pem"],
-        &["req", "-new", "-key", "ca-key.pem", "-subj", "/O=Corp/CN=Corp Mesh", "-out", "int.csr"],
-    ];
-    for s in steps {
-        let (ok, out) = openssl(&pki, s);
-        assert!(ok, "{out}");
-    }
-    std::fs::write(
-        pki.join("ext.cnf"),
-        "basicConstraints=critical,CA:true,pathlen:1\nkeyUsage=critical,keyCertSign,cRLSign\n",
-    )
-    .unwrap();
-    let (ok, out) = openssl(
-        &pki,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "int.csr",
-            "-CA",
-            "root.pem",
-            "-CAkey",
-            "root.key",
-            "-CAcreateserial",
-            "-days",
-            "20",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "ca-cert.pem",
-        ],
-    );
-    assert!(ok, "{out}");
+    let (root, _) =
+        openssl::self_signed(&pki, "root", OpensslKey::P256, "/O=Corp/CN=Corp Root", 30, ROOT_CA_EXTENSIONS);
+    let extensions = ["basicConstraints=critical,CA:true,pathlen:1", "keyUsage=critical,keyCertSign,cRLSign"];
+    let (cert, key) = openssl::issue(&pki, "int", OpensslKey::P256, "/O=Corp/CN=Corp Mesh", "root", 20, &extensions);
     let from = d.join("intermediate");
     std::fs::create_dir_all(&from).unwrap();
-    std::fs::copy(pki.join("ca-cert.pem"), from.join("ca-cert.pem")).unwrap();
-    std::fs::copy(pki.join("ca-key.pem"), from.join("ca-key.pem")).unwrap();
-    std::fs::copy(pki.join("root.pem"), from.join("root-cert.pem")).unwrap();
+    std::fs::copy(cert, from.join("ca-cert.pem")).unwrap();
+    std::fs::copy(key, from.join("ca-key.pem")).unwrap();
+    std::fs::copy(root, from.join("root-cert.pem")).unwrap();
 
     let (_up, topo) = start_rotating(d, &["--ca", "byo-intermediate", "--intermediate-from", from.to_str().unwrap()]);
     let out = istio(&bin, &["check-topology", d.join("up/topology.json").to_str().unwrap()]);

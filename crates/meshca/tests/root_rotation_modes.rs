@@ -68,29 +68,15 @@ fn replacing_your_own_root_runs_the_rotation_after_the_new_root_is_checked() {
     let mgmt = StoreView::mgmt(&m);
 
     // Not a CA: checked and refused; the mesh stays on A and status says why.
-    let (ok, out) = openssl(
+    let (not_ca, not_ca_key) = openssl::self_signed(
         d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "not-ca.key",
-            "-out",
-            "not-ca.pem",
-            "-subj",
-            "/CN=not a CA",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ],
+        "not-ca",
+        OpensslKey::P256,
+        "/CN=not a CA",
+        30,
+        &["basicConstraints=critical,CA:FALSE"],
     );
-    assert!(ok, "{out}");
-    let (leaf_pem, key_pem) =
-        (std::fs::read(d.join("not-ca.pem")).unwrap(), std::fs::read(d.join("not-ca.key")).unwrap());
+    let (leaf_pem, key_pem) = (std::fs::read(not_ca).unwrap(), std::fs::read(not_ca_key).unwrap());
     mgmt.put("meshca", "my-root", &Secret::with_data([("tls.crt", leaf_pem), ("tls.key", key_pem)]));
     let st = wait_for(Duration::from_secs(60), "the refusal in status", || {
         let st = status(&creds);

@@ -59,77 +59,17 @@ fn status_roots(creds: &str) -> BTreeSet<String> {
 
 /// A self-signed CA `<name>.pem` (key `<name>.key`) made with OpenSSL.
 fn openssl_ca(d: &Path, name: &str) -> PathBuf {
-    let (key, cert, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/O={name}"));
-    openssl_ok(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-subj",
-            &subj,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ],
-    );
-    d.join(cert)
+    let extensions = ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign"];
+    openssl::self_signed(d, name, OpensslKey::P256, &format!("/O={name}"), 2, &extensions).0
 }
 
 /// A CA and a `localhost` serving certificate under it, made with OpenSSL: the `https_web`
 /// certificate an operator would get from their company or a public CA.
 fn web_pki(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca = openssl_ca(d, "web-ca");
-    openssl_ok(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "web.key",
-            "-out",
-            "web.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(d.join("web.ext"), "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
-    openssl_ok(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "web.csr",
-            "-CA",
-            "web-ca.pem",
-            "-CAkey",
-            "web-ca.key",
-            "-CAcreateserial",
-            "-out",
-            "web.pem",
-            "-days",
-            "1",
-            "-extfile",
-            "web.ext",
-        ],
-    );
-    (ca, d.join("web.pem"), d.join("web.key"))
+    let extensions = ["subjectAltName=DNS:localhost", "extendedKeyUsage=serverAuth"];
+    let (cert, key) = openssl::issue(d, "web", OpensslKey::P256, "/CN=localhost", "web-ca", 1, &extensions);
+    (ca, cert, key)
 }
 
 #[test]

@@ -216,26 +216,7 @@ fn leaves_of_two_clusters_complete_mutual_tls_in_openssl() {
     assert!(r.succeeded(), "cluster-2 server, cluster-1 client: {r:#?}");
 
     // Control: a client that trusts another root refuses the server.
-    let (ok, out) = openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "other-root.key",
-            "-out",
-            "other-root.pem",
-            "-subj",
-            "/CN=other root",
-        ],
-    );
-    assert!(ok, "{out}");
-    let other = d.join("other-root.pem");
+    let (other, _) = openssl::self_signed(d, "other-root", OpensslKey::P256, "/CN=other root", 30, &[]);
     let r = openssl_mtls(d, &l1.party(&root1), &l2.party(&other));
     assert!(!r.succeeded() && !r.client_ok, "a client trusting another root must fail: {r:#?}");
 

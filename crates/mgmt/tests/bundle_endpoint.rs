@@ -29,6 +29,7 @@ use meshca_proto::mgmt::operator_client::OperatorClient;
 use meshca_spiffe_bundle::Bundle;
 use meshca_store::dir::DirStore;
 use meshca_store::{Store, typed};
+use meshca_testsupport::openssl::{self, KeyType};
 use meshca_testsupport::wait::eventually;
 use meshca_tls::{ClientAuth, PeerPolicy, ServerTrust, SpiffeVerifier, Versions};
 use tokio_util::sync::CancellationToken;
@@ -457,33 +458,13 @@ async fn bad_bundles_and_a_hanging_endpoint_are_refused_and_the_last_good_one_is
     let leaf = Cert::from_der(leaf.unwrap().der).unwrap();
     let short = root_cert("short", Duration::from_secs(60), now);
     let dir = tempfile::tempdir().unwrap();
-    meshca_testsupport::openssl::openssl_ok(
-        dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "k.pem",
-            "-out",
-            "c.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/O=elsewhere",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-            "-addext",
-            "subjectAltName=URI:spiffe://mesh.example",
-        ],
-    );
-    let elsewhere = Cert::from_pem(&std::fs::read(dir.path().join("c.pem")).unwrap()).unwrap();
+    let extensions = [
+        "basicConstraints=critical,CA:TRUE",
+        "keyUsage=critical,keyCertSign",
+        "subjectAltName=URI:spiffe://mesh.example",
+    ];
+    let (c, _) = openssl::self_signed(dir.path(), "c", KeyType::P256, "/O=elsewhere", 2, &extensions);
+    let elsewhere = Cert::from_pem(&std::fs::read(c).unwrap()).unwrap();
     let later = now + Duration::from_secs(120);
 
     let cases: Vec<(&str, Answer, SystemTime, &str)> = vec![

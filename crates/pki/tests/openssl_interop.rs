@@ -13,6 +13,7 @@ use meshca_pki::{
     CaSigner, Cert, CsrError, CsrPolicy, IntermediateParams, KeyAlgorithm, LeafParams, PrivateKey, PublicKeyError,
     RootSet, SpiffeId, Usage, verify_chain, verify_csr,
 };
+use meshca_testsupport::openssl::{KeyType, ROOT_CA_EXTENSIONS};
 
 fn now() -> SystemTime {
     SystemTime::now()
@@ -313,11 +314,7 @@ fn a_user_root_with_repeated_and_multi_valued_name_parts_issues_chains_openssl_a
     // Enterprise roots often carry DC=, repeated OU= and multi-valued RDNs. The issuer name in
     // everything meshca signs must be the root's subject byte for byte.
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out) = openssl(
-        dir.path(),
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "root.key"],
-    );
-    assert!(ok, "{out}");
+    openssl::genkey(dir.path(), KeyType::P256, "root.key");
     let (ok, out) = openssl(
         dir.path(),
         &[
@@ -357,64 +354,20 @@ fn a_user_root_with_repeated_and_multi_valued_name_parts_issues_chains_openssl_a
 fn an_istio_style_cacerts_bundle_made_by_openssl_validates_and_broken_ones_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let steps: &[&[&str]] = &[
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "root-key.pem"],
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "root-key.pem",
-            "-days",
-            "3650",
-            "-subj",
-            "/O=Istio/CN=Root CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-out",
-            "root-cert.pem",
-        ],
-        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "ca-key.pem"],
-        &["req", "-new", "-key", "ca-key.pem", "-subj", "/O=Istio/CN=Intermediate CA/L=cluster1", "-out", "ca.csr"],
+    openssl::self_signed(d, "root", KeyType::P256, "/O=Istio/CN=Root CA", 3650, ROOT_CA_EXTENSIONS);
+    let extensions = [
+        "basicConstraints=critical,CA:true,pathlen:0",
+        "keyUsage=critical,digitalSignature,keyCertSign,cRLSign",
+        "subjectKeyIdentifier=hash",
+        "authorityKeyIdentifier=keyid",
     ];
-    for s in steps {
-        let (ok, out) = openssl(d, s);
-        assert!(ok, "{out}");
-    }
-    write(
-        d,
-        "ext.cnf",
-        "basicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,digitalSignature,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
-    );
-    let (ok, out) = openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "ca.csr",
-            "-CA",
-            "root-cert.pem",
-            "-CAkey",
-            "root-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "ca-cert.pem",
-        ],
-    );
-    assert!(ok, "{out}");
-    let chain = [read(d, "ca-cert.pem"), read(d, "root-cert.pem")].concat();
+    openssl::issue(d, "ca", KeyType::P256, "/O=Istio/CN=Intermediate CA/L=cluster1", "root", 30, &extensions);
+    let chain = [read(d, "ca.pem"), read(d, "root.pem")].concat();
     let good = BundleFiles {
-        ca_cert: read(d, "ca-cert.pem"),
-        ca_key: read(d, "ca-key.pem").into(),
+        ca_cert: read(d, "ca.pem"),
+        ca_key: read(d, "ca.key").into(),
         cert_chain: chain.clone(),
-        root_cert: read(d, "root-cert.pem"),
+        root_cert: read(d, "root.pem"),
     };
     let bundle = CaBundle::validate(&good, now()).unwrap();
     assert_eq!(bundle.roots().len(), 1);
@@ -424,7 +377,7 @@ fn an_istio_style_cacerts_bundle_made_by_openssl_validates_and_broken_ones_do_no
     write(d, "leaf.pem", leaf.to_pem());
     write(d, "cert-chain.pem", &chain);
     let (ok, out) =
-        openssl(d, &["verify", "-x509_strict", "-CAfile", "root-cert.pem", "-untrusted", "cert-chain.pem", "leaf.pem"]);
+        openssl(d, &["verify", "-x509_strict", "-CAfile", "root.pem", "-untrusted", "cert-chain.pem", "leaf.pem"]);
     assert!(ok, "{out}");
 
     // A key that does not match.
@@ -438,7 +391,7 @@ fn an_istio_style_cacerts_bundle_made_by_openssl_validates_and_broken_ones_do_no
 
     // A chain that omits the root.
     let mut no_root = good.clone();
-    no_root.cert_chain = read(d, "ca-cert.pem");
+    no_root.cert_chain = read(d, "ca.pem");
     let err = CaBundle::validate(&no_root, now()).unwrap_err();
     assert!(err.to_string().contains("must end with a root"), "{err}");
 
@@ -452,73 +405,12 @@ fn a_chain_that_violates_pathlen_is_refused_by_meshca_as_by_openssl() {
     // root -> A (pathlen:0) -> B (CA) -> leaf, built with OpenSSL, which meshca would never issue.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ec = ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out"];
-    for k in ["r.key", "a.key", "b.key"] {
-        let mut args = ec.to_vec();
-        args.push(k);
-        assert!(openssl(d, &args).0);
-    }
-    write(d, "ca0.cnf", "basicConstraints=critical,CA:true,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n");
-    write(d, "ca.cnf", "basicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSign\n");
-    let steps: &[&[&str]] = &[
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "r.key",
-            "-subj",
-            "/CN=R",
-            "-days",
-            "2",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-            "-out",
-            "r.pem",
-        ],
-        &["req", "-new", "-key", "a.key", "-subj", "/CN=A", "-out", "a.csr"],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "a.csr",
-            "-CA",
-            "r.pem",
-            "-CAkey",
-            "r.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ca0.cnf",
-            "-out",
-            "a.pem",
-        ],
-        &["req", "-new", "-key", "b.key", "-subj", "/CN=B", "-out", "b.csr"],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "b.csr",
-            "-CA",
-            "a.pem",
-            "-CAkey",
-            "a.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ca.cnf",
-            "-out",
-            "b.pem",
-        ],
-    ];
-    for s in steps {
-        let (ok, out) = openssl(d, s);
-        assert!(ok, "{out}");
-    }
+    let root = ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign"];
+    openssl::self_signed(d, "r", KeyType::P256, "/CN=R", 2, &root);
+    let ca0 = ["basicConstraints=critical,CA:true,pathlen:0", "keyUsage=critical,keyCertSign,cRLSign"];
+    openssl::issue(d, "a", KeyType::P256, "/CN=A", "r", 1, &ca0);
+    let ca = ["basicConstraints=critical,CA:true", "keyUsage=critical,keyCertSign,cRLSign"];
+    openssl::issue(d, "b", KeyType::P256, "/CN=B", "a", 1, &ca);
     let b_key = PrivateKey::from_pem(&read(d, "b.key")).unwrap();
     let a = Cert::from_pem(&read(d, "a.pem")).unwrap();
     let b = Cert::from_pem(&read(d, "b.pem")).unwrap();

@@ -2,7 +2,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use meshca_pki::{CaSigner, KeyAlgorithm, LeafParams, PrivateKey, RootParams, SpiffeId};
-use meshca_testsupport::openssl::openssl_ok;
+use meshca_testsupport::openssl::{self, KeyType, openssl_ok};
 use serde_json::{Value, json};
 
 use super::*;
@@ -214,33 +214,10 @@ fn a_root_of_another_trust_domain_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let now = SystemTime::now();
     let make = |name: &str, td: &str| {
-        openssl_ok(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "30",
-                "-subj",
-                &format!("/O={name}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-                "-addext",
-                &format!("subjectAltName=URI:spiffe://{td}"),
-            ],
-        );
-        Cert::from_pem(&std::fs::read(dir.path().join(format!("{name}.pem"))).expect("pem")).expect("cert")
+        let san = format!("subjectAltName=URI:spiffe://{td}");
+        let extensions = ["basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign", san.as_str()];
+        let (cert, _) = openssl::self_signed(dir.path(), name, KeyType::P256, &format!("/O={name}"), 30, &extensions);
+        Cert::from_pem(&std::fs::read(cert).expect("pem")).expect("cert")
     };
     let own = make("own", "mesh.example");
     let other = make("other", "other.example");

@@ -402,14 +402,8 @@ pub async fn create_certificate(
     client.create_certificate(req).await.map(|r| r.into_inner().cert_chain)
 }
 
-/// Key types the OpenSSL CLI makes for test CSRs.
-#[derive(Debug, Clone, Copy)]
-pub enum OpensslKey {
-    /// RSA with this many bits.
-    Rsa(u32),
-    /// ECDSA P-256.
-    P256,
-}
+/// Key types the OpenSSL CLI makes for test CSRs and certificates.
+pub use meshca_testsupport::openssl::KeyType as OpensslKey;
 
 /// Makes a key (`dir/<name>.key`) and a CSR (`dir/<name>.csr`) with `openssl req`; returns the
 /// CSR PEM. The subject says `CN=<name>` (the workload CA must ignore it); `extra` is passed to
