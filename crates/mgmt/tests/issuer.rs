@@ -86,6 +86,19 @@ impl Plane {
         Plane { tmp, clock, store, loader, authority, issuer }
     }
 
+    /// A bootstrap token for `cluster`, valid for a minute, created by an operator.
+    async fn token(&self, cluster: &str) -> Result<tokens::NewToken, meshca_mgmt::MgmtError> {
+        tokens::create(
+            self.store.as_ref(),
+            cluster,
+            &Default::default(),
+            Duration::from_secs(60),
+            "operator test",
+            self.clock.now(),
+        )
+        .await
+    }
+
     async fn register(&self, cluster: &str) {
         let rec = ClusterRecord { name: cluster.into(), registered_at: 1, ..Default::default() };
         typed::put(self.store.as_ref(), &records::cluster(cluster).unwrap(), &rec, Precondition::Absent).await.unwrap();
@@ -234,15 +247,7 @@ async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
             status.message().contains("the audit log could not be written, so no intermediate was handed out"),
             "{backend:?}: {status:?}"
         );
-        let token = tokens::create(
-            p.store.as_ref(),
-            "cluster-2",
-            &Default::default(),
-            Duration::from_secs(60),
-            "operator test",
-            p.clock.now(),
-        )
-        .await;
+        let token = p.token("cluster-2").await;
         assert!(token.is_err(), "{backend:?}: a token was shown although its creation is not in the audit log");
         let recorded = issued_serials(&p, "cluster-1").await;
 
@@ -368,16 +373,7 @@ async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
 async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     let p = Plane::start(&policy(""), 5, 6.0).await;
     let service = p.registration(meshca_mgmt::server::DEFAULT_PEER_RATE).await;
-    let token = tokens::create(
-        p.store.as_ref(),
-        "cluster-1",
-        &Default::default(),
-        Duration::from_secs(60),
-        "operator test",
-        p.clock.now(),
-    )
-    .await
-    .unwrap();
+    let token = p.token("cluster-1").await.unwrap();
     let identity_csr = || build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &[]).unwrap();
     let request = |token: &str| {
         tonic::Request::new(RegisterRequest {
@@ -391,16 +387,7 @@ async fn a_bootstrap_token_expires_on_the_clock_and_registration_says_so() {
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(s.message().contains("expired at") && s.message().contains("meshca cluster add"), "{}", s.message());
 
-    let fresh = tokens::create(
-        p.store.as_ref(),
-        "cluster-1",
-        &Default::default(),
-        Duration::from_secs(60),
-        "operator test",
-        p.clock.now(),
-    )
-    .await
-    .unwrap();
+    let fresh = p.token("cluster-1").await.unwrap();
     p.clock.advance(Duration::from_secs(59));
     let id = service.register(request(&fresh.token)).await.expect("within its lifetime").into_inner();
     assert_eq!(id.cluster, "cluster-1");
@@ -428,16 +415,7 @@ async fn a_registration_flood_from_one_address_spends_only_its_own_budget() {
             }
         }
     }
-    let token = tokens::create(
-        p.store.as_ref(),
-        "cluster-1",
-        &Default::default(),
-        Duration::from_secs(60),
-        "operator test",
-        p.clock.now(),
-    )
-    .await
-    .unwrap();
+    let token = p.token("cluster-1").await.unwrap();
     let id = service.register(register_request(&token.token, [192, 0, 2, 1])).await.expect("another address registers");
     assert_eq!(id.into_inner().cluster, "cluster-1");
     p.clock.advance(Duration::from_secs(1));
