@@ -120,10 +120,13 @@ pub async fn overview(
     now: i64,
     report_interval: Duration,
 ) -> Result<MeshStatus, MgmtError> {
+    // Every cluster's records are read once, here, and each mesh gets its own.
     let clusters = cluster_views(store, view, None, now, report_interval).await?;
+    let single = view.meshes().len() == 1;
     let mut meshes = Vec::new();
     for m in view.meshes() {
-        let mut st = collect(store, view, m, now, report_interval).await?;
+        let own = clusters.iter().filter(|c| single || c.policy == m.name).cloned().collect();
+        let mut st = of_mesh(store, view, m, own, now, report_interval).await?;
         st.clusters.clear();
         meshes.push(st);
     }
@@ -149,9 +152,21 @@ pub async fn collect(
     now: i64,
     report_interval: Duration,
 ) -> Result<MeshStatus, MgmtError> {
-    let authority = &*mesh.authority();
     let only = if view.meshes().len() == 1 { None } else { Some(mesh.name.as_str()) };
     let clusters = cluster_views(store, view, only, now, report_interval).await?;
+    of_mesh(store, view, mesh, clusters, now, report_interval).await
+}
+
+/// [`collect`] with the mesh's cluster views already read.
+async fn of_mesh(
+    store: &dyn Store,
+    view: &MeshView,
+    mesh: &Mesh,
+    clusters: Vec<ClusterView>,
+    now: i64,
+    report_interval: Duration,
+) -> Result<MeshStatus, MgmtError> {
+    let authority = &*mesh.authority();
     let (root_fp, root_not_after) = match authority.roots() {
         Some(r) => (r.fingerprint(), unix(r.earliest_expiry())),
         None => (String::new(), 0),
