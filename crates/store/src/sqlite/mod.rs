@@ -232,24 +232,78 @@ impl SqliteStore {
         answer.await.map_err(|_| closed())?
     }
 
+    /// Runs `f`, a read of a few rows, on a pooled read connection on the calling thread, and
+    /// only when that would wait (another process holds a lock SQLite must wait out, or no
+    /// connection is idle) on the blocking pool. A point read costs microseconds from SQLite's
+    /// and the kernel's caches — less than handing it to the blocking pool and back, which cost a
+    /// tenth of the management plane's CPU per issuance in thread wake-ups (docs/benchmarks.md).
+    /// In WAL mode readers never wait for the writer thread.
+    async fn point_read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        {
+            let _permit = self.inner.reading.acquire().await.map_err(|_| self.closed())?;
+            if let Some(done) = self.inner.try_inline(&f) {
+                return done;
+            }
+        }
+        self.read(f).await
+    }
+
+    fn closed(&self) -> StoreError {
+        StoreError::Backend(format!("{}: the store is closed", self.inner.path.display()))
+    }
+
     /// Runs `f` on a pooled read connection, off the async worker threads.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &Path) -> Result<T, StoreError> + Send + 'static,
     {
-        let _permit = self
-            .inner
-            .reading
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Backend(format!("{}: the store is closed", self.inner.path.display())))?;
+        let _permit = self.inner.reading.acquire().await.map_err(|_| self.closed())?;
         let inner = Arc::clone(&self.inner);
         run_blocking(move || inner.with_reader(f)).await
     }
 }
 
+thread_local! {
+    /// Set by [`give_up`] when SQLite would have waited for a lock during an inline read.
+    static WOULD_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The busy handler of an inline read: never wait (the read is retried on the blocking pool).
+fn give_up(_attempts: i32) -> bool {
+    WOULD_WAIT.with(|w| w.set(true));
+    false
+}
+
 impl Inner {
+    /// `f` on an idle pooled connection on this thread, with SQLite told not to wait for locks;
+    /// `None` when no connection is idle or SQLite would have waited (the caller reads on the
+    /// blocking pool instead, where waiting is harmless).
+    fn try_inline<T>(&self, f: &impl Fn(&Connection, &Path) -> Result<T, StoreError>) -> Option<Result<T, StoreError>> {
+        let mut conn = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+        let mut result = None;
+        if conn.busy_handler(Some(give_up)).is_ok() {
+            WOULD_WAIT.with(|w| w.set(false));
+            let r = f(&conn, &self.path);
+            if !WOULD_WAIT.with(|w| w.replace(false)) {
+                result = Some(r);
+            }
+        }
+        // Back to waiting up to the busy timeout for whoever uses it next; a connection that
+        // cannot be set back is closed.
+        if conn.busy_timeout(BUSY_TIMEOUT).is_ok() {
+            let mut idle = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < READERS {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+
     fn with_reader<T>(&self, f: impl FnOnce(&Connection, &Path) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match pooled {
@@ -285,6 +339,13 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL").map_err(&err)?;
     conn.pragma_update(None, "secure_delete", "ON").map_err(&err)?;
     conn.pragma_update(None, "foreign_keys", "OFF").map_err(&err)?;
+    // The query planner stability guarantee: a statement's plan does not depend on the values
+    // bound to it. Without it (this build of SQLite has STAT4), a cached statement whose WHERE
+    // clause compares a bound value (every read here does) is compiled again from its SQL each
+    // time it is bound to other values — a tenth of the management plane's CPU per issuance went
+    // to re-parsing `read_object`'s query (docs/benchmarks.md). Our statements are point lookups
+    // on the primary key, whose plan no value changes.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(&err)?;
     Ok(conn)
 }
 
@@ -325,15 +386,14 @@ pub(crate) fn version_of(conn: &Connection, path: &Path, key: &ObjectKey) -> Res
     Ok(v.map(|v| v as u64))
 }
 
+/// The query of [`read_object`].
+const READ_OBJECT: &str = "SELECT o.version, o.labels, o.annotations, d.key, d.value
+     FROM objects o LEFT JOIN object_data d ON d.namespace = o.namespace AND d.name = o.name
+     WHERE o.namespace = ?1 AND o.name = ?2";
+
 /// Reads an object in one statement (so one snapshot: the version and the data belong together).
 fn read_object(conn: &Connection, path: &Path, key: &ObjectKey) -> Result<Option<(u64, Secret)>, StoreError> {
-    let mut st = conn
-        .prepare_cached(
-            "SELECT o.version, o.labels, o.annotations, d.key, d.value
-             FROM objects o LEFT JOIN object_data d ON d.namespace = o.namespace AND d.name = o.name
-             WHERE o.namespace = ?1 AND o.name = ?2",
-        )
-        .map_err(db_err(path))?;
+    let mut st = conn.prepare_cached(READ_OBJECT).map_err(db_err(path))?;
     let mut rows = st.query(params![key.namespace(), key.name()]).map_err(db_err(path))?;
     let corrupt = |reason: String| StoreError::Corrupt { key: key.clone(), reason };
     let mut found: Option<(u64, Secret)> = None;
@@ -371,7 +431,7 @@ fn check_data_keys(key: &ObjectKey, secret: &Secret) -> Result<(), StoreError> {
 impl Store for SqliteStore {
     async fn get(&self, key: &ObjectKey) -> Result<Option<Versioned<Secret>>, StoreError> {
         let key = key.clone();
-        Ok(self.read(move |conn, path| read_object(conn, path, &key)).await?.map(versioned))
+        Ok(self.point_read(move |conn, path| read_object(conn, path, &key)).await?.map(versioned))
     }
 
     async fn put(
@@ -438,5 +498,66 @@ impl WatchedObject for DbObject {
 
     fn read(&self) -> Result<Option<(u64, Secret)>, StoreError> {
         self.inner.with_reader(|conn, path| read_object(conn, path, &self.key))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rusqlite::StatementStatus;
+
+    use super::*;
+
+    /// A read connection compiles `read_object`'s query once and then only binds new values to
+    /// it: with SQLite's STAT4 and no planner stability guarantee it was compiled again from its
+    /// SQL on every read of another object.
+    #[test]
+    fn reads_of_different_objects_reuse_the_compiled_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        std::fs::File::create(&path).unwrap();
+        let conn = connect(&path).unwrap();
+        init_schema(&conn, &path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO objects VALUES ('ns', 'a', 1, '{}', '{}'), ('ns', 'b', 2, '{}', '{}');
+             INSERT INTO object_data VALUES ('ns', 'a', 'k', x'01'), ('ns', 'b', 'k', x'02');",
+        )
+        .unwrap();
+        for name in ["a", "b", "a", "missing", "b"] {
+            read_object(&conn, &path, &ObjectKey::new("ns", name).unwrap()).unwrap();
+        }
+        let (version, secret) = read_object(&conn, &path, &ObjectKey::new("ns", "b").unwrap()).unwrap().unwrap();
+        assert_eq!((version, secret.data.get("k").map(Vec::as_slice)), (2, Some(&[2u8][..])));
+        let st = conn.prepare_cached(READ_OBJECT).unwrap();
+        assert_eq!(st.get_status(StatementStatus::RePrepare), 0, "the query was compiled again on a new binding");
+    }
+
+    /// A read on the calling thread never waits for a lock there: SQLite's wait is cut short
+    /// and the caller is told to read on the blocking pool, where the connection waits up to the
+    /// busy timeout again. (A WAL reader hardly ever has to wait; a statement that needs the write
+    /// lock another connection holds stands in for it here.) Plain reads go on meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inline_read_that_would_wait_hands_over_to_the_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let k = ObjectKey::new("ns", "o").unwrap();
+        store.put(&k, &Secret::with_data([("k", "v")]), Precondition::Absent).await.unwrap();
+        assert!(store.get(&k).await.unwrap().is_some(), "a reader connection is now idle in the pool");
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let needs_the_lock = |conn: &Connection, path: &Path| {
+            conn.execute_batch("INSERT INTO counters (name, value) VALUES ('probe', 1)").map_err(db_err(path))
+        };
+        assert!(store.inner.try_inline(&needs_the_lock).is_none(), "it waited, or failed, on the calling thread");
+        let read = store.inner.try_inline(&|conn: &Connection, path: &Path| read_object(conn, path, &k));
+        assert!(matches!(read, Some(Ok(Some(_)))), "a plain read goes on under the write lock: {read:?}");
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.read(needs_the_lock).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        holder.execute_batch("ROLLBACK").unwrap();
+        waiting.await.unwrap().expect("on the blocking pool it waited for the lock");
     }
 }
