@@ -339,7 +339,18 @@ struct Pending {
     event: Event,
     now: SystemTime,
     with: Option<Write>,
-    reply: oneshot::Sender<Result<Entry, AppendError>>,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// An entry [`append_with`] wrote, and the version its `with` write got.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// The entry, as stored.
+    pub entry: Entry,
+    /// The `with` object's new version; `None` when it is not known (the batch's transaction
+    /// landed while its answer was lost, and was found again in the log). A caller keeping the
+    /// object in memory reads it again then.
+    pub with_version: Option<ResourceVersion>,
 }
 
 /// Why [`append_with`] wrote no entry.
@@ -426,8 +437,8 @@ impl Writer {
             match result {
                 Ok(entries) => {
                     wrote = true;
-                    for (p, e) in batch.into_iter().zip(entries) {
-                        let _ = p.reply.send(Ok(e));
+                    for (p, (entry, with_version)) in batch.into_iter().zip(entries) {
+                        let _ = p.reply.send(Ok(Appended { entry, with_version }));
                     }
                 }
                 Err(e) => {
@@ -478,11 +489,15 @@ impl Writer {
     /// the head and the writes that go with the batch's entries are one transaction; an entry
     /// whose write is refused is answered so ([`AppendError::With`]) and the rest written without
     /// it.
-    async fn write(&mut self, store: &dyn Store, at: &mut Option<Position>) -> Result<Vec<Entry>, StoreError> {
+    async fn write(
+        &mut self,
+        store: &dyn Store,
+        at: &mut Option<Position>,
+    ) -> Result<Vec<(Entry, Option<ResourceVersion>)>, StoreError> {
         if let Some(found) = self.landed(store).await? {
             // Found again from the head by the next batch.
             *at = None;
-            return Ok(found);
+            return Ok(unversioned(found));
         }
         let transactional = store.transactions();
         let mut pos = match at.take() {
@@ -497,7 +512,7 @@ impl Writer {
             && let Some(found) = self.landed(store).await?
         {
             *at = None;
-            return Ok(found);
+            return Ok(unversioned(found));
         }
         loop {
             if self.batch.is_empty() {
@@ -510,12 +525,12 @@ impl Writer {
             let key = block_key(pos.tip.next);
             self.attempted = Some(pos.tip.clone());
             let written = if transactional {
-                self.commit(store, &key, &block, &pos).await.map(Some)
+                self.commit(store, &key, &block, &pos).await.map(|(head, withs)| (Some(head), withs))
             } else {
-                typed::put(store, &key, &block, Precondition::Absent).await.map(|()| None)
+                typed::put(store, &key, &block, Precondition::Absent).await.map(|()| (None, Vec::new()))
             };
-            let head = match written {
-                Ok(head) => head,
+            let (head, mut with_versions) = match written {
+                Ok((head, withs)) => (head, withs.into_iter()),
                 Err(StoreError::AlreadyExists(k)) if k == key => {
                     // Another replica appended first (or this batch's own earlier write that
                     // answered nothing, now answering late).
@@ -529,9 +544,9 @@ impl Writer {
                         // unknown, so the next batch reads it.
                         self.last = None;
                         *at = None;
-                        return Ok(block.entries);
+                        return Ok(unversioned(block.entries));
                     }
-                    None
+                    (None, Vec::new().into_iter())
                 }
                 Err(e) if transactional && refused_key(&e) == Some(&head_key()) => {
                     // Another writer moved the head: nothing landed; find the end afresh.
@@ -564,19 +579,22 @@ impl Writer {
                 pos.head = Some(version);
             }
             *at = Some(pos);
-            return Ok(block.entries);
+            // The versions of the batch's own writes, in the order `commit` wrote them.
+            let versions = self.batch.iter().map(|p| p.with.as_ref().and_then(|_| with_versions.next()));
+            return Ok(block.entries.into_iter().zip(versions).collect());
         }
     }
 
     /// The block, the head after it and the batch's own writes as one transaction, the block
-    /// first (so a block already there is what a refusal names); returns the head's new version.
+    /// first (so a block already there is what a refusal names); returns the head's new version
+    /// and those of the batch's own writes, in the batch's order.
     async fn commit(
         &self,
         store: &dyn Store,
         key: &ObjectKey,
         block: &Block,
         pos: &Position,
-    ) -> Result<ResourceVersion, StoreError> {
+    ) -> Result<(ResourceVersion, Vec<ResourceVersion>), StoreError> {
         let head = match block.entries.last() {
             Some(last) => Tip::after(last).head(),
             None => pos.tip.head(),
@@ -590,11 +608,11 @@ impl Writer {
             },
         ];
         writes.extend(self.batch.iter().filter_map(|p| p.with.clone()));
-        let versions = store.put_all(writes).await?;
-        versions
-            .get(1)
-            .cloned()
-            .ok_or_else(|| StoreError::Backend("the store answered no version for the audit log's head".into()))
+        let mut versions = store.put_all(writes).await?.into_iter();
+        let head = versions
+            .nth(1)
+            .ok_or_else(|| StoreError::Backend("the store answered no version for the audit log's head".into()))?;
+        Ok((head, versions.collect()))
     }
 }
 
@@ -615,6 +633,11 @@ fn next_batch(queue: &mut Vec<Pending>) -> Vec<Pending> {
 }
 
 /// The batch's entries, chained from `tip`.
+/// Entries found in the store rather than written by this call: their writes' versions unknown.
+fn unversioned(entries: Vec<Entry>) -> Vec<(Entry, Option<ResourceVersion>)> {
+    entries.into_iter().map(|e| (e, None)).collect()
+}
+
 fn chained(tip: &Tip, batch: &[Pending]) -> Vec<Entry> {
     let mut out: Vec<Entry> = Vec::with_capacity(batch.len());
     for (seq, p) in (tip.next..).zip(batch) {
@@ -684,7 +707,7 @@ fn duplicate(e: &StoreError) -> StoreError {
 
 /// Appends `event` at `now`; returns the entry written (once it is stored).
 pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result<Entry, StoreError> {
-    queued(store, event, now, None).await.map_err(AppendError::into_store_error)
+    queued(store, event, now, None).await.map(|a| a.entry).map_err(AppendError::into_store_error)
 }
 
 /// Appends `event` at `now` together with `with`, a write of another object that must not land
@@ -694,16 +717,27 @@ pub async fn append(store: &dyn Store, event: &Event, now: SystemTime) -> Result
 /// [`AppendError::With`] and leaves no entry. Without transactions `with` is written first and
 /// then the entry, as two writes: an entry that then cannot be written leaves `with` in place
 /// ([`AppendError::Entry`]).
-pub async fn append_with(store: &dyn Store, event: &Event, now: SystemTime, with: Write) -> Result<Entry, AppendError> {
+pub async fn append_with(
+    store: &dyn Store,
+    event: &Event,
+    now: SystemTime,
+    with: Write,
+) -> Result<Appended, AppendError> {
     if store.transactions() {
         return queued(store, event, now, Some(with)).await;
     }
-    store.put(&with.key, &with.secret, with.precondition).await.map_err(AppendError::With)?;
-    queued(store, event, now, None).await.map_err(|e| AppendError::Entry(e.into_store_error()))
+    let version = store.put(&with.key, &with.secret, with.precondition).await.map_err(AppendError::With)?;
+    let appended = queued(store, event, now, None).await.map_err(|e| AppendError::Entry(e.into_store_error()))?;
+    Ok(Appended { with_version: Some(version), ..appended })
 }
 
 /// Queues `event` (and `with`) for the writer's turn and waits for its entry.
-async fn queued(store: &dyn Store, event: &Event, now: SystemTime, with: Option<Write>) -> Result<Entry, AppendError> {
+async fn queued(
+    store: &dyn Store,
+    event: &Event,
+    now: SystemTime,
+    with: Option<Write>,
+) -> Result<Appended, AppendError> {
     let app = appender(store);
     let (reply, mut answer) = oneshot::channel();
     app.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Pending { event: event.clone(), now, with, reply });

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use meshca_clock::unix;
 use meshca_pki::{CsrError, CsrPolicy, IntermediateParams, IssueError, verify_csr};
 use meshca_proto::IssueReason;
-use meshca_store::{Store, StoreError, Write, typed};
+use meshca_store::{Precondition, Store, StoreError, Write, typed};
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -167,6 +167,41 @@ pub struct Issuer {
     meshes: watch::Receiver<Arc<MeshView>>,
     limiter: RateLimiter,
     leader: Option<watch::Receiver<Leader>>,
+    logs: LogCache,
+}
+
+/// How many clusters' issued logs the issuer keeps in memory. A full log (64 records) is about
+/// 40 kB in memory, so this bounds the cache near 20 MB; a cluster past it is read from the store.
+const LOG_CACHE_CLUSTERS: usize = 512;
+
+/// Each cluster's issued log as this replica last wrote it, with the version the store gave the
+/// write: the next issuance for the cluster starts from it instead of reading and decoding the
+/// log again (on a busy leader, a tenth of an issuance's CPU; docs/benchmarks.md). It is only a
+/// starting guess: the write is a compare-and-swap against that version, so a log changed by
+/// anyone else since (another replica, a cluster's removal) refuses the write, and the issuer
+/// forgets the entry and reads the log from the store. A key is still certified once.
+#[derive(Default)]
+struct LogCache {
+    logs: std::sync::Mutex<std::collections::HashMap<String, (meshca_store::ResourceVersion, IssuedLog)>>,
+}
+
+impl LogCache {
+    /// Takes the cluster's log out (a concurrent issuance for the same cluster reads the store).
+    fn take(&self, cluster: &str) -> Option<(meshca_store::ResourceVersion, IssuedLog)> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).remove(cluster)
+    }
+
+    /// Keeps `log` as of `version`; when full, an arbitrary other cluster's entry makes room.
+    fn keep(&self, cluster: &str, version: meshca_store::ResourceVersion, log: IssuedLog) {
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        if logs.len() >= LOG_CACHE_CLUSTERS
+            && !logs.contains_key(cluster)
+            && let Some(evicted) = logs.keys().next().cloned()
+        {
+            logs.remove(&evicted);
+        }
+        logs.insert(cluster.to_string(), (version, log));
+    }
 }
 
 impl Issuer {
@@ -179,7 +214,7 @@ impl Issuer {
         limiter: RateLimiter,
         leader: Option<watch::Receiver<Leader>>,
     ) -> Self {
-        Issuer { store, meshes, limiter, leader }
+        Issuer { store, meshes, limiter, leader, logs: LogCache::default() }
     }
 
     /// Whether this replica may sign now.
@@ -302,22 +337,30 @@ impl Issuer {
         let store = self.store.as_ref();
         let key = records::issued(cluster)?;
         let mut refused = None;
+        let mut kept = self.logs.take(cluster);
         for _ in 0..typed::MAX_ATTEMPTS {
-            let current = typed::get::<IssuedLog>(store, &key).await?;
-            let mut log = current.as_ref().map(|v| v.value.clone()).unwrap_or_default();
+            let (mut log, precondition) = match kept.take() {
+                Some((version, log)) => (log, Precondition::Version(version)),
+                None => match typed::get::<IssuedLog>(store, &key).await? {
+                    Some(v) => (v.value, Precondition::Version(v.version)),
+                    None => (IssuedLog::default(), Precondition::Absent),
+                },
+            };
             if log.records.iter().any(|r| r.public_key_sha256 == record.public_key_sha256) {
                 return Err(Denied::KeyReused(cluster.to_string()));
             }
             log.records.insert(0, record.clone());
             log.records.truncate(ISSUED_KEEP);
-            let with = Write {
-                key: key.clone(),
-                secret: typed::encode(&log)?,
-                precondition: typed::unchanged_since(current.as_ref()),
-            };
+            let with = Write { key: key.clone(), secret: typed::encode(&log)?, precondition };
             match audit::append_with(store, event, now, with).await {
-                Ok(_) => return Ok(()),
-                // Written by someone else meanwhile: read it again (a replay is found there).
+                Ok(appended) => {
+                    if let Some(version) = appended.with_version {
+                        self.logs.keep(cluster, version, log);
+                    }
+                    return Ok(());
+                }
+                // Written by someone else meanwhile (or the log in memory was stale): read it
+                // again (a replay is found there).
                 Err(AppendError::With(e)) if typed::is_conflict(&e) => refused = Some(e),
                 Err(AppendError::With(e)) => return Err(Denied::Store(e)),
                 Err(AppendError::Entry(source)) => {

@@ -160,6 +160,8 @@ async fn writes_that_go_with_entries_land_with_them_or_not_at_all() {
     let object = |name: &str| ObjectKey::new("records", name).unwrap();
     for (backend, store, _) in backends(tmp.path()) {
         let mut answered = Vec::new();
+        // The version each answered write says its object got, by object name.
+        let mut versions = Vec::new();
         for round in 0..6usize {
             let mut tasks = Vec::new();
             for i in 0..40usize {
@@ -194,7 +196,10 @@ async fn writes_that_go_with_entries_land_with_them_or_not_at_all() {
                     (38 | 39, r) => pair.push(r),
                     (i, Err(AppendError::With(StoreError::NotFound(_)))) if i % 10 == 5 => {}
                     (i, r) if i % 10 == 5 => panic!("{backend}: a write expecting a missing version went ahead: {r:?}"),
-                    (_, Ok(e)) => answered.push(e),
+                    (_, Ok(a)) => {
+                        versions.extend(a.with_version.map(|v| (format!("w-{id}"), v)));
+                        answered.push(a.entry);
+                    }
                     (_, Err(e)) => panic!("{backend}: {id}: {e}"),
                 }
             }
@@ -202,7 +207,10 @@ async fn writes_that_go_with_entries_land_with_them_or_not_at_all() {
             let refused =
                 pair.iter().filter(|r| matches!(r, Err(AppendError::With(StoreError::AlreadyExists(_))))).count();
             assert_eq!((won, refused), (1, 1), "{backend}: two writes to one object at once: {pair:?}");
-            answered.extend(pair.into_iter().filter_map(Result::ok));
+            for a in pair.into_iter().filter_map(Result::ok) {
+                versions.extend(a.with_version.map(|v| (format!("w-{round}-pair"), v)));
+                answered.push(a.entry);
+            }
         }
         let log = audit::read_log(store.as_ref()).await.unwrap();
         audit::verify_anchored(&log.entries, log.head.as_ref()).unwrap();
@@ -226,6 +234,17 @@ async fn writes_that_go_with_entries_land_with_them_or_not_at_all() {
                 "{backend}: entry {id} was written without its object"
             );
         }
+        // Each object is written once, so the version its write was answered with is its version.
+        for (name, version) in &versions {
+            let o = store.get(&object(name)).await.unwrap().unwrap();
+            assert_eq!(&o.version, version, "{backend}: {name}: the version answered is not the one stored");
+        }
+        assert!(
+            versions.len() * 2 > answered.len(),
+            "{backend}: most answered writes know their version ({} of {})",
+            versions.len(),
+            answered.len()
+        );
         let refused_write = |id: &str| id.split('-').nth(1).unwrap().parse::<usize>().unwrap() % 10 == 5;
         assert!(!logged.iter().any(|id| refused_write(id)), "{backend}: a refused write left an entry");
         if store.transactions() {

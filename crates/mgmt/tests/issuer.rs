@@ -344,6 +344,39 @@ async fn two_replicas_sent_the_same_csr_at_once_certify_its_key_once() {
     }
 }
 
+/// The issuer keeps each cluster's issued log in memory between issuances; a log another replica
+/// has written since is not overwritten from that copy: its records stay, and a key it certified
+/// is refused here as a replay.
+#[tokio::test]
+async fn a_log_written_by_another_replica_is_read_again_not_overwritten() {
+    for backend in [Backend::Dir, Backend::Sqlite] {
+        let p = Plane::start_on(backend, &policy(""), 1000, 1e6).await;
+        p.register("cluster-1").await;
+        let other_store = match backend {
+            Backend::Dir => Arc::new(DirStore::open(p.tmp.path()).unwrap()) as Arc<dyn Store>,
+            Backend::Sqlite => Arc::new(SqliteStore::open(p.tmp.path().join("store.db")).unwrap()),
+        };
+        let other = Issuer::new(
+            other_store,
+            meshca_mgmt::meshes::single(p.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+            RateLimiter::new(1000, 1e6, p.clock.shared()),
+            None,
+        );
+        let now = p.clock.now();
+        let first = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
+        let (_, theirs) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
+        let second = other.issue("cluster-1", &theirs, IssueReason::Initial, now).await.unwrap();
+        let replay = p.issue("cluster-1", &theirs).await.expect_err("the other replica certified this key");
+        assert!(matches!(replay, Denied::KeyReused(_)), "{backend:?}: {replay:?}");
+        let third = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
+        assert_eq!(
+            issued_serials(&p, "cluster-1").await,
+            [third.serial, second.serial, first.serial],
+            "{backend:?}: the issued log, newest first"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_rate_limit_refills_with_simulated_time_per_cluster() {
     let p = Plane::start(&policy(""), 2, 6.0).await;
