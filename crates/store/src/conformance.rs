@@ -129,6 +129,13 @@ pub async fn preconditions<S: Store + ?Sized>(store: &S, namespace: &str) {
     store.put(&missing, &sample_cacerts("1"), Precondition::Any).await.unwrap();
     store.put(&missing, &sample_cacerts("2"), Precondition::Any).await.unwrap();
     assert_eq!(store.get(&missing).await.unwrap().unwrap().value, sample_cacerts("2"));
+    // A write replaces the whole object: data keys it does not carry are gone, the others hold
+    // the new values (of another size than the old).
+    let fewer = Secret::with_data([("ca-cert.pem", "replaced, and longer than the value it replaces")]);
+    store.put(&missing, &fewer, Precondition::Any).await.unwrap();
+    assert_eq!(store.get(&missing).await.unwrap().unwrap().value, fewer, "a put left data keys behind");
+    store.put(&missing, &sample_cacerts("2"), Precondition::Any).await.unwrap();
+    assert_eq!(store.get(&missing).await.unwrap().unwrap().value, sample_cacerts("2"));
 
     let err = store.delete(&k, Precondition::Version(v1)).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
