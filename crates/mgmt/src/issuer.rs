@@ -351,7 +351,7 @@ impl Issuer {
             }
             log.records.insert(0, record.clone());
             log.records.truncate(ISSUED_KEEP);
-            let with = Write { key: key.clone(), secret: typed::encode(&log)?, precondition };
+            let with = Write { key: key.clone(), secret: typed::encode_compact(&log)?, precondition };
             match audit::append_with(store, event, now, with).await {
                 Ok(appended) => {
                     if let Some(version) = appended.with_version {

@@ -31,6 +31,14 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Secret, StoreError> {
     Ok(Secret::with_data([(RECORD_KEY, bytes)]))
 }
 
+/// [`encode`] without the indentation, for large records written often (a cluster's issued log:
+/// 64 records, about 25 kB, rewritten at every issuance), where the indentation is a sixth of the
+/// bytes encoded, stored and logged to the WAL. [`get`] reads both.
+pub fn encode_compact<T: Serialize>(value: &T) -> Result<Secret, StoreError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Backend(e.to_string()))?;
+    Ok(Secret::with_data([(RECORD_KEY, bytes)]))
+}
+
 /// The precondition that a write of something read as `current` holds only if nobody wrote since.
 pub fn unchanged_since<T>(current: Option<&Versioned<T>>) -> Precondition {
     match current {
