@@ -292,6 +292,20 @@ async fn issued_serials(p: &Plane, cluster: &str) -> Vec<String> {
     log.map(|l| l.value.records.into_iter().map(|r| r.serial).collect()).unwrap_or_default()
 }
 
+/// A second replica's issuer, on its own instance of `p`'s store (as another process would open it).
+fn other_replica(p: &Plane, backend: Backend) -> Issuer {
+    let store = match backend {
+        Backend::Dir => Arc::new(DirStore::open(p.tmp.path()).unwrap()) as Arc<dyn Store>,
+        Backend::Sqlite => Arc::new(SqliteStore::open(p.tmp.path().join("store.db")).unwrap()),
+    };
+    Issuer::new(
+        store,
+        meshca_mgmt::meshes::single(p.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
+        RateLimiter::new(1000, 1e6, p.clock.shared()),
+        None,
+    )
+}
+
 /// Two replicas sharing one store (a leader whose lease ran out mid-call and its successor) sent
 /// the same CSRs at the same moment certify each key once, on both backends: for each CSR one of
 /// them answers and the other refuses it as a replay, and the issued log and the audit log hold
@@ -302,16 +316,7 @@ async fn two_replicas_sent_the_same_csr_at_once_certify_its_key_once() {
     for backend in [Backend::Dir, Backend::Sqlite] {
         let p = Plane::start_on(backend, &policy(""), 1000, 1e6).await;
         p.register("cluster-1").await;
-        let other_store = match backend {
-            Backend::Dir => Arc::new(DirStore::open(p.tmp.path()).unwrap()) as Arc<dyn Store>,
-            Backend::Sqlite => Arc::new(SqliteStore::open(p.tmp.path().join("store.db")).unwrap()),
-        };
-        let other = Issuer::new(
-            other_store,
-            meshca_mgmt::meshes::single(p.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
-            RateLimiter::new(1000, 1e6, p.clock.shared()),
-            None,
-        );
+        let other = other_replica(&p, backend);
         let mut answered = Vec::new();
         for _ in 0..20 {
             let (_, request) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
@@ -352,16 +357,7 @@ async fn a_log_written_by_another_replica_is_read_again_not_overwritten() {
     for backend in [Backend::Dir, Backend::Sqlite] {
         let p = Plane::start_on(backend, &policy(""), 1000, 1e6).await;
         p.register("cluster-1").await;
-        let other_store = match backend {
-            Backend::Dir => Arc::new(DirStore::open(p.tmp.path()).unwrap()) as Arc<dyn Store>,
-            Backend::Sqlite => Arc::new(SqliteStore::open(p.tmp.path().join("store.db")).unwrap()),
-        };
-        let other = Issuer::new(
-            other_store,
-            meshca_mgmt::meshes::single(p.authority.clone(), meshca_mgmt::records::Keyspace::legacy(), None),
-            RateLimiter::new(1000, 1e6, p.clock.shared()),
-            None,
-        );
+        let other = other_replica(&p, backend);
         let now = p.clock.now();
         let first = p.issue("cluster-1", &csr(KeyAlgorithm::EcdsaP256, "cluster-1").1).await.unwrap();
         let (_, theirs) = csr(KeyAlgorithm::EcdsaP256, "cluster-1");
