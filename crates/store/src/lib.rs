@@ -270,6 +270,15 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Whether a put costs in proportion to the data keys it changes rather than to the whole
+    /// object (SQLite leaves a row whose value is unchanged alone). A large record written often
+    /// is then worth splitting across keys, so that each write touches little of it; where every
+    /// put rewrites the whole object anyway (the directory tree writes and fsyncs a file per key,
+    /// the Kubernetes API takes the Secret whole), splitting would only add files.
+    fn partial_writes(&self) -> bool {
+        false
+    }
+
     /// Writes every one of `writes` as one atomic transaction, if every precondition holds: all of
     /// them land, or none does and the error is that of the first write that could not (a
     /// refused precondition names its key: `Conflict`, `AlreadyExists`, `NotFound`). Preconditions

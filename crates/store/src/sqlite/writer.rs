@@ -141,13 +141,20 @@ fn apply(conn: &Connection, path: &Path, key: &ObjectKey, op: &Op) -> Result<u64
             .and_then(|mut st| st.execute(params![key.namespace(), key.name(), version as i64, labels, annotations]))
             .map_err(&err)?;
             if current.is_some() {
-                delete_data(conn, path, key)?;
+                delete_stale_data(conn, path, key, secret)?;
             }
-            let mut insert = conn
-                .prepare_cached("INSERT INTO object_data (namespace, name, key, value) VALUES (?1, ?2, ?3, ?4)")
+            // A row whose value is unchanged is left alone: with `secure_delete` a rewritten row
+            // costs its pages twice (written anew, the old ones zeroed), so an object of which
+            // one key changed (a cluster's issued log, stored in chunks) writes only that key.
+            let mut upsert = conn
+                .prepare_cached(
+                    "INSERT INTO object_data (namespace, name, key, value) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (namespace, name, key) DO UPDATE
+                     SET value = excluded.value WHERE value IS NOT excluded.value",
+                )
                 .map_err(&err)?;
             for (data_key, value) in &secret.data {
-                insert.execute(params![key.namespace(), key.name(), data_key, value]).map_err(&err)?;
+                upsert.execute(params![key.namespace(), key.name(), data_key, value]).map_err(&err)?;
             }
             Ok(version)
         }
@@ -162,6 +169,20 @@ fn apply(conn: &Connection, path: &Path, key: &ObjectKey, op: &Op) -> Result<u64
             Ok(0)
         }
     }
+}
+
+/// Deletes the object's data rows whose keys `secret` does not carry (a put replaces the whole
+/// object): one statement, given the keys kept as a JSON array.
+fn delete_stale_data(conn: &Connection, path: &Path, key: &ObjectKey, secret: &Secret) -> Result<(), StoreError> {
+    let kept = serde_json::to_string(&secret.data.keys().collect::<Vec<_>>())
+        .map_err(|e| StoreError::Backend(format!("encoding the data keys of {key}: {e}")))?;
+    conn.prepare_cached(
+        "DELETE FROM object_data WHERE namespace = ?1 AND name = ?2
+         AND key NOT IN (SELECT value FROM json_each(?3))",
+    )
+    .and_then(|mut st| st.execute(params![key.namespace(), key.name(), kept]))
+    .map(drop)
+    .map_err(db_err(path))
 }
 
 fn delete_data(conn: &Connection, path: &Path, key: &ObjectKey) -> Result<(), StoreError> {
