@@ -27,7 +27,7 @@ use crate::audit::{self, AppendError};
 use crate::authority::Capability;
 use crate::meshes::{MeshView, Placement};
 use crate::ratelimit::RateLimiter;
-use crate::records::{self, ClusterRecord, ISSUED_KEEP, IssuedLog, IssuedRecord};
+use crate::records::{self, ClusterRecord, IssuedLog, IssuedRecord};
 use crate::replica::Leader;
 
 /// A cluster intermediate, as handed to the agent.
@@ -341,7 +341,7 @@ impl Issuer {
         for _ in 0..typed::MAX_ATTEMPTS {
             let (mut log, precondition) = match kept.take() {
                 Some((version, log)) => (log, Precondition::Version(version)),
-                None => match typed::get::<IssuedLog>(store, &key).await? {
+                None => match records::read_issued(store, cluster).await? {
                     Some(v) => (v.value, Precondition::Version(v.version)),
                     None => (IssuedLog::default(), Precondition::Absent),
                 },
@@ -349,9 +349,8 @@ impl Issuer {
             if log.records.iter().any(|r| r.public_key_sha256 == record.public_key_sha256) {
                 return Err(Denied::KeyReused(cluster.to_string()));
             }
-            log.records.insert(0, record.clone());
-            log.records.truncate(ISSUED_KEEP);
-            let with = Write { key: key.clone(), secret: typed::encode_compact(&log)?, precondition };
+            log.push(record.clone())?;
+            let with = Write { key: key.clone(), secret: log.to_secret(store.partial_writes())?, precondition };
             match audit::append_with(store, event, now, with).await {
                 Ok(appended) => {
                     if let Some(version) = appended.with_version {

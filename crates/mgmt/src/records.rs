@@ -356,14 +356,178 @@ impl OperatorLog {
     }
 }
 
-/// How many issued records are kept per cluster.
+/// How many issued records are kept per cluster, at least (up to [`ISSUED_CHUNK`] − 1 more, so
+/// that the log is pruned a whole chunk at a time).
 pub const ISSUED_KEEP: usize = 64;
 
+/// How many records one stored chunk of an issued log holds, where the store writes only the
+/// keys a put changes ([`meshca_store::Store::partial_writes`]). An issuance then rewrites one
+/// chunk (about 3 kB) instead of the whole log (25 kB at 64 records), and encodes only that
+/// chunk: full chunks never change, and their bytes are kept ([`IssuedLog`]). Smaller chunks
+/// would write fewer bytes but cost a row (a statement, a key, an allocation) each.
+pub const ISSUED_CHUNK: usize = 8;
+
+const CHUNK: u64 = ISSUED_CHUNK as u64;
+
+/// The data key of the chunk holding the records numbered `n * ISSUED_CHUNK ..`.
+fn chunk_key(n: u64) -> String {
+    format!("records.{n}.json")
+}
+
 /// A cluster's issued log, newest first.
+///
+/// Stored one of two ways, and read in both ([`IssuedLog::from_secret`]): as one JSON record
+/// ([`meshca_store::typed::RECORD_KEY`], `{"records": [...]}`), or, on a store that writes only
+/// changed keys, in chunks: the log's records are numbered from the oldest it ever had, and key
+/// `records.<n>.json` holds records `n·C … n·C + C − 1` (C = [`ISSUED_CHUNK`]) as a JSON array,
+/// oldest first. A new record only ever changes the newest chunk, and pruning drops whole
+/// chunks, so every other key is written once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuedLog {
     /// Newest first.
     pub records: Vec<IssuedRecord>,
+    /// The number the next record gets: the count of records this log has had, oldest pruned
+    /// ones included. Not in the single-record form (where it is read as the record count).
+    #[serde(skip)]
+    next: u64,
+    /// The encoded bytes of each full chunk, by number: they never change, so an issuance
+    /// encodes only the newest chunk.
+    #[serde(skip)]
+    full: EncodedChunks,
+}
+
+/// Encoded full chunks of an [`IssuedLog`]: only a cache of what its records say, so it takes
+/// no part in comparing two logs.
+#[derive(Clone, Default)]
+struct EncodedChunks(std::collections::BTreeMap<u64, Vec<u8>>);
+
+impl std::fmt::Debug for EncodedChunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl PartialEq for EncodedChunks {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for EncodedChunks {}
+
+fn encode_chunk(records: &[&IssuedRecord]) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(records).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+impl IssuedLog {
+    /// A log of `records`, newest first (as read from the single-record form).
+    pub fn from_records(records: Vec<IssuedRecord>) -> IssuedLog {
+        IssuedLog { next: records.len() as u64, records, full: EncodedChunks::default() }
+    }
+
+    /// The number of the oldest record kept.
+    fn oldest(&self) -> u64 {
+        self.next - self.records.len() as u64
+    }
+
+    /// Adds `record` as the newest, then prunes whole chunks while at least [`ISSUED_KEEP`]
+    /// records remain.
+    pub fn push(&mut self, record: IssuedRecord) -> Result<(), StoreError> {
+        self.records.insert(0, record);
+        self.next += 1;
+        let keep_from = self.next.saturating_sub(ISSUED_KEEP as u64) / CHUNK * CHUNK;
+        self.records.truncate((self.next - keep_from) as usize);
+        self.full.0.retain(|&n, _| n * CHUNK >= keep_from);
+        if self.next.is_multiple_of(CHUNK) && self.oldest() <= self.next - CHUNK {
+            let newest: Vec<&IssuedRecord> = self.records[..ISSUED_CHUNK].iter().rev().collect();
+            self.full.0.insert(self.next / CHUNK - 1, encode_chunk(&newest)?);
+        }
+        Ok(())
+    }
+
+    /// The log as stored: in chunks when `chunked` (a store that writes only changed keys),
+    /// otherwise as one record.
+    pub fn to_secret(&self, chunked: bool) -> Result<meshca_store::Secret, StoreError> {
+        if !chunked {
+            return meshca_store::typed::encode_compact(self);
+        }
+        let mut secret = meshca_store::Secret::default();
+        // Oldest first, each chunk cut where the numbering says.
+        let oldest: Vec<&IssuedRecord> = self.records.iter().rev().collect();
+        let mut seq = self.oldest();
+        let mut rest = &oldest[..];
+        while !rest.is_empty() {
+            let n = seq / CHUNK;
+            let (chunk, tail) = rest.split_at((((n + 1) * CHUNK - seq) as usize).min(rest.len()));
+            let bytes = match self.full.0.get(&n) {
+                Some(bytes) if chunk.len() == ISSUED_CHUNK => bytes.clone(),
+                _ => encode_chunk(chunk)?,
+            };
+            secret.data.insert(chunk_key(n), bytes);
+            seq += chunk.len() as u64;
+            rest = tail;
+        }
+        Ok(secret)
+    }
+
+    /// Reads the log from either stored form; `key` names the object in errors.
+    pub fn from_secret(key: &ObjectKey, secret: &meshca_store::Secret) -> Result<IssuedLog, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt { key: key.clone(), reason };
+        if let Some(raw) = secret.get(meshca_store::typed::RECORD_KEY) {
+            let log: IssuedLog = serde_json::from_slice(raw)
+                .map_err(|e| corrupt(format!("{}: {e}", meshca_store::typed::RECORD_KEY)))?;
+            return Ok(IssuedLog::from_records(log.records));
+        }
+        let mut chunks = std::collections::BTreeMap::new();
+        for (name, raw) in &secret.data {
+            let n = name
+                .strip_prefix("records.")
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|&n| chunk_key(n) == *name)
+                .ok_or_else(|| corrupt(format!("unexpected key {name:?} in an issued log")))?;
+            let records: Vec<IssuedRecord> =
+                serde_json::from_slice(raw).map_err(|e| corrupt(format!("{name}: {e}")))?;
+            chunks.insert(n, (records, raw));
+        }
+        let Some(&first) = chunks.keys().next() else {
+            return Err(corrupt(format!("an issued log with neither {} nor chunks", meshca_store::typed::RECORD_KEY)));
+        };
+        let mut log = IssuedLog { next: first * CHUNK, ..IssuedLog::default() };
+        let last = chunks.len() - 1;
+        for (i, (n, (chunk, raw))) in chunks.into_iter().enumerate() {
+            // Chunks are filled in turn and pruned whole: none is missing, each starts at its
+            // number, each but the newest is full.
+            if n * CHUNK != log.next
+                || chunk.is_empty()
+                || chunk.len() > ISSUED_CHUNK
+                || (i < last && chunk.len() != ISSUED_CHUNK)
+            {
+                return Err(corrupt(format!(
+                    "issued-log chunk {n} holds {} records where record {} was expected to start a chunk of {ISSUED_CHUNK}",
+                    chunk.len(),
+                    log.next
+                )));
+            }
+            log.next += chunk.len() as u64;
+            if chunk.len() == ISSUED_CHUNK {
+                log.full.0.insert(n, raw.clone());
+            }
+            log.records.extend(chunk);
+        }
+        log.records.reverse();
+        Ok(log)
+    }
+}
+
+/// Reads cluster `cluster`'s issued log (either stored form); `Ok(None)` when it has none.
+pub async fn read_issued(
+    store: &dyn meshca_store::Store,
+    cluster: &str,
+) -> Result<Option<meshca_store::Versioned<IssuedLog>>, StoreError> {
+    let key = issued(cluster)?;
+    let Some(v) = store.get(&key).await? else { return Ok(None) };
+    Ok(Some(meshca_store::Versioned { value: IssuedLog::from_secret(&key, &v.value)?, version: v.version }))
 }
 
 /// A cluster's last status report.
@@ -580,5 +744,96 @@ mod tests {
             serde_json::from_str(r#"{"reported_at":1,"phase":"Degraded","intermediate_serial":"","intermediate_not_after":0,"intermediate_not_before":0,"root_set_fingerprint":"","policy_generation":"","last_renewal":0,"last_error":"","key_location":"store","next_renewal":0,"agent_version":""}"#)
                 .expect("a record written when phases were strings");
         assert_eq!(status.phase, Phase::Degraded);
+    }
+
+    fn record(n: u64) -> IssuedRecord {
+        IssuedRecord {
+            serial: format!("{n:04X}"),
+            not_after: 1000 + n as i64,
+            issued_at: n as i64,
+            reason: IssueReason::Renewal,
+            policy_generation: "g".into(),
+            public_key_sha256: format!("{n:064x}"),
+            not_before: 0,
+            key_algorithm: "ECDSA P-256".into(),
+            issuer_fingerprint: String::new(),
+        }
+    }
+
+    fn key() -> ObjectKey {
+        issued("cluster-1").expect("key")
+    }
+
+    /// In chunks, an issuance changes the newest chunk only (and, when the log is full, drops
+    /// the oldest whole): every other key is written byte for byte as before. At least
+    /// [`ISSUED_KEEP`] records are kept, the newest first, and both forms read back the same log.
+    #[test]
+    fn an_issuance_changes_only_the_newest_chunk_of_a_full_log() {
+        let mut log = IssuedLog::default();
+        let mut before = log.to_secret(true).expect("encode");
+        for n in 0..200u64 {
+            log.push(record(n)).expect("push");
+            let after = log.to_secret(true).expect("encode");
+            let newest = format!("records.{}.json", n / ISSUED_CHUNK as u64);
+            for (k, v) in &after.data {
+                if *k != newest {
+                    assert_eq!(before.get(k), Some(v.as_slice()), "record {n} rewrote {k}");
+                }
+            }
+            let dropped: Vec<&String> = before.data.keys().filter(|k| !after.data.contains_key(*k)).collect();
+            assert!(dropped.len() <= 1, "record {n} dropped {dropped:?}");
+            assert!((ISSUED_KEEP.min(n as usize + 1)..ISSUED_KEEP + ISSUED_CHUNK).contains(&log.records.len()));
+            assert_eq!(log.records[0].serial, format!("{n:04X}"), "newest first");
+            assert_eq!(IssuedLog::from_secret(&key(), &after).expect("chunks"), log);
+            before = after;
+        }
+        let single = IssuedLog::from_secret(&key(), &log.to_secret(false).expect("one record")).expect("read");
+        assert_eq!(single.records, log.records);
+    }
+
+    /// A log written as one record (by a store that rewrites whole objects, or before chunks)
+    /// goes on in chunks where the store writes only changed keys, losing nothing.
+    #[test]
+    fn a_single_record_log_goes_on_in_chunks() {
+        let old = IssuedLog::from_records((0..64u64).rev().map(record).collect());
+        let stored = meshca_store::typed::encode(&old).expect("encode");
+        let mut log = IssuedLog::from_secret(&key(), &stored).expect("read");
+        assert_eq!(log.records, old.records);
+        log.push(record(64)).expect("push");
+        let chunked = log.to_secret(true).expect("encode");
+        assert!(chunked.get(meshca_store::typed::RECORD_KEY).is_none());
+        let back = IssuedLog::from_secret(&key(), &chunked).expect("read");
+        let serials: Vec<String> = back.records.iter().map(|r| r.serial.clone()).collect();
+        assert_eq!(serials, (0..65u64).rev().map(|n| format!("{n:04X}")).collect::<Vec<_>>());
+    }
+
+    /// A chunked log whose chunks do not follow on (one missing between others), with a chunk
+    /// overfull or garbled, or with a key that is no chunk is reported corrupt, naming the
+    /// object, not read as a shorter log (a key certified in the lost records could otherwise be
+    /// certified again).
+    #[test]
+    fn a_chunked_log_with_a_gap_or_a_stranger_is_corrupt() {
+        let mut log = IssuedLog::default();
+        for n in 0..3 * CHUNK + 2 {
+            log.push(record(n)).expect("push");
+        }
+        let good = log.to_secret(true).expect("encode");
+        assert_eq!(good.data.len(), 4);
+        let mut gap = good.clone();
+        gap.data.remove("records.1.json");
+        let mut overfull = good.clone();
+        let too_many: Vec<IssuedRecord> = (0..=CHUNK).map(record).collect();
+        overfull.data.insert("records.0.json".into(), serde_json::to_vec(&too_many).expect("json"));
+        let mut stranger = good.clone();
+        stranger.data.insert("notes.txt".into(), b"hi".to_vec());
+        let mut garbled = good;
+        garbled.data.insert("records.1.json".into(), b"[{".to_vec());
+        for (what, secret) in [("gap", gap), ("overfull", overfull), ("stranger", stranger), ("garbled", garbled)] {
+            match IssuedLog::from_secret(&key(), &secret) {
+                Err(StoreError::Corrupt { key: k, reason }) => assert_eq!(k, key(), "{what}: {reason}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        assert!(IssuedLog::from_secret(&key(), &meshca_store::Secret::default()).is_err(), "an empty object");
     }
 }

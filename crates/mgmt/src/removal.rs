@@ -41,10 +41,13 @@ pub async fn remove(store: &dyn Store, cluster: &str, by: &str, now: SystemTime)
         .annotation("meshca.io/removed-at", &unix(now).to_string())
         .annotation("meshca.io/cluster", cluster);
     archive.data.insert(records::ARCHIVED_CLUSTER_KEY.into(), record_bytes(&registration.value));
-    for (name, key) in [("issued.json", &issued_key), ("status.json", &status_key)] {
-        if let Some(v) = store.get(key).await? {
-            archive.data.insert(name.into(), record_bytes(&v.value));
-        }
+    // The issued log as one JSON record, whichever form it is stored in.
+    if let Some(log) = records::read_issued(store, cluster).await? {
+        let json = serde_json::to_vec_pretty(&log.value).map_err(|e| StoreError::Backend(e.to_string()))?;
+        archive.data.insert("issued.json".into(), json);
+    }
+    if let Some(v) = store.get(&status_key).await? {
+        archive.data.insert("status.json".into(), record_bytes(&v.value));
     }
     let archive_key = records::archived_cluster(cluster, unix(now))?;
     store.put(&archive_key, &archive, Precondition::Absent).await?;

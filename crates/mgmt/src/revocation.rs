@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::authority::{self, Authority};
-use crate::records::{self, ClusterRecord, CrlRecord, IssuedLog, Keyspace, RevokedIntermediate, StatusRecord};
+use crate::records::{self, ClusterRecord, CrlRecord, Keyspace, RevokedIntermediate, StatusRecord};
 use crate::replica::{self, Leader};
 
 /// Default lifetime of a published CRL (nextUpdate − thisUpdate). Re-signed at half of it.
@@ -99,7 +99,7 @@ pub async fn revoke(
     if typed::get::<ClusterRecord>(store, &key).await?.is_none() {
         return Err(not_registered());
     }
-    let issued = typed::get::<IssuedLog>(store, &records::issued(cluster)?).await?.map(|v| v.value).unwrap_or_default();
+    let issued = records::read_issued(store, cluster).await?.map(|v| v.value).unwrap_or_default();
     let target = match serial {
         Some(s) => {
             let wanted = s.trim().trim_start_matches("0x").to_ascii_uppercase().replace(':', "");

@@ -10,7 +10,7 @@ use meshca_store::{Store, typed};
 use crate::authority::Authority;
 use crate::error::MgmtError;
 use crate::meshes::{Mesh, MeshView, Placement};
-use crate::records::{self, ClusterRecord, IssuedLog, IstiodRecord, StatusRecord};
+use crate::records::{self, ClusterRecord, IstiodRecord, StatusRecord};
 
 /// A cluster is "connected" when it reported within this many report intervals.
 pub const CONNECTED_INTERVALS: i64 = 3;
@@ -71,8 +71,7 @@ async fn cluster_views(
         }
         let registered = record.is_some();
         let status = typed::get::<StatusRecord>(store, &records::status(&name)?).await?.map(|v| v.value);
-        let issued =
-            typed::get::<IssuedLog>(store, &records::issued(&name)?).await?.map(|v| v.value).unwrap_or_default();
+        let issued = records::read_issued(store, &name).await?.map(|v| v.value).unwrap_or_default();
         let last_seen = status.as_ref().map(|s| s.reported_at).unwrap_or(0);
         clusters.push(ClusterView {
             connected: last_seen > 0 && now - last_seen <= CONNECTED_INTERVALS * report_interval.as_secs() as i64,

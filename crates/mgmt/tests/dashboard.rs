@@ -141,20 +141,21 @@ impl Plane {
             ..Default::default()
         };
         typed::put(self.store.as_ref(), &records::status(name).unwrap(), &st, Precondition::Any).await.unwrap();
-        let issued = IssuedLog {
-            records: vec![IssuedRecord {
-                serial: "0A1B2C".into(),
-                not_after: now + 3000,
-                issued_at: now - 60,
-                reason: meshca_proto::IssueReason::Initial,
-                not_before: now - 180,
-                key_algorithm: "ECDSA P-256".into(),
-                policy_generation: String::new(),
-                public_key_sha256: String::new(),
-                issuer_fingerprint: String::new(),
-            }],
-        };
-        typed::put(self.store.as_ref(), &records::issued(name).unwrap(), &issued, Precondition::Any).await.unwrap();
+        let issued = IssuedLog::from_records(vec![IssuedRecord {
+            serial: "0A1B2C".into(),
+            not_after: now + 3000,
+            issued_at: now - 60,
+            reason: meshca_proto::IssueReason::Initial,
+            not_before: now - 180,
+            key_algorithm: "ECDSA P-256".into(),
+            policy_generation: String::new(),
+            public_key_sha256: String::new(),
+            issuer_fingerprint: String::new(),
+        }]);
+        let stored = issued.to_secret(meshca_store::Store::partial_writes(self.store.as_ref())).unwrap();
+        meshca_store::Store::put(self.store.as_ref(), &records::issued(name).unwrap(), &stored, Precondition::Any)
+            .await
+            .unwrap();
     }
 }
 

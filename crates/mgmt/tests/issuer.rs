@@ -15,7 +15,7 @@ use meshca_mgmt::grpc::{Settings, Shared};
 use meshca_mgmt::issuer::{Denied, Issuer};
 use meshca_mgmt::loader::{Loader, PolicySource, StorePolicy};
 use meshca_mgmt::ratelimit::RateLimiter;
-use meshca_mgmt::records::{self, ClusterRecord, IssuedLog};
+use meshca_mgmt::records::{self, ClusterRecord};
 use meshca_mgmt::registration::RegistrationService;
 use meshca_mgmt::relay::RelayCa;
 use meshca_mgmt::tokens;
@@ -174,7 +174,7 @@ async fn an_issued_intermediate_chains_to_the_root_and_is_recorded_before_the_an
     CaBundle::validate(&CaBundle::assemble(&key, &cert, &chain, &roots), p.clock.now()).unwrap();
     assert_eq!(cert.subject(), "L=cluster-1,CN=meshca intermediate,O=meshca");
     assert_eq!(issued.generation, p.authority.borrow().generation);
-    let log = typed::get::<IssuedLog>(p.store.as_ref(), &records::issued("cluster-1").unwrap()).await.unwrap().unwrap();
+    let log = records::read_issued(p.store.as_ref(), "cluster-1").await.unwrap().unwrap();
     assert_eq!(log.value.records[0].serial, issued.serial);
     assert_eq!(log.value.records[0].reason, IssueReason::Initial);
     assert_eq!(log.value.records[0].issued_at, meshca_clock::unix(p.clock.now()));
@@ -288,7 +288,7 @@ async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
 
 /// The serials in a cluster's issued log, newest first.
 async fn issued_serials(p: &Plane, cluster: &str) -> Vec<String> {
-    let log = typed::get::<IssuedLog>(p.store.as_ref(), &records::issued(cluster).unwrap()).await.unwrap();
+    let log = records::read_issued(p.store.as_ref(), cluster).await.unwrap();
     log.map(|l| l.value.records.into_iter().map(|r| r.serial).collect()).unwrap_or_default()
 }
 
