@@ -348,7 +348,7 @@ impl Issuer {
                     None => (IssuedLog::default(), Precondition::Absent),
                 },
             };
-            if log.records.iter().any(|r| r.public_key_sha256 == record.public_key_sha256) {
+            if log.records().iter().any(|r| r.public_key_sha256 == record.public_key_sha256) {
                 return Err(Denied::KeyReused(cluster.to_string()));
             }
             log.push(record.clone())?;

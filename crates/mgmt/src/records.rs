@@ -381,11 +381,13 @@ fn chunk_key(n: u64) -> String {
 /// changed keys, in chunks: the log's records are numbered from the oldest it ever had, and key
 /// `records.<n>.json` holds records `n·C … n·C + C − 1` (C = [`ISSUED_CHUNK`]) as a JSON array,
 /// oldest first. A new record only ever changes the newest chunk, and pruning drops whole
-/// chunks, so every other key is written once.
+/// chunks, so every other key is written once. (C is part of the stored form: a version with
+/// another C would read these chunks as corrupt.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IssuedLog {
-    /// Newest first.
-    pub records: Vec<IssuedRecord>,
+    /// Newest first. Private: `next` and `full` follow it, so it changes only through
+    /// [`IssuedLog::push`].
+    records: Vec<IssuedRecord>,
     /// The number the next record gets: the count of records this log has had, oldest pruned
     /// ones included. Not in the single-record form (where it is read as the record count).
     #[serde(skip)]
@@ -423,6 +425,11 @@ impl IssuedLog {
     /// A log of `records`, newest first (as read from the single-record form).
     pub fn from_records(records: Vec<IssuedRecord>) -> IssuedLog {
         IssuedLog { next: records.len() as u64, records, full: EncodedChunks::default() }
+    }
+
+    /// The records, newest first.
+    pub fn records(&self) -> &[IssuedRecord] {
+        &self.records
     }
 
     /// The number of the oldest record kept.

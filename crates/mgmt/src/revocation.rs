@@ -103,7 +103,7 @@ pub async fn revoke(
     let target = match serial {
         Some(s) => {
             let wanted = s.trim().trim_start_matches("0x").to_ascii_uppercase().replace(':', "");
-            issued.records.iter().find(|r| r.serial.eq_ignore_ascii_case(&wanted)).ok_or_else(|| {
+            issued.records().iter().find(|r| r.serial.eq_ignore_ascii_case(&wanted)).ok_or_else(|| {
                 RevokeError::UnknownSerial { cluster: cluster.to_string(), serial: meshca_proto::text::bounded(s, 80) }
             })?
         }
@@ -114,10 +114,10 @@ pub async fn revoke(
                 .map(|v| v.value.intermediate_serial)
                 .unwrap_or_default();
             issued
-                .records
+                .records()
                 .iter()
                 .find(|r| !reported.is_empty() && r.serial.eq_ignore_ascii_case(&reported))
-                .or(issued.records.first())
+                .or(issued.records().first())
                 .ok_or_else(|| RevokeError::NothingIssued(cluster.to_string()))?
         }
     };

@@ -83,7 +83,7 @@ async fn cluster_views(
             last_seen,
             status: status.as_ref().map(to_proto),
             issued: issued
-                .records
+                .records()
                 .iter()
                 .take(8)
                 .map(|r| {

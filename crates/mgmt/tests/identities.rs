@@ -340,7 +340,7 @@ async fn a_new_registration_and_a_removal_end_every_earlier_identity_at_once() {
     let reg: ClusterRecord = serde_json::from_slice(archive.value.get("cluster.json").unwrap()).unwrap();
     assert_eq!(reg.identity_serial, c.serial());
     let issued: records::IssuedLog = serde_json::from_slice(archive.value.get("issued.json").unwrap()).unwrap();
-    assert_eq!(issued.records.len(), 1);
+    assert_eq!(issued.records().len(), 1);
     let status: StatusRecord = serde_json::from_slice(archive.value.get("status.json").unwrap()).unwrap();
     assert_eq!(status.phase, Phase::Ready);
     let st = p.operator().get_status(GetStatusRequest::default()).await.unwrap().into_inner();

@@ -175,9 +175,9 @@ async fn an_issued_intermediate_chains_to_the_root_and_is_recorded_before_the_an
     assert_eq!(cert.subject(), "L=cluster-1,CN=meshca intermediate,O=meshca");
     assert_eq!(issued.generation, p.authority.borrow().generation);
     let log = records::read_issued(p.store.as_ref(), "cluster-1").await.unwrap().unwrap();
-    assert_eq!(log.value.records[0].serial, issued.serial);
-    assert_eq!(log.value.records[0].reason, IssueReason::Initial);
-    assert_eq!(log.value.records[0].issued_at, meshca_clock::unix(p.clock.now()));
+    assert_eq!(log.value.records()[0].serial, issued.serial);
+    assert_eq!(log.value.records()[0].reason, IssueReason::Initial);
+    assert_eq!(log.value.records()[0].issued_at, meshca_clock::unix(p.clock.now()));
 }
 
 #[tokio::test]
@@ -289,7 +289,7 @@ async fn nothing_is_handed_out_while_the_audit_log_cannot_be_written() {
 /// The serials in a cluster's issued log, newest first.
 async fn issued_serials(p: &Plane, cluster: &str) -> Vec<String> {
     let log = records::read_issued(p.store.as_ref(), cluster).await.unwrap();
-    log.map(|l| l.value.records.into_iter().map(|r| r.serial).collect()).unwrap_or_default()
+    log.map(|l| l.value.records().iter().map(|r| r.serial.clone()).collect()).unwrap_or_default()
 }
 
 /// A second replica's issuer, on its own instance of `p`'s store (as another process would open it).
