@@ -41,10 +41,23 @@ pub async fn remove(store: &dyn Store, cluster: &str, by: &str, now: SystemTime)
         .annotation("meshca.io/removed-at", &unix(now).to_string())
         .annotation("meshca.io/cluster", cluster);
     archive.data.insert(records::ARCHIVED_CLUSTER_KEY.into(), record_bytes(&registration.value));
-    // The issued log as one JSON record, whichever form it is stored in.
-    if let Some(log) = records::read_issued(store, cluster).await? {
-        let json = serde_json::to_vec_pretty(&log.value).map_err(|e| StoreError::Backend(e.to_string()))?;
-        archive.data.insert("issued.json".into(), json);
+    // The issued log as one JSON record, whichever form it is stored in; one that cannot be
+    // read is archived as stored (`issued.<key>`), so the removal loses nothing and goes on.
+    match records::read_issued(store, cluster).await {
+        Ok(Some(log)) => {
+            let json = serde_json::to_vec_pretty(&log.value).map_err(|e| StoreError::Backend(e.to_string()))?;
+            archive.data.insert("issued.json".into(), json);
+        }
+        Ok(None) => {}
+        Err(StoreError::Corrupt { reason, .. }) => {
+            tracing::warn!(%cluster, %reason, "archiving an issued log that cannot be read as stored");
+            if let Some(v) = store.get(&issued_key).await? {
+                for (k, bytes) in &v.value.data {
+                    archive.data.insert(format!("issued.{k}"), bytes.clone());
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
     }
     if let Some(v) = store.get(&status_key).await? {
         archive.data.insert("status.json".into(), record_bytes(&v.value));
@@ -86,4 +99,38 @@ pub async fn remove(store: &dyn Store, cluster: &str, by: &str, now: SystemTime)
 /// The archived form of a record object: its JSON as stored.
 fn record_bytes(s: &Secret) -> Vec<u8> {
     s.get(typed::RECORD_KEY).map(<[u8]>::to_vec).unwrap_or_default()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use meshca_store::ObjectKey;
+    use meshca_store::sqlite::SqliteStore;
+
+    use super::*;
+
+    /// A cluster whose issued log cannot be read is still removed, and the log is archived
+    /// byte for byte as it was stored, so an operator can look at it afterwards.
+    #[tokio::test]
+    async fn a_cluster_with_an_unreadable_issued_log_is_removed_and_its_log_archived_as_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let registration = Secret::with_data([(typed::RECORD_KEY, b"{}".to_vec())]);
+        store.put(&records::cluster("cluster-1").unwrap(), &registration, Precondition::Absent).await.unwrap();
+        let garbled =
+            Secret::with_data([("records.0.json", b"[{\"serial\":".to_vec()), ("records.1.json", b"[]".to_vec())]);
+        store.put(&records::issued("cluster-1").unwrap(), &garbled, Precondition::Absent).await.unwrap();
+        assert!(matches!(records::read_issued(&store, "cluster-1").await, Err(StoreError::Corrupt { .. })));
+
+        let removed = remove(&store, "cluster-1", "operator test", now).await.unwrap().expect("it was registered");
+        let archive = store.get(&ObjectKey::new(records::NAMESPACE, &removed.archive).unwrap()).await.unwrap().unwrap();
+        assert_eq!(archive.value.get("issued.records.0.json"), garbled.get("records.0.json"));
+        assert_eq!(archive.value.get("issued.records.1.json"), garbled.get("records.1.json"));
+        assert!(archive.value.get("issued.json").is_none());
+        assert!(store.get(&records::cluster("cluster-1").unwrap()).await.unwrap().is_none(), "removed");
+        assert!(store.get(&records::issued("cluster-1").unwrap()).await.unwrap().is_none(), "its log went too");
+    }
 }
