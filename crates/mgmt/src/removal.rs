@@ -116,7 +116,7 @@ mod tests {
     #[tokio::test]
     async fn a_cluster_with_an_unreadable_issued_log_is_removed_and_its_log_archived_as_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+        let store = SqliteStore::open(dir.path().join("store.db")).unwrap();
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let registration = Secret::with_data([(typed::RECORD_KEY, b"{}".to_vec())]);
         store.put(&records::cluster("cluster-1").unwrap(), &registration, Precondition::Absent).await.unwrap();
