@@ -10,8 +10,11 @@
 #      and trusted for --token-cache-ttl (10 s), so a revoked token is refused within 10 s
 #   2. meshca workload-ca --token-cache-ttl 0s: every request's token verified
 #   3. cfssl serve (Debian's golang-cfssl; no caller authentication at all)
+#   4. ca-floor: the workload CA's transport (the same gRPC server, TLS and serving certificate)
+#      answering one fixed chain without authenticating, verifying or signing — what a call
+#      costs before any CA work, so what bounds any CA that speaks Istio's gRPC API here
 # and prints ca-load's report for each (requests/s, latency, server CPU per request), then
-#   4. the herd: HERD (default 10000, 0 to skip) distinct workloads, each with its own token, CSR
+#   5. the herd: HERD (default 10000, 0 to skip) distinct workloads, each with its own token, CSR
 #      and connection, asking once within HERD_SECONDS (default 30) of one workload CA with its
 #      default settings (not pinned): how many were served, latency, the CA's peak RSS.
 #
@@ -25,7 +28,7 @@
 #   CARGO_TARGET_DIR    where cargo builds (default: the workspace's target/)
 #   BENCH_NO_BUILD=1    use the binaries already built
 #   BENCH_KEEP_DATA=1   keep the temporary folder (logs, cacerts) afterwards
-#   HERD, HERD_SECONDS  the herd (step 4)
+#   HERD, HERD_SECONDS  the herd (step 5)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,12 +37,13 @@ target=${CARGO_TARGET_DIR:-$root/target}
 log() { printf '[bench-ca] %s\n' "$*" >&2; }
 
 if [ -z "${BENCH_NO_BUILD:-}" ]; then
-    log "building meshca and ca-load (release) in $target"
-    cargo build --release -p meshca -p meshca-bench --bin meshca --bin ca-load
+    log "building meshca, ca-load and ca-floor (release) in $target"
+    cargo build --release -p meshca -p meshca-bench --bin meshca --bin ca-load --bin ca-floor
 fi
 meshca=$target/release/meshca
 load=$target/release/ca-load
-for b in "$meshca" "$load"; do
+floor=$target/release/ca-floor
+for b in "$meshca" "$load" "$floor"; do
     [ -x "$b" ] || { log "missing $b (build it, or unset BENCH_NO_BUILD)"; exit 1; }
 done
 cfssl=$(bash scripts/peers/cfssl.sh path 2>/dev/null || bash scripts/peers/cfssl.sh install | tail -n1)
@@ -116,6 +120,15 @@ port=$(free_port)
 cfssl_pid=$(sed -n 's/^CFSSL_PID=//p' "$data/cfssl/env")
 echo "== cfssl serve ($cfssl, $(dpkg-query -W -f '${Version}' golang-cfssl 2>/dev/null || echo unknown))"
 "${load_on[@]}" "$load" --target cfssl --address "127.0.0.1:$port" --server-pid "$cfssl_pid" "${load_args[@]}"
+
+port=$(free_port)
+RUST_LOG=warn "${server_on[@]}" "$floor" --cacerts "$data/cacerts" --listen "127.0.0.1:$port" >"$data/floor.log" 2>&1 &
+server_pid=$!
+wait_port "$port" "$server_pid"
+echo "== transport floor (ca-floor: the workload CA's gRPC server and TLS, a fixed answer, no CA work)"
+"${load_on[@]}" "$load" --target meshca --address "127.0.0.1:$port" --ca-file "$data/cacerts/root-cert.pem" \
+    --idp-key "$idp_key" --jwt-issuer "$issuer" --server-pid "$server_pid" "${load_args[@]}"
+stop_server
 
 herd=${HERD:-10000}
 if [ "$herd" -gt 0 ]; then

@@ -75,8 +75,9 @@ pub enum ServeError {
     Io(String),
 }
 
-/// Issues the serving certificate from the CA in service.
-fn serving_identity(
+/// Issues the serving certificate from the CA in service. (Public for the transport-floor
+/// benchmark, `ca-floor`, which must present the same certificate.)
+pub fn serving_identity(
     state: &CaState,
     td: &TrustDomain,
     now: SystemTime,
