@@ -94,17 +94,24 @@ jwks=$(find "$data/up" -name jwks.json -path '*cluster-1*' | head -n1)
 idp_key=$data/up/idp/key.pem
 [ -s "$idp_key" ] || { log "no demo issuer key at $idp_key"; exit 1; }
 
-run_meshca() {
-    local name=$1; shift
+# load_grpc NAME TITLE COMMAND...: starts COMMAND (a gRPC CA, pinned; `PORT` in its arguments
+# becomes a free port), loads it with ca-load as a meshca target, stops it.
+load_grpc() {
+    local name=$1 title=$2; shift 2
     local port; port=$(free_port)
-    RUST_LOG=warn "${server_on[@]}" "$meshca" workload-ca --cacerts "$data/cacerts" --listen "127.0.0.1:$port" \
-        --jwt-issuer "$issuer" --jwks "$jwks" "$@" >"$data/$name.log" 2>&1 &
+    RUST_LOG=warn "${server_on[@]}" "${@//PORT/$port}" >"$data/$name.log" 2>&1 &
     server_pid=$!
     wait_port "$port" "$server_pid"
-    echo "== meshca workload-ca $*"
+    echo "== $title"
     "${load_on[@]}" "$load" --target meshca --address "127.0.0.1:$port" --ca-file "$data/cacerts/root-cert.pem" \
         --idp-key "$idp_key" --jwt-issuer "$issuer" --server-pid "$server_pid" "${load_args[@]}"
     stop_server
+}
+
+run_meshca() {
+    local name=$1; shift
+    load_grpc "$name" "meshca workload-ca $*" "$meshca" workload-ca --cacerts "$data/cacerts" \
+        --listen "127.0.0.1:PORT" --jwt-issuer "$issuer" --jwks "$jwks" "$@"
 }
 
 load_args=("$@")
@@ -121,14 +128,8 @@ cfssl_pid=$(sed -n 's/^CFSSL_PID=//p' "$data/cfssl/env")
 echo "== cfssl serve ($cfssl, $(dpkg-query -W -f '${Version}' golang-cfssl 2>/dev/null || echo unknown))"
 "${load_on[@]}" "$load" --target cfssl --address "127.0.0.1:$port" --server-pid "$cfssl_pid" "${load_args[@]}"
 
-port=$(free_port)
-RUST_LOG=warn "${server_on[@]}" "$floor" --cacerts "$data/cacerts" --listen "127.0.0.1:$port" >"$data/floor.log" 2>&1 &
-server_pid=$!
-wait_port "$port" "$server_pid"
-echo "== transport floor (ca-floor: the workload CA's gRPC server and TLS, a fixed answer, no CA work)"
-"${load_on[@]}" "$load" --target meshca --address "127.0.0.1:$port" --ca-file "$data/cacerts/root-cert.pem" \
-    --idp-key "$idp_key" --jwt-issuer "$issuer" --server-pid "$server_pid" "${load_args[@]}"
-stop_server
+load_grpc floor "transport floor (ca-floor: the workload CA's gRPC server and TLS, a fixed answer, no CA work)" \
+    "$floor" --cacerts "$data/cacerts" --listen "127.0.0.1:PORT"
 
 herd=${HERD:-10000}
 if [ "$herd" -gt 0 ]; then
