@@ -100,6 +100,18 @@ pub fn serving_identity(
     Ok(Identity::new(&leaf, above, &key).certified_key()?)
 }
 
+/// The TLS the gRPC server speaks: TLS 1.3 and 1.2, no client certificates (callers prove
+/// themselves with tokens), `h2` by ALPN, the serving certificate from `serving`. (Public for
+/// the transport-floor benchmark, `ca-floor`, which must speak the same.)
+pub fn tls_config(serving: Arc<SwappableCert>) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let tls = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(meshca_tls::TlsError::from)?
+        .with_no_client_auth()
+        .with_cert_resolver(serving);
+    Ok(grpc::server_config_for_grpc(tls))
+}
+
 #[derive(Clone)]
 struct MetricsState {
     metrics: Arc<Metrics>,
@@ -199,12 +211,7 @@ async fn run(
         });
     }
 
-    let tls = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(meshca_tls::TlsError::from)?
-        .with_no_client_auth()
-        .with_cert_resolver(serving);
-    let tls = grpc::server_config_for_grpc(tls);
+    let tls = tls_config(serving)?;
     let listener =
         TcpListener::bind(opts.listen).await.map_err(|e| ServeError::Io(format!("binding {}: {e}", opts.listen)))?;
     let addr = listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?;

@@ -20,7 +20,7 @@ use meshca_proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use meshca_serve::{GrpcServer, ServeConfig};
 use meshca_workload_ca::Metrics;
 use meshca_workload_ca::ca::CaHolder;
-use meshca_workload_ca::server::{MAX_REQUEST_BYTES, serving_identity};
+use meshca_workload_ca::server::{MAX_REQUEST_BYTES, serving_identity, tls_config};
 use tonic::{Request, Response, Status};
 
 /// The transport floor: a workload CA's transport answering a fixed chain.
@@ -74,11 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let answer = IstioCertificateResponse { cert_chain };
 
     let serving = meshca_tls::SwappableCert::new(serving_identity(&state, &td, now)?);
-    let tls = rustls::ServerConfig::builder_with_provider(meshca_tls::provider::get())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(serving);
-    let tls = meshca_tls::grpc::server_config_for_grpc(tls);
+    let tls = tls_config(serving)?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let routes = tonic::service::Routes::new(
